@@ -1,0 +1,51 @@
+# Two commands matter: `make run` and `make test`. Both install what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: run test install testdata proto proto-check lint typecheck unit
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so the extra's resolver never reaches for another build.
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[server,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+## Start the server on the embedded default (local store, CPU or CUDA, real backbones).
+run: install
+	$(PY) -m service
+
+$(FASHION_MNIST):
+	# Test data: Fashion-MNIST from Debian (offline-reachable, real images).
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+
+testdata: $(FASHION_MNIST)
+
+## Regenerate the checked-in gRPC code from protos/.
+proto: install
+	PY=$(PY) bash tools/gen_proto.sh client/_proto
+
+## Fails when client/_proto differs from what protos/ generates.
+proto-check: install
+	rm -rf $(VENV)/proto-check && PY=$(PY) bash tools/gen_proto.sh $(VENV)/proto-check
+	diff -r -x __pycache__ $(VENV)/proto-check client/_proto || { echo "generated protobuf code drifted: run 'make proto'"; exit 1; }
+
+lint: install
+	$(VENV)/bin/ruff check service client tests bench
+	$(VENV)/bin/ruff format --check service client tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy service client
+
+## Lint, types, proto drift and the whole suite.
+test: install testdata proto-check lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider
