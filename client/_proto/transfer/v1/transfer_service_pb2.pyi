@@ -457,6 +457,7 @@ class TrainingProgress(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
     EPOCH_END_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     epochs: _builtins.int
     step: _builtins.int
@@ -473,6 +474,8 @@ class TrainingProgress(_message.Message):
     eta_seconds: _builtins.float
     epoch_end: _builtins.bool
     """True for the event that closes an epoch."""
+    phase: _builtins.str
+    """"extracting_features" (one frozen-trunk pass over the data) or "training"."""
     def __init__(
         self,
         *,
@@ -489,10 +492,11 @@ class TrainingProgress(_message.Message):
         elapsed_seconds: _builtins.float = ...,
         eta_seconds: _builtins.float = ...,
         epoch_end: _builtins.bool = ...,
+        phase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epoch_end", b"epoch_end", "epochs", b"epochs", "eta_seconds", b"eta_seconds", "examples_per_second", b"examples_per_second", "learning_rate", b"learning_rate", "step", b"step", "total_steps", b"total_steps", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epoch_end", b"epoch_end", "epochs", b"epochs", "eta_seconds", b"eta_seconds", "examples_per_second", b"examples_per_second", "learning_rate", b"learning_rate", "phase", b"phase", "step", b"step", "total_steps", b"total_steps", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__validation_accuracy: _TypeAlias = _typing.Literal["validation_accuracy"]  # noqa: Y015
     _WhichOneofArgType__validation_accuracy: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy"]  # noqa: Y015

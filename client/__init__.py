@@ -1,0 +1,86 @@
+"""Client SDK of the transfer service: `TransferClient`, `AsyncTransferClient` and friends.
+
+from client import TransferClient, TrainingConfig
+
+with TransferClient("localhost:50051") as transfer:
+    done = transfer.train("efficientnet-lite0", examples, config=TrainingConfig(epochs=5))
+    predictions = transfer.predict(done.head_id, [Path("cat.jpg")], top_k=3)
+"""
+
+from client.aio import AsyncTransferClient
+from client.errors import (
+    AuthenticationError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TransferError,
+    UnavailableError,
+    from_rpc_error,
+)
+from client.sync import TransferClient
+from client.types import (
+    Backbone,
+    BackboneState,
+    ClassScore,
+    DatasetInfo,
+    FineTuneEvent,
+    Head,
+    InputData,
+    Job,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobProgress,
+    JobStarted,
+    JobState,
+    LabelledExample,
+    Modality,
+    Prediction,
+    TrainingConfig,
+    TrainingMetrics,
+    TrainingPlan,
+    TrainingProgress,
+)
+
+__all__ = [
+    "AsyncTransferClient",
+    "AuthenticationError",
+    "Backbone",
+    "BackboneState",
+    "CancelledError",
+    "ClassScore",
+    "DatasetInfo",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FineTuneEvent",
+    "Head",
+    "InputData",
+    "InternalError",
+    "InvalidArgumentError",
+    "Job",
+    "JobCancelled",
+    "JobCompleted",
+    "JobFailed",
+    "JobProgress",
+    "JobStarted",
+    "JobState",
+    "LabelledExample",
+    "Modality",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "TrainingConfig",
+    "TrainingMetrics",
+    "TrainingPlan",
+    "TrainingProgress",
+    "TransferClient",
+    "TransferError",
+    "UnavailableError",
+    "from_rpc_error",
+]

@@ -1,0 +1,234 @@
+"""What the SDK takes and returns: plain frozen dataclasses, never protobuf messages."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TypeAlias
+
+InputData: TypeAlias = bytes | Path | str
+"""One model input: an encoded image file as `bytes`, a `Path` to one, or a text as `str`."""
+
+LabelledExample: TypeAlias = tuple[InputData, str]
+"""A training example: `(input, label)`."""
+
+
+class Modality(enum.StrEnum):
+    IMAGE = "image"
+    TEXT = "text"
+
+
+class BackboneState(enum.StrEnum):
+    AVAILABLE = "available"
+    """Weights are present; loaded on first use."""
+    LOADED = "loaded"
+    """Resident on the device."""
+    UNAVAILABLE = "unavailable"
+    """Weights are missing or failed to load; see `Backbone.unavailable_reason`."""
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Backbone:
+    name: str
+    modality: Modality
+    architecture: str
+    pretrained_on: str
+    parameter_count: int
+    feature_dim: int
+    input_size: int
+    """Image side in pixels, or maximum tokens for a text backbone."""
+    unfreezable_blocks: int
+    state: BackboneState
+    unavailable_reason: str
+    device: str
+    resident_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClassScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    label: str
+    score: float
+    """Softmax probability of `label`."""
+    top_k: tuple[ClassScore, ...]
+    embedding: tuple[float, ...]
+    """The backbone's pooled features; empty unless asked for with `return_embedding`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingConfig:
+    """Training options; a zero means the server's default, `None` leaves an option unset."""
+
+    epochs: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    trainable_blocks: int = 0
+    """0: linear probe on a frozen trunk; N: the last N blocks train too; -1: all of them."""
+    validation_fraction: float | None = None
+    early_stopping_patience: int | None = None
+    augment: bool | None = None
+    seed: int = 0
+    progress_every_steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPlan:
+    """The configuration the server resolved, defaults filled in."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    trainable_blocks: int
+    augment: bool
+    cached_features: bool
+    """Trunk features are computed once and reused for every epoch."""
+    steps_per_epoch: int
+    device: str
+    early_stopping_patience: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingProgress:
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    train_loss: float
+    """Running mean over the current epoch so far."""
+    train_accuracy: float
+    validation_loss: float | None
+    """Set on end-of-epoch events when there is a validation split."""
+    validation_accuracy: float | None
+    learning_rate: float
+    examples_per_second: float
+    elapsed_seconds: float
+    eta_seconds: float
+    epoch_end: bool
+    phase: str = ""
+    """"extracting_features" or "training"; empty when the server does not say."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingMetrics:
+    train_loss: float
+    train_accuracy: float
+    validation_loss: float | None
+    validation_accuracy: float | None
+    best_epoch: int
+    """Epoch whose weights were kept, 1-based."""
+    epochs_run: int
+    stopped_early: bool
+    training_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    job_id: str
+    sequence: int
+    time: datetime
+    backbone: str
+    head_name: str
+    class_names: tuple[str, ...]
+    train_examples: int
+    validation_examples: int
+    plan: TrainingPlan
+    class_counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    job_id: str
+    sequence: int
+    time: datetime
+    progress: TrainingProgress
+
+
+@dataclass(frozen=True, slots=True)
+class JobCompleted:
+    job_id: str
+    sequence: int
+    time: datetime
+    head_id: str
+    metrics: TrainingMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    job_id: str
+    sequence: int
+    time: datetime
+    reason: str
+    code: str
+    """The gRPC status name the failure maps to, e.g. "INVALID_ARGUMENT"."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancelled:
+    job_id: str
+    sequence: int
+    time: datetime
+    reason: str
+
+
+FineTuneEvent: TypeAlias = JobStarted | JobProgress | JobCompleted | JobFailed | JobCancelled
+"""One event of a training job; the last one of a job is a completed, failed or cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    state: JobState
+    backbone: str
+    head_name: str
+    head_id: str
+    """Set once the job succeeded."""
+    error: str
+    created_time: datetime
+    updated_time: datetime
+    last_sequence: int
+    """Sequence of the newest event: `watch_job(job_id, after_sequence=...)` follows on."""
+    progress: TrainingProgress | None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    head_id: str
+    name: str
+    backbone: str
+    modality: Modality
+    class_names: tuple[str, ...]
+    trainable_blocks: int
+    input_size: int
+    metrics: TrainingMetrics
+    config: TrainingConfig
+    created_time: datetime
+    size_bytes: int
+    """Bytes of the head's own weights; the shared backbone is not counted."""
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetInfo:
+    dataset_id: str
+    example_count: int
+    class_counts: dict[str, int]
+    modality: Modality

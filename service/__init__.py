@@ -1,0 +1,1 @@
+"""transfer-service server: resident pretrained backbones, per-request task heads."""

@@ -1,0 +1,3 @@
+from service.app import main
+
+raise SystemExit(main())

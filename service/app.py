@@ -1,0 +1,235 @@
+"""Composition root: builds every part from Settings, starts, serves, stops gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+from PIL import Image
+from prometheus_client import CollectorRegistry, start_http_server
+
+from service.backbones.cache import BackboneCache
+from service.backbones.catalog import PreprocessingOptions, default_catalog
+from service.domain import ModelInput
+from service.heads import HeadCache
+from service.inference import Predictor, PredictTimings
+from service.metrics import Metrics
+from service.operations import TransferOperations
+from service.server import HealthReporter, create_server
+from service.servicer import TransferServicer
+from service.settings import Settings
+from service.store.local import LocalStore
+from service.training.jobs import JobHooks, JobManager
+
+log = logging.getLogger("service")
+
+
+def choose_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"TRANSFER_DEVICE={setting} but CUDA is not available")
+    return device
+
+
+@dataclass
+class Application:
+    settings: Settings
+    store: LocalStore
+    backbones: BackboneCache
+    jobs: JobManager
+    predictor: Predictor
+    health: HealthReporter
+    metrics: Metrics
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    pools: tuple[ThreadPoolExecutor, ...]
+
+    async def start(self) -> None:
+        """Listens at once (health NOT_SERVING), loads and warms start-up backbones, then
+        reports SERVING."""
+        self.jobs.start()
+        await self.health.set_serving(False)
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        for name in self.settings.preload_backbones:
+            await loop.run_in_executor(self.pools[0], self._load_and_warm, name)
+        await self.health.set_serving(True)
+
+    def _load_and_warm(self, name: str) -> None:
+        backbone = self.backbones.get(name)
+        self.metrics.backbone_resident_bytes.labels(backbone=name).set(backbone.resident_bytes)
+        if backbone.spec.modality.value == "image":
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), (127, 127, 127)).save(png, format="PNG")
+            sample = ModelInput(image=png.getvalue())
+        else:
+            sample = ModelInput(text="warm-up")
+        preprocessor = backbone.preprocessor
+        state = backbone.trunk.to_device(
+            backbone.trunk.collate(
+                preprocessor.finish([preprocessor.load(sample, "warm-up")], None)
+            ),
+            backbone.device,
+        )
+        with torch.inference_mode():
+            backbone.trunk.pool(backbone.trunk.run_stages(state, 0, backbone.trunk.num_stages))
+
+    async def stop(self) -> None:
+        """Health goes NOT_SERVING first, new calls are refused, in-flight ones get the grace
+        period, running jobs are cancelled (they end CANCELLED, their state saved)."""
+        grace = self.settings.grace_seconds
+        await self.health.servicer.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        try:
+            await self.jobs.shutdown(grace)
+        except TimeoutError:
+            log.warning("training jobs did not stop within %.1fs", grace)
+        await self.predictor.close()
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+
+def build_application(settings: Settings) -> Application:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    device = choose_device(settings.device)
+    store = LocalStore(settings.store_dir)
+    backbones = BackboneCache(
+        default_catalog(),
+        weights_dir=settings.weights_dir,
+        device=device,
+        options=PreprocessingOptions(
+            settings.image_size, settings.max_text_tokens, settings.max_image_pixels
+        ),
+        budget_bytes=settings.backbone_cache_bytes,
+        on_event=lambda event, name: metrics.cache_event(event, "backbone"),
+    )
+    heads = HeadCache(
+        backbones,
+        store.get_head,
+        store.load_head_weights,
+        settings.head_cache_entries,
+        on_event=metrics.cache_event,
+    )
+    jobs = JobManager(
+        store,
+        backbones,
+        heads,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        feature_cache_bytes=settings.feature_cache_bytes,
+        hooks=JobHooks(
+            on_state=lambda new, old: _count_job_state(
+                metrics, new.value, old.value if old else None
+            ),
+            on_step=metrics.training_step.observe,
+            on_finished=lambda outcome, head: _job_finished(metrics, outcome, head),
+        ),
+    )
+    blocking_pool = ThreadPoolExecutor(4, thread_name_prefix="blocking")
+    # One compute thread: torch already parallelises inside an op; two batches at once would
+    # only fight over the same cores.
+    compute_pool = ThreadPoolExecutor(1, thread_name_prefix="predict")
+
+    def on_batch(timings: PredictTimings) -> None:
+        metrics.predict_batch_size.labels(backbone=timings.backbone).observe(timings.batch_inputs)
+        metrics.predict_queue.labels(backbone=timings.backbone).observe(timings.queue_seconds)
+        metrics.predict_compute.labels(backbone=timings.backbone).observe(timings.compute_seconds)
+        metrics.predict_inputs.labels(backbone=timings.backbone).inc(timings.batch_inputs)
+
+    predictor = Predictor(
+        backbones,
+        heads,
+        preprocess_pool=blocking_pool,
+        compute_pool=compute_pool,
+        max_inputs=settings.max_predict_inputs,
+        batch_max_size=settings.batch_max_size,
+        batch_max_wait_ms=settings.batch_max_wait_ms,
+        on_batch=on_batch,
+    )
+    operations = TransferOperations(
+        store=store,
+        backbones=backbones,
+        heads=heads,
+        jobs=jobs,
+        predictor=predictor,
+        blocking_pool=blocking_pool,
+        max_dataset_examples=settings.max_dataset_examples,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    health = HealthReporter()
+    server, port = create_server(settings, TransferServicer(operations, metrics), health)
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        http_server, _ = start_http_server(settings.metrics_port, settings.host, registry)
+        metrics_port = http_server.server_port
+    return Application(
+        settings=settings,
+        store=store,
+        backbones=backbones,
+        jobs=jobs,
+        predictor=predictor,
+        health=health,
+        metrics=metrics,
+        server=server,
+        port=port,
+        metrics_port=metrics_port,
+        pools=(blocking_pool, compute_pool),
+    )
+
+
+def _count_job_state(metrics: Metrics, new: str, old: str | None) -> None:
+    metrics.jobs.labels(state=new).inc()
+    if old is not None:
+        metrics.jobs.labels(state=old).dec()
+
+
+def _job_finished(metrics: Metrics, outcome: str, head: object) -> None:
+    metrics.jobs_finished.labels(outcome=outcome).inc()
+    accuracy = getattr(getattr(head, "metrics", None), "validation_accuracy", None)
+    if accuracy is not None:
+        metrics.validation_accuracy.labels(backbone=getattr(head, "backbone", "")).set(accuracy)
+
+
+async def serve(settings: Settings) -> None:
+    app = build_application(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    metrics_url = f"http://{settings.host}:{app.metrics_port}/metrics"
+    if app.metrics_port is None:
+        metrics_url = "off"
+    print(
+        f"transfer-service listening on {settings.host}:{app.port} (metrics: {metrics_url}; "
+        f"store: {settings.store_dir.resolve()}; device: {app.backbones.device})",
+        flush=True,
+    )
+    await app.start()
+    log.info("SERVING: start-up backbones loaded: %s", ", ".join(settings.preload_backbones))
+    await stop.wait()
+    log.info("stopping (grace %.1fs)", settings.grace_seconds)
+    await app.stop()
+
+
+def main() -> int:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+    return 0

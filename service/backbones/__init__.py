@@ -1,0 +1,1 @@
+"""Pretrained backbones: catalog, trunk adapters, input preprocessing and the device cache."""

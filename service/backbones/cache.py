@@ -1,0 +1,182 @@
+"""Device-resident backbone cache: each backbone is loaded once, frozen, in eval mode.
+
+Concurrent first requests for one backbone wait on a single load. When the resident bytes
+pass the budget, the least recently used backbones are dropped (a job or batch still
+holding one keeps it alive until it finishes; only the cache's reference goes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.backbones.catalog import (
+    BackboneSpec,
+    PreprocessingOptions,
+    WeightsUnavailableError,
+)
+from service.backbones.preprocess import Preprocessor
+from service.backbones.trunks import Trunk
+from service.errors import FailedPreconditionError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedBackbone:
+    spec: BackboneSpec
+    trunk: Trunk
+    preprocessor: Preprocessor
+    device: torch.device
+    resident_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneStatus:
+    spec: BackboneSpec
+    parameter_count: int
+    input_size: int
+    unfreezable_blocks: int
+    available: bool
+    unavailable_reason: str
+    loaded: LoadedBackbone | None
+
+
+CacheEvent = Callable[[str, str], None]  # (event: hit|miss|evict, backbone name)
+
+
+class BackboneCache:
+    def __init__(
+        self,
+        catalog: list[BackboneSpec],
+        *,
+        weights_dir: Path,
+        device: torch.device,
+        options: PreprocessingOptions,
+        budget_bytes: int,
+        on_event: CacheEvent | None = None,
+    ) -> None:
+        self._specs = {spec.name: spec for spec in catalog}
+        self._weights_dir = weights_dir
+        self._device = device
+        self._options = options
+        self._budget_bytes = budget_bytes
+        self._on_event = on_event or (lambda event, name: None)
+        self._loaded: OrderedDict[str, LoadedBackbone] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks = {name: threading.Lock() for name in self._specs}
+        self._parameter_counts: dict[str, int] = {}
+        self._stage_counts: dict[str, int] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def spec(self, name: str) -> BackboneSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self._specs))
+            raise NotFoundError(f"backbone: unknown backbone {name!r} (known: {known})")
+        return spec
+
+    def get(self, name: str) -> LoadedBackbone:
+        """The loaded backbone, loading it first if needed (blocking; call off the event loop)."""
+        spec = self.spec(name)
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+                self._on_event("hit", name)
+                return loaded
+        with self._load_locks[name]:
+            with self._lock:
+                loaded = self._loaded.get(name)
+                if loaded is not None:
+                    self._on_event("hit", name)
+                    return loaded
+            self._on_event("miss", name)
+            loaded = self._load(spec)
+            with self._lock:
+                self._loaded[name] = loaded
+                self._evict_over_budget(keep=name)
+            return loaded
+
+    def _load(self, spec: BackboneSpec) -> LoadedBackbone:
+        try:
+            weights = spec.locate_weights(self._weights_dir)
+        except WeightsUnavailableError as exc:
+            raise FailedPreconditionError(f"backbone {spec.name!r} is unavailable: {exc}") from exc
+        started = time.perf_counter()
+        trunk = spec.build_trunk(weights)
+        trunk.requires_grad_(False)
+        trunk.eval()
+        trunk.to(self._device)
+        if spec.modality.value == "image":
+            trunk.to(memory_format=torch.channels_last)
+        preprocessor = spec.build_preprocessor(weights, self._options)
+        resident = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
+        log.info(
+            "loaded backbone %s on %s (%.1f MB) in %.2fs",
+            spec.name,
+            self._device,
+            resident / 1e6,
+            time.perf_counter() - started,
+        )
+        return LoadedBackbone(spec, trunk, preprocessor, self._device, resident)
+
+    def _evict_over_budget(self, keep: str) -> None:
+        total = sum(b.resident_bytes for b in self._loaded.values())
+        for name in list(self._loaded):
+            if total <= self._budget_bytes:
+                break
+            if name == keep:
+                continue
+            total -= self._loaded.pop(name).resident_bytes
+            self._on_event("evict", name)
+            log.info("evicted backbone %s (cache budget %d bytes)", name, self._budget_bytes)
+
+    def resident_bytes(self) -> dict[str, int]:
+        with self._lock:
+            return {name: b.resident_bytes for name, b in self._loaded.items()}
+
+    def statuses(self) -> list[BackboneStatus]:
+        statuses = []
+        for spec in self._specs.values():
+            with self._lock:
+                loaded = self._loaded.get(spec.name)
+            try:
+                spec.locate_weights(self._weights_dir)
+                available, reason = True, ""
+            except WeightsUnavailableError as exc:
+                available, reason = False, str(exc)
+            statuses.append(
+                BackboneStatus(
+                    spec=spec,
+                    parameter_count=self._parameter_count(spec),
+                    input_size=spec.input_size(self._options),
+                    unfreezable_blocks=self._stage_counts[spec.name],
+                    available=available,
+                    unavailable_reason=reason,
+                    loaded=loaded,
+                )
+            )
+        return statuses
+
+    def _parameter_count(self, spec: BackboneSpec) -> int:
+        if spec.name not in self._parameter_counts:
+            with torch.device("meta"):
+                trunk = spec.build_trunk(None)
+            self._parameter_counts[spec.name] = sum(p.numel() for p in trunk.parameters())
+            self._stage_counts[spec.name] = trunk.num_stages
+        return self._parameter_counts[spec.name]

@@ -1,0 +1,214 @@
+"""Plain domain types shared by the server's parts. No torch, no protobuf."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# Ids double as directory names, so they are confined to a safe alphabet.
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+HEAD_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+
+
+class Modality(enum.Enum):
+    IMAGE = "image"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    """One input: encoded image bytes or a text. Exactly one is set."""
+
+    image: bytes | None = None
+    text: str | None = None
+
+    @property
+    def modality(self) -> Modality:
+        return Modality.IMAGE if self.image is not None else Modality.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class LabeledExample:
+    input: ModelInput
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """A fully resolved training configuration (defaults applied, validated)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    trainable_blocks: int = 0
+    validation_fraction: float = 0.2
+    early_stopping_patience: int = 5
+    augment: bool = False
+    seed: int = 0
+    progress_every_steps: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class FineTuneSpec:
+    backbone: str
+    head_name: str
+    examples: tuple[LabeledExample, ...]
+    config: TrainingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ClassScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionResult:
+    label: str
+    score: float
+    top_k: tuple[ClassScore, ...]
+    embedding: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingMetrics:
+    train_loss: float
+    train_accuracy: float
+    validation_loss: float | None
+    validation_accuracy: float | None
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    training_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRecord:
+    """A trained head's metadata, stored as JSON beside its safetensors weights."""
+
+    head_id: str
+    name: str
+    backbone: str
+    modality: Modality
+    class_names: tuple[str, ...]
+    trainable_blocks: int
+    input_size: int
+    hidden_dim: int
+    metrics: TrainingMetrics
+    config: TrainingConfig
+    created_time: datetime
+    size_bytes: int
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetInfo:
+    dataset_id: str
+    example_count: int
+    class_counts: tuple[tuple[str, int], ...]
+    modality: Modality
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# ---- job events: the payloads of FineTuneEvent ----
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPlan:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    trainable_blocks: int
+    augment: bool
+    cached_features: bool
+    steps_per_epoch: int
+    device: str
+    early_stopping_patience: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    backbone: str
+    head_name: str
+    class_names: tuple[str, ...]
+    train_examples: int
+    validation_examples: int
+    plan: TrainingPlan
+    class_counts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingProgress:
+    phase: str
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    train_loss: float
+    train_accuracy: float
+    validation_loss: float | None
+    validation_accuracy: float | None
+    learning_rate: float
+    examples_per_second: float
+    elapsed_seconds: float
+    eta_seconds: float
+    epoch_end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JobCompleted:
+    head_id: str
+    metrics: TrainingMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    reason: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancelled:
+    reason: str
+
+
+EventPayload = JobStarted | TrainingProgress | JobCompleted | JobFailed | JobCancelled
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    job_id: str
+    sequence: int
+    time: datetime
+    payload: EventPayload
+
+    @property
+    def terminal(self) -> bool:
+        return isinstance(self.payload, JobCompleted | JobFailed | JobCancelled)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    job_id: str
+    state: JobState
+    backbone: str
+    head_name: str
+    created_time: datetime
+    updated_time: datetime
+    head_id: str = ""
+    error: str = ""
+    last_sequence: int = 0
+    progress: TrainingProgress | None = field(default=None)

@@ -1,0 +1,59 @@
+"""Domain errors. No transport types here; each class names its gRPC status as plain text
+(`status_name`), and status.py turns that into a grpc.StatusCode at the edge."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a caller on purpose."""
+
+    status_name: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(ServiceError):
+    """An unknown backbone, head, job or dataset."""
+
+    status_name = "NOT_FOUND"
+
+
+class InvalidArgumentError(ServiceError):
+    """Malformed input: the message names the offending field."""
+
+    status_name = "INVALID_ARGUMENT"
+
+
+class FailedPreconditionError(ServiceError):
+    """The request is well-formed but the system is not in a state to serve it."""
+
+    status_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhaustedError(ServiceError):
+    """Too large, too many, or out of accelerator memory."""
+
+    status_name = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(ServiceError):
+    """Starting up or draining."""
+
+    status_name = "UNAVAILABLE"
+
+
+class JobCancelledError(ServiceError):
+    """Raised inside a training job when its cancellation was requested."""
+
+    status_name = "CANCELLED"
+
+
+def status_name_of(error: BaseException) -> str:
+    """The status a caller sees for `error`; anything unexpected is INTERNAL."""
+    if isinstance(error, ServiceError):
+        return error.status_name
+    return "INTERNAL"

@@ -1,0 +1,305 @@
+"""Predict: a dynamic batcher per backbone that runs the frozen trunk once per batch.
+
+Requests for any heads on one backbone (and input size) that arrive within
+`batch_max_wait_ms` are stacked. The trunk runs stage by stage over all rows; at each
+head's split point its rows branch off into the head (its own unfrozen blocks, pooling,
+classifier). Results go back to each caller in its own order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.backbones.cache import BackboneCache, LoadedBackbone
+from service.backbones.preprocess import Preprocessor
+from service.domain import ClassScore, ModelInput, PredictionResult
+from service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from service.heads import HeadCache, LoadedHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PredictTimings:
+    """What one batch cost; for metrics."""
+
+    backbone: str
+    batch_inputs: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    head: LoadedHead
+    examples: list[Any]  # first-stage inputs, CPU
+    top_k: int
+    return_embedding: bool
+    future: asyncio.Future[list[PredictionResult]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class _BackboneBatcher:
+    """One queue and one worker task per (backbone, input size)."""
+
+    def __init__(
+        self,
+        backbone: LoadedBackbone,
+        compute: Executor,
+        max_inputs: int,
+        max_wait_seconds: float,
+        on_batch: Callable[[PredictTimings], None],
+    ) -> None:
+        self._backbone = backbone
+        self._compute = compute
+        self._max_inputs = max_inputs
+        self._max_wait = max_wait_seconds
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def submit(self, pending: _Pending) -> None:
+        self._queue.put_nowait(pending)
+
+    async def close(self) -> None:
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(UnavailableError("the server is shutting down"))
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            inputs = len(batch[0].examples)
+            deadline = loop.time() + self._max_wait
+            while inputs < self._max_inputs:
+                try:
+                    if self._queue.empty():
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            break
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    else:
+                        item = self._queue.get_nowait()
+                except TimeoutError:
+                    break
+                batch.append(item)
+                inputs += len(item.examples)
+            batch = [item for item in batch if not item.future.cancelled()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._compute, self._run_batch, batch)
+            except torch.OutOfMemoryError:
+                error = ResourceExhaustedError("out of accelerator memory running this batch")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            except Exception as exc:  # delivered to each caller; the worker keeps serving
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            compute = time.perf_counter() - started
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+            self._on_batch(
+                PredictTimings(
+                    self._backbone.name,
+                    inputs,
+                    max(started - item.enqueued for item in batch),
+                    compute,
+                )
+            )
+
+    def _run_batch(self, batch: list[_Pending]) -> list[list[PredictionResult]]:
+        trunk = self._backbone.trunk
+        device = self._backbone.device
+        owners: list[int] = []  # batch item per row
+        rows: list[Any] = []
+        for position, item in enumerate(batch):
+            owners += [position] * len(item.examples)
+            rows += item.examples
+        state = trunk.to_device(trunk.collate(rows), device)
+        owner_of = torch.tensor(owners)
+        # Heads grouped by where they attach; the trunk advances stage by stage over the rows
+        # still needed and each group branches off at its split point.
+        split_points = sorted(
+            {trunk.prefix_end(item.head.record.trainable_blocks) for item in batch}
+        )
+        logits_of: dict[int, torch.Tensor] = {}
+        features_of: dict[int, torch.Tensor] = {}
+        active = torch.arange(len(rows))  # rows still inside `state`, in batch-row numbering
+        stage = 0
+        with torch.inference_mode():
+            for split in split_points:
+                state = trunk.run_stages(state, stage, split)
+                stage = split
+                for position, item in enumerate(batch):
+                    if trunk.prefix_end(item.head.record.trainable_blocks) != split:
+                        continue
+                    local = (owner_of[active] == position).nonzero().squeeze(1)
+                    head_state = (
+                        trunk.select(state, local.to(device))
+                        if len(active) != len(local)
+                        else state
+                    )
+                    features = item.head.module.features(head_state)
+                    logits_of[position] = item.head.module.classify(features).float().cpu()
+                    if item.return_embedding:
+                        features_of[position] = features.float().cpu()
+                if split == split_points[-1]:
+                    break
+                remaining = (
+                    torch.isin(
+                        owner_of[active],
+                        torch.tensor(
+                            [
+                                p
+                                for p, item in enumerate(batch)
+                                if trunk.prefix_end(item.head.record.trainable_blocks) > split
+                            ]
+                        ),
+                    )
+                    .nonzero()
+                    .squeeze(1)
+                )
+                state = trunk.select(state, remaining.to(device))
+                active = active[remaining]
+        return [
+            _results(item.head, logits_of[position], item.top_k, features_of.get(position))
+            for position, item in enumerate(batch)
+        ]
+
+
+def _results(
+    head: LoadedHead, logits: torch.Tensor, top_k: int, features: torch.Tensor | None
+) -> list[PredictionResult]:
+    classes = head.record.class_names
+    probabilities = logits.softmax(dim=1)  # [n, C]
+    k = min(max(top_k, 1), len(classes))
+    scores, indices = probabilities.topk(k, dim=1)
+    results = []
+    for row in range(probabilities.shape[0]):
+        ranked = tuple(
+            ClassScore(classes[int(i)], float(s))
+            for s, i in zip(scores[row].tolist(), indices[row].tolist(), strict=True)
+        )
+        embedding = tuple(features[row].tolist()) if features is not None else ()
+        results.append(PredictionResult(ranked[0].label, ranked[0].score, ranked, embedding))
+    return results
+
+
+class Predictor:
+    def __init__(
+        self,
+        backbones: BackboneCache,
+        heads: HeadCache,
+        *,
+        preprocess_pool: Executor,
+        compute_pool: Executor,
+        max_inputs: int,
+        batch_max_size: int,
+        batch_max_wait_ms: float,
+        on_batch: Callable[[PredictTimings], None] | None = None,
+    ) -> None:
+        self._backbones = backbones
+        self._heads = heads
+        self._preprocess_pool = preprocess_pool
+        self._compute_pool = compute_pool
+        self._max_inputs = max_inputs
+        self._batch_max_size = batch_max_size
+        self._batch_max_wait = batch_max_wait_ms / 1000.0
+        self._on_batch = on_batch or (lambda timings: None)
+        self._batchers: dict[tuple[str, int, int], _BackboneBatcher] = {}
+        self._closed = False
+
+    async def predict(
+        self,
+        head_id: str,
+        inputs: Sequence[ModelInput],
+        *,
+        top_k: int = 1,
+        return_embedding: bool = False,
+    ) -> list[PredictionResult]:
+        if self._closed:
+            raise UnavailableError("the server is shutting down")
+        if not inputs:
+            raise InvalidArgumentError("inputs: no inputs")
+        if len(inputs) > self._max_inputs:
+            raise ResourceExhaustedError(
+                f"inputs: {len(inputs)} inputs is over the limit of {self._max_inputs} per call"
+            )
+        if top_k < 0:
+            raise InvalidArgumentError(f"top_k: {top_k} is negative")
+        loop = asyncio.get_running_loop()
+        head = self._heads.peek(head_id)
+        if head is None:
+            head = await loop.run_in_executor(self._preprocess_pool, self._heads.get, head_id)
+        backbone = await loop.run_in_executor(
+            self._preprocess_pool, self._backbones.get, head.record.backbone
+        )
+        modality = head.record.modality
+        for position, model_input in enumerate(inputs):
+            if model_input.modality is not modality:
+                raise InvalidArgumentError(
+                    f"inputs[{position}]: {model_input.modality.value} input for head "
+                    f"{head_id!r}, which takes {modality.value}"
+                )
+        preprocessor = backbone.preprocessor
+        if preprocessor.input_size != head.record.input_size:
+            preprocessor = preprocessor.resized(head.record.input_size)
+        examples = await loop.run_in_executor(self._preprocess_pool, _prepare, preprocessor, inputs)
+        future: asyncio.Future[list[PredictionResult]] = loop.create_future()
+        self._batcher(backbone, head.record.input_size).submit(
+            _Pending(head, examples, top_k, return_embedding, future)
+        )
+        return await future
+
+    def _batcher(self, backbone: LoadedBackbone, input_size: int) -> _BackboneBatcher:
+        # id(trunk) keys a reloaded backbone apart from an evicted one still draining.
+        key = (backbone.name, input_size, id(backbone.trunk))
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            stale = [k for k in self._batchers if k[:2] == key[:2]]
+            for old in stale:
+                asyncio.get_running_loop().create_task(self._batchers.pop(old).close())
+            batcher = _BackboneBatcher(
+                backbone,
+                self._compute_pool,
+                self._batch_max_size,
+                self._batch_max_wait,
+                self._on_batch,
+            )
+            self._batchers[key] = batcher
+        return batcher
+
+    def discard_head(self, head_id: str) -> None:
+        self._heads.discard(head_id)
+
+    async def close(self) -> None:
+        self._closed = True
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._batchers.clear()
+
+
+def _prepare(preprocessor: Preprocessor, inputs: Sequence[ModelInput]) -> list[Any]:
+    loaded = [preprocessor.load(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
+    return preprocessor.finish(loaded, None)

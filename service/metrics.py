@@ -1,0 +1,99 @@
+"""Every Prometheus metric of the server, on a registry passed in (no global registry).
+
+Labels stay bounded: method, status code, backbone, cache name, job state/outcome. Never a
+head id or tenant.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.rpc_requests = Counter(
+            "transfer_rpc_requests",
+            "gRPC calls handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.rpc_duration = Histogram(
+            "transfer_rpc_duration_seconds",
+            "gRPC call duration (streams: until the stream ends), by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predict_duration = Histogram(
+            "transfer_predict_duration_seconds",
+            "End-to-end Predict latency inside the server, by backbone.",
+            ["backbone"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predict_queue = Histogram(
+            "transfer_predict_queue_seconds",
+            "Longest wait of a request in a batch before the batch ran, by backbone.",
+            ["backbone"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predict_compute = Histogram(
+            "transfer_predict_compute_seconds",
+            "Trunk plus heads compute time per batch, by backbone.",
+            ["backbone"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predict_batch_size = Histogram(
+            "transfer_predict_batch_size",
+            "Inputs per trunk pass, by backbone.",
+            ["backbone"],
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.predict_inputs = Counter(
+            "transfer_predict_inputs",
+            "Inputs classified, by backbone.",
+            ["backbone"],
+            registry=registry,
+        )
+        self.training_step = Histogram(
+            "transfer_training_step_duration_seconds",
+            "Duration of one optimiser step.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.jobs = Gauge("transfer_jobs", "Jobs by state.", ["state"], registry=registry)
+        self.jobs_finished = Counter(
+            "transfer_jobs_finished", "Jobs finished, by outcome.", ["outcome"], registry=registry
+        )
+        self.validation_accuracy = Gauge(
+            "transfer_last_validation_accuracy",
+            "Validation accuracy of the newest head, by backbone.",
+            ["backbone"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "transfer_cache_hits", "Cache hits, by cache.", ["cache"], registry=registry
+        )
+        self.cache_misses = Counter(
+            "transfer_cache_misses", "Cache misses (loads), by cache.", ["cache"], registry=registry
+        )
+        self.cache_evictions = Counter(
+            "transfer_cache_evictions", "Cache evictions, by cache.", ["cache"], registry=registry
+        )
+        self.backbone_resident_bytes = Gauge(
+            "transfer_backbone_resident_bytes",
+            "Bytes of a resident backbone's weights, by backbone.",
+            ["backbone"],
+            registry=registry,
+        )
+
+    def cache_event(self, event: str, cache: str) -> None:
+        counter = {"hit": self.cache_hits, "miss": self.cache_misses, "evict": self.cache_evictions}
+        counter[event].labels(cache=cache).inc()

@@ -1,0 +1,170 @@
+"""What each RPC does, on domain types: the servicer only converts around these calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from service.backbones.cache import BackboneCache, BackboneStatus
+from service.backbones.preprocess import decode_image
+from service.domain import (
+    DatasetInfo,
+    FineTuneSpec,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    LabeledExample,
+    Modality,
+    ModelInput,
+    PredictionResult,
+)
+from service.errors import InvalidArgumentError, ResourceExhaustedError
+from service.heads import HeadCache
+from service.inference import Predictor
+from service.store.interface import Store
+from service.store.local import check_id
+from service.training.jobs import JobManager
+from service.training.validation import (
+    TrainingConfigRequest,
+    check_examples,
+    check_head_name,
+    resolve_config,
+)
+
+T = TypeVar("T")
+
+
+class TransferOperations:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        backbones: BackboneCache,
+        heads: HeadCache,
+        jobs: JobManager,
+        predictor: Predictor,
+        blocking_pool: Executor,
+        max_dataset_examples: int,
+        max_image_pixels: int,
+    ) -> None:
+        self._store = store
+        self._backbones = backbones
+        self._heads = heads
+        self._jobs = jobs
+        self._predictor = predictor
+        self._pool = blocking_pool
+        self._max_examples = max_dataset_examples
+        self._max_pixels = max_image_pixels
+
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+    async def list_backbones(self) -> list[BackboneStatus]:
+        statuses: list[BackboneStatus] = await self._blocking(self._backbones.statuses)
+        return statuses
+
+    async def start_fine_tune(
+        self,
+        backbone: str,
+        head_name: str,
+        examples: Sequence[LabeledExample],
+        dataset_id: str,
+        config: TrainingConfigRequest,
+    ) -> JobRecord:
+        """Validates everything that can be checked up front, then queues the job."""
+        spec = self._backbones.spec(backbone)
+        name = check_head_name(head_name, backbone)
+        if examples and dataset_id:
+            raise InvalidArgumentError("dataset_id: send either examples or a dataset_id, not both")
+        field = "examples"
+        if dataset_id:
+            check_id("dataset_id", dataset_id)
+            _, loaded = await self._blocking(self._store.load_dataset, dataset_id)
+            examples, field = loaded, f"dataset {dataset_id}"
+        check_examples(examples, spec.modality, self._max_examples, field)
+        if spec.modality is Modality.IMAGE and not dataset_id:
+            await self._blocking(self._check_images, examples, field)  # datasets: checked at upload
+        stages = next(s.unfreezable_blocks for s in await self.list_backbones() if s.spec is spec)
+        resolved = resolve_config(config, spec.modality, stages)
+        return self._jobs.submit(FineTuneSpec(backbone, name, tuple(examples), resolved))
+
+    def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
+        for position, example in enumerate(examples):
+            assert example.input.image is not None
+            decode_image(example.input.image, f"{field}[{position}].image", self._max_pixels)
+
+    def watch_job(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+        check_id("job_id", job_id)
+        return self._jobs.watch(job_id, after_sequence)
+
+    async def predict(
+        self, head_id: str, inputs: Sequence[ModelInput], top_k: int, return_embedding: bool
+    ) -> list[PredictionResult]:
+        check_id("head_id", head_id)
+        return await self._predictor.predict(
+            head_id, inputs, top_k=top_k, return_embedding=return_embedding
+        )
+
+    async def upload_dataset(self, chunks: AsyncIterator[list[LabeledExample]]) -> DatasetInfo:
+        writer = self._store.begin_dataset()
+        modality: Modality | None = None
+        count = 0
+        try:
+            async for chunk in chunks:
+                for example in chunk:
+                    where = f"examples[{count}]"
+                    modality = modality or example.input.modality
+                    if example.input.modality is not modality:
+                        raise InvalidArgumentError(
+                            f"{where}: {example.input.modality.value} input in a "
+                            f"{modality.value} dataset"
+                        )
+                    if not example.label.strip():
+                        raise InvalidArgumentError(f"{where}.label: label is empty")
+                    if example.input.text is not None and not example.input.text.strip():
+                        raise InvalidArgumentError(f"{where}.text: text is empty")
+                    if example.input.image is not None:
+                        await self._blocking(
+                            decode_image, example.input.image, f"{where}.image", self._max_pixels
+                        )
+                    count += 1
+                if count > self._max_examples:
+                    raise ResourceExhaustedError(
+                        f"examples: more than {self._max_examples} examples in one dataset"
+                    )
+                await self._blocking(writer.add, chunk)
+            info: DatasetInfo = await self._blocking(writer.commit)
+            return info
+        except BaseException:
+            await asyncio.shield(self._blocking(writer.abort))
+            raise
+
+    def get_job(self, job_id: str) -> JobRecord:
+        return self._jobs.get(check_id("job_id", job_id))
+
+    def list_jobs(self) -> list[JobRecord]:
+        return self._jobs.list()
+
+    def cancel_job(self, job_id: str) -> JobRecord:
+        return self._jobs.cancel(check_id("job_id", job_id))
+
+    async def list_heads(self, backbone: str) -> list[HeadRecord]:
+        if backbone:
+            self._backbones.spec(backbone)
+        heads: list[HeadRecord] = await self._blocking(self._store.list_heads)
+        return [head for head in heads if not backbone or head.backbone == backbone]
+
+    async def get_head(self, head_id: str) -> HeadRecord:
+        record: HeadRecord = await self._blocking(
+            self._store.get_head, check_id("head_id", head_id)
+        )
+        return record
+
+    async def delete_head(self, head_id: str) -> None:
+        check_id("head_id", head_id)
+        try:
+            await self._blocking(self._store.delete_head, head_id)
+        finally:
+            self._heads.discard(head_id)

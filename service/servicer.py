@@ -1,0 +1,168 @@
+"""transfer.v1.TransferService over gRPC: protobuf in, domain call, protobuf out."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from client._proto.transfer.v1 import transfer_service_pb2 as pb
+from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from service import convert
+from service.domain import LabeledExample
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.operations import TransferOperations
+from service.status import status_code_for
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, error: BaseException, method: str) -> None:
+    if isinstance(error, ServiceError):
+        await context.abort(status_code_for(error), error.message)
+    log.error("internal error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has details")
+
+
+def unary(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Maps domain errors to statuses and records the call in metrics."""
+
+    @functools.wraps(method)
+    async def wrapper(self: TransferServicer, request: Request, context: Context) -> Response:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            code = status_code_for(error).name
+            await _abort(context, error, method.__name__)
+            raise  # unreachable: abort raises
+        finally:
+            self._record(method.__name__, code, started)
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: TransferServicer, request: Request, context: Context
+    ) -> AsyncIterator[Response]:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except Exception as error:
+            code = status_code_for(error).name
+            await _abort(context, error, method.__name__)
+        finally:
+            self._record(method.__name__, code, started)
+
+    return wrapper
+
+
+class TransferServicer(pb_grpc.TransferServiceServicer):
+    def __init__(self, operations: TransferOperations, metrics: Metrics) -> None:
+        self._ops = operations
+        self._metrics = metrics
+
+    def _record(self, method: str, code: str, started: float) -> None:
+        self._metrics.rpc_requests.labels(method=method, code=code).inc()
+        self._metrics.rpc_duration.labels(method=method).observe(time.perf_counter() - started)
+
+    @unary
+    async def ListBackbones(
+        self, request: pb.ListBackbonesRequest, context: Context
+    ) -> pb.ListBackbonesResponse:
+        statuses = await self._ops.list_backbones()
+        return pb.ListBackbonesResponse(backbones=[convert.backbone(s) for s in statuses])
+
+    @streaming
+    async def FineTune(
+        self, request: pb.FineTuneRequest, context: Context
+    ) -> AsyncIterator[pb.FineTuneEvent]:
+        job = await self._ops.start_fine_tune(
+            request.backbone,
+            request.head_name,
+            convert.labeled_examples(request.examples),
+            request.dataset_id,
+            convert.training_config_request(request.config),
+        )
+        async for event in self._ops.watch_job(job.job_id):
+            yield convert.event(event)
+
+    @streaming
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.FineTuneEvent]:
+        async for event in self._ops.watch_job(request.job_id, request.after_sequence):
+            yield convert.event(event)
+
+    @unary
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        results = await self._ops.predict(
+            request.head_id,
+            convert.model_inputs(request.inputs),
+            request.top_k,
+            request.return_embedding,
+        )
+        return pb.PredictResponse(
+            head_id=request.head_id, predictions=[convert.prediction(r) for r in results]
+        )
+
+    @unary
+    async def UploadDataset(
+        self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: Context
+    ) -> pb.UploadDatasetResponse:
+        async def chunks() -> AsyncIterator[list[LabeledExample]]:
+            offset = 0
+            async for chunk in request_iterator:
+                examples = convert.labeled_examples(chunk.examples, f"examples(+{offset})")
+                offset += len(examples)
+                yield examples
+
+        return convert.dataset_info(await self._ops.upload_dataset(chunks()))
+
+    @unary
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
+        return convert.job(self._ops.get_job(request.job_id))
+
+    @unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[convert.job(j) for j in self._ops.list_jobs()])
+
+    @unary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
+        return convert.job(self._ops.cancel_job(request.job_id))
+
+    @unary
+    async def ListHeads(
+        self, request: pb.ListHeadsRequest, context: Context
+    ) -> pb.ListHeadsResponse:
+        heads = await self._ops.list_heads(request.backbone)
+        return pb.ListHeadsResponse(heads=[convert.head(h) for h in heads])
+
+    @unary
+    async def GetHead(self, request: pb.GetHeadRequest, context: Context) -> pb.Head:
+        return convert.head(await self._ops.get_head(request.head_id))
+
+    @unary
+    async def DeleteHead(
+        self, request: pb.DeleteHeadRequest, context: Context
+    ) -> pb.DeleteHeadResponse:
+        await self._ops.delete_head(request.head_id)
+        return pb.DeleteHeadResponse()

@@ -1,0 +1,93 @@
+"""The one settings object. Every field reads from an environment variable `TRANSFER_<NAME>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_weights_dir() -> Path:
+    # torchvision's own cache layout, so weights fetched by torchvision are found as they are.
+    import os
+
+    torch_home = os.environ.get("TORCH_HOME", str(Path.home() / ".cache" / "torch"))
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRANSFER_", extra="ignore")
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the gRPC server binds to; 0.0.0.0 to accept remote clients.",
+    )
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        9090, ge=-1, le=65535, description="Prometheus /metrics HTTP port; 0 picks one, -1 off."
+    )
+    store_dir: Path = Field(
+        Path("var/store"), description="Directory of the durable store (heads, jobs, datasets)."
+    )
+    device: str = Field(
+        "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    weights_dir: Path = Field(
+        default_factory=_default_weights_dir,
+        description="torchvision-layout weights directory for the ResNet/MobileNet backbones.",
+    )
+    preload_backbones: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["efficientnet_lite0", "minilm_l6"],
+        description="Comma-separated backbones loaded and warmed before health is SERVING.",
+    )
+    backbone_cache_bytes: int = Field(
+        4 * 1024**3, gt=0, description="Resident-bytes budget of the backbone cache (LRU)."
+    )
+    head_cache_entries: int = Field(256, gt=0, description="Heads kept loaded (LRU).")
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=1024,
+        description="Override every image backbone's input side in pixels (smaller is faster).",
+    )
+    max_text_tokens: int = Field(256, ge=8, le=512, description="Text inputs are cut here.")
+    max_message_bytes: int = Field(
+        64 * 1024**2, gt=0, description="Largest gRPC message accepted or sent."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Images declaring more pixels are refused before decoding."
+    )
+    max_dataset_examples: int = Field(
+        100_000, gt=0, description="Most examples in one dataset or FineTune request."
+    )
+    max_predict_inputs: int = Field(512, gt=0, description="Most inputs in one Predict call.")
+    batch_max_size: int = Field(
+        64, gt=0, description="Most inputs the Predict batcher stacks into one trunk pass."
+    )
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits for more requests to join a batch."
+    )
+    feature_cache_bytes: int = Field(
+        2 * 1024**3, gt=0, description="Largest cached-trunk-output set a training job keeps."
+    )
+    max_concurrent_jobs: int = Field(
+        1, gt=0, description="Training jobs run at once; the rest queue."
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0 keeps torch's default."
+    )
+    grace_seconds: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+
+    @field_validator("preload_backbones", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value

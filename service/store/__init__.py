@@ -1,0 +1,1 @@
+"""Durable state: heads (safetensors + JSON), jobs and their events, uploaded datasets."""

@@ -1,0 +1,55 @@
+"""The store seen by the rest of the server. The embedded backend is LocalStore (a directory
+plus SQLite); a PostgreSQL + object-store backend for multi-replica deployments implements
+the same protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from service.domain import DatasetInfo, HeadRecord, JobEvent, JobRecord, LabeledExample
+
+
+class HeadStore(Protocol):
+    def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        """Atomically: afterwards the head is complete and listed, or absent."""
+
+    def get_head(self, head_id: str) -> HeadRecord: ...
+
+    def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]: ...
+
+    def list_heads(self) -> list[HeadRecord]: ...
+
+    def delete_head(self, head_id: str) -> None: ...
+
+
+class JobStore(Protocol):
+    def save_job(self, job: JobRecord) -> None: ...
+
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    def list_jobs(self) -> list[JobRecord]: ...
+
+    def append_event(self, event: JobEvent) -> None: ...
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]: ...
+
+
+class DatasetWriter(Protocol):
+    def add(self, examples: Sequence[LabeledExample]) -> None: ...
+
+    def commit(self) -> DatasetInfo: ...
+
+    def abort(self) -> None: ...
+
+
+class DatasetStore(Protocol):
+    def begin_dataset(self) -> DatasetWriter: ...
+
+    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]: ...
+
+
+class Store(HeadStore, JobStore, DatasetStore, Protocol):
+    def close(self) -> None: ...

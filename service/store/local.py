@@ -1,0 +1,351 @@
+"""The embedded store: a directory for head files plus one SQLite database.
+
+Layout under the root:
+  heads/<head_id>/head.json, weights.safetensors   (a head exists iff its directory does)
+  heads/.partial-*/                                (saves in progress; removed at start)
+  store.sqlite3                                    (jobs, job events, datasets)
+A head is written into a partial directory, fsynced, then renamed into place: a crash at any
+point leaves either the whole head or nothing under its id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from service.domain import (
+    ID_PATTERN,
+    DatasetInfo,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LabeledExample,
+    Modality,
+    ModelInput,
+)
+from service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from service.store.codec import (
+    event_kind,
+    head_from_json,
+    head_to_json,
+    payload_from_json,
+    payload_to_json,
+    progress_from_json,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  job_id TEXT PRIMARY KEY, state TEXT NOT NULL, backbone TEXT NOT NULL, head_name TEXT NOT NULL,
+  head_id TEXT NOT NULL, error TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL,
+  last_sequence INTEGER NOT NULL, progress TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+  job_id TEXT NOT NULL, sequence INTEGER NOT NULL, time TEXT NOT NULL, kind TEXT NOT NULL,
+  payload TEXT NOT NULL, PRIMARY KEY (job_id, sequence));
+CREATE TABLE IF NOT EXISTS datasets (
+  dataset_id TEXT PRIMARY KEY, complete INTEGER NOT NULL, modality TEXT NOT NULL,
+  example_count INTEGER NOT NULL, class_counts TEXT NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dataset_examples (
+  dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
+  PRIMARY KEY (dataset_id, idx));
+"""
+
+_HEAD_META = "head.json"
+_HEAD_WEIGHTS = "weights.safetensors"
+
+
+def check_id(kind: str, value: str) -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidArgumentError(
+            f"{kind}: {value!r} is not a valid id (pattern [a-z0-9][a-z0-9_.-]{{0,63}})"
+        )
+    return value
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self._root = root.resolve()
+        self._heads_dir = self._root / "heads"
+        self._heads_dir.mkdir(parents=True, exist_ok=True)
+        for partial in self._heads_dir.glob(".partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        for deleted in self._heads_dir.glob(".deleted-*"):
+            shutil.rmtree(deleted, ignore_errors=True)
+        self._db = sqlite3.connect(
+            self._root / "store.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        with self._lock:
+            # Uploads cut off by a crash never became datasets: drop them.
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "DELETE FROM dataset_examples WHERE dataset_id IN "
+                "(SELECT dataset_id FROM datasets WHERE complete = 0)"
+            )
+            self._db.execute("DELETE FROM datasets WHERE complete = 0")
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- heads ----
+
+    def _head_dir(self, head_id: str) -> Path:
+        path = (self._heads_dir / check_id("head_id", head_id)).resolve()
+        if path.parent != self._heads_dir:
+            raise InvalidArgumentError(f"head_id: {head_id!r} escapes the store")
+        return path
+
+    def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        final = self._head_dir(record.head_id)
+        partial = self._heads_dir / f".partial-{record.head_id}-{secrets.token_hex(4)}"
+        partial.mkdir()
+        try:
+            save_file(weights, str(partial / _HEAD_WEIGHTS))
+            (partial / _HEAD_META).write_text(head_to_json(record), encoding="utf-8")
+            for name in (_HEAD_WEIGHTS, _HEAD_META):
+                _fsync_file(partial / name)
+            _fsync_dir(partial)
+            os.rename(partial, final)
+            _fsync_dir(self._heads_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def get_head(self, head_id: str) -> HeadRecord:
+        path = self._head_dir(head_id) / _HEAD_META
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise NotFoundError(f"head_id: no head {head_id!r}") from None
+        try:
+            return head_from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FailedPreconditionError(f"head {head_id!r}: metadata unreadable ({exc})") from exc
+
+    def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]:
+        path = self._head_dir(head_id) / _HEAD_WEIGHTS
+        if not path.is_file():
+            raise NotFoundError(f"head_id: no head {head_id!r}")
+        try:
+            # safetensors parses a header and raw buffers; it never unpickles.
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights are not a valid safetensors file"
+            ) from exc
+
+    def list_heads(self) -> list[HeadRecord]:
+        records = []
+        for path in sorted(self._heads_dir.iterdir()):
+            if path.name.startswith(".") or not (path / _HEAD_META).is_file():
+                continue
+            try:
+                records.append(self.get_head(path.name))
+            except (FailedPreconditionError, InvalidArgumentError, NotFoundError):
+                continue
+        records.sort(key=lambda record: record.created_time)
+        return records
+
+    def delete_head(self, head_id: str) -> None:
+        path = self._head_dir(head_id)
+        if not path.is_dir():
+            raise NotFoundError(f"head_id: no head {head_id!r}")
+        # Rename first so the head vanishes atomically, then remove the files.
+        doomed = self._heads_dir / f".deleted-{head_id}-{secrets.token_hex(4)}"
+        os.rename(path, doomed)
+        _fsync_dir(self._heads_dir)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    # ---- jobs ----
+
+    def save_job(self, job: JobRecord) -> None:
+        progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.job_id,
+                    job.state.value,
+                    job.backbone,
+                    job.head_name,
+                    job.head_id,
+                    job.error,
+                    job.created_time.isoformat(),
+                    job.updated_time.isoformat(),
+                    job.last_sequence,
+                    progress,
+                ),
+            )
+
+    def get_job(self, job_id: str) -> JobRecord:
+        check_id("job_id", job_id)
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"job_id: no job {job_id!r}")
+        return _job_from_row(row)
+
+    def list_jobs(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def append_event(self, event: JobEvent) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO job_events VALUES (?,?,?,?,?)",
+                (
+                    event.job_id,
+                    event.sequence,
+                    event.time.isoformat(),
+                    event_kind(event.payload),
+                    payload_to_json(event.payload),
+                ),
+            )
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, sequence, time, kind, payload FROM job_events "
+                "WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, after_sequence),
+            ).fetchall()
+        return [
+            JobEvent(
+                row[0], row[1], datetime.fromisoformat(row[2]), payload_from_json(row[3], row[4])
+            )
+            for row in rows
+        ]
+
+    # ---- datasets ----
+
+    def begin_dataset(self) -> LocalDatasetWriter:
+        return LocalDatasetWriter(self._db, self._lock, "ds-" + secrets.token_hex(8))
+
+    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]:
+        check_id("dataset_id", dataset_id)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT modality, example_count, class_counts FROM datasets "
+                "WHERE dataset_id = ? AND complete = 1",
+                (dataset_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
+            rows = self._db.execute(
+                "SELECT label, image, text FROM dataset_examples WHERE dataset_id = ? ORDER BY idx",
+                (dataset_id,),
+            ).fetchall()
+        info = DatasetInfo(
+            dataset_id, row[1], tuple((k, v) for k, v in json.loads(row[2])), Modality(row[0])
+        )
+        examples = [
+            LabeledExample(
+                ModelInput(image=bytes(image) if image is not None else None, text=text), label
+            )
+            for label, image, text in rows
+        ]
+        return info, examples
+
+
+class LocalDatasetWriter:
+    """Rows go in as chunks arrive; the dataset becomes visible only on commit."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, dataset_id: str) -> None:
+        self._db = db
+        self._lock = lock
+        self.dataset_id = dataset_id
+        self._count = 0
+        self._labels: Counter[str] = Counter()
+        self._modality: Modality | None = None
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO datasets VALUES (?, 0, '', 0, '[]', ?)",
+                (dataset_id, datetime.now().astimezone().isoformat()),
+            )
+
+    def add(self, examples: Sequence[LabeledExample]) -> None:
+        rows = []
+        for example in examples:
+            if self._modality is None:
+                self._modality = example.input.modality
+            rows.append(
+                (
+                    self.dataset_id,
+                    self._count,
+                    example.label,
+                    example.input.image,
+                    example.input.text,
+                )
+            )
+            self._labels[example.label] += 1
+            self._count += 1
+        with self._lock:
+            self._db.executemany("INSERT INTO dataset_examples VALUES (?,?,?,?,?)", rows)
+
+    def commit(self) -> DatasetInfo:
+        if self._modality is None:
+            raise InvalidArgumentError("examples: the uploaded dataset is empty")
+        counts = tuple(sorted(self._labels.items()))
+        with self._lock:
+            self._db.execute(
+                "UPDATE datasets SET complete = 1, modality = ?, example_count = ?, "
+                "class_counts = ? WHERE dataset_id = ?",
+                (self._modality.value, self._count, json.dumps(counts), self.dataset_id),
+            )
+        return DatasetInfo(self.dataset_id, self._count, counts, self._modality)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "DELETE FROM dataset_examples WHERE dataset_id = ?", (self.dataset_id,)
+            )
+            self._db.execute("DELETE FROM datasets WHERE dataset_id = ?", (self.dataset_id,))
+            self._db.execute("COMMIT")
+
+
+def _job_from_row(row: tuple[object, ...]) -> JobRecord:
+    return JobRecord(
+        job_id=str(row[0]),
+        state=JobState(row[1]),
+        backbone=str(row[2]),
+        head_name=str(row[3]),
+        head_id=str(row[4]),
+        error=str(row[5]),
+        created_time=datetime.fromisoformat(str(row[6])),
+        updated_time=datetime.fromisoformat(str(row[7])),
+        last_sequence=int(str(row[8])),
+        progress=progress_from_json(str(row[9])),
+    )
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Fine-tuning: request validation, data split, feature cache, trainer and the job manager."""

@@ -1,0 +1,82 @@
+"""The one frozen pass over a dataset: trunk-prefix states for every example, once.
+
+With a frozen trunk prefix (no augmentation) these states are reused by every epoch: the
+expensive part of fine-tuning then runs once instead of once per epoch. The pooled features
+of the pretrained model come out of the same pass; they fit the head's standardisation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.backbones.cache import LoadedBackbone
+from service.domain import LabeledExample
+from service.errors import JobCancelledError
+from service.heads import TaskHead
+
+
+@dataclass(slots=True)
+class ExtractedData:
+    prefix_states: list[Any] | None  # per example, on the device; None when not cached
+    raw: list[Any] | None  # per example loaded input (CPU), kept when states are not cached
+    pooled: torch.Tensor  # [N, D] pooled pretrained features, on the device
+
+
+def extract(
+    backbone: LoadedBackbone,
+    head: TaskHead,
+    examples: Sequence[LabeledExample],
+    prefix_end: int,
+    keep_states: Callable[[int], bool],
+    cancelled: threading.Event,
+    on_progress: Callable[[int], None],
+    batch_size: int = 64,
+) -> ExtractedData:
+    """`keep_states(position)` says which examples keep prefix states (the rest keep raw)."""
+    trunk = backbone.trunk
+    preprocessor = backbone.preprocessor
+    states: list[Any] = []
+    raw: list[Any] = []
+    pooled_chunks: list[torch.Tensor] = []
+    any_raw = False
+    head.eval()
+    for start in range(0, len(examples), batch_size):
+        if cancelled.is_set():
+            raise JobCancelledError("cancelled during feature extraction")
+        chunk = examples[start : start + batch_size]
+        loaded = [
+            preprocessor.load(example.input, f"examples[{start + offset}]")
+            for offset, example in enumerate(chunk)
+        ]
+        batch = trunk.to_device(trunk.collate(preprocessor.finish(loaded, None)), backbone.device)
+        with torch.inference_mode():
+            prefix = trunk.run_stages(batch, 0, prefix_end)
+            pooled_chunks.append(head.features(prefix).float())
+        per_example = trunk.split(prefix)
+        for offset in range(len(chunk)):
+            if keep_states(start + offset):
+                states.append(per_example[offset])
+                raw.append(None)
+            else:
+                states.append(None)
+                raw.append(loaded[offset])
+                any_raw = True
+        on_progress(min(start + batch_size, len(examples)))
+    return ExtractedData(states, raw if any_raw else None, torch.cat(pooled_chunks))
+
+
+def estimate_state_bytes(backbone: LoadedBackbone, example: LabeledExample, prefix_end: int) -> int:
+    """Bytes one example's prefix state occupies (measured on one real example)."""
+    trunk = backbone.trunk
+    loaded = backbone.preprocessor.load(example.input, "examples[0]")
+    batch = trunk.to_device(
+        trunk.collate(backbone.preprocessor.finish([loaded], None)), backbone.device
+    )
+    with torch.inference_mode():
+        state = trunk.run_stages(batch, 0, prefix_end)
+    return trunk.example_bytes(trunk.split(state)[0])

@@ -1,0 +1,300 @@
+"""Training jobs: queued on a worker pool, observed through an ordered event log.
+
+Events are numbered per job, persisted before they are published, and fanned out on the
+event loop, so a watcher that replays from the log and then subscribes (in one loop step)
+never misses or repeats one. A client that goes away only drops its subscription; the job
+runs on. On start, jobs that a previous process left running are marked failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import torch
+
+from service.backbones.cache import BackboneCache
+from service.domain import (
+    EventPayload,
+    FineTuneSpec,
+    HeadRecord,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobRecord,
+    JobState,
+    TrainingProgress,
+)
+from service.errors import (
+    FailedPreconditionError,
+    JobCancelledError,
+    ServiceError,
+    UnavailableError,
+)
+from service.heads import HeadCache, LoadedHead, head_weights
+from service.store.interface import Store
+from service.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+_FINISHED_JOBS_KEPT_LIVE = 256
+
+
+@dataclass(slots=True)
+class _LiveJob:
+    record: JobRecord
+    spec: FineTuneSpec
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: list[JobEvent] = field(default_factory=list)
+    subscribers: set[asyncio.Queue[JobEvent]] = field(default_factory=set)
+    sequence_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class JobHooks:
+    """Observers for metrics; all optional."""
+
+    on_state: Callable[[JobState, JobState | None], None] = lambda new, old: None
+    on_step: Callable[[float], None] = lambda seconds: None
+    on_finished: Callable[[str, HeadRecord | None], None] = lambda outcome, head: None
+
+
+class JobManager:
+    def __init__(
+        self,
+        store: Store,
+        backbones: BackboneCache,
+        heads: HeadCache,
+        *,
+        max_concurrent_jobs: int,
+        feature_cache_bytes: int,
+        hooks: JobHooks | None = None,
+    ) -> None:
+        self._store = store
+        self._backbones = backbones
+        self._heads = heads
+        self._feature_cache_bytes = feature_cache_bytes
+        self._hooks = hooks or JobHooks()
+        self._executor = ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="train")
+        self._live: dict[str, _LiveJob] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = True
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Binds to the running loop and fails jobs a previous process left unfinished."""
+        self._loop = asyncio.get_running_loop()
+        for record in self._store.list_jobs():
+            if record.state.finished:
+                continue
+            failed = JobFailed(
+                "the server stopped while this job was running; its head was not saved",
+                "ABORTED",
+            )
+            event = JobEvent(record.job_id, record.last_sequence + 1, _now(), failed)
+            self._store.append_event(event)
+            record.state = JobState.FAILED
+            record.error = failed.reason
+            record.last_sequence = event.sequence
+            record.updated_time = event.time
+            self._store.save_job(record)
+            log.warning("job %s was interrupted by a restart; marked failed", record.job_id)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Stops accepting jobs, asks running ones to stop, waits up to the grace period."""
+        self._accepting = False
+        for live in self._live.values():
+            if not live.record.state.finished:
+                live.cancel.set()
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.run_in_executor(None, lambda: self._executor.shutdown(wait=True)),
+            timeout=max(grace_seconds, 0.1),
+        )
+
+    # ---- commands ----
+
+    def submit(self, spec: FineTuneSpec) -> JobRecord:
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; no new jobs")
+        now = _now()
+        record = JobRecord(
+            job_id="job-" + secrets.token_hex(8),
+            state=JobState.QUEUED,
+            backbone=spec.backbone,
+            head_name=spec.head_name,
+            created_time=now,
+            updated_time=now,
+        )
+        self._store.save_job(record)
+        live = _LiveJob(record, spec)
+        self._live[record.job_id] = live
+        self._prune_finished()
+        self._hooks.on_state(JobState.QUEUED, None)
+        assert self._loop is not None, "JobManager.start() was not called"
+        self._loop.run_in_executor(self._executor, self._run, live)
+        return replace(record)
+
+    def get(self, job_id: str) -> JobRecord:
+        live = self._live.get(job_id)
+        if live is not None:
+            return replace(live.record)
+        return self._store.get_job(job_id)
+
+    def list(self) -> list[JobRecord]:
+        return self._store.list_jobs()
+
+    def cancel(self, job_id: str) -> JobRecord:
+        live = self._live.get(job_id)
+        if live is None:
+            record = self._store.get_job(job_id)  # NOT_FOUND for unknown ids
+            raise FailedPreconditionError(
+                f"job_id: job {job_id} is {record.state.value}; not cancellable"
+            )
+        if live.record.state.finished:
+            raise FailedPreconditionError(
+                f"job_id: job {job_id} is {live.record.state.value}; not cancellable"
+            )
+        live.cancel.set()
+        return replace(live.record)
+
+    async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+        """Events after `after_sequence`, then live ones, until the job's terminal event."""
+        live = self._live.get(job_id)
+        if live is None:
+            self._store.get_job(job_id)  # NOT_FOUND for unknown ids
+            for event in self._store.events_after(job_id, after_sequence):
+                yield event
+            return
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        # Replay and subscribe in one loop step: publishing also runs on the loop.
+        backlog = [event for event in live.events if event.sequence > after_sequence]
+        live.subscribers.add(queue)
+        try:
+            for event in backlog:
+                yield event
+                if event.terminal:
+                    return
+            if live.events and live.events[-1].terminal:
+                return
+            while True:
+                event = await queue.get()
+                if event.sequence <= after_sequence:
+                    continue
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            live.subscribers.discard(queue)
+
+    # ---- the worker side (runs in a training thread) ----
+
+    def _run(self, live: _LiveJob) -> None:
+        spec = live.spec
+        if live.cancel.is_set():
+            self._finish(live, JobState.CANCELLED, JobCancelled("cancelled before it started"))
+            return
+        self._set_state(live, JobState.RUNNING)
+        try:
+            backbone = self._backbones.get(spec.backbone)
+            trainer = Trainer(
+                backbone,
+                spec,
+                feature_cache_bytes=self._feature_cache_bytes,
+                emit=lambda payload: self._emit(live, payload),
+                cancelled=live.cancel,
+                on_step=self._hooks.on_step,
+            )
+            result = trainer.run()
+            head_id = f"{spec.head_name}-{secrets.token_hex(4)}"
+            weights = head_weights(result.head)
+            record = HeadRecord(
+                head_id=head_id,
+                name=spec.head_name,
+                backbone=spec.backbone,
+                modality=backbone.spec.modality,
+                class_names=result.class_names,
+                trainable_blocks=spec.config.trainable_blocks,
+                input_size=backbone.preprocessor.input_size,
+                hidden_dim=0,
+                metrics=result.metrics,
+                config=spec.config,
+                created_time=_now(),
+                size_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
+                job_id=live.record.job_id,
+            )
+            # Durable first: the completed event is only sent for a head that is on disk.
+            self._store.save_head(record, weights)
+            self._heads.put(LoadedHead(record, result.head))
+            live.record.head_id = head_id
+            self._hooks.on_finished("succeeded", record)
+            self._finish(live, JobState.SUCCEEDED, JobCompleted(head_id, result.metrics))
+        except JobCancelledError as exc:
+            self._hooks.on_finished("cancelled", None)
+            self._finish(live, JobState.CANCELLED, JobCancelled(exc.message))
+        except ServiceError as exc:
+            self._hooks.on_finished("failed", None)
+            self._finish(live, JobState.FAILED, JobFailed(exc.message, exc.status_name))
+        except torch.OutOfMemoryError:
+            self._hooks.on_finished("failed", None)
+            reason = "out of accelerator memory; try a smaller batch_size or fewer trainable_blocks"
+            self._finish(live, JobState.FAILED, JobFailed(reason, "RESOURCE_EXHAUSTED"))
+        except Exception:
+            log.exception("job %s failed", live.record.job_id)
+            self._hooks.on_finished("failed", None)
+            reason = f"internal error (job {live.record.job_id}); the server log has details"
+            self._finish(live, JobState.FAILED, JobFailed(reason, "INTERNAL"))
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _set_state(self, live: _LiveJob, state: JobState, error: str = "") -> None:
+        old = live.record.state
+        live.record.state = state
+        live.record.error = error
+        live.record.updated_time = _now()
+        self._store.save_job(live.record)
+        self._hooks.on_state(state, old)
+
+    def _finish(self, live: _LiveJob, state: JobState, payload: EventPayload) -> None:
+        error = payload.reason if isinstance(payload, JobFailed | JobCancelled) else ""
+        self._set_state(live, state, error)
+        self._emit(live, payload)
+
+    def _emit(self, live: _LiveJob, payload: EventPayload) -> None:
+        with live.sequence_lock:
+            sequence = live.record.last_sequence + 1
+            event = JobEvent(live.record.job_id, sequence, _now(), payload)
+            self._store.append_event(event)
+            live.record.last_sequence = sequence
+            if isinstance(payload, TrainingProgress):
+                live.record.progress = payload
+            live.record.updated_time = event.time
+            if isinstance(payload, TrainingProgress) and not payload.epoch_end:
+                pass  # per-step progress: the event row is durable; skip the job row write
+            else:
+                self._store.save_job(live.record)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._publish, live, event)
+
+    def _publish(self, live: _LiveJob, event: JobEvent) -> None:
+        live.events.append(event)
+        for queue in live.subscribers:
+            queue.put_nowait(event)
+
+    def _prune_finished(self) -> None:
+        finished = [job_id for job_id, live in self._live.items() if live.record.state.finished]
+        for job_id in finished[: max(0, len(finished) - _FINISHED_JOBS_KEPT_LIVE)]:
+            del self._live[job_id]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
