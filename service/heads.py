@@ -67,9 +67,12 @@ class TaskHead(nn.Module):
         return self.classify(self.features(state))
 
     def set_feature_statistics(self, features: torch.Tensor) -> None:
-        """Fits the standardisation on training features [N, D]."""
+        """Fits the standardisation on training features [N, D]: per-dimension centring and
+        one global scale. Per-dimension scaling would blow up dimensions that happen to be
+        near-constant on a small training set (dead ReLUs) but not on new inputs."""
+        centred = features - features.mean(dim=0)
         self.feature_mean.copy_(features.mean(dim=0))
-        self.feature_scale.copy_(features.std(dim=0, unbiased=False).clamp(min=1e-6))
+        self.feature_scale.fill_(float(centred.pow(2).mean().sqrt().clamp(min=1e-6)))
 
     def train(self, mode: bool = True) -> TaskHead:
         super().train(mode)

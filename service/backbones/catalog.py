@@ -218,6 +218,9 @@ class MiniLmSpec(BackboneSpec):
 
     def build_trunk(self, weights: Path | None) -> Trunk:
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a load-time tqdm bar is log noise here
 
         if weights is None:
             # Random init of the same architecture (for baselines); the config is still local.

@@ -152,7 +152,7 @@ class Trainer:
                 scheduler.step()
                 step += 1
                 correct = int((logits.argmax(dim=1) == targets).sum())
-                stats.add(float(loss), correct, len(rows))
+                stats.add(loss.item(), correct, len(rows))
                 self._on_step(time.perf_counter() - step_started)
                 if step % config.progress_every_steps == 0:
                     self._emit(
