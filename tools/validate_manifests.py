@@ -572,11 +572,39 @@ def _int_setting(env: Mapping[str, str], key: str, problems: list[str]) -> int |
         return None
 
 
+_QUANTITY_RE = re.compile(
+    r"^(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(?P<suffix>[a-zA-Z]*)$"
+)
+_QUANTITY_SUFFIXES: dict[str, float] = {
+    "": 1.0,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
+}
+
+
+def parse_quantity(value: Any) -> float | None:
+    """A Kubernetes resource quantity ("500m", "4Gi", 1) as a number; None if malformed.
+    (The OpenAPI schemas accept any string here.)"""
+    match = _QUANTITY_RE.match(str(value).strip())
+    if match is None or match["suffix"] not in _QUANTITY_SUFFIXES:
+        return None
+    return float(match["number"]) * _QUANTITY_SUFFIXES[match["suffix"]]
+
+
 def _quantity_positive(value: Any) -> bool:
-    try:
-        return float(str(value)) > 0
-    except ValueError:
-        return False
+    quantity = parse_quantity(value) if value is not None else None
+    return quantity is not None and quantity > 0
 
 
 def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list[str]:
@@ -690,6 +718,16 @@ def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list
             problems.append(f"{did}: resources.requests.{key} missing")
     if "memory" not in limits:
         problems.append(f"{did}: resources.limits.memory missing")
+    for kind, values in (("requests", requests), ("limits", limits)):
+        for key, value in values.items():
+            if parse_quantity(value) is None:
+                problems.append(f"{did}: resources.{kind}.{key}={value!r} is not a quantity")
+    for key in requests.keys() & limits.keys():
+        request, limit = parse_quantity(requests[key]), parse_quantity(limits[key])
+        if request is not None and limit is not None and request > limit:
+            problems.append(f"{did}: resources.requests.{key} exceeds its limit")
+    if not server.get("image"):
+        problems.append(f"{did}: container image missing")
     gpus = limits.get(GPU_RESOURCE)
     device = env.get("TRANSFER_DEVICE", DEFAULT_SETTINGS["TRANSFER_DEVICE"])
     if expect_gpu:
@@ -776,8 +814,8 @@ def _check_service_side(
             problems.append(f"{mid}: selects no Service")
         for endpoint in spec.get("endpoints") or []:
             for service in selected:
-                names = {p.get("name") for p in (service.get("spec") or {}).get("ports") or []}
-                if endpoint.get("port") not in names:
+                port_names = {p.get("name") for p in (service.get("spec") or {}).get("ports") or []}
+                if endpoint.get("port") not in port_names:
                     problems.append(f"{mid}: port {endpoint.get('port')!r} not on {_name(service)}")
                 elif endpoint.get("port") != "metrics":
                     problems.append(f"{mid}: scrapes {endpoint.get('port')!r}, not 'metrics'")

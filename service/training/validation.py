@@ -11,6 +11,10 @@ from service.domain import HEAD_NAME_PATTERN, LabeledExample, Modality, Training
 from service.errors import InvalidArgumentError, ResourceExhaustedError
 
 DEFAULTS = TrainingConfig()
+# A linear probe trains on cached features, so an epoch costs microseconds: it gets many
+# more (early stopping ends it); unfrozen blocks cost a trunk pass per epoch.
+PROBE_DEFAULT_EPOCHS = 100
+PROBE_DEFAULT_PATIENCE = 10
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 4096
 
@@ -62,14 +66,17 @@ def resolve_config(
     augment = bool(request.augment) if request.augment is not None else False
     if augment and modality is Modality.TEXT:
         raise InvalidArgumentError("config.augment: augmentation is for image backbones only")
+    probe = blocks == 0
+    default_epochs = PROBE_DEFAULT_EPOCHS if probe else DEFAULTS.epochs
+    default_patience = PROBE_DEFAULT_PATIENCE if probe else DEFAULTS.early_stopping_patience
     return TrainingConfig(
-        epochs=request.epochs or DEFAULTS.epochs,
+        epochs=request.epochs or default_epochs,
         batch_size=request.batch_size or DEFAULTS.batch_size,
         learning_rate=learning_rate or DEFAULTS.learning_rate,
         trainable_blocks=blocks,
         validation_fraction=fraction,
         early_stopping_patience=(
-            DEFAULTS.early_stopping_patience
+            default_patience
             if request.early_stopping_patience is None
             else request.early_stopping_patience
         ),

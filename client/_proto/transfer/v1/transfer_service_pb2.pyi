@@ -247,7 +247,9 @@ class TrainingConfig(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     PROGRESS_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
-    """Maximum epochs; 0 means the default (20)."""
+    """Maximum epochs; 0 means the default: 100 for a linear probe (cheap: cached features),
+    20 when blocks are unfrozen.
+    """
     batch_size: _builtins.int
     """Head training batch size; 0 means the default (32)."""
     learning_rate: _builtins.float
@@ -257,7 +259,9 @@ class TrainingConfig(_message.Message):
     validation_fraction: _builtins.float
     """Fraction of examples held out (stratified) for validation; unset means 0.2."""
     early_stopping_patience: _builtins.int
-    """Epochs without validation-loss improvement before stopping; unset means 5, 0 disables."""
+    """Epochs without validation-loss improvement before stopping; unset means 10 for a linear
+    probe, 5 otherwise; 0 disables.
+    """
     augment: _builtins.bool
     """Random-resized-crop/flip/colour augmentation for images. Unset: off for a linear probe."""
     seed: _builtins.int
