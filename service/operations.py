@@ -74,7 +74,7 @@ class TransferOperations:
         config: TrainingConfigRequest,
     ) -> JobRecord:
         """Validates everything that can be checked up front, then queues the job."""
-        spec = self._backbones.spec(backbone)
+        spec = self._backbones.check_available(backbone)
         name = check_head_name(head_name, backbone)
         if examples and dataset_id:
             raise InvalidArgumentError("dataset_id: send either examples or a dataset_id, not both")

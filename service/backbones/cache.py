@@ -90,6 +90,18 @@ class BackboneCache:
             raise NotFoundError(f"backbone: unknown backbone {name!r} (known: {known})")
         return spec
 
+    def check_available(self, name: str) -> BackboneSpec:
+        """The spec, or FAILED_PRECONDITION saying why its weights cannot be loaded."""
+        spec = self.spec(name)
+        with self._lock:
+            if name in self._loaded:
+                return spec
+        try:
+            spec.locate_weights(self._weights_dir)
+        except WeightsUnavailableError as exc:
+            raise FailedPreconditionError(f"backbone {name!r} is unavailable: {exc}") from exc
+        return spec
+
     def get(self, name: str) -> LoadedBackbone:
         """The loaded backbone, loading it first if needed (blocking; call off the event loop)."""
         spec = self.spec(name)

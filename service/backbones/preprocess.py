@@ -89,7 +89,10 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x its own limit raises) on huge images; we check first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            try:
+                image = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:
+                raise ResourceExhaustedError(f"{field}: image is too large ({exc})") from exc
             width, height = image.size  # from the header, before any pixel is decoded
             if width * height > max_pixels:
                 raise ResourceExhaustedError(
