@@ -87,13 +87,17 @@ class Application:
     async def stop(self) -> None:
         """Health goes NOT_SERVING first, new calls are refused, in-flight ones get the grace
         period, running jobs are cancelled (they end CANCELLED, their state saved)."""
-        grace = self.settings.grace_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace_seconds
         await self.health.servicer.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # Jobs first: their FineTune/WatchJob streams then end promptly instead of holding
+        # the server's grace period open. One deadline covers the whole stop.
+        self.jobs.begin_shutdown()
+        await self.server.stop(max(deadline - loop.time(), 0.0))
         try:
-            await self.jobs.shutdown(grace)
+            await self.jobs.shutdown(max(deadline - loop.time(), 0.1))
         except TimeoutError:
-            log.warning("training jobs did not stop within %.1fs", grace)
+            log.warning("training jobs did not stop within the grace period")
         await self.predictor.close()
         for pool in self.pools:
             pool.shutdown(wait=False, cancel_futures=True)

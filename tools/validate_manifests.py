@@ -60,6 +60,7 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "TRANSFER_METRICS_PORT": "9090",
     "TRANSFER_GRACE_SECONDS": "20",
     "TRANSFER_DEVICE": "auto",
+    "TRANSFER_TORCH_THREADS": "0",
 }
 # The startup probe must allow at least this long for the start-up backbones to load.
 MIN_STARTUP_SECONDS = 300
@@ -76,6 +77,12 @@ DASHBOARD_METRICS: frozenset[str] = frozenset(
         "transfer_cache_hits_total",
         "transfer_cache_misses_total",
         "transfer_backbone_resident_bytes",
+        # Also on the server's registry (service/metrics.py):
+        "transfer_predict_queue_seconds",
+        "transfer_predict_compute_seconds",
+        "transfer_predict_inputs_total",
+        "transfer_jobs_finished_total",
+        "transfer_cache_evictions_total",
     }
 )
 
@@ -563,12 +570,14 @@ def _effective_env(container: Mapping[str, Any], resources: Sequence[Resource]) 
     return env
 
 
-def _int_setting(env: Mapping[str, str], key: str, problems: list[str]) -> int | None:
+def _number_setting(
+    env: Mapping[str, str], key: str, problems: list[str], *, integer: bool = True
+) -> float | None:
     raw = env.get(key, DEFAULT_SETTINGS[key])
     try:
-        return int(raw)
+        return int(raw) if integer else float(raw)
     except ValueError:
-        problems.append(f"{key}={raw!r} is not an integer")
+        problems.append(f"{key}={raw!r} is not {'an integer' if integer else 'a number'}")
         return None
 
 
@@ -639,8 +648,8 @@ def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list
             problems.append(f"{did}: envFrom ConfigMap {ref.get('name')!r} is not in the render")
 
     # Ports: settings, container ports and probes agree.
-    grpc_port = _int_setting(env, "TRANSFER_PORT", problems)
-    metrics_port = _int_setting(env, "TRANSFER_METRICS_PORT", problems)
+    grpc_port = _number_setting(env, "TRANSFER_PORT", problems)
+    metrics_port = _number_setting(env, "TRANSFER_METRICS_PORT", problems)
     if grpc_port is not None and ports.get("grpc") != grpc_port:
         problems.append(f"{did}: port 'grpc' is {ports.get('grpc')}, TRANSFER_PORT={grpc_port}")
     if metrics_port is not None and ports.get("metrics") != metrics_port:
@@ -676,14 +685,14 @@ def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list
             )
 
     # Graceful stop fits the grace period: preStop sleep + server drain < SIGKILL.
-    grace = _int_setting(env, "TRANSFER_GRACE_SECONDS", problems)
+    grace = _number_setting(env, "TRANSFER_GRACE_SECONDS", problems, integer=False)
     period = int(pod.get("terminationGracePeriodSeconds", 30))
     pre_stop = ((server.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
     sleep = int(pre_stop.get("seconds", 0))
     if grace is not None and period <= sleep + grace:
         problems.append(
             f"{did}: terminationGracePeriodSeconds={period} must exceed preStop sleep "
-            f"{sleep} s + TRANSFER_GRACE_SECONDS={grace}"
+            f"{sleep} s + TRANSFER_GRACE_SECONDS={grace:g}"
         )
 
     # Service links would inject <SERVICE>_PORT=tcp://... into the TRANSFER_ settings.
@@ -726,6 +735,10 @@ def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list
         request, limit = parse_quantity(requests[key]), parse_quantity(limits[key])
         if request is not None and limit is not None and request > limit:
             problems.append(f"{did}: resources.requests.{key} exceeds its limit")
+    threads = _number_setting(env, "TRANSFER_TORCH_THREADS", problems)
+    cpu_limit = parse_quantity(limits["cpu"]) if "cpu" in limits else None
+    if threads and cpu_limit is not None and threads > max(1.0, cpu_limit):
+        problems.append(f"{did}: TRANSFER_TORCH_THREADS={threads:g} exceeds the CPU limit")
     if not server.get("image"):
         problems.append(f"{did}: container image missing")
     gpus = limits.get(GPU_RESOURCE)

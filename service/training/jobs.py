@@ -108,12 +108,17 @@ class JobManager:
             self._store.save_job(record)
             log.warning("job %s was interrupted by a restart; marked failed", record.job_id)
 
-    async def shutdown(self, grace_seconds: float) -> None:
-        """Stops accepting jobs, asks running ones to stop, waits up to the grace period."""
+    def begin_shutdown(self) -> None:
+        """Stops accepting jobs and asks queued and running ones to stop at their next step
+        (they end CANCELLED, their events saved), so their streams can close."""
         self._accepting = False
         for live in self._live.values():
             if not live.record.state.finished:
                 live.cancel.set()
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """begin_shutdown, then waits up to `grace_seconds` for the training threads."""
+        self.begin_shutdown()
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(
             loop.run_in_executor(None, lambda: self._executor.shutdown(wait=True)),
@@ -239,7 +244,8 @@ class JobManager:
             self._finish(live, JobState.SUCCEEDED, JobCompleted(head_id, result.metrics))
         except JobCancelledError as exc:
             self._hooks.on_finished("cancelled", None)
-            self._finish(live, JobState.CANCELLED, JobCancelled(exc.message))
+            reason = exc.message if self._accepting else "the server shut down during training"
+            self._finish(live, JobState.CANCELLED, JobCancelled(reason))
         except ServiceError as exc:
             self._hooks.on_finished("failed", None)
             self._finish(live, JobState.FAILED, JobFailed(exc.message, exc.status_name))

@@ -316,3 +316,10 @@ def test_renderer_refuses_what_it_does_not_support(tmp_path: Path) -> None:
     kustomization.write_text(kustomization.read_text() + "namePrefix: staging-\n")
     with pytest.raises(vm.RenderError, match="unsupported fields"):
         vm.render(deploy / "overlays" / "cpu")
+
+
+def test_reports_torch_threads_above_the_cpu_limit() -> None:
+    resources = _render("cpu")
+    _get(resources, "ConfigMap")["data"]["TRANSFER_TORCH_THREADS"] = "16"
+    problems = vm.check_invariants(resources, expect_gpu=False)
+    assert _mentions(problems, "TRANSFER_TORCH_THREADS=16 exceeds the CPU limit")
