@@ -13,6 +13,8 @@ IMAGE_SUFFIXES = frozenset(
 
 def load_examples(source: Path) -> list[tuple[Path, str]] | list[tuple[str, str]]:
     """Image examples from a directory, text examples from a `.csv` file."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
     if source.is_dir():
         return image_folder_examples(source)
     if source.suffix.lower() == ".csv":

@@ -128,7 +128,7 @@ async def test_predict_on_the_streamed_head(
     assert len(predictions) == len(test)
     for prediction in predictions:
         assert prediction.label in FASHION_LABELS
-        assert [s.label for s in prediction.top_k][0] == prediction.label
+        assert prediction.top_k[0].label == prediction.label
         assert len(prediction.top_k) == 2
         assert prediction.top_k[0].score >= prediction.top_k[1].score
         assert prediction.score == pytest.approx(prediction.top_k[0].score)
