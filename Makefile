@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: run test install testdata proto proto-check lint typecheck unit
+.PHONY: run test install testdata proto proto-check lint typecheck settings-table settings-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,12 +40,19 @@ proto-check: install
 	diff -r -x __pycache__ $(VENV)/proto-check client/_proto || { echo "generated protobuf code drifted: run 'make proto'"; exit 1; }
 
 lint: install
-	$(VENV)/bin/ruff check service client tests bench
-	$(VENV)/bin/ruff format --check service client tests bench
+	$(VENV)/bin/ruff check service client tests bench tools
+	$(VENV)/bin/ruff format --check service client tests bench tools
 
 typecheck: install
 	$(VENV)/bin/mypy service client
 
-## Lint, types, proto drift and the whole suite.
-test: install testdata proto-check lint typecheck
+## Refresh the README's settings table from service/settings.py.
+settings-table: install
+	$(PY) tools/settings_table.py --write README.md
+
+settings-check: install
+	$(PY) tools/settings_table.py --check README.md
+
+## Lint, types, proto drift, README settings table and the whole suite.
+test: install testdata proto-check lint typecheck settings-check
 	$(PY) -m pytest -q -p no:cacheprovider

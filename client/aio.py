@@ -153,7 +153,7 @@ class AsyncTransferClient:
                         await outcome
                 if isinstance(event, JobCompleted):
                     return event
-                if isinstance(event, JobFailed):
+                if isinstance(event, JobFailed | JobCancelled):
                     raise from_job_outcome(event)
         raise UnavailableError(
             f"the event stream of job {job_id or '?'} ended before the job did; "

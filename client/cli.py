@@ -166,7 +166,7 @@ def _print_completed(completed: JobCompleted, args: argparse.Namespace) -> None:
 
 
 def _predict(client: TransferClient, args: argparse.Namespace) -> int:
-    inputs: list[InputData] = list(args.inputs) if not args.text else [Path(i) for i in args.inputs]
+    inputs: list[InputData] = list(args.inputs) if args.text else [Path(i) for i in args.inputs]
     predictions = client.predict(args.head_id, inputs, top_k=args.top_k)
     if args.json:
         print(

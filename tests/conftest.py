@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from client import TransferClient, TrainingConfig
+from client import TrainingConfig, TransferClient
 from service.app import Application, build_application
 from service.settings import Settings
 from tests.datasets import bbc_news, fashion_mnist
@@ -56,8 +56,9 @@ def start_server(settings: Settings) -> RunningServer:
             except BaseException as exc:  # surface start-up failures to the test
                 ready.set_exception(exc)
 
-        loop.create_task(boot())
+        boot_task = loop.create_task(boot())
         loop.run_forever()
+        del boot_task
 
     thread = threading.Thread(target=run, name="test-server", daemon=True)
     thread.start()

@@ -22,7 +22,8 @@ FASHION_CLASSES = (
 
 
 def _idx(path: Path) -> np.ndarray:
-    data = gzip.open(path).read()
+    with gzip.open(path) as handle:
+        data = handle.read()
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import Counter
 
@@ -53,7 +54,7 @@ def test_warmup_then_cosine() -> None:
     values = [_warmup_cosine(step, 10, 100) for step in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     assert values[-1] < 0.01
 
 
@@ -72,9 +73,7 @@ def test_cancel_event_is_honoured_at_the_next_step() -> None:
         options=PreprocessingOptions(32, 64, 10**7),
         budget_bytes=10**10,
     )
-    examples = tuple(
-        LabeledExample(ModelInput(image=x), y) for x, y in fashion_mnist(4, classes=2)
-    )
+    examples = tuple(LabeledExample(ModelInput(image=x), y) for x, y in fashion_mnist(4, classes=2))
     cancelled = threading.Event()
     steps: list[float] = []
 
