@@ -5,6 +5,8 @@
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT_DIR=${1:-client/_proto}
+# protoc finds the mypy-protobuf plugins (protoc-gen-mypy*) on PATH, beside the interpreter.
+PATH="$(dirname "$PY"):$PATH"
 mkdir -p "$OUT_DIR"
 "$PY" -m grpc_tools.protoc -I protos \
   --python_out="$OUT_DIR" --grpc_python_out="$OUT_DIR" --mypy_out="$OUT_DIR" --mypy_grpc_out="$OUT_DIR" \
