@@ -220,7 +220,7 @@ class MiniLmSpec(BackboneSpec):
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # a load-time tqdm bar is log noise here
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         if weights is None:
             # Random init of the same architecture (for baselines); the config is still local.

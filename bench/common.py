@@ -1,0 +1,347 @@
+"""What the benchmarks share: an in-process server, the raw in-process baseline, concurrent
+callers, statistics, data and the environment report.
+
+The server is the real one (`tests.conftest.start_server`: real backbones, real gRPC on a
+loopback port, its own event loop on a thread). The raw baseline uses the *same* loaded trunk
+object and the head's stored weights, called directly under `torch.inference_mode`: no
+gRPC, no batcher, no thread hops. Client, server and baseline share one process, so the
+client's own CPU cost (protobuf, asyncio) is charged to the server's side of each ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from client import AsyncTransferClient, TrainingConfig
+from client.types import InputData
+from service.app import Application
+from service.backbones.cache import LoadedBackbone
+from service.backbones.preprocess import Preprocessor
+from service.domain import ModelInput
+from service.heads import TaskHead, build_head
+from tests.conftest import RunningServer, make_settings, start_server
+from tests.datasets import bbc_news, fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT_TIMEOUT_S = 600.0
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """--quick and --image-size, which every benchmark takes."""
+    env_size = os.environ.get("TRANSFER_IMAGE_SIZE")
+    arguments = argparse.ArgumentParser(description=description)
+    arguments.add_argument(
+        "--quick", action="store_true", help="smoke-test sizes: well under a minute"
+    )
+    arguments.add_argument(
+        "--image-size",
+        type=int,
+        default=int(env_size) if env_size else None,
+        help="image side in pixels (default: TRANSFER_IMAGE_SIZE, else each backbone's native)",
+    )
+    return arguments
+
+
+# --- server and baseline -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bench_server(store_dir: Path | None = None, **overrides: object) -> Iterator[RunningServer]:
+    """A real server in this process. `overrides` are Settings fields; TRANSFER_* variables
+    (e.g. TRANSFER_DEVICE=cuda) still apply to every field not overridden here."""
+    values: dict[str, object] = {"image_size": None, "metrics_port": -1, "log_level": "WARNING"}
+    values.update(overrides)
+    with contextlib.ExitStack() as stack:
+        if store_dir is None:
+            store_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        running = start_server(make_settings(store_dir, **values))
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def connect(running: RunningServer) -> AsyncTransferClient:
+    """An asyncio client on one channel (create it inside the running loop)."""
+    return AsyncTransferClient(running.address, timeout=CLIENT_TIMEOUT_S)
+
+
+@dataclass(frozen=True, slots=True)
+class RawModel:
+    """The baseline: trunk + head called directly, as a user of plain PyTorch would."""
+
+    backbone: LoadedBackbone
+    head: TaskHead
+    preprocessor: Preprocessor
+    prefix_end: int
+
+    def prepare(self, inputs: Sequence[ModelInput]) -> list[Any]:
+        """Decode/tokenise and normalise: what the server does before batching."""
+        loaded = [self.preprocessor.load(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
+        return self.preprocessor.finish(loaded, None)
+
+    def collate(self, prepared: Sequence[Any]) -> Any:
+        trunk = self.backbone.trunk
+        return trunk.to_device(trunk.collate(prepared), self.backbone.device)
+
+    def forward(self, state: Any) -> torch.Tensor:
+        """Trunk + head on a ready batch -> class probabilities on the CPU (syncs a GPU)."""
+        trunk = self.backbone.trunk
+        with torch.inference_mode():
+            features = self.head.features(trunk.run_stages(state, 0, self.prefix_end))
+            return self.head.classify(features).float().softmax(dim=1).cpu()
+
+    def predict(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
+        """Everything from raw bytes/text to probabilities (decode + preprocess + model)."""
+        return self.forward(self.collate(self.prepare(inputs)))
+
+
+def raw_model(app: Application, head_id: str) -> RawModel:
+    """Builds the baseline from the server's loaded backbone and the head's stored weights."""
+    record = app.store.get_head(head_id)
+    backbone = app.backbones.get(record.backbone)
+    head = build_head(
+        backbone.trunk, record.trainable_blocks, len(record.class_names), record.hidden_dim
+    )
+    head.load_state_dict(app.store.load_head_weights(head_id), strict=True)
+    head.requires_grad_(False)
+    head.eval()
+    preprocessor = backbone.preprocessor
+    if preprocessor.input_size != record.input_size:
+        preprocessor = preprocessor.resized(record.input_size)
+    return RawModel(
+        backbone, head, preprocessor, backbone.trunk.prefix_end(record.trainable_blocks)
+    )
+
+
+def model_inputs(values: Sequence[InputData]) -> list[ModelInput]:
+    out = []
+    for value in values:
+        if isinstance(value, bytes):
+            out.append(ModelInput(image=value))
+        elif isinstance(value, str):
+            out.append(ModelInput(text=value))
+        else:
+            raise TypeError(f"bytes or str, not {type(value).__name__}")
+    return out
+
+
+async def train_probe(
+    client: AsyncTransferClient,
+    backbone: str,
+    examples: Sequence[tuple[InputData, str]],
+    head_name: str,
+    *,
+    epochs: int = 20,
+    seed: int = 0,
+) -> str:
+    """A linear-probe head trained through FineTune; returns its head id."""
+    done = await client.train(
+        backbone,
+        list(examples),
+        head_name=head_name,
+        config=TrainingConfig(epochs=epochs, seed=seed, early_stopping_patience=0),
+    )
+    return done.head_id
+
+
+# --- concurrent callers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    head_id: str
+    inputs: list[InputData]
+
+
+async def run_callers(
+    client: AsyncTransferClient, calls: Sequence[Call], concurrency: int
+) -> tuple[float, list[float]]:
+    """`concurrency` callers share the list of calls (each takes the next one when its last
+    one returns). Returns the wall seconds of the whole list and each call's latency."""
+    position = 0
+    latencies: list[float] = []
+
+    async def caller() -> None:
+        nonlocal position
+        while position < len(calls):
+            call = calls[position]
+            position += 1
+            started = time.perf_counter()
+            await client.predict(call.head_id, call.inputs)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def rounds_inputs(rate: float, seconds: float, granule: int, minimum: int) -> int:
+    """How many inputs make a round of about `seconds` at `rate` inputs/s: a multiple of
+    `granule` (one wave of all callers) and at least `minimum`."""
+    wanted = max(minimum, math.ceil(rate * seconds))
+    return granule * max(1, math.ceil(wanted / granule))
+
+
+# --- statistics and formatting -----------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def spread(values: Sequence[float]) -> str:
+    """'min-max' of a few repeats, for the reader to judge the noise."""
+    return f"{min(values):.3g}-{max(values):.3g}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def verdict(value: float, target: float, *, at_least: bool = True) -> str:
+    met = value >= target if at_least else value <= target
+    sign = ">=" if at_least else "<="
+    return f"{'met' if met else 'NOT met'} ({value:.3f} vs target {sign} {target:g})"
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def fashion_pngs(
+    per_class: int, *, split: str = "train", seed: int = 0, classes: int = 10
+) -> list[tuple[bytes, str]]:
+    """Fashion-MNIST as 28x28 grayscale PNG bytes (the server upscales them)."""
+    return fashion_mnist(per_class, split=split, seed=seed, classes=classes)
+
+
+def short_texts(
+    per_class: int, *, seed: int = 0, skip: int = 0, chars: int = 400
+) -> list[tuple[str, str]]:
+    """BBC News documents cut to about `chars` characters at a word boundary (snippet-sized
+    requests; whole articles would be truncated at max_text_tokens anyway)."""
+    out = []
+    for text, label in bbc_news(per_class, seed=seed, skip=skip):
+        cut = " ".join(text.split())
+        if len(cut) > chars:
+            cut = cut[:chars].rsplit(" ", 1)[0]
+        out.append((cut, label))
+    return out
+
+
+# --- environment -------------------------------------------------------------------------
+
+
+def _git_revision() -> str:
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return revision + (" (+ uncommitted changes)" if dirty else "")
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Environment:
+    """Collects what a reader needs to judge a result; load averages bracket the run."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(UTC)
+        self.load_start = os.getloadavg()
+        self.command = shlex.join(sys.orig_argv)
+        self.extra: list[tuple[str, str]] = []
+
+    def note(self, key: str, value: object) -> None:
+        self.extra.append((key, str(value)))
+
+    def markdown(self, device: torch.device | str) -> str:
+        device = torch.device(device)
+        load_end = os.getloadavg()
+        accelerator = "none"
+        if device.type == "cuda":
+            accelerator = torch.cuda.get_device_name(device)
+        rows: list[tuple[str, str]] = [
+            ("command", f"`{self.command}`"),
+            ("date (UTC)", self.started.strftime("%Y-%m-%d %H:%M")),
+            ("git", _git_revision()),
+            ("machine", f"{len(os.sched_getaffinity(0))} CPUs ({_cpu_model()})"),
+            ("accelerator", accelerator),
+            ("device", str(device)),
+            ("python", platform.python_version()),
+            ("torch", torch.__version__),
+            (
+                "torch threads",
+                f"intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}",
+            ),
+            ("grpcio", grpc.__version__),
+            (
+                "load average (1 min) start / end",
+                f"{self.load_start[0]:.2f} / {load_end[0]:.2f}",
+            ),
+            ("wall time", f"{(datetime.now(UTC) - self.started).total_seconds():.0f} s"),
+            *self.extra,
+        ]
+        return table(("environment", ""), rows)

@@ -1,0 +1,240 @@
+"""Predict throughput over gRPC / raw in-process trunk+head throughput at the same batch size.
+
+N concurrent callers (one AsyncTransferClient channel) each send single-input or small-batch
+Predict requests; the server's batcher stacks them. The raw baseline runs the server's own
+loaded trunk plus the same head directly at the batch size the server could form
+(min(callers x inputs per request, batch_max_size)), two ways:
+
+* raw incl. decode: PNG decode / tokenisation + resize + normalise + collate + trunk + head
+  + softmax, one batch after another on this thread (the same work the server does);
+* raw model only: trunk + head + softmax on batches already decoded, collated and on the
+  device.
+
+Rounds are interleaved (server, raw incl., raw model, repeated) and each ratio is the median
+of the per-round ratios. Target: server / raw incl. decode >= 0.90 on CPU.
+
+    .venv/bin/python -m bench.predict_throughput [--quick] [--image-size 224]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import (
+    Call,
+    Environment,
+    RawModel,
+    bench_server,
+    connect,
+    fashion_pngs,
+    median,
+    model_inputs,
+    parser,
+    raw_model,
+    rounds_inputs,
+    run_callers,
+    short_texts,
+    spread,
+    table,
+    train_probe,
+    verdict,
+)
+from client import AsyncTransferClient
+from client.types import InputData
+from service.app import Application
+
+TARGET = 0.90
+IMAGE_BACKBONE = "efficientnet_lite0"
+TEXT_BACKBONE = "minilm_l6"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    concurrency: tuple[int, ...]
+    request_sizes: tuple[int, ...]
+    repeats: int
+    round_seconds: float
+
+
+FULL = Plan(concurrency=(1, 8, 32), request_sizes=(1, 4), repeats=3, round_seconds=1.5)
+QUICK = Plan(concurrency=(1, 8), request_sizes=(1,), repeats=1, round_seconds=0.4)
+
+
+@dataclass(slots=True)
+class Row:
+    backbone: str
+    concurrency: int
+    request_size: int
+    batch: int
+    server: list[float]
+    raw_full: list[float]
+    raw_model: list[float]
+    mean_server_batch: float
+
+    def ratios(self, raw: list[float]) -> list[float]:
+        return [s / r for s, r in zip(self.server, raw, strict=True)]
+
+
+def _raw_incl_decode(raw: RawModel, pool: Sequence[Any], batch: int, inputs: int) -> float:
+    """Inputs/s of decode + preprocess + model, batch after batch."""
+    cycle = itertools.cycle(pool)
+    started = time.perf_counter()
+    for start in range(0, inputs, batch):
+        raw.predict([next(cycle) for _ in range(min(batch, inputs - start))])
+    return inputs / (time.perf_counter() - started)
+
+
+def _raw_model_only(raw: RawModel, ready: Sequence[Any], batch: int, inputs: int) -> float:
+    """Inputs/s of trunk + head on batches already on the device."""
+    cycle = itertools.cycle(ready)
+    started = time.perf_counter()
+    for _ in range(0, inputs, batch):
+        raw.forward(next(cycle))
+    return inputs / (time.perf_counter() - started)
+
+
+def _batch_stats(app: Application, backbone: str) -> tuple[float, float]:
+    registry = app.metrics.registry
+    labels = {"backbone": backbone}
+    total = registry.get_sample_value("transfer_predict_batch_size_sum", labels) or 0.0
+    count = registry.get_sample_value("transfer_predict_batch_size_count", labels) or 0.0
+    return total, count
+
+
+async def _measure_backbone(
+    app: Application,
+    client: AsyncTransferClient,
+    head_id: str,
+    pool: Sequence[InputData],
+    plan: Plan,
+) -> list[Row]:
+    raw = raw_model(app, head_id)
+    backbone = raw.backbone.name
+    decoded_pool = model_inputs(pool)
+    rows = []
+    for concurrency, request_size in itertools.product(plan.concurrency, plan.request_sizes):
+        batch = min(concurrency * request_size, app.settings.batch_max_size)
+        # Warm-up at this batch size on both sides (first shapes are slow), and the rate
+        # that sizes the rounds.
+        _raw_incl_decode(raw, decoded_pool, batch, batch)
+        rate = _raw_incl_decode(raw, decoded_pool, batch, batch * 2)
+        inputs = rounds_inputs(
+            rate, plan.round_seconds, concurrency * request_size, concurrency * request_size
+        )
+        cycle = itertools.cycle(pool)
+        calls = [
+            Call(head_id, [next(cycle) for _ in range(request_size)])
+            for _ in range(inputs // request_size)
+        ]
+        await run_callers(client, calls[:concurrency], concurrency)
+        decoded = itertools.cycle(decoded_pool)
+        ready = [
+            raw.collate(raw.prepare([next(decoded) for _ in range(batch)]))
+            for _ in range(min(inputs // batch, 8))
+        ]
+        row = Row(backbone, concurrency, request_size, batch, [], [], [], 0.0)
+        total_before, count_before = _batch_stats(app, backbone)
+        for _ in range(plan.repeats):
+            seconds, _ = await run_callers(client, calls, concurrency)
+            row.server.append(inputs / seconds)
+            row.raw_full.append(_raw_incl_decode(raw, decoded_pool, batch, inputs))
+            row.raw_model.append(_raw_model_only(raw, ready, batch, inputs))
+        total_after, count_after = _batch_stats(app, backbone)
+        row.mean_server_batch = (total_after - total_before) / max(count_after - count_before, 1)
+        rows.append(row)
+        print(
+            f"  {backbone} callers={concurrency} inputs/request={request_size}: "
+            f"server {median(row.server):.1f}/s, raw incl. decode {median(row.raw_full):.1f}/s, "
+            f"raw model {median(row.raw_model):.1f}/s",
+            flush=True,
+        )
+    return rows
+
+
+async def run(quick: bool, image_size: int | None) -> None:
+    plan = QUICK if quick else FULL
+    environment = Environment()
+    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
+    with bench_server(image_size=image_size, preload_backbones=backbones) as running:
+        app = running.app
+        async with connect(running) as client:
+            print("training one probe head per backbone ...", flush=True)
+            image_head = await train_probe(
+                client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
+            )
+            text_head = await train_probe(
+                client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
+            )
+            images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
+            texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
+            rows = await _measure_backbone(app, client, image_head, images, plan)
+            rows += await _measure_backbone(app, client, text_head, texts, plan)
+        image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
+        environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
+        environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+        environment.note(
+            "server batching",
+            f"batch_max_size {app.settings.batch_max_size}, "
+            f"batch_max_wait_ms {app.settings.batch_max_wait_ms}",
+        )
+        environment.note("repeats per row", plan.repeats)
+        report = environment.markdown(app.backbones.device)
+
+    headers = (
+        "backbone",
+        "callers",
+        "inputs/req",
+        "raw batch",
+        "server in/s",
+        "raw incl. decode in/s",
+        "raw model-only in/s",
+        "mean server batch",
+        "server / raw incl. decode",
+        "server / raw model only",
+        "ratio range (incl. decode)",
+    )
+    table_rows = []
+    for row in rows:
+        full = row.ratios(row.raw_full)
+        table_rows.append(
+            (
+                row.backbone,
+                row.concurrency,
+                row.request_size,
+                row.batch,
+                f"{median(row.server):.1f}",
+                f"{median(row.raw_full):.1f}",
+                f"{median(row.raw_model):.1f}",
+                f"{row.mean_server_batch:.1f}",
+                f"**{median(full):.3f}**",
+                f"{median(row.ratios(row.raw_model)):.3f}",
+                spread(full),
+            )
+        )
+    print()
+    print("## Predict throughput: server over gRPC / raw in-process (same batch size)")
+    print()
+    print(table(headers, table_rows))
+    print()
+    worst = min(rows, key=lambda r: median(r.ratios(r.raw_full)))
+    print(
+        f"Against raw incl. decode, worst row ({worst.backbone}, {worst.concurrency} callers, "
+        f"{worst.request_size}/request): "
+        + verdict(median(worst.ratios(worst.raw_full)), TARGET)
+    )
+    print()
+    print(report)
+
+
+def main() -> None:
+    arguments = parser(__doc__.splitlines()[0]).parse_args()
+    asyncio.run(run(arguments.quick, arguments.image_size))
+
+
+if __name__ == "__main__":
+    main()
