@@ -81,8 +81,7 @@ class Application:
             ),
             backbone.device,
         )
-        with torch.inference_mode():
-            backbone.trunk.pool(backbone.trunk.run_stages(state, 0, backbone.trunk.num_stages))
+        backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING first, new calls are refused, in-flight ones get the grace
@@ -119,6 +118,7 @@ def build_application(settings: Settings) -> Application:
             settings.image_size, settings.max_text_tokens, settings.max_image_pixels
         ),
         budget_bytes=settings.backbone_cache_bytes,
+        precision=settings.precision,
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
     )
     heads = HeadCache(

@@ -149,7 +149,7 @@ class _BackboneBatcher:
         stage = 0
         with torch.inference_mode():
             for split in split_points:
-                state = trunk.run_stages(state, stage, split)
+                state = self._backbone.run_prefix(state, stage, split)
                 stage = split
                 for position, item in enumerate(batch):
                     if trunk.prefix_end(item.head.record.trainable_blocks) != split:

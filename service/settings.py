@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Frozen-trunk compute precision; 'auto': bf16 on CUDA (fp16 if no bf16) and "
+        "on CPUs with AMX, fp32 elsewhere. Heads always run in fp32.",
+    )
     weights_dir: Path = Field(
         default_factory=_default_weights_dir,
         description="torchvision-layout weights directory for the ResNet/MobileNet backbones.",

@@ -75,6 +75,10 @@ class Trunk(nn.Module):
     def example_bytes(self, example: Any) -> int:
         raise NotImplementedError
 
+    def to_float(self, state: Any) -> Any:
+        """The state with floating tensors in fp32 (after reduced-precision stages)."""
+        raise NotImplementedError
+
 
 class ImageTrunk(Trunk):
     """CNN stages over channels-last image tensors, global-average pooled."""
@@ -99,6 +103,9 @@ class ImageTrunk(Trunk):
 
     def example_bytes(self, example: torch.Tensor) -> int:
         return example.numel() * example.element_size()
+
+    def to_float(self, state: torch.Tensor) -> torch.Tensor:
+        return state.float()
 
 
 class BertEmbeddingStage(nn.Module):
@@ -160,6 +167,10 @@ class TextTrunk(Trunk):
         return TextState(
             state.values.to(device, non_blocking=True), state.mask.to(device, non_blocking=True)
         )
+
+    def to_float(self, state: TextState) -> TextState:
+        values = state.values.float() if state.values.is_floating_point() else state.values
+        return TextState(values, state.mask)
 
     def example_bytes(self, example: TextState) -> int:
         return (

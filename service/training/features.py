@@ -54,8 +54,8 @@ def extract(
             for offset, example in enumerate(chunk)
         ]
         batch = trunk.to_device(trunk.collate(preprocessor.finish(loaded, None)), backbone.device)
+        prefix = backbone.run_prefix(batch, 0, prefix_end)
         with torch.inference_mode():
-            prefix = trunk.run_stages(batch, 0, prefix_end)
             pooled_chunks.append(head.features(prefix).float())
         per_example = trunk.split(prefix)
         for offset in range(len(chunk)):
@@ -77,6 +77,5 @@ def estimate_state_bytes(backbone: LoadedBackbone, example: LabeledExample, pref
     batch = trunk.to_device(
         trunk.collate(backbone.preprocessor.finish([loaded], None)), backbone.device
     )
-    with torch.inference_mode():
-        state = trunk.run_stages(batch, 0, prefix_end)
+    state = backbone.run_prefix(batch, 0, prefix_end)
     return trunk.example_bytes(trunk.split(state)[0])

@@ -92,7 +92,9 @@ class Trainer:
         )
         prefix_end = trunk.prefix_end(config.trainable_blocks)
         head = build_head(trunk, config.trainable_blocks, len(split.class_names))
-        cache_train = not config.augment and self._states_fit(prefix_end)
+        probe = prefix_end == trunk.num_stages  # head is a classifier on pooled features
+        # Pooled probe features are tiny and always kept; deeper states only when they fit.
+        cache_train = not config.augment and (probe or self._states_fit(prefix_end))
         steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
         self._emit(self._started_event(split, cache_train, steps_per_epoch))
 
@@ -112,7 +114,6 @@ class Trainer:
         train_index = torch.tensor(split.train, dtype=torch.long)
         head.set_feature_statistics(data.pooled.index_select(0, train_index.to(self._device)))
 
-        probe = prefix_end == trunk.num_stages  # head is a classifier on pooled features
         optimizer = self._optimizer(head)
         total_steps = steps_per_epoch * config.epochs
         warmup = max(1, min(steps_per_epoch, total_steps // 10))
@@ -223,8 +224,7 @@ class Trainer:
         augment = generator if self._config.augment else None
         inputs = self._backbone.preprocessor.finish([data.raw[i] for i in rows], augment)
         batch = trunk.to_device(trunk.collate(inputs), self._device)
-        with torch.no_grad():
-            return trunk.run_stages(batch, 0, prefix_end)
+        return self._backbone.run_prefix(batch, 0, prefix_end)
 
     def _evaluate(
         self,
