@@ -161,6 +161,7 @@ def build_application(settings: Settings) -> Application:
         max_inputs=settings.max_predict_inputs,
         batch_max_size=settings.batch_max_size,
         batch_max_wait_ms=settings.batch_max_wait_ms,
+        max_batch_input_bytes=settings.max_batch_input_bytes,
         on_batch=on_batch,
     )
     operations = TransferOperations(

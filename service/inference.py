@@ -45,6 +45,7 @@ class _Pending:
     top_k: int
     return_embedding: bool
     future: asyncio.Future[list[PredictionResult]]
+    input_bytes: int
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -56,12 +57,14 @@ class _BackboneBatcher:
         backbone: LoadedBackbone,
         compute: Executor,
         max_inputs: int,
+        max_input_bytes: int,
         max_wait_seconds: float,
         on_batch: Callable[[PredictTimings], None],
     ) -> None:
         self._backbone = backbone
         self._compute = compute
         self._max_inputs = max_inputs
+        self._max_input_bytes = max_input_bytes
         self._max_wait = max_wait_seconds
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -81,52 +84,73 @@ class _BackboneBatcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        carried: _Pending | None = None
         while True:
-            batch = [await self._queue.get()]
-            inputs = len(batch[0].examples)
+            first = carried or await self._queue.get()
+            carried = None
+            batch = [first]
+            inputs, input_bytes = len(first.examples), first.input_bytes
             deadline = loop.time() + self._max_wait
             while inputs < self._max_inputs:
-                try:
-                    if self._queue.empty():
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
-                            break
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    else:
-                        item = self._queue.get_nowait()
-                except TimeoutError:
+                item = await self._next(deadline)
+                if item is None:
+                    break
+                if (
+                    inputs + len(item.examples) > self._max_inputs
+                    or input_bytes + item.input_bytes > self._max_input_bytes
+                ):
+                    carried = item  # starts the next batch
                     break
                 batch.append(item)
                 inputs += len(item.examples)
+                input_bytes += item.input_bytes
+            # Callers gone (deadline passed, cancelled): their work is dropped, not computed.
             batch = [item for item in batch if not item.future.cancelled()]
-            if not batch:
-                continue
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._compute, self._run_batch, batch)
-            except torch.OutOfMemoryError:
-                error = ResourceExhaustedError("out of accelerator memory running this batch")
+            if batch:
+                await self._execute(batch)
+
+    async def _next(self, deadline: float) -> _Pending | None:
+        """The next queued request, waiting until `deadline` at most."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), remaining)
+        except TimeoutError:
+            return None
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._compute, self._run_batch, batch)
+        except torch.OutOfMemoryError:
+            if len(batch) > 1:
+                # Contain it: rerun each request alone, so only the one that does not fit fails.
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            except Exception as exc:  # delivered to each caller; the worker keeps serving
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            compute = time.perf_counter() - started
-            for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
-            self._on_batch(
-                PredictTimings(
-                    self._backbone.name,
-                    inputs,
-                    max(started - item.enqueued for item in batch),
-                    compute,
-                )
+                    await self._execute([item])
+                return
+            _fail(
+                batch, ResourceExhaustedError("inputs: out of accelerator memory for this request")
             )
+            return
+        except Exception as exc:  # delivered to each caller; the worker keeps serving
+            _fail(batch, exc)
+            return
+        compute = time.perf_counter() - started
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+        self._on_batch(
+            PredictTimings(
+                self._backbone.name,
+                sum(len(item.examples) for item in batch),
+                max(started - item.enqueued for item in batch),
+                compute,
+            )
+        )
 
     def _run_batch(self, batch: list[_Pending]) -> list[list[PredictionResult]]:
         trunk = self._backbone.trunk
@@ -188,6 +212,12 @@ class _BackboneBatcher:
         ]
 
 
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
 def _results(
     head: LoadedHead, logits: torch.Tensor, top_k: int, features: torch.Tensor | None
 ) -> list[PredictionResult]:
@@ -217,8 +247,10 @@ class Predictor:
         max_inputs: int,
         batch_max_size: int,
         batch_max_wait_ms: float,
+        max_batch_input_bytes: int,
         on_batch: Callable[[PredictTimings], None] | None = None,
     ) -> None:
+        self._max_batch_input_bytes = max_batch_input_bytes
         self._backbones = backbones
         self._heads = heads
         self._preprocess_pool = preprocess_pool
@@ -228,6 +260,7 @@ class Predictor:
         self._batch_max_wait = batch_max_wait_ms / 1000.0
         self._on_batch = on_batch or (lambda timings: None)
         self._batchers: dict[tuple[str, int, int], _BackboneBatcher] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def predict(
@@ -266,9 +299,15 @@ class Predictor:
         if preprocessor.input_size != head.record.input_size:
             preprocessor = preprocessor.resized(head.record.input_size)
         examples = await loop.run_in_executor(self._preprocess_pool, _prepare, preprocessor, inputs)
+        input_bytes = sum(backbone.trunk.example_bytes(example) for example in examples)
+        if input_bytes > self._max_batch_input_bytes:
+            raise ResourceExhaustedError(
+                f"inputs: {input_bytes} bytes of preprocessed input is over the per-batch limit "
+                f"of {self._max_batch_input_bytes}; send fewer inputs per call"
+            )
         future: asyncio.Future[list[PredictionResult]] = loop.create_future()
         self._batcher(backbone, head.record.input_size).submit(
-            _Pending(head, examples, top_k, return_embedding, future)
+            _Pending(head, examples, top_k, return_embedding, future, input_bytes)
         )
         return await future
 
@@ -279,11 +318,14 @@ class Predictor:
         if batcher is None:
             stale = [k for k in self._batchers if k[:2] == key[:2]]
             for old in stale:
-                asyncio.get_running_loop().create_task(self._batchers.pop(old).close())
+                closing = asyncio.get_running_loop().create_task(self._batchers.pop(old).close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             batcher = _BackboneBatcher(
                 backbone,
                 self._compute_pool,
                 self._batch_max_size,
+                self._max_batch_input_bytes,
                 self._batch_max_wait,
                 self._on_batch,
             )

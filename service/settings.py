@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(
         64, gt=0, description="Most inputs the Predict batcher stacks into one trunk pass."
     )
+    max_batch_input_bytes: int = Field(
+        1024**3,
+        gt=0,
+        description="Most bytes of preprocessed input in one trunk pass; a single Predict "
+        "over it is RESOURCE_EXHAUSTED (a guard against accelerator out-of-memory).",
+    )
     batch_max_wait_ms: float = Field(
         2.0, ge=0, description="How long the batcher waits for more requests to join a batch."
     )
