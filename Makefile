@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PROMETHEUS := /usr/bin/prometheus
 
 .PHONY: run test install testdata proto proto-check lint typecheck settings-table settings-check
 
@@ -28,7 +29,14 @@ $(FASHION_MNIST):
 	$$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
 
-testdata: $(FASHION_MNIST)
+$(PROMETHEUS):
+	# A real Prometheus for the scrape test (tests/e2e/test_prometheus_scrape.py), from Debian.
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null && \
+	    $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+testdata: $(FASHION_MNIST) $(PROMETHEUS)
 
 ## Regenerate the checked-in gRPC code from protos/.
 proto: install

@@ -26,20 +26,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
 
-from client import AsyncTransferClient, TrainingConfig
-from client.types import InputData
-from service.app import Application
-from service.backbones.cache import LoadedBackbone
-from service.backbones.preprocess import Preprocessor
-from service.domain import ModelInput
-from service.heads import TaskHead, build_head
-from tests.conftest import RunningServer, make_settings, start_server
-from tests.datasets import bbc_news, fashion_mnist
+# The service, client and test-data modules are imported where used, so that this module
+# (and bench.resnet50) imports without them.
+if TYPE_CHECKING:
+    from client import AsyncTransferClient
+    from client.types import InputData
+    from service.app import Application
+    from service.backbones.cache import LoadedBackbone
+    from service.backbones.preprocess import Preprocessor
+    from service.domain import ModelInput
+    from service.heads import TaskHead
+    from tests.conftest import RunningServer
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT_S = 600.0
@@ -61,16 +63,47 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=int(env_size) if env_size else None,
         help="image side in pixels (default: TRANSFER_IMAGE_SIZE, else each backbone's native)",
     )
+    arguments.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="server batch_max_wait_ms (default: the server's own setting)",
+    )
     return arguments
+
+
+def add_round_options(arguments: argparse.ArgumentParser) -> None:
+    """--repeats and --round-seconds, for benchmarks that measure in interleaved rounds."""
+    arguments.add_argument(
+        "--repeats", type=int, default=None, help="interleaved rounds per row (default: plan)"
+    )
+    arguments.add_argument(
+        "--round-seconds",
+        type=float,
+        default=None,
+        help="target length of one measured round (default: plan)",
+    )
+
+
+def server_overrides(arguments: argparse.Namespace) -> dict[str, object]:
+    """Settings fields the common options set (only those given)."""
+    overrides: dict[str, object] = {"image_size": arguments.image_size}
+    if arguments.batch_wait_ms is not None:
+        overrides["batch_max_wait_ms"] = arguments.batch_wait_ms
+    return overrides
 
 
 # --- server and baseline -----------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def bench_server(store_dir: Path | None = None, **overrides: object) -> Iterator[RunningServer]:
+def bench_server(
+    overrides: dict[str, object], *, store_dir: Path | None = None
+) -> Iterator[RunningServer]:
     """A real server in this process. `overrides` are Settings fields; TRANSFER_* variables
     (e.g. TRANSFER_DEVICE=cuda) still apply to every field not overridden here."""
+    from tests.conftest import make_settings, start_server
+
     values: dict[str, object] = {"image_size": None, "metrics_port": -1, "log_level": "WARNING"}
     values.update(overrides)
     with contextlib.ExitStack() as stack:
@@ -85,6 +118,8 @@ def bench_server(store_dir: Path | None = None, **overrides: object) -> Iterator
 
 def connect(running: RunningServer) -> AsyncTransferClient:
     """An asyncio client on one channel (create it inside the running loop)."""
+    from client import AsyncTransferClient
+
     return AsyncTransferClient(running.address, timeout=CLIENT_TIMEOUT_S)
 
 
@@ -106,11 +141,22 @@ class RawModel:
         trunk = self.backbone.trunk
         return trunk.to_device(trunk.collate(prepared), self.backbone.device)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The server's trunk precision where it has that setting (else fp32); the baseline
+        autocasts to the same, as a plain PyTorch user would."""
+        dtype: torch.dtype = getattr(self.backbone, "compute_dtype", torch.float32)
+        return dtype
+
     def forward(self, state: Any) -> torch.Tensor:
         """Trunk + head on a ready batch -> class probabilities on the CPU (syncs a GPU)."""
         trunk = self.backbone.trunk
+        dtype = self.compute_dtype
+        device_type = self.backbone.device.type
         with torch.inference_mode():
-            features = self.head.features(trunk.run_stages(state, 0, self.prefix_end))
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+                prefix = trunk.run_stages(state, 0, self.prefix_end)
+            features = self.head.features(_to_float(prefix))  # heads run in fp32
             return self.head.classify(features).float().softmax(dim=1).cpu()
 
     def predict(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
@@ -118,25 +164,41 @@ class RawModel:
         return self.forward(self.collate(self.prepare(inputs)))
 
 
+def _to_float(state: Any) -> Any:
+    from service.backbones.trunks import TextState
+
+    if isinstance(state, TextState):
+        values = state.values.float() if state.values.is_floating_point() else state.values
+        return TextState(values, state.mask)
+    return state.float()
+
+
 def raw_model(app: Application, head_id: str) -> RawModel:
-    """Builds the baseline from the server's loaded backbone and the head's stored weights."""
-    record = app.store.get_head(head_id)
-    backbone = app.backbones.get(record.backbone)
-    head = build_head(
-        backbone.trunk, record.trainable_blocks, len(record.class_names), record.hidden_dim
+    """Builds the baseline from the server's loaded backbone and the head's stored weights
+    (loaded by a private HeadCache: the service's own head-building code, not a copy)."""
+    from service.heads import HeadCache
+
+    loaded = HeadCache(app.backbones, app.store.get_head, app.store.load_head_weights, 1).get(
+        head_id
     )
-    head.load_state_dict(app.store.load_head_weights(head_id), strict=True)
-    head.requires_grad_(False)
-    head.eval()
+    record = loaded.record
+    backbone = app.backbones.get(record.backbone)
     preprocessor = backbone.preprocessor
     if preprocessor.input_size != record.input_size:
         preprocessor = preprocessor.resized(record.input_size)
     return RawModel(
-        backbone, head, preprocessor, backbone.trunk.prefix_end(record.trainable_blocks)
+        backbone, loaded.module, preprocessor, backbone.trunk.prefix_end(record.trainable_blocks)
     )
 
 
+def trunk_precision(app: Application, backbone: str) -> str:
+    dtype = getattr(app.backbones.get(backbone), "compute_dtype", torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
 def model_inputs(values: Sequence[InputData]) -> list[ModelInput]:
+    from service.domain import ModelInput
+
     out = []
     for value in values:
         if isinstance(value, bytes):
@@ -158,6 +220,8 @@ async def train_probe(
     seed: int = 0,
 ) -> str:
     """A linear-probe head trained through FineTune; returns its head id."""
+    from client import TrainingConfig
+
     done = await client.train(
         backbone,
         list(examples),
@@ -248,6 +312,8 @@ def fashion_pngs(
     per_class: int, *, split: str = "train", seed: int = 0, classes: int = 10
 ) -> list[tuple[bytes, str]]:
     """Fashion-MNIST as 28x28 grayscale PNG bytes (the server upscales them)."""
+    from tests.datasets import fashion_mnist
+
     return fashion_mnist(per_class, split=split, seed=seed, classes=classes)
 
 
@@ -256,6 +322,8 @@ def short_texts(
 ) -> list[tuple[str, str]]:
     """BBC News documents cut to about `chars` characters at a word boundary (snippet-sized
     requests; whole articles would be truncated at max_text_tokens anyway)."""
+    from tests.datasets import bbc_news
+
     out = []
     for text, label in bbc_news(per_class, seed=seed, skip=skip):
         cut = " ".join(text.split())
@@ -269,6 +337,9 @@ def short_texts(
 
 
 def _git_revision() -> str:
+    exported = os.environ.get("BENCH_GIT_REVISION")
+    if exported:  # a tree exported with `git archive`, which has no .git
+        return f"{exported} (exported tree)"
     try:
         revision = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

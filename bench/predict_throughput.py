@@ -19,6 +19,7 @@ of the per-round ratios. Target: server / raw incl. decode >= 0.90 on CPU.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from bench.common import (
     Call,
     Environment,
     RawModel,
+    add_round_options,
     bench_server,
     connect,
     fashion_pngs,
@@ -38,6 +40,7 @@ from bench.common import (
     raw_model,
     rounds_inputs,
     run_callers,
+    server_overrides,
     short_texts,
     spread,
     table,
@@ -61,7 +64,7 @@ class Plan:
     round_seconds: float
 
 
-FULL = Plan(concurrency=(1, 8, 32), request_sizes=(1, 4), repeats=3, round_seconds=1.5)
+FULL = Plan(concurrency=(1, 8, 32), request_sizes=(1, 4), repeats=3, round_seconds=1.0)
 QUICK = Plan(concurrency=(1, 8), request_sizes=(1,), repeats=1, round_seconds=0.4)
 
 
@@ -156,11 +159,10 @@ async def _measure_backbone(
     return rows
 
 
-async def run(quick: bool, image_size: int | None) -> None:
-    plan = QUICK if quick else FULL
+async def run(plan: Plan, overrides: dict[str, object]) -> None:
     environment = Environment()
     backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
-    with bench_server(image_size=image_size, preload_backbones=backbones) as running:
+    with bench_server({"preload_backbones": backbones, **overrides}) as running:
         app = running.app
         async with connect(running) as client:
             print("training one probe head per backbone ...", flush=True)
@@ -224,16 +226,23 @@ async def run(quick: bool, image_size: int | None) -> None:
     worst = min(rows, key=lambda r: median(r.ratios(r.raw_full)))
     print(
         f"Against raw incl. decode, worst row ({worst.backbone}, {worst.concurrency} callers, "
-        f"{worst.request_size}/request): "
-        + verdict(median(worst.ratios(worst.raw_full)), TARGET)
+        f"{worst.request_size}/request): " + verdict(median(worst.ratios(worst.raw_full)), TARGET)
     )
     print()
     print(report)
 
 
 def main() -> None:
-    arguments = parser(__doc__.splitlines()[0]).parse_args()
-    asyncio.run(run(arguments.quick, arguments.image_size))
+    options = parser(__doc__.splitlines()[0])
+    add_round_options(options)
+    arguments = options.parse_args()
+    plan = QUICK if arguments.quick else FULL
+    plan = dataclasses.replace(
+        plan,
+        repeats=arguments.repeats or plan.repeats,
+        round_seconds=arguments.round_seconds or plan.round_seconds,
+    )
+    asyncio.run(run(plan, server_overrides(arguments)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with TransferClient("localhost:50051") as transfer:
 """
 
 from client.aio import AsyncTransferClient
+from client.channel import tls_credentials
 from client.errors import (
     AuthenticationError,
     CancelledError,
@@ -26,6 +27,7 @@ from client.sync import TransferClient
 from client.types import (
     Backbone,
     BackboneState,
+    CandidateResult,
     ClassScore,
     DatasetInfo,
     FineTuneEvent,
@@ -38,6 +40,7 @@ from client.types import (
     JobProgress,
     JobStarted,
     JobState,
+    JobWarning,
     LabelledExample,
     Modality,
     Prediction,
@@ -53,6 +56,7 @@ __all__ = [
     "Backbone",
     "BackboneState",
     "CancelledError",
+    "CandidateResult",
     "ClassScore",
     "DatasetInfo",
     "DeadlineExceededError",
@@ -69,6 +73,7 @@ __all__ = [
     "JobProgress",
     "JobStarted",
     "JobState",
+    "JobWarning",
     "LabelledExample",
     "Modality",
     "NotFoundError",
@@ -83,4 +88,5 @@ __all__ = [
     "TransferError",
     "UnavailableError",
     "from_rpc_error",
+    "tls_credentials",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from client import render
-from client.channel import DEFAULT_TARGET
+from client.channel import DEFAULT_TARGET, tls_credentials
 from client.errors import TransferError, UnavailableError, from_job_outcome
 from client.loaders import load_examples, payload_bytes
 from client.progress import ProgressDisplay
@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if args.ca_cert is not None:
-        return grpc.ssl_channel_credentials(root_certificates=args.ca_cert.read_bytes())
-    if args.tls:
-        return grpc.ssl_channel_credentials()
+    if (args.client_cert is None) != (args.client_key is None):
+        raise ValueError("--client-cert and --client-key go together")
+    if args.tls or args.ca_cert is not None or args.client_cert is not None:
+        return tls_credentials(
+            args.ca_cert, client_cert=args.client_cert, client_key=args.client_key
+        )
     return None
 
 
@@ -412,6 +414,20 @@ def _global_options(*, with_defaults: bool) -> argparse.ArgumentParser:
         default=default(None),
         metavar="PEM",
         help="trust this CA certificate (implies --tls)",
+    )
+    options.add_argument(
+        "--client-cert",
+        type=Path,
+        default=default(None),
+        metavar="PEM",
+        help="client certificate chain for a server requiring mutual TLS (implies --tls)",
+    )
+    options.add_argument(
+        "--client-key",
+        type=Path,
+        default=default(None),
+        metavar="PEM",
+        help="private key of --client-cert",
     )
     options.add_argument(
         "--timeout",

@@ -15,6 +15,7 @@ from client.errors import InternalError
 from client.types import (
     Backbone,
     BackboneState,
+    CandidateResult,
     ClassScore,
     DatasetInfo,
     FineTuneEvent,
@@ -27,6 +28,7 @@ from client.types import (
     JobProgress,
     JobStarted,
     JobState,
+    JobWarning,
     LabelledExample,
     Modality,
     Prediction,
@@ -130,6 +132,22 @@ def training_config_from_pb(message: pb.TrainingConfig) -> TrainingConfig:
         augment=message.augment if message.HasField("augment") else None,
         seed=message.seed,
         progress_every_steps=message.progress_every_steps,
+        head_type=message.head_type,
+        hidden_dim=message.hidden_dim,
+        dropout=_float32(message.dropout) if message.HasField("dropout") else None,
+        label_smoothing=(
+            _float32(message.label_smoothing) if message.HasField("label_smoothing") else None
+        ),
+        weight_decay=_float32(message.weight_decay) if message.HasField("weight_decay") else None,
+        unfreeze_every_epochs=message.unfreeze_every_epochs,
+        layer_lr_decay=(
+            _float32(message.layer_lr_decay) if message.HasField("layer_lr_decay") else None
+        ),
+        class_balance=message.class_balance,
+        prototype_temperature=_float32(message.prototype_temperature),
+        max_grad_norm=(
+            _float32(message.max_grad_norm) if message.HasField("max_grad_norm") else None
+        ),
     )
 
 
@@ -144,6 +162,10 @@ def training_plan_from_pb(message: pb.TrainingPlan) -> TrainingPlan:
         steps_per_epoch=message.steps_per_epoch,
         device=message.device,
         early_stopping_patience=message.early_stopping_patience,
+        head_type=message.head_type,
+        unfreeze_every_epochs=message.unfreeze_every_epochs,
+        layer_lr_decay=_float32(message.layer_lr_decay),
+        label_smoothing=_float32(message.label_smoothing),
     )
 
 
@@ -189,6 +211,17 @@ def training_metrics_from_pb(message: pb.TrainingMetrics) -> TrainingMetrics:
         epochs_run=message.epochs_run,
         stopped_early=message.stopped_early,
         training_seconds=message.training_seconds,
+        train_validation_gap=(
+            _float32(message.train_validation_gap)
+            if message.HasField("train_validation_gap")
+            else None
+        ),
+        majority_baseline_accuracy=(
+            _float32(message.majority_baseline_accuracy)
+            if message.HasField("majority_baseline_accuracy")
+            else None
+        ),
+        beats_baseline=message.beats_baseline,
     )
 
 
@@ -209,6 +242,8 @@ def event_from_pb(message: pb.FineTuneEvent) -> FineTuneEvent | None:
                 validation_examples=started.validation_examples,
                 plan=training_plan_from_pb(started.plan),
                 class_counts=_class_counts(started.class_counts),
+                imbalance_ratio=_float32(started.imbalance_ratio),
+                class_balance=started.class_balance,
             )
         case "progress":
             return JobProgress(
@@ -236,6 +271,27 @@ def event_from_pb(message: pb.FineTuneEvent) -> FineTuneEvent | None:
         case "cancelled":
             return JobCancelled(
                 job_id=job_id, sequence=sequence, time=time, reason=message.cancelled.reason
+            )
+        case "warning":
+            return JobWarning(
+                job_id=job_id,
+                sequence=sequence,
+                time=time,
+                code=message.warning.code,
+                message=message.warning.message,
+            )
+        case "candidate":
+            candidate = message.candidate
+            return CandidateResult(
+                job_id=job_id,
+                sequence=sequence,
+                time=time,
+                backbone=candidate.backbone,
+                validation_accuracy=_float32(candidate.validation_accuracy),
+                gflops=candidate.gflops,
+                accuracy_per_gflop=_float32(candidate.accuracy_per_gflop),
+                latency_ms=candidate.latency_ms,
+                selected=candidate.selected,
             )
         case _:
             return None
@@ -272,6 +328,7 @@ def head_from_pb(message: pb.Head) -> Head:
         created_time=_time(message.created_time),
         size_bytes=message.size_bytes,
         job_id=message.job_id,
+        head_type=message.head_type,
     )
 
 
@@ -295,8 +352,17 @@ def training_config_to_pb(config: TrainingConfig) -> pb.TrainingConfig:
         trainable_blocks=config.trainable_blocks,
         seed=config.seed,
         progress_every_steps=config.progress_every_steps,
+        head_type=config.head_type,
+        hidden_dim=config.hidden_dim,
+        unfreeze_every_epochs=config.unfreeze_every_epochs,
+        class_balance=config.class_balance,
+        prototype_temperature=config.prototype_temperature,
     )
     # proto3 `optional`: assigning even the default value marks the field as set.
+    for name in ("dropout", "label_smoothing", "weight_decay", "layer_lr_decay", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None:
+            setattr(message, name, value)
     if config.validation_fraction is not None:
         message.validation_fraction = config.validation_fraction
     if config.early_stopping_patience is not None:

@@ -7,12 +7,14 @@ from typing import TextIO
 
 from client import render
 from client.types import (
+    CandidateResult,
     FineTuneEvent,
     JobCancelled,
     JobCompleted,
     JobFailed,
     JobProgress,
     JobStarted,
+    JobWarning,
     TrainingProgress,
 )
 
@@ -57,6 +59,15 @@ class ProgressDisplay:
                     f"val acc {render.percent(metrics.validation_accuracy)}, "
                     f"best epoch {metrics.best_epoch} of {metrics.epochs_run}"
                     + (" (stopped early)" if metrics.stopped_early else "")
+                )
+            case JobWarning(message=message):
+                self._write_line(f"warning: {message}")
+            case CandidateResult() as candidate:
+                self._write_line(
+                    f"candidate {candidate.backbone}: val acc "
+                    f"{render.percent(candidate.validation_accuracy)}, "
+                    f"{candidate.gflops:.2f} GFLOPs, {candidate.latency_ms:.1f} ms/input"
+                    + (" <- selected" if candidate.selected else "")
                 )
             case JobFailed() | JobCancelled():
                 self.finish()

@@ -88,6 +88,19 @@ class TrainingConfig:
     augment: bool | None = None
     seed: int = 0
     progress_every_steps: int = 0
+    # "linear" (default), "mlp" or "prototype" (few-shot: class means, no gradient steps).
+    head_type: str = ""
+    hidden_dim: int = 0
+    dropout: float | None = None
+    label_smoothing: float | None = None
+    weight_decay: float | None = None
+    # Progressive unfreezing: one more of `trainable_blocks` every this many epochs.
+    unfreeze_every_epochs: int = 0
+    layer_lr_decay: float | None = None
+    # "auto", "none", "weighted_loss" or "oversample".
+    class_balance: str = ""
+    prototype_temperature: float = 0.0
+    max_grad_norm: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,10 @@ class TrainingPlan:
     steps_per_epoch: int
     device: str
     early_stopping_patience: int
+    head_type: str = "linear"
+    unfreeze_every_epochs: int = 0
+    layer_lr_decay: float = 0.0
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +155,9 @@ class TrainingMetrics:
     epochs_run: int
     stopped_early: bool
     training_seconds: float
+    train_validation_gap: float | None = None
+    majority_baseline_accuracy: float | None = None
+    beats_baseline: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +172,8 @@ class JobStarted:
     validation_examples: int
     plan: TrainingPlan
     class_counts: dict[str, int]
+    imbalance_ratio: float = 1.0
+    class_balance: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +211,41 @@ class JobCancelled:
     reason: str
 
 
-FineTuneEvent: TypeAlias = JobStarted | JobProgress | JobCompleted | JobFailed | JobCancelled
+@dataclass(frozen=True, slots=True)
+class JobWarning:
+    """Something worth knowing that does not stop the job (e.g. a tiny validation set)."""
+
+    job_id: str
+    sequence: int
+    time: datetime
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateResult:
+    """Backbone auto-selection: one candidate's quick probe."""
+
+    job_id: str
+    sequence: int
+    time: datetime
+    backbone: str
+    validation_accuracy: float
+    gflops: float
+    accuracy_per_gflop: float
+    latency_ms: float
+    selected: bool
+
+
+FineTuneEvent: TypeAlias = (
+    JobStarted
+    | JobProgress
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | JobWarning
+    | CandidateResult
+)
 """One event of a training job; the last one of a job is a completed, failed or cancelled."""
 
 
@@ -224,6 +280,7 @@ class Head:
     size_bytes: int
     """Bytes of the head's own weights; the shared backbone is not counted."""
     job_id: str
+    head_type: str = "linear"
 
 
 @dataclass(frozen=True, slots=True)

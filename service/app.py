@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import logging
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,15 +17,19 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service.backbones.cache import BackboneCache
 from service.backbones.catalog import PreprocessingOptions, default_catalog
+from service.cache_load_timing import LoadTimedBackboneCache, LoadTimedHeadCache
 from service.domain import ModelInput
-from service.heads import HeadCache
+from service.errors import ConfigurationError
 from service.inference import Predictor, PredictTimings
 from service.metrics import Metrics
 from service.operations import TransferOperations
+from service.request_interceptor import RequestInterceptor
 from service.server import HealthReporter, create_server
 from service.servicer import TransferServicer
 from service.settings import Settings
 from service.store.local import LocalStore
+from service.structured_logs import configure_logging
+from service.tenant_tokens import load_tenant_tokens
 from service.training.jobs import JobHooks, JobManager
 
 log = logging.getLogger("service")
@@ -67,7 +71,6 @@ class Application:
 
     def _load_and_warm(self, name: str) -> None:
         backbone = self.backbones.get(name)
-        self.metrics.backbone_resident_bytes.labels(backbone=name).set(backbone.resident_bytes)
         if backbone.spec.modality.value == "image":
             png = io.BytesIO()
             Image.new("RGB", (64, 64), (127, 127, 127)).save(png, format="PNG")
@@ -104,13 +107,15 @@ class Application:
 
 
 def build_application(settings: Settings) -> Application:
+    """Raises ConfigurationError when a setting points at something unusable."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    tokens = load_tenant_tokens(settings.auth_tokens_file, settings.auth_tokens.get_secret_value())
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     device = choose_device(settings.device)
     store = LocalStore(settings.store_dir)
-    backbones = BackboneCache(
+    backbones: BackboneCache = LoadTimedBackboneCache(
         default_catalog(),
         weights_dir=settings.weights_dir,
         device=device,
@@ -120,19 +125,25 @@ def build_application(settings: Settings) -> Application:
         budget_bytes=settings.backbone_cache_bytes,
         precision=settings.precision,
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
+        on_load=metrics.cache_load.labels(cache="backbone").observe,
     )
-    heads = HeadCache(
+    heads = LoadTimedHeadCache(
         backbones,
         store.get_head,
         store.load_head_weights,
         settings.head_cache_entries,
         on_event=metrics.cache_event,
+        on_load=metrics.cache_load.labels(cache="head").observe,
     )
+    metrics.watch_caches(backbones.resident_bytes, lambda: len(heads))
+    if device.type == "cuda":
+        metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))
     jobs = JobManager(
         store,
         backbones,
         heads,
         max_concurrent_jobs=settings.max_concurrent_jobs,
+        max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
@@ -173,9 +184,20 @@ def build_application(settings: Settings) -> Application:
         blocking_pool=blocking_pool,
         max_dataset_examples=settings.max_dataset_examples,
         max_image_pixels=settings.max_image_pixels,
+        on_predicted=lambda backbone, seconds: metrics.predict_duration.labels(
+            backbone=backbone
+        ).observe(seconds),
     )
     health = HealthReporter()
-    server, port = create_server(settings, TransferServicer(operations, metrics), health)
+    interceptor = RequestInterceptor(
+        tokens,
+        on_rejected=lambda method: metrics.rpc_requests.labels(
+            method=method, code="UNAUTHENTICATED"
+        ).inc(),
+    )
+    server, port = create_server(
+        settings, TransferServicer(operations, metrics), health, interceptor
+    )
     metrics_port = None
     if settings.metrics_port >= 0:
         http_server, _ = start_http_server(settings.metrics_port, settings.host, registry)
@@ -217,24 +239,41 @@ async def serve(settings: Settings) -> None:
     metrics_url = f"http://{settings.host}:{app.metrics_port}/metrics"
     if app.metrics_port is None:
         metrics_url = "off"
+    security = "TLS" if settings.tls_cert_file else "plaintext"
+    if settings.tls_client_ca_file:
+        security = "mutual TLS"
     print(
-        f"transfer-service listening on {settings.host}:{app.port} (metrics: {metrics_url}; "
-        f"store: {settings.store_dir.resolve()}; device: {app.backbones.device})",
+        f"transfer-service listening on {settings.host}:{app.port} ({security}; "
+        f"metrics: {metrics_url}; store: {settings.store_dir.resolve()}; "
+        f"device: {app.backbones.device})",
         flush=True,
     )
     await app.start()
-    log.info("SERVING: start-up backbones loaded: %s", ", ".join(settings.preload_backbones))
+    log.info(
+        "SERVING: start-up backbones loaded: %s", ", ".join(settings.preload_backbones) or "none"
+    )
     await stop.wait()
     log.info("stopping (grace %.1fs)", settings.grace_seconds)
     await app.stop()
 
 
-def main() -> int:
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service [--log-format json|text]`; every setting is a TRANSFER_* variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="The transfer-learning gRPC server."
     )
-    asyncio.run(serve(settings))
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        help="log lines as JSON objects (default, env TRANSFER_LOG_FORMAT) or text for humans",
+    )
+    args = parser.parse_args(argv)
+    overrides = {"log_format": args.log_format} if args.log_format else {}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except ConfigurationError as exc:
+        log.critical("cannot start: %s", exc)
+        return 2
     return 0

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from service.backbones.cache import BackboneStatus
 from service.domain import (
+    CandidateResult,
     DatasetInfo,
     HeadRecord,
     JobCancelled,
@@ -19,6 +20,7 @@ from service.domain import (
     JobRecord,
     JobStarted,
     JobState,
+    JobWarning,
     LabeledExample,
     Modality,
     ModelInput,
@@ -83,6 +85,16 @@ def training_config_request(config: pb.TrainingConfig) -> TrainingConfigRequest:
         augment=config.augment if config.HasField("augment") else None,
         seed=config.seed,
         progress_every_steps=config.progress_every_steps,
+        head_type=config.head_type,
+        hidden_dim=config.hidden_dim,
+        dropout=config.dropout if config.HasField("dropout") else None,
+        label_smoothing=config.label_smoothing if config.HasField("label_smoothing") else None,
+        weight_decay=config.weight_decay if config.HasField("weight_decay") else None,
+        unfreeze_every_epochs=config.unfreeze_every_epochs,
+        layer_lr_decay=config.layer_lr_decay if config.HasField("layer_lr_decay") else None,
+        class_balance=config.class_balance,
+        prototype_temperature=config.prototype_temperature,
+        max_grad_norm=config.max_grad_norm if config.HasField("max_grad_norm") else None,
     )
 
 
@@ -97,6 +109,16 @@ def training_config(config: TrainingConfig) -> pb.TrainingConfig:
         augment=config.augment,
         seed=config.seed,
         progress_every_steps=config.progress_every_steps,
+        head_type=config.head_type,
+        hidden_dim=config.hidden_dim,
+        dropout=config.dropout,
+        label_smoothing=config.label_smoothing,
+        weight_decay=config.weight_decay,
+        unfreeze_every_epochs=config.unfreeze_every_epochs,
+        layer_lr_decay=config.layer_lr_decay,
+        class_balance=config.class_balance,
+        prototype_temperature=config.prototype_temperature,
+        max_grad_norm=config.max_grad_norm,
     )
 
 
@@ -146,6 +168,11 @@ def metrics(values: TrainingMetrics) -> pb.TrainingMetrics:
         message.validation_loss = values.validation_loss
     if values.validation_accuracy is not None:
         message.validation_accuracy = values.validation_accuracy
+    if values.train_validation_gap is not None:
+        message.train_validation_gap = values.train_validation_gap
+    if values.majority_baseline_accuracy is not None:
+        message.majority_baseline_accuracy = values.majority_baseline_accuracy
+    message.beats_baseline = values.beats_baseline
     return message
 
 
@@ -195,8 +222,14 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
                     steps_per_epoch=plan.steps_per_epoch,
                     device=plan.device,
                     early_stopping_patience=plan.early_stopping_patience,
+                    head_type=plan.head_type,
+                    unfreeze_every_epochs=plan.unfreeze_every_epochs,
+                    layer_lr_decay=plan.layer_lr_decay,
+                    label_smoothing=plan.label_smoothing,
                 ),
                 class_counts=[pb.ClassCount(label=k, count=v) for k, v in payload.class_counts],
+                imbalance_ratio=payload.imbalance_ratio,
+                class_balance=payload.class_balance,
             )
         )
     elif isinstance(payload, TrainingProgress):
@@ -209,6 +242,19 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
         message.failed.CopyFrom(pb.JobFailed(reason=payload.reason, code=payload.code))
     elif isinstance(payload, JobCancelled):
         message.cancelled.CopyFrom(pb.JobCancelled(reason=payload.reason))
+    elif isinstance(payload, JobWarning):
+        message.warning.CopyFrom(pb.JobWarning(code=payload.code, message=payload.message))
+    elif isinstance(payload, CandidateResult):
+        message.candidate.CopyFrom(
+            pb.CandidateResult(
+                backbone=payload.backbone,
+                validation_accuracy=payload.validation_accuracy,
+                gflops=payload.gflops,
+                accuracy_per_gflop=payload.accuracy_per_gflop,
+                latency_ms=payload.latency_ms,
+                selected=payload.selected,
+            )
+        )
     return message
 
 
@@ -243,6 +289,7 @@ def head(record: HeadRecord) -> pb.Head:
         created_time=timestamp(record.created_time),
         size_bytes=record.size_bytes,
         job_id=record.job_id,
+        head_type=record.head_type,
     )
 
 

@@ -10,6 +10,10 @@ from datetime import datetime
 # Ids double as directory names, so they are confined to a safe alphabet.
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 HEAD_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+# Heads, jobs and datasets belong to a tenant. With authentication off every caller is this
+# tenant, and records written before tenancy existed belong to it.
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 
 class Modality(enum.Enum):
@@ -48,6 +52,16 @@ class TrainingConfig:
     augment: bool = False
     seed: int = 0
     progress_every_steps: int = 10
+    head_type: str = "linear"  # linear | mlp | prototype
+    hidden_dim: int = 256
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    weight_decay: float = 1e-4
+    unfreeze_every_epochs: int = 0
+    layer_lr_decay: float = 0.5
+    class_balance: str = "auto"  # auto | none | weighted_loss | oversample
+    prototype_temperature: float = 0.1
+    max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +70,11 @@ class FineTuneSpec:
     head_name: str
     examples: tuple[LabeledExample, ...]
     config: TrainingConfig
+    tenant: str = DEFAULT_TENANT
+    # Caller-supplied validation set; empty means a stratified split of `examples`.
+    validation_examples: tuple[LabeledExample, ...] = ()
+    # Backbone auto-selection: probe these, train on the best (empty: `backbone` as given).
+    candidate_backbones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,9 @@ class TrainingMetrics:
     epochs_run: int
     stopped_early: bool
     training_seconds: float
+    train_validation_gap: float | None = None
+    majority_baseline_accuracy: float | None = None
+    beats_baseline: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +123,8 @@ class HeadRecord:
     created_time: datetime
     size_bytes: int
     job_id: str
+    tenant: str = DEFAULT_TENANT
+    head_type: str = "linear"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +133,7 @@ class DatasetInfo:
     example_count: int
     class_counts: tuple[tuple[str, int], ...]
     modality: Modality
+    tenant: str = DEFAULT_TENANT
 
 
 class JobState(enum.Enum):
@@ -137,6 +162,10 @@ class TrainingPlan:
     steps_per_epoch: int
     device: str
     early_stopping_patience: int
+    head_type: str = "linear"
+    unfreeze_every_epochs: int = 0
+    layer_lr_decay: float = 0.5
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +177,8 @@ class JobStarted:
     validation_examples: int
     plan: TrainingPlan
     class_counts: tuple[tuple[str, int], ...]
+    imbalance_ratio: float = 1.0
+    class_balance: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +216,31 @@ class JobCancelled:
     reason: str
 
 
-EventPayload = JobStarted | TrainingProgress | JobCompleted | JobFailed | JobCancelled
+@dataclass(frozen=True, slots=True)
+class JobWarning:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateResult:
+    backbone: str
+    validation_accuracy: float
+    gflops: float
+    accuracy_per_gflop: float
+    latency_ms: float
+    selected: bool
+
+
+EventPayload = (
+    JobStarted
+    | TrainingProgress
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | JobWarning
+    | CandidateResult
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,3 +267,4 @@ class JobRecord:
     error: str = ""
     last_sequence: int = 0
     progress: TrainingProgress | None = field(default=None)
+    tenant: str = DEFAULT_TENANT

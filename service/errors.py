@@ -57,3 +57,8 @@ def status_name_of(error: BaseException) -> str:
     if isinstance(error, ServiceError):
         return error.status_name
     return "INTERNAL"
+
+
+class ConfigurationError(Exception):
+    """A setting points at something unusable (a missing certificate, a malformed tokens
+    file): the server refuses to start and says which setting. Never sent to a caller."""

@@ -21,6 +21,48 @@ from service.backbones.cache import BackboneCache
 from service.backbones.trunks import Trunk
 from service.domain import HeadRecord
 
+HEAD_TYPES = ("linear", "mlp", "prototype")
+
+
+class PrototypeClassifier(nn.Module):
+    """Cosine similarity to per-class prototypes (means of L2-normalised embeddings), divided
+    by a temperature. Built from data in one pass, with no gradient steps."""
+
+    prototypes: torch.Tensor  # [C, D] buffer, rows L2-normalised
+    temperature: torch.Tensor  # [] buffer
+
+    def __init__(self, feature_dim: int, num_classes: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
+        self.register_buffer("temperature", torch.tensor(temperature))
+
+    def fit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """embeddings [N, D] (standardised features), labels [N] class indices."""
+        normalised = nn.functional.normalize(embeddings, dim=1)
+        for class_index in range(self.prototypes.shape[0]):
+            members = normalised[labels == class_index]
+            self.prototypes[class_index] = nn.functional.normalize(members.mean(dim=0), dim=0)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, C] logits."""
+        similarity = nn.functional.normalize(features, dim=1) @ self.prototypes.T
+        return similarity / self.temperature
+
+
+def make_classifier(
+    head_type: str, feature_dim: int, num_classes: int, hidden_dim: int, dropout: float
+) -> nn.Module:
+    if head_type == "mlp":
+        return nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+    if head_type == "prototype":
+        return PrototypeClassifier(feature_dim, num_classes)
+    return nn.Linear(feature_dim, num_classes)
+
 
 class TaskHead(nn.Module):
     feature_mean: torch.Tensor  # [D] buffer
@@ -31,26 +73,15 @@ class TaskHead(nn.Module):
         self,
         suffix: list[nn.Module],
         pool: Callable[[Any], torch.Tensor],
+        classifier: nn.Module,
         feature_dim: int,
-        num_classes: int,
-        hidden_dim: int = 0,
-        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.suffix = nn.ModuleList(suffix)
         self._pool = pool
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
-        self.classifier: nn.Module
-        if hidden_dim > 0:
-            self.classifier = nn.Sequential(
-                nn.Linear(feature_dim, hidden_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(hidden_dim, num_classes),
-            )
-        else:
-            self.classifier = nn.Linear(feature_dim, num_classes)
+        self.classifier = classifier
 
     def features(self, state: Any) -> torch.Tensor:
         """Pooled features [B, D] from the trunk-prefix state of B rows."""
@@ -58,10 +89,22 @@ class TaskHead(nn.Module):
             state = stage(state)
         return self._pool(state)
 
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.feature_mean) / self.feature_scale
+
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """[B, D] pooled features -> [B, C] logits."""
-        standardized = (features - self.feature_mean) / self.feature_scale
-        return self.classifier(standardized)  # type: ignore[no-any-return]
+        return self.classifier(self.standardize(features))  # type: ignore[no-any-return]
+
+    def set_unfrozen_blocks(self, count: int) -> None:
+        """Progressive unfreezing: only the last `count` suffix blocks train (the rest are
+        frozen and in eval mode, so dropout there is off too)."""
+        first_trainable = len(self.suffix) - count
+        for index, block in enumerate(self.suffix):
+            trainable = index >= first_trainable
+            block.requires_grad_(trainable)
+            if not trainable:
+                block.eval()
 
     def forward(self, state: Any) -> torch.Tensor:
         return self.classify(self.features(state))
@@ -85,11 +128,17 @@ class TaskHead(nn.Module):
 
 
 def build_head(
-    trunk: Trunk, trainable_blocks: int, num_classes: int, hidden_dim: int = 0
+    trunk: Trunk,
+    trainable_blocks: int,
+    num_classes: int,
+    head_type: str = "linear",
+    hidden_dim: int = 256,
+    dropout: float = 0.2,
 ) -> TaskHead:
     """A fresh head whose suffix starts as a copy of the pretrained trunk's last stages."""
     suffix = [copy.deepcopy(stage) for stage in trunk.stages[trunk.prefix_end(trainable_blocks) :]]
-    head = TaskHead(suffix, trunk.pool, trunk.feature_dim, num_classes, hidden_dim)
+    classifier = make_classifier(head_type, trunk.feature_dim, num_classes, hidden_dim, dropout)
+    head = TaskHead(suffix, trunk.pool, classifier, trunk.feature_dim)
     head.to(next(trunk.parameters()).device)
     head.requires_grad_(True)
     return head
@@ -140,7 +189,11 @@ class HeadCache:
         record = self._load_record(head_id)
         backbone = self._backbones.get(record.backbone)
         module = build_head(
-            backbone.trunk, record.trainable_blocks, len(record.class_names), record.hidden_dim
+            backbone.trunk,
+            record.trainable_blocks,
+            len(record.class_names),
+            record.head_type,
+            record.hidden_dim,
         )
         module.load_state_dict(self._load_weights(head_id), strict=True)
         module.requires_grad_(False)

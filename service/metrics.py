@@ -6,9 +6,15 @@ head id or tenant.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Loading a backbone reads and moves hundreds of MB; a head is milliseconds.
+_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -87,13 +93,61 @@ class Metrics:
         self.cache_evictions = Counter(
             "transfer_cache_evictions", "Cache evictions, by cache.", ["cache"], registry=registry
         )
-        self.backbone_resident_bytes = Gauge(
-            "transfer_backbone_resident_bytes",
-            "Bytes of a resident backbone's weights, by backbone.",
-            ["backbone"],
+        self.cache_load = Histogram(
+            "transfer_cache_load_seconds",
+            "Time a cache miss waited for the entry to load, by cache (a head's load includes "
+            "its backbone's when that was not resident).",
+            ["cache"],
+            buckets=_LOAD_BUCKETS,
             registry=registry,
         )
+
+    def watch_caches(
+        self,
+        backbone_resident_bytes: Callable[[], Mapping[str, int]],
+        head_entries: Callable[[], int],
+    ) -> None:
+        """Exports, read at each scrape: `transfer_backbone_resident_bytes{backbone}` and
+        `transfer_cache_entries{cache}` for the backbone and head caches."""
+        self.registry.register(_CacheResidency(backbone_resident_bytes, head_entries))
+
+    def watch_device_memory(self, allocated_bytes: Callable[[], int]) -> None:
+        """Exports `transfer_device_memory_allocated_bytes`, read at each scrape (CUDA only:
+        the caller registers it when the device is an accelerator)."""
+        gauge = Gauge(
+            "transfer_device_memory_allocated_bytes",
+            "Accelerator memory held by tensors (torch.cuda.memory_allocated).",
+            registry=self.registry,
+        )
+        gauge.set_function(allocated_bytes)
 
     def cache_event(self, event: str, cache: str) -> None:
         counter = {"hit": self.cache_hits, "miss": self.cache_misses, "evict": self.cache_evictions}
         counter[event].labels(cache=cache).inc()
+
+
+class _CacheResidency(Collector):
+    def __init__(
+        self,
+        backbone_resident_bytes: Callable[[], Mapping[str, int]],
+        head_entries: Callable[[], int],
+    ) -> None:
+        self._backbone_resident_bytes = backbone_resident_bytes
+        self._head_entries = head_entries
+
+    def collect(self) -> Iterator[Metric]:
+        resident = self._backbone_resident_bytes()
+        resident_bytes = GaugeMetricFamily(
+            "transfer_backbone_resident_bytes",
+            "Bytes of a resident backbone's weights, by backbone.",
+            labels=["backbone"],
+        )
+        for backbone, size in sorted(resident.items()):
+            resident_bytes.add_metric([backbone], size)
+        yield resident_bytes
+        entries = GaugeMetricFamily(
+            "transfer_cache_entries", "Entries resident in a cache, by cache.", labels=["cache"]
+        )
+        entries.add_metric(["backbone"], len(resident))
+        entries.add_metric(["head"], self._head_entries())
+        yield entries

@@ -1,8 +1,14 @@
-"""What each RPC does, on domain types: the servicer only converts around these calls."""
+"""What each RPC does, on domain types: the servicer only converts around these calls.
+
+Every call names the caller's tenant. Heads, jobs and datasets of another tenant are reported
+exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across tenants.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -20,7 +26,7 @@ from service.domain import (
     ModelInput,
     PredictionResult,
 )
-from service.errors import InvalidArgumentError, ResourceExhaustedError
+from service.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from service.heads import HeadCache
 from service.inference import Predictor
 from service.store.interface import Store
@@ -35,6 +41,8 @@ from service.training.validation import (
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 class TransferOperations:
     def __init__(
@@ -48,7 +56,9 @@ class TransferOperations:
         blocking_pool: Executor,
         max_dataset_examples: int,
         max_image_pixels: int,
+        on_predicted: Callable[[str, float], None] = lambda backbone, seconds: None,
     ) -> None:
+        """`on_predicted(backbone, seconds)` observes each successful Predict end to end."""
         self._store = store
         self._backbones = backbones
         self._heads = heads
@@ -57,6 +67,7 @@ class TransferOperations:
         self._pool = blocking_pool
         self._max_examples = max_dataset_examples
         self._max_pixels = max_image_pixels
+        self._on_predicted = on_predicted
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
@@ -67,6 +78,7 @@ class TransferOperations:
 
     async def start_fine_tune(
         self,
+        tenant: str,
         backbone: str,
         head_name: str,
         examples: Sequence[LabeledExample],
@@ -81,34 +93,61 @@ class TransferOperations:
         field = "examples"
         if dataset_id:
             check_id("dataset_id", dataset_id)
-            _, loaded = await self._blocking(self._store.load_dataset, dataset_id)
+            info, loaded = await self._blocking(self._store.load_dataset, dataset_id)
+            if info.tenant != tenant:
+                raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
             examples, field = loaded, f"dataset {dataset_id}"
         check_examples(examples, spec.modality, self._max_examples, field)
         if spec.modality is Modality.IMAGE and not dataset_id:
             await self._blocking(self._check_images, examples, field)  # datasets: checked at upload
         stages = next(s.unfreezable_blocks for s in await self.list_backbones() if s.spec is spec)
         resolved = resolve_config(config, spec.modality, stages)
-        return self._jobs.submit(FineTuneSpec(backbone, name, tuple(examples), resolved))
+        job = self._jobs.submit(
+            FineTuneSpec(backbone, name, tuple(examples), resolved, tenant=tenant)
+        )
+        log.info(
+            "job %s queued: backbone %s, head name %s, %d examples",
+            job.job_id,
+            backbone,
+            name,
+            len(examples),
+        )
+        return job
 
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):
             assert example.input.image is not None
             decode_image(example.input.image, f"{field}[{position}].image", self._max_pixels)
 
-    def watch_job(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
-        check_id("job_id", job_id)
+    def watch_job(
+        self, tenant: str, job_id: str, after_sequence: int = 0
+    ) -> AsyncIterator[JobEvent]:
+        self.get_job(tenant, job_id)
         return self._jobs.watch(job_id, after_sequence)
 
     async def predict(
-        self, head_id: str, inputs: Sequence[ModelInput], top_k: int, return_embedding: bool
+        self,
+        tenant: str,
+        head_id: str,
+        inputs: Sequence[ModelInput],
+        top_k: int,
+        return_embedding: bool,
     ) -> list[PredictionResult]:
+        started = time.perf_counter()
         check_id("head_id", head_id)
-        return await self._predictor.predict(
+        loaded = self._heads.peek(head_id)
+        record = loaded.record if loaded is not None else await self.get_head(tenant, head_id)
+        _check_owner(record.tenant, tenant, f"head_id: no head {head_id!r}")
+        results = await self._predictor.predict(
             head_id, inputs, top_k=top_k, return_embedding=return_embedding
         )
+        self._on_predicted(record.backbone, time.perf_counter() - started)
+        return results
 
-    async def upload_dataset(self, chunks: AsyncIterator[list[LabeledExample]]) -> DatasetInfo:
-        writer = self._store.begin_dataset()
+    async def upload_dataset(
+        self, tenant: str, chunks: AsyncIterator[list[LabeledExample]]
+    ) -> DatasetInfo:
+        writer = self._store.begin_dataset(tenant)
         modality: Modality | None = None
         count = 0
         try:
@@ -141,30 +180,44 @@ class TransferOperations:
             await asyncio.shield(self._blocking(writer.abort))
             raise
 
-    def get_job(self, job_id: str) -> JobRecord:
-        return self._jobs.get(check_id("job_id", job_id))
+    def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        record = self._jobs.get(check_id("job_id", job_id))
+        _check_owner(record.tenant, tenant, f"job_id: no job {job_id!r}")
+        return record
 
-    def list_jobs(self) -> list[JobRecord]:
-        return self._jobs.list()
+    def list_jobs(self, tenant: str) -> list[JobRecord]:
+        return [job for job in self._jobs.list() if job.tenant == tenant]
 
-    def cancel_job(self, job_id: str) -> JobRecord:
-        return self._jobs.cancel(check_id("job_id", job_id))
+    def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
+        self.get_job(tenant, job_id)
+        return self._jobs.cancel(job_id)
 
-    async def list_heads(self, backbone: str) -> list[HeadRecord]:
+    async def list_heads(self, tenant: str, backbone: str) -> list[HeadRecord]:
         if backbone:
             self._backbones.spec(backbone)
         heads: list[HeadRecord] = await self._blocking(self._store.list_heads)
-        return [head for head in heads if not backbone or head.backbone == backbone]
+        return [
+            head
+            for head in heads
+            if head.tenant == tenant and (not backbone or head.backbone == backbone)
+        ]
 
-    async def get_head(self, head_id: str) -> HeadRecord:
+    async def get_head(self, tenant: str, head_id: str) -> HeadRecord:
         record: HeadRecord = await self._blocking(
             self._store.get_head, check_id("head_id", head_id)
         )
+        _check_owner(record.tenant, tenant, f"head_id: no head {head_id!r}")
         return record
 
-    async def delete_head(self, head_id: str) -> None:
-        check_id("head_id", head_id)
+    async def delete_head(self, tenant: str, head_id: str) -> None:
+        await self.get_head(tenant, head_id)
         try:
             await self._blocking(self._store.delete_head, head_id)
         finally:
             self._heads.discard(head_id)
+
+
+def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:
+    """Another tenant's record is reported exactly as a missing one."""
+    if owner != tenant:
+        raise NotFoundError(not_found_message)

@@ -1,6 +1,9 @@
-"""The gRPC server: TransferService, grpc.health.v1 and reflection, with message limits."""
+"""The gRPC server: TransferService, grpc.health.v1 and reflection, with message limits,
+the request interceptor, and TLS or mutual TLS when certificate files are configured."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -8,6 +11,8 @@ from grpc_reflection.v1alpha import reflection
 
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from service.errors import ConfigurationError
+from service.request_interceptor import RequestInterceptor
 from service.servicer import TransferServicer
 from service.settings import Settings
 
@@ -31,14 +36,19 @@ class HealthReporter:
 
 
 def create_server(
-    settings: Settings, servicer: TransferServicer, health_reporter: HealthReporter
+    settings: Settings,
+    servicer: TransferServicer,
+    health_reporter: HealthReporter,
+    interceptor: RequestInterceptor,
 ) -> tuple[grpc.aio.Server, int]:
+    credentials = server_credentials(settings)
     server = grpc.aio.server(
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     pb_grpc.add_TransferServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
@@ -50,7 +60,36 @@ def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     return server, port
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the configured PEM files (None: plaintext). With a client CA, a client must
+    present a certificate signed by it or the handshake fails (mutual TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = _read_pem("TRANSFER_TLS_CERT_FILE", settings.tls_cert_file)
+    key = _read_pem("TRANSFER_TLS_KEY_FILE", settings.tls_key_file)
+    client_ca = None
+    if settings.tls_client_ca_file is not None:
+        client_ca = _read_pem("TRANSFER_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _read_pem(setting: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigurationError(f"{setting}: {path} is not a PEM file")
+    return data

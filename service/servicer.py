@@ -1,4 +1,7 @@
-"""transfer.v1.TransferService over gRPC: protobuf in, domain call, protobuf out."""
+"""transfer.v1.TransferService over gRPC: protobuf in, domain call, protobuf out.
+
+The caller's tenant comes from request_scope, where the request interceptor put it, and goes
+to every domain call as a plain string."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from service.domain import LabeledExample
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.operations import TransferOperations
+from service.request_scope import current_tenant
 from service.status import status_code_for
 
 log = logging.getLogger(__name__)
@@ -36,20 +40,20 @@ async def _abort(context: Context, error: BaseException, method: str) -> None:
 def unary(
     method: Callable[[Any, Request, Context], Awaitable[Response]],
 ) -> Callable[[Any, Request, Context], Awaitable[Response]]:
-    """Maps domain errors to statuses and records the call in metrics."""
+    """Maps domain errors to statuses and records the call in metrics (a failed call before
+    its status goes out, so a client that sees the status also sees it counted)."""
 
     @functools.wraps(method)
     async def wrapper(self: TransferServicer, request: Request, context: Context) -> Response:
         started = time.perf_counter()
-        code = "OK"
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
         except Exception as error:
-            code = status_code_for(error).name
+            self._record(method.__name__, status_code_for(error).name, started)
             await _abort(context, error, method.__name__)
             raise  # unreachable: abort raises
-        finally:
-            self._record(method.__name__, code, started)
+        self._record(method.__name__, "OK", started)
+        return response
 
     return wrapper
 
@@ -62,15 +66,17 @@ def streaming(
         self: TransferServicer, request: Request, context: Context
     ) -> AsyncIterator[Response]:
         started = time.perf_counter()
-        code = "OK"
+        failed = False
         try:
             async for response in method(self, request, context):
                 yield response
         except Exception as error:
-            code = status_code_for(error).name
+            failed = True
+            self._record(method.__name__, status_code_for(error).name, started)
             await _abort(context, error, method.__name__)
         finally:
-            self._record(method.__name__, code, started)
+            if not failed:  # ended, or the client went away
+                self._record(method.__name__, "OK", started)
 
     return wrapper
 
@@ -96,25 +102,28 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
         self, request: pb.FineTuneRequest, context: Context
     ) -> AsyncIterator[pb.FineTuneEvent]:
         job = await self._ops.start_fine_tune(
+            current_tenant(),
             request.backbone,
             request.head_name,
             convert.labeled_examples(request.examples),
             request.dataset_id,
             convert.training_config_request(request.config),
         )
-        async for event in self._ops.watch_job(job.job_id):
+        async for event in self._ops.watch_job(current_tenant(), job.job_id):
             yield convert.event(event)
 
     @streaming
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.FineTuneEvent]:
-        async for event in self._ops.watch_job(request.job_id, request.after_sequence):
+        events = self._ops.watch_job(current_tenant(), request.job_id, request.after_sequence)
+        async for event in events:
             yield convert.event(event)
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         results = await self._ops.predict(
+            current_tenant(),
             request.head_id,
             convert.model_inputs(request.inputs),
             request.top_k,
@@ -135,34 +144,35 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
                 offset += len(examples)
                 yield examples
 
-        return convert.dataset_info(await self._ops.upload_dataset(chunks()))
+        return convert.dataset_info(await self._ops.upload_dataset(current_tenant(), chunks()))
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        return convert.job(self._ops.get_job(request.job_id))
+        return convert.job(self._ops.get_job(current_tenant(), request.job_id))
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=[convert.job(j) for j in self._ops.list_jobs()])
+        jobs = self._ops.list_jobs(current_tenant())
+        return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
-        return convert.job(self._ops.cancel_job(request.job_id))
+        return convert.job(self._ops.cancel_job(current_tenant(), request.job_id))
 
     @unary
     async def ListHeads(
         self, request: pb.ListHeadsRequest, context: Context
     ) -> pb.ListHeadsResponse:
-        heads = await self._ops.list_heads(request.backbone)
+        heads = await self._ops.list_heads(current_tenant(), request.backbone)
         return pb.ListHeadsResponse(heads=[convert.head(h) for h in heads])
 
     @unary
     async def GetHead(self, request: pb.GetHeadRequest, context: Context) -> pb.Head:
-        return convert.head(await self._ops.get_head(request.head_id))
+        return convert.head(await self._ops.get_head(current_tenant(), request.head_id))
 
     @unary
     async def DeleteHead(
         self, request: pb.DeleteHeadRequest, context: Context
     ) -> pb.DeleteHeadResponse:
-        await self._ops.delete_head(request.head_id)
+        await self._ops.delete_head(current_tenant(), request.head_id)
         return pb.DeleteHeadResponse()

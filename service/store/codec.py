@@ -8,12 +8,15 @@ from datetime import datetime
 from typing import Any
 
 from service.domain import (
+    DEFAULT_TENANT,
+    CandidateResult,
     EventPayload,
     HeadRecord,
     JobCancelled,
     JobCompleted,
     JobFailed,
     JobStarted,
+    JobWarning,
     Modality,
     TrainingConfig,
     TrainingMetrics,
@@ -21,6 +24,7 @@ from service.domain import (
     TrainingProgress,
 )
 
+# Version 1 files written before tenancy have no "tenant" key: they belong to DEFAULT_TENANT.
 HEAD_FORMAT_VERSION = 1
 
 _EVENT_KINDS: dict[str, type[Any]] = {
@@ -29,6 +33,8 @@ _EVENT_KINDS: dict[str, type[Any]] = {
     "completed": JobCompleted,
     "failed": JobFailed,
     "cancelled": JobCancelled,
+    "warning": JobWarning,
+    "candidate": CandidateResult,
 }
 
 
@@ -58,6 +64,8 @@ def head_from_json(text: str) -> HeadRecord:
         created_time=datetime.fromisoformat(data["created_time"]),
         size_bytes=int(data["size_bytes"]),
         job_id=data["job_id"],
+        tenant=data.get("tenant", DEFAULT_TENANT),
+        head_type=data.get("head_type", "linear"),
     )
 
 

@@ -4,6 +4,8 @@ Layout under the root:
   heads/<head_id>/head.json, weights.safetensors   (a head exists iff its directory does)
   heads/.partial-*/                                (saves in progress; removed at start)
   store.sqlite3                                    (jobs, job events, datasets)
+Every head, job and dataset records its tenant; the store keeps them all and the operations
+layer decides who sees what. Ids are unique across tenants.
 A head is written into a partial directory, fsynced, then renamed into place: a crash at any
 point leaves either the whole head or nothing under its id.
 """
@@ -27,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from service.domain import (
+    DEFAULT_TENANT,
     ID_PATTERN,
     DatasetInfo,
     HeadRecord,
@@ -47,21 +50,30 @@ from service.store.codec import (
     progress_from_json,
 )
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, state TEXT NOT NULL, backbone TEXT NOT NULL, head_name TEXT NOT NULL,
   head_id TEXT NOT NULL, error TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL,
-  last_sequence INTEGER NOT NULL, progress TEXT NOT NULL);
+  last_sequence INTEGER NOT NULL, progress TEXT NOT NULL,
+  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}');
 CREATE TABLE IF NOT EXISTS job_events (
   job_id TEXT NOT NULL, sequence INTEGER NOT NULL, time TEXT NOT NULL, kind TEXT NOT NULL,
   payload TEXT NOT NULL, PRIMARY KEY (job_id, sequence));
 CREATE TABLE IF NOT EXISTS datasets (
   dataset_id TEXT PRIMARY KEY, complete INTEGER NOT NULL, modality TEXT NOT NULL,
-  example_count INTEGER NOT NULL, class_counts TEXT NOT NULL, created TEXT NOT NULL);
+  example_count INTEGER NOT NULL, class_counts TEXT NOT NULL, created TEXT NOT NULL,
+  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}');
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
 """
+
+# PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns).
+_SCHEMA_VERSION = 1
+_JOB_COLUMNS = (
+    "job_id, state, backbone, head_name, head_id, error, created, updated, last_sequence, "
+    "progress, tenant"
+)
 
 _HEAD_META = "head.json"
 _HEAD_WEIGHTS = "weights.safetensors"
@@ -90,6 +102,7 @@ class LocalStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         self._lock = threading.Lock()
         with self._lock:
             # Uploads cut off by a crash never became datasets: drop them.
@@ -180,7 +193,7 @@ class LocalStore:
         progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job.job_id,
                     job.state.value,
@@ -192,20 +205,23 @@ class LocalStore:
                     job.updated_time.isoformat(),
                     job.last_sequence,
                     progress,
+                    job.tenant,
                 ),
             )
 
     def get_job(self, job_id: str) -> JobRecord:
         check_id("job_id", job_id)
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
         if row is None:
             raise NotFoundError(f"job_id: no job {job_id!r}")
         return _job_from_row(row)
 
     def list_jobs(self) -> list[JobRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+            rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created").fetchall()
         return [_job_from_row(row) for row in rows]
 
     def append_event(self, event: JobEvent) -> None:
@@ -237,14 +253,14 @@ class LocalStore:
 
     # ---- datasets ----
 
-    def begin_dataset(self) -> LocalDatasetWriter:
-        return LocalDatasetWriter(self._db, self._lock, "ds-" + secrets.token_hex(8))
+    def begin_dataset(self, tenant: str) -> LocalDatasetWriter:
+        return LocalDatasetWriter(self._db, self._lock, "ds-" + secrets.token_hex(8), tenant)
 
     def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]:
         check_id("dataset_id", dataset_id)
         with self._lock:
             row = self._db.execute(
-                "SELECT modality, example_count, class_counts FROM datasets "
+                "SELECT modality, example_count, class_counts, tenant FROM datasets "
                 "WHERE dataset_id = ? AND complete = 1",
                 (dataset_id,),
             ).fetchone()
@@ -255,7 +271,11 @@ class LocalStore:
                 (dataset_id,),
             ).fetchall()
         info = DatasetInfo(
-            dataset_id, row[1], tuple((k, v) for k, v in json.loads(row[2])), Modality(row[0])
+            dataset_id,
+            row[1],
+            tuple((k, v) for k, v in json.loads(row[2])),
+            Modality(row[0]),
+            tenant=row[3],
         )
         examples = [
             LabeledExample(
@@ -269,17 +289,22 @@ class LocalStore:
 class LocalDatasetWriter:
     """Rows go in as chunks arrive; the dataset becomes visible only on commit."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, dataset_id: str) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, lock: threading.Lock, dataset_id: str, tenant: str
+    ) -> None:
         self._db = db
         self._lock = lock
         self.dataset_id = dataset_id
+        self.tenant = tenant
         self._count = 0
         self._labels: Counter[str] = Counter()
         self._modality: Modality | None = None
         with self._lock:
             self._db.execute(
-                "INSERT INTO datasets VALUES (?, 0, '', 0, '[]', ?)",
-                (dataset_id, datetime.now().astimezone().isoformat()),
+                "INSERT INTO datasets "
+                "(dataset_id, complete, modality, example_count, class_counts, created, tenant) "
+                "VALUES (?, 0, '', 0, '[]', ?, ?)",
+                (dataset_id, datetime.now().astimezone().isoformat(), tenant),
             )
 
     def add(self, examples: Sequence[LabeledExample]) -> None:
@@ -311,7 +336,7 @@ class LocalDatasetWriter:
                 "class_counts = ? WHERE dataset_id = ?",
                 (self._modality.value, self._count, json.dumps(counts), self.dataset_id),
             )
-        return DatasetInfo(self.dataset_id, self._count, counts, self._modality)
+        return DatasetInfo(self.dataset_id, self._count, counts, self._modality, self.tenant)
 
     def abort(self) -> None:
         with self._lock:
@@ -335,7 +360,33 @@ def _job_from_row(row: tuple[object, ...]) -> JobRecord:
         updated_time=datetime.fromisoformat(str(row[7])),
         last_sequence=int(str(row[8])),
         progress=progress_from_json(str(row[9])),
+        tenant=str(row[10]),
     )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Brings a database written by older code up to _SCHEMA_VERSION, explicitly and once.
+
+    0 -> 1: jobs and datasets gain a tenant column; existing rows belong to DEFAULT_TENANT.
+    (The CREATE statements above already carry it, so a new database only gets its version.)
+    """
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version >= _SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("jobs", "datasets"):
+            columns = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+            if "tenant" not in columns:
+                db.execute(
+                    f"ALTER TABLE {table} ADD COLUMN tenant TEXT NOT NULL "
+                    f"DEFAULT '{DEFAULT_TENANT}'"
+                )
+        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _fsync_file(path: Path) -> None:

@@ -35,6 +35,7 @@ from service.domain import (
 from service.errors import (
     FailedPreconditionError,
     JobCancelledError,
+    ResourceExhaustedError,
     ServiceError,
     UnavailableError,
 )
@@ -74,6 +75,7 @@ class JobManager:
         heads: HeadCache,
         *,
         max_concurrent_jobs: int,
+        max_jobs_per_tenant: int,
         feature_cache_bytes: int,
         hooks: JobHooks | None = None,
     ) -> None:
@@ -81,6 +83,7 @@ class JobManager:
         self._backbones = backbones
         self._heads = heads
         self._feature_cache_bytes = feature_cache_bytes
+        self._max_jobs_per_tenant = max_jobs_per_tenant
         self._hooks = hooks or JobHooks()
         self._executor = ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="train")
         self._live: dict[str, _LiveJob] = {}
@@ -99,7 +102,11 @@ class JobManager:
                 "the server stopped while this job was running; its head was not saved",
                 "ABORTED",
             )
-            event = JobEvent(record.job_id, record.last_sequence + 1, _now(), failed)
+            # The job row is not rewritten for every per-step progress event, so the event
+            # log, not the row, knows the last sequence.
+            logged = self._store.events_after(record.job_id, record.last_sequence)
+            last_sequence = logged[-1].sequence if logged else record.last_sequence
+            event = JobEvent(record.job_id, last_sequence + 1, _now(), failed)
             self._store.append_event(event)
             record.state = JobState.FAILED
             record.error = failed.reason
@@ -128,8 +135,16 @@ class JobManager:
     # ---- commands ----
 
     def submit(self, spec: FineTuneSpec) -> JobRecord:
+        """Queues a job for `spec.tenant`, who may have at most `max_jobs_per_tenant` queued or
+        running at once (RESOURCE_EXHAUSTED beyond). Runs on the event loop, so counting and
+        adding cannot interleave with another submit."""
         if not self._accepting:
             raise UnavailableError("the server is shutting down; no new jobs")
+        if self.unfinished_count(spec.tenant) >= self._max_jobs_per_tenant:
+            raise ResourceExhaustedError(
+                f"jobs: {self._max_jobs_per_tenant} jobs already queued or running for this "
+                "tenant; wait for one to finish or cancel one"
+            )
         now = _now()
         record = JobRecord(
             job_id="job-" + secrets.token_hex(8),
@@ -138,6 +153,7 @@ class JobManager:
             head_name=spec.head_name,
             created_time=now,
             updated_time=now,
+            tenant=spec.tenant,
         )
         self._store.save_job(record)
         live = _LiveJob(record, spec)
@@ -147,6 +163,14 @@ class JobManager:
         assert self._loop is not None, "JobManager.start() was not called"
         self._loop.run_in_executor(self._executor, self._run, live)
         return replace(record)
+
+    def unfinished_count(self, tenant: str) -> int:
+        """Jobs of `tenant` queued or running in this process."""
+        return sum(
+            1
+            for live in self._live.values()
+            if live.record.tenant == tenant and not live.record.state.finished
+        )
 
     def get(self, job_id: str) -> JobRecord:
         live = self._live.get(job_id)
@@ -229,12 +253,14 @@ class JobManager:
                 class_names=result.class_names,
                 trainable_blocks=spec.config.trainable_blocks,
                 input_size=backbone.preprocessor.input_size,
-                hidden_dim=0,
+                hidden_dim=spec.config.hidden_dim,
+                head_type=spec.config.head_type,
                 metrics=result.metrics,
                 config=spec.config,
                 created_time=_now(),
                 size_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
                 job_id=live.record.job_id,
+                tenant=spec.tenant,
             )
             # Durable first: the completed event is only sent for a head that is on disk.
             self._store.save_head(record, weights)

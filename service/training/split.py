@@ -36,3 +36,18 @@ def stratified_split(labels: Sequence[str], validation_fraction: float, seed: in
         train += shuffled[held_out:]
     label_tensor = torch.tensor([index_of[label] for label in labels], dtype=torch.long)
     return Split(class_names, label_tensor, tuple(sorted(train)), tuple(sorted(validation)))
+
+
+def given_split(train_labels: Sequence[str], validation_labels: Sequence[str]) -> Split:
+    """Positions 0..n-1 train, n.. validate (a caller-supplied validation set).
+    Validation labels must be training classes (checked by request validation)."""
+    class_names = tuple(sorted(set(train_labels)))
+    index_of = {name: i for i, name in enumerate(class_names)}
+    labels = [index_of[label] for label in (*train_labels, *validation_labels)]
+    n = len(train_labels)
+    return Split(
+        class_names,
+        torch.tensor(labels, dtype=torch.long),
+        tuple(range(n)),
+        tuple(range(n, n + len(validation_labels))),
+    )

@@ -1,5 +1,8 @@
-"""The training loop: AdamW, warm-up then cosine decay, early stopping on validation loss
-with the best weights restored, progress reported through a callback."""
+"""The training loop, the way the transfer-learning playbook goes: frozen trunk features
+computed once, AdamW with warm-up then cosine decay, discriminative learning rates and
+optional progressive unfreezing for unfrozen blocks, class balancing, label smoothing,
+gradient clipping, early stopping on validation loss with the best weights restored, and a
+report that says whether the head beats the trivial baseline."""
 
 from __future__ import annotations
 
@@ -19,19 +22,25 @@ from service.domain import (
     EventPayload,
     FineTuneSpec,
     JobStarted,
+    JobWarning,
+    LabeledExample,
     TrainingMetrics,
     TrainingPlan,
     TrainingProgress,
 )
 from service.errors import JobCancelledError
-from service.heads import TaskHead, build_head
-from service.training.features import estimate_state_bytes, extract
-from service.training.split import Split, stratified_split
+from service.heads import PrototypeClassifier, TaskHead, build_head
+from service.training.features import ExtractedData, estimate_state_bytes, extract
+from service.training.split import Split, given_split, stratified_split
 
-# Unfrozen pretrained blocks learn this much slower than the fresh classifier.
+# The top unfrozen block learns this much slower than the fresh classifier; blocks below it
+# slower still, by `layer_lr_decay` per block.
 BLOCK_LR_FACTOR = 0.1
-WEIGHT_DECAY = 1e-4
-GRAD_CLIP_NORM = 1.0
+# `class_balance = "auto"` weights the loss once the largest class has this many times the
+# examples of the smallest.
+AUTO_BALANCE_RATIO = 1.5
+# Below this many validation examples (or fewer than 3 per class) its metrics are noise.
+SMALL_VALIDATION_EXAMPLES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,16 @@ class _EpochStats:
         return self.correct / max(self.seen, 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """The epoch whose weights are kept."""
+
+    stats: _EpochStats
+    validation_loss: float | None
+    validation_accuracy: float | None
+    epoch: int
+
+
 class Trainer:
     def __init__(
         self,
@@ -86,17 +105,29 @@ class Trainer:
         trunk = self._backbone.trunk
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
-        examples = self._spec.examples
-        split = stratified_split(
-            [example.label for example in examples], config.validation_fraction, config.seed
-        )
+        examples, split = self._examples_and_split()
         prefix_end = trunk.prefix_end(config.trainable_blocks)
-        head = build_head(trunk, config.trainable_blocks, len(split.class_names))
-        probe = prefix_end == trunk.num_stages  # head is a classifier on pooled features
+        probe = prefix_end == trunk.num_stages  # the head is a classifier on pooled features
+        head = build_head(
+            trunk,
+            config.trainable_blocks,
+            len(split.class_names),
+            config.head_type,
+            config.hidden_dim,
+            config.dropout,
+        )
+        train_index = torch.tensor(split.train, dtype=torch.long)
+        train_counts = torch.bincount(
+            split.labels.index_select(0, train_index), minlength=len(split.class_names)
+        )
+        imbalance = float(train_counts.max()) / max(float(train_counts.min()), 1.0)
+        balance = _resolve_balance(config.class_balance, imbalance)
         # Pooled probe features are tiny and always kept; deeper states only when they fit.
-        cache_train = not config.augment and (probe or self._states_fit(prefix_end))
-        steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
-        self._emit(self._started_event(split, cache_train, steps_per_epoch))
+        cache_train = not config.augment and (probe or self._states_fit(examples, prefix_end))
+        prototype = config.head_type == "prototype"
+        steps_per_epoch = 0 if prototype else math.ceil(len(split.train) / config.batch_size)
+        self._emit(self._started_event(split, cache_train, steps_per_epoch, imbalance, balance))
+        self._warn_about_validation(split)
 
         started = time.perf_counter()
         train_set = set(split.train)
@@ -111,44 +142,155 @@ class Trainer:
                 self._extraction_progress(done, len(examples), started)
             ),
         )
-        train_index = torch.tensor(split.train, dtype=torch.long)
-        head.set_feature_statistics(data.pooled.index_select(0, train_index.to(self._device)))
+        device_train_index = train_index.to(self._device)
+        head.set_feature_statistics(data.pooled.index_select(0, device_train_index))
+        labels = split.labels.to(self._device)
 
-        optimizer = self._optimizer(head)
+        if prototype:
+            kept, epochs_run = self._fit_prototypes(head, data, split, labels), 1
+        else:
+            kept, epochs_run = self._train(
+                head, data, split, labels, train_counts, balance, probe, prefix_end, generator
+            )
+        head.eval()
+        head.requires_grad_(False)
+        metrics = self._metrics(kept, epochs_run, split, started)
+        if metrics.validation_accuracy is not None and not metrics.beats_baseline:
+            self._emit(
+                JobWarning(
+                    "does_not_beat_baseline",
+                    f"validation accuracy {metrics.validation_accuracy:.3f} does not beat "
+                    f"always answering the most frequent class "
+                    f"({metrics.majority_baseline_accuracy:.3f}): the backbone's features do "
+                    "not transfer to this task, or the data is too small or noisy",
+                )
+            )
+        return TrainingResult(head, split.class_names, metrics)
+
+    # ---- data ----
+
+    def _examples_and_split(self) -> tuple[tuple[LabeledExample, ...], Split]:
+        spec = self._spec
+        if spec.validation_examples:
+            split = given_split(
+                [e.label for e in spec.examples], [e.label for e in spec.validation_examples]
+            )
+            return spec.examples + spec.validation_examples, split
+        labels = [example.label for example in spec.examples]
+        split = stratified_split(labels, self._config.validation_fraction, self._config.seed)
+        return spec.examples, split
+
+    def _states_fit(self, examples: tuple[LabeledExample, ...], prefix_end: int) -> bool:
+        per_example = estimate_state_bytes(self._backbone, examples[0], prefix_end)
+        return per_example * len(examples) <= self._feature_cache_bytes
+
+    def _warn_about_validation(self, split: Split) -> None:
+        classes = len(split.class_names)
+        if not split.validation:
+            self._emit(
+                JobWarning(
+                    "no_validation_set",
+                    "no validation examples: early stopping is off and no validation metrics "
+                    "will be reported",
+                )
+            )
+        elif len(split.validation) < max(SMALL_VALIDATION_EXAMPLES, 3 * classes):
+            self._emit(
+                JobWarning(
+                    "small_validation_set",
+                    f"only {len(split.validation)} validation examples for {classes} classes: "
+                    "validation metrics and early stopping are noisy; send more data or a "
+                    "validation set",
+                )
+            )
+
+    # ---- heads without gradient steps ----
+
+    def _fit_prototypes(
+        self, head: TaskHead, data: ExtractedData, split: Split, labels: torch.Tensor
+    ) -> _Kept:
+        classifier = head.classifier
+        assert isinstance(classifier, PrototypeClassifier)
+        classifier.temperature.fill_(self._config.prototype_temperature)
+        rows = torch.tensor(split.train, dtype=torch.long, device=self._device)
+        with torch.no_grad():
+            embeddings = head.standardize(data.pooled.index_select(0, rows))
+            classifier.fit(embeddings, labels.index_select(0, rows))
+        train_loss, train_accuracy = self._evaluate(head, data, split.train, labels, True, 0)
+        assert train_loss is not None and train_accuracy is not None
+        stats = _EpochStats()
+        stats.add(train_loss, round(train_accuracy * len(rows)), len(rows))
+        val_loss, val_accuracy = self._evaluate(head, data, split.validation, labels, True, 0)
+        self._emit(self._progress(1, 0, 0, stats, (val_loss, val_accuracy), 0.0, 0.0, True))
+        return _Kept(stats, val_loss, val_accuracy, 1)
+
+    # ---- gradient training ----
+
+    def _train(
+        self,
+        head: TaskHead,
+        data: ExtractedData,
+        split: Split,
+        labels: torch.Tensor,
+        train_counts: torch.Tensor,
+        balance: str,
+        probe: bool,
+        prefix_end: int,
+        generator: torch.Generator,
+    ) -> tuple[_Kept, int]:
+        """Trains; returns the kept (best) epoch and how many epochs ran."""
+        config = self._config
+        train_index = torch.tensor(split.train, dtype=torch.long)
+        steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
+        optimizer = self._optimizer(head)
         warmup = max(1, min(steps_per_epoch, total_steps // 10))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: _warmup_cosine(step, warmup, total_steps)
         )
-        loss_fn = nn.CrossEntropyLoss()
-        labels = split.labels.to(self._device)
+        # Inverse-frequency weights, mean 1 over the training examples.
+        inverse = len(split.train) / (len(split.class_names) * train_counts.clamp(min=1).float())
+        loss_fn = nn.CrossEntropyLoss(
+            weight=inverse.to(self._device) if balance == "weighted_loss" else None,
+            label_smoothing=config.label_smoothing,
+        )
+        sample_weights = inverse.index_select(0, split.labels.index_select(0, train_index))
+        autocast = self._device.type == "cuda"  # mixed precision only where it pays
 
         best_loss = math.inf
         best_state: dict[str, torch.Tensor] | None = None
-        best: tuple[_EpochStats, float | None, float | None, int] | None = None
+        kept: _Kept | None = None
         epochs_without_gain = 0
         step = 0
-        stopped_early = False
-        epoch = 0
         train_started = time.perf_counter()
         for epoch in range(1, config.epochs + 1):
             head.train()
+            head.set_unfrozen_blocks(self._unfrozen_blocks(head, epoch))
             stats = _EpochStats()
-            order = train_index[torch.randperm(len(train_index), generator=generator)]
+            if balance == "oversample":
+                draws = torch.multinomial(
+                    sample_weights, len(train_index), replacement=True, generator=generator
+                )
+                order = train_index.index_select(0, draws)
+            else:
+                order = train_index[torch.randperm(len(train_index), generator=generator)]
             for batch_rows in torch.split(order, config.batch_size):
                 if self._cancelled.is_set():
                     raise JobCancelledError("cancelled by request")
                 step_started = time.perf_counter()
                 rows = batch_rows.tolist()
-                if probe and not config.augment:
-                    logits = head.classify(data.pooled.index_select(0, batch_rows.to(self._device)))
-                else:
-                    logits = head(self._train_state(data, rows, prefix_end, generator))
-                targets = labels.index_select(0, batch_rows.to(self._device))
-                loss = loss_fn(logits, targets)
+                device_rows = batch_rows.to(self._device)
+                with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=autocast):
+                    if probe and not config.augment:
+                        logits = head.classify(data.pooled.index_select(0, device_rows))
+                    else:
+                        logits = head(self._train_state(data, rows, prefix_end, generator))
+                targets = labels.index_select(0, device_rows)
+                loss = loss_fn(logits.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
-                nn.utils.clip_grad_norm_(head.parameters(), GRAD_CLIP_NORM)
+                if config.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(head.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -156,12 +298,16 @@ class Trainer:
                 stats.add(loss.item(), correct, len(rows))
                 self._on_step(time.perf_counter() - step_started)
                 if step % config.progress_every_steps == 0:
+                    lr = float(optimizer.param_groups[0]["lr"])
                     self._emit(
                         self._progress(
-                            epoch, step, total_steps, stats, None, optimizer, train_started, False
+                            epoch, step, total_steps, stats, None, lr, train_started, False
                         )
                     )
-            val_loss, val_accuracy = self._evaluate(head, data, split, labels, probe, prefix_end)
+            val_loss, val_accuracy = self._evaluate(
+                head, data, split.validation, labels, probe, prefix_end
+            )
+            lr = float(optimizer.param_groups[0]["lr"])
             self._emit(
                 self._progress(
                     epoch,
@@ -169,7 +315,7 @@ class Trainer:
                     total_steps,
                     stats,
                     (val_loss, val_accuracy),
-                    optimizer,
+                    lr,
                     train_started,
                     True,
                 )
@@ -178,48 +324,43 @@ class Trainer:
             if monitored < best_loss - 1e-4:
                 best_loss = monitored
                 best_state = copy.deepcopy(head.state_dict())
-                best = (stats, val_loss, val_accuracy, epoch)
+                kept = _Kept(stats, val_loss, val_accuracy, epoch)
                 epochs_without_gain = 0
             else:
                 epochs_without_gain += 1
                 patience = config.early_stopping_patience
                 if val_loss is not None and patience > 0 and epochs_without_gain >= patience:
-                    stopped_early = True
                     break
-        assert best_state is not None and best is not None
+        assert best_state is not None and kept is not None
         head.load_state_dict(best_state)
-        head.eval()
-        head.requires_grad_(False)
-        best_stats, best_val_loss, best_val_accuracy, best_epoch = best
-        metrics = TrainingMetrics(
-            train_loss=best_stats.loss,
-            train_accuracy=best_stats.accuracy,
-            validation_loss=best_val_loss,
-            validation_accuracy=best_val_accuracy,
-            best_epoch=best_epoch,
-            epochs_run=epoch,
-            stopped_early=stopped_early,
-            training_seconds=time.perf_counter() - started,
-        )
-        return TrainingResult(head, split.class_names, metrics)
+        return kept, epoch
 
-    def _states_fit(self, prefix_end: int) -> bool:
-        per_example = estimate_state_bytes(self._backbone, self._spec.examples[0], prefix_end)
-        return per_example * len(self._spec.examples) <= self._feature_cache_bytes
+    def _unfrozen_blocks(self, head: TaskHead, epoch: int) -> int:
+        every = self._config.unfreeze_every_epochs
+        if every <= 0:
+            return len(head.suffix)
+        return min(len(head.suffix), (epoch - 1) // every)
 
     def _optimizer(self, head: TaskHead) -> torch.optim.Optimizer:
-        lr = self._config.learning_rate
-        groups: list[dict[str, Any]] = [{"params": list(head.classifier.parameters()), "lr": lr}]
-        block_params = list(head.suffix.parameters())
-        if block_params:
-            groups.append({"params": block_params, "lr": lr * BLOCK_LR_FACTOR})
-        return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
+        config = self._config
+        groups: list[dict[str, Any]] = [
+            {"params": list(head.classifier.parameters()), "lr": config.learning_rate}
+        ]
+        # Discriminative learning rates: the top block BLOCK_LR_FACTOR x the head's, each block
+        # below it `layer_lr_decay` x the block above.
+        for depth, block in enumerate(reversed(head.suffix)):
+            params = list(block.parameters())
+            if params:
+                lr = config.learning_rate * BLOCK_LR_FACTOR * config.layer_lr_decay**depth
+                groups.append({"params": params, "lr": lr})
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
     def _train_state(
-        self, data: Any, rows: list[int], prefix_end: int, generator: torch.Generator
+        self, data: ExtractedData, rows: list[int], prefix_end: int, generator: torch.Generator
     ) -> Any:
         trunk = self._backbone.trunk
         if data.raw is None:
+            assert data.prefix_states is not None
             return trunk.collate([data.prefix_states[i] for i in rows])
         augment = generator if self._config.augment else None
         inputs = self._backbone.preprocessor.finish([data.raw[i] for i in rows], augment)
@@ -229,52 +370,92 @@ class Trainer:
     def _evaluate(
         self,
         head: TaskHead,
-        data: Any,
-        split: Split,
+        data: ExtractedData,
+        positions: tuple[int, ...],
         labels: torch.Tensor,
         probe: bool,
         prefix_end: int,
     ) -> tuple[float | None, float | None]:
-        if not split.validation:
+        """Mean loss and accuracy over `positions` (without augmentation or dropout)."""
+        if not positions:
             return None, None
         head.eval()
-        rows = torch.tensor(split.validation, dtype=torch.long)
+        rows = torch.tensor(positions, dtype=torch.long)
         loss_sum, correct = 0.0, 0
         with torch.inference_mode():
             for chunk in torch.split(rows, 256):
+                device_chunk = chunk.to(self._device)
                 if probe:
-                    logits = head.classify(data.pooled.index_select(0, chunk.to(self._device)))
+                    logits = head.classify(data.pooled.index_select(0, device_chunk))
                 else:
-                    state = self._backbone.trunk.collate(
-                        [data.prefix_states[i] for i in chunk.tolist()]
-                    )
-                    logits = head(state)
-                targets = labels.index_select(0, chunk.to(self._device))
+                    assert data.prefix_states is not None
+                    states = [data.prefix_states[i] for i in chunk.tolist()]
+                    logits = head(self._backbone.trunk.collate(states))
+                targets = labels.index_select(0, device_chunk)
                 loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == targets).sum())
         return loss_sum / len(rows), correct / len(rows)
 
-    def _started_event(self, split: Split, cached: bool, steps_per_epoch: int) -> JobStarted:
+    # ---- reporting ----
+
+    def _metrics(
+        self, kept: _Kept, epochs_run: int, split: Split, started: float
+    ) -> TrainingMetrics:
+        gap = None
+        baseline = None
+        beats = True
+        if kept.validation_accuracy is not None:
+            gap = kept.stats.accuracy - kept.validation_accuracy
+            train_labels = split.labels.index_select(0, torch.tensor(split.train))
+            majority = int(torch.bincount(train_labels).argmax())
+            val_labels = split.labels.index_select(0, torch.tensor(split.validation))
+            baseline = float((val_labels == majority).float().mean())
+            beats = kept.validation_accuracy > baseline
+        return TrainingMetrics(
+            train_loss=kept.stats.loss,
+            train_accuracy=kept.stats.accuracy,
+            validation_loss=kept.validation_loss,
+            validation_accuracy=kept.validation_accuracy,
+            best_epoch=kept.epoch,
+            epochs_run=epochs_run,
+            stopped_early=self._config.head_type != "prototype"
+            and epochs_run < self._config.epochs,
+            training_seconds=time.perf_counter() - started,
+            train_validation_gap=gap,
+            majority_baseline_accuracy=baseline,
+            beats_baseline=beats,
+        )
+
+    def _started_event(
+        self, split: Split, cached: bool, steps_per_epoch: int, imbalance: float, balance: str
+    ) -> JobStarted:
         config = self._config
         counts = torch.bincount(split.labels, minlength=len(split.class_names)).tolist()
+        plan = TrainingPlan(
+            epochs=1 if config.head_type == "prototype" else config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            trainable_blocks=config.trainable_blocks,
+            augment=config.augment,
+            cached_features=cached,
+            steps_per_epoch=steps_per_epoch,
+            device=str(self._device),
+            early_stopping_patience=config.early_stopping_patience,
+            head_type=config.head_type,
+            unfreeze_every_epochs=config.unfreeze_every_epochs,
+            layer_lr_decay=config.layer_lr_decay,
+            label_smoothing=config.label_smoothing,
+        )
         return JobStarted(
             backbone=self._spec.backbone,
             head_name=self._spec.head_name,
             class_names=split.class_names,
             train_examples=len(split.train),
             validation_examples=len(split.validation),
-            plan=TrainingPlan(
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                learning_rate=config.learning_rate,
-                trainable_blocks=config.trainable_blocks,
-                augment=config.augment,
-                cached_features=cached,
-                steps_per_epoch=steps_per_epoch,
-                device=str(self._device),
-                early_stopping_patience=config.early_stopping_patience,
-            ),
+            plan=plan,
             class_counts=tuple(zip(split.class_names, counts, strict=True)),
+            imbalance_ratio=imbalance,
+            class_balance=balance,
         )
 
     def _extraction_progress(self, done: int, total: int, started: float) -> TrainingProgress:
@@ -304,30 +485,36 @@ class Trainer:
         total_steps: int,
         stats: _EpochStats,
         validation: tuple[float | None, float | None] | None,
-        optimizer: torch.optim.Optimizer,
+        learning_rate: float,
         train_started: float,
         epoch_end: bool,
     ) -> TrainingProgress:
-        elapsed = time.perf_counter() - train_started
+        elapsed = time.perf_counter() - train_started if train_started else 0.0
         seconds_per_step = elapsed / max(step, 1)
         examples_done = step * self._config.batch_size
         val_loss, val_accuracy = validation if validation is not None else (None, None)
         return TrainingProgress(
             phase="training",
             epoch=epoch,
-            epochs=self._config.epochs,
+            epochs=1 if self._config.head_type == "prototype" else self._config.epochs,
             step=step,
             total_steps=total_steps,
             train_loss=stats.loss,
             train_accuracy=stats.accuracy,
             validation_loss=val_loss,
             validation_accuracy=val_accuracy,
-            learning_rate=float(optimizer.param_groups[0]["lr"]),
+            learning_rate=learning_rate,
             examples_per_second=examples_done / elapsed if elapsed > 0 else 0.0,
             elapsed_seconds=elapsed,
             eta_seconds=seconds_per_step * (total_steps - step),
             epoch_end=epoch_end,
         )
+
+
+def _resolve_balance(requested: str, imbalance: float) -> str:
+    if requested == "auto":
+        return "weighted_loss" if imbalance > AUTO_BALANCE_RATIO else "none"
+    return requested
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from service.domain import HEAD_NAME_PATTERN, LabeledExample, Modality, TrainingConfig
 from service.errors import InvalidArgumentError, ResourceExhaustedError
+from service.heads import HEAD_TYPES
 
 DEFAULTS = TrainingConfig()
+CLASS_BALANCE_MODES = ("auto", "none", "weighted_loss", "oversample")
 # A linear probe trains on cached features, so an epoch costs microseconds: it gets many
 # more (early stopping ends it); unfrozen blocks cost a trunk pass per epoch.
 PROBE_DEFAULT_EPOCHS = 100
@@ -32,6 +34,16 @@ class TrainingConfigRequest:
     augment: bool | None = None
     seed: int = 0
     progress_every_steps: int = 0
+    head_type: str = ""
+    hidden_dim: int = 0
+    dropout: float | None = None
+    label_smoothing: float | None = None
+    weight_decay: float | None = None
+    unfreeze_every_epochs: int = 0
+    layer_lr_decay: float | None = None
+    class_balance: str = ""
+    prototype_temperature: float = 0.0
+    max_grad_norm: float | None = None
 
 
 def resolve_config(
@@ -66,6 +78,50 @@ def resolve_config(
     augment = bool(request.augment) if request.augment is not None else False
     if augment and modality is Modality.TEXT:
         raise InvalidArgumentError("config.augment: augmentation is for image backbones only")
+    head_type = request.head_type or DEFAULTS.head_type
+    if head_type not in HEAD_TYPES:
+        raise InvalidArgumentError(
+            f"config.head_type: {request.head_type!r} is not one of {', '.join(HEAD_TYPES)}"
+        )
+    if head_type == "prototype" and (blocks != 0 or augment):
+        raise InvalidArgumentError(
+            "config.head_type: a prototype head is built from frozen features in one pass; "
+            "it takes neither trainable_blocks nor augment"
+        )
+    if request.hidden_dim > 8192:
+        raise InvalidArgumentError(f"config.hidden_dim: {request.hidden_dim} is over 8192")
+    dropout = _fraction("config.dropout", request.dropout, DEFAULTS.dropout)
+    label_smoothing = _fraction(
+        "config.label_smoothing", request.label_smoothing, DEFAULTS.label_smoothing
+    )
+    weight_decay = _bounded(
+        "config.weight_decay", request.weight_decay, DEFAULTS.weight_decay, 0.0, 1.0
+    )
+    layer_lr_decay = _bounded(
+        "config.layer_lr_decay", request.layer_lr_decay, DEFAULTS.layer_lr_decay, 0.0, 1.0
+    )
+    max_grad_norm = _bounded(
+        "config.max_grad_norm", request.max_grad_norm, DEFAULTS.max_grad_norm, 0.0, 1e6
+    )
+    temperature = request.prototype_temperature or DEFAULTS.prototype_temperature
+    if math.isnan(temperature) or not 0.0 < temperature <= 100.0:
+        raise InvalidArgumentError(
+            f"config.prototype_temperature: {temperature} is not in (0, 100]"
+        )
+    if request.unfreeze_every_epochs and blocks == 0:
+        raise InvalidArgumentError(
+            "config.unfreeze_every_epochs: progressive unfreezing needs trainable_blocks != 0"
+        )
+    if request.unfreeze_every_epochs > MAX_EPOCHS:
+        raise InvalidArgumentError(
+            f"config.unfreeze_every_epochs: {request.unfreeze_every_epochs} is over {MAX_EPOCHS}"
+        )
+    class_balance = request.class_balance or DEFAULTS.class_balance
+    if class_balance not in CLASS_BALANCE_MODES:
+        raise InvalidArgumentError(
+            f"config.class_balance: {request.class_balance!r} is not one of "
+            f"{', '.join(CLASS_BALANCE_MODES)}"
+        )
     probe = blocks == 0
     default_epochs = PROBE_DEFAULT_EPOCHS if probe else DEFAULTS.epochs
     default_patience = PROBE_DEFAULT_PATIENCE if probe else DEFAULTS.early_stopping_patience
@@ -83,7 +139,34 @@ def resolve_config(
         augment=augment,
         seed=request.seed,
         progress_every_steps=request.progress_every_steps or DEFAULTS.progress_every_steps,
+        head_type=head_type,
+        hidden_dim=request.hidden_dim or DEFAULTS.hidden_dim,
+        dropout=dropout,
+        label_smoothing=label_smoothing,
+        weight_decay=weight_decay,
+        unfreeze_every_epochs=request.unfreeze_every_epochs,
+        layer_lr_decay=layer_lr_decay,
+        class_balance=class_balance,
+        prototype_temperature=temperature,
+        max_grad_norm=max_grad_norm,
     )
+
+
+def _fraction(field: str, value: float | None, default: float) -> float:
+    """A value in [0, 1); None means the default."""
+    if value is None:
+        return default
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise InvalidArgumentError(f"{field}: {value} is not in [0, 1)")
+    return value
+
+
+def _bounded(field: str, value: float | None, default: float, low: float, high: float) -> float:
+    if value is None:
+        return default
+    if math.isnan(value) or not low <= value <= high:
+        raise InvalidArgumentError(f"{field}: {value} is not in [{low:g}, {high:g}]")
+    return value
 
 
 def check_head_name(head_name: str, backbone: str) -> str:
@@ -120,3 +203,24 @@ def check_examples(
         raise InvalidArgumentError(
             f"{field}: labels name {len(counts)} class(es); a classifier needs at least 2"
         )
+
+
+def check_validation_examples(
+    examples: Sequence[LabeledExample],
+    training_labels: set[str],
+    modality: Modality,
+    field: str,
+) -> None:
+    """A caller-supplied validation set: same modality, labels among the training classes."""
+    for position, example in enumerate(examples):
+        where = f"{field}[{position}]"
+        if example.input.modality is not modality:
+            raise InvalidArgumentError(
+                f"{where}: {example.input.modality.value} input for a {modality.value} backbone"
+            )
+        if example.label not in training_labels:
+            raise InvalidArgumentError(
+                f"{where}.label: {example.label!r} is not one of the training classes"
+            )
+        if example.input.text is not None and not example.input.text.strip():
+            raise InvalidArgumentError(f"{where}.text: text is empty")

@@ -130,7 +130,7 @@ def test_jobs_and_events_survive_reopen(tmp_path: Path) -> None:
 
 def test_dataset_visible_only_after_commit(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    writer = store.begin_dataset()
+    writer = store.begin_dataset("default")
     writer.add([LabeledExample(ModelInput(text="hello"), "a")])
     with pytest.raises(NotFoundError):
         store.load_dataset(writer.dataset_id)
@@ -144,7 +144,7 @@ def test_dataset_visible_only_after_commit(tmp_path: Path) -> None:
 
 def test_an_interrupted_upload_is_dropped_on_restart(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    writer = store.begin_dataset()
+    writer = store.begin_dataset("default")
     writer.add([LabeledExample(ModelInput(text="hello"), "a")])
     store.close()  # the process dies before commit
     reopened = LocalStore(tmp_path)

@@ -246,6 +246,16 @@ class TrainingConfig(_message.Message):
     AUGMENT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PROGRESS_EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    HEAD_TYPE_FIELD_NUMBER: _builtins.int
+    HIDDEN_DIM_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    UNFREEZE_EVERY_EPOCHS_FIELD_NUMBER: _builtins.int
+    LAYER_LR_DECAY_FIELD_NUMBER: _builtins.int
+    CLASS_BALANCE_FIELD_NUMBER: _builtins.int
+    PROTOTYPE_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Maximum epochs; 0 means the default: 100 for a linear probe (cheap: cached features),
     20 when blocks are unfrozen.
@@ -268,6 +278,35 @@ class TrainingConfig(_message.Message):
     """Seed for the split, shuffling and initialisation; same seed, same head."""
     progress_every_steps: _builtins.int
     """Emit a progress event every this many optimiser steps; 0 means the default (10)."""
+    head_type: _builtins.str
+    """"linear" (default), "mlp" (one hidden layer with dropout), or "prototype" (class means
+    of normalised embeddings scored by cosine similarity: no gradient steps, one pass; for
+    1-10 examples per class).
+    """
+    hidden_dim: _builtins.int
+    """Hidden width of the "mlp" head; 0 means 256."""
+    dropout: _builtins.float
+    """Dropout before the "mlp" head's output layer; unset means 0.2."""
+    label_smoothing: _builtins.float
+    """Label smoothing of the cross-entropy loss; unset means 0."""
+    weight_decay: _builtins.float
+    """AdamW decoupled weight decay; unset means 1e-4."""
+    unfreeze_every_epochs: _builtins.int
+    """Progressive unfreezing: start with only the classifier training and unfreeze one more of
+    the `trainable_blocks` every this many epochs (top block first). 0 disables.
+    """
+    layer_lr_decay: _builtins.float
+    """Discriminative learning rates: each unfrozen block below the top one gets this factor
+    times the learning rate of the block above it. Unset means 0.5.
+    """
+    class_balance: _builtins.str
+    """"auto" (default: class-weighted loss when the largest class has over 1.5x the examples
+    of the smallest), "none", "weighted_loss" or "oversample".
+    """
+    prototype_temperature: _builtins.float
+    """Softmax temperature of the "prototype" head's cosine scores; 0 means 0.1."""
+    max_grad_norm: _builtins.float
+    """Gradient-norm clipping; unset means 1.0, 0 disables."""
     def __init__(
         self,
         *,
@@ -280,23 +319,53 @@ class TrainingConfig(_message.Message):
         augment: _builtins.bool | None = ...,
         seed: _builtins.int = ...,
         progress_every_steps: _builtins.int = ...,
+        head_type: _builtins.str = ...,
+        hidden_dim: _builtins.int = ...,
+        dropout: _builtins.float | None = ...,
+        label_smoothing: _builtins.float | None = ...,
+        weight_decay: _builtins.float | None = ...,
+        unfreeze_every_epochs: _builtins.int = ...,
+        layer_lr_decay: _builtins.float | None = ...,
+        class_balance: _builtins.str = ...,
+        prototype_temperature: _builtins.float = ...,
+        max_grad_norm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_early_stopping_patience", b"_early_stopping_patience", "_validation_fraction", b"_validation_fraction", "augment", b"augment", "early_stopping_patience", b"early_stopping_patience", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_dropout", b"_dropout", "_early_stopping_patience", b"_early_stopping_patience", "_label_smoothing", b"_label_smoothing", "_layer_lr_decay", b"_layer_lr_decay", "_max_grad_norm", b"_max_grad_norm", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "dropout", b"dropout", "early_stopping_patience", b"early_stopping_patience", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "max_grad_norm", b"max_grad_norm", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_early_stopping_patience", b"_early_stopping_patience", "_validation_fraction", b"_validation_fraction", "augment", b"augment", "batch_size", b"batch_size", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "progress_every_steps", b"progress_every_steps", "seed", b"seed", "trainable_blocks", b"trainable_blocks", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_dropout", b"_dropout", "_early_stopping_patience", b"_early_stopping_patience", "_label_smoothing", b"_label_smoothing", "_layer_lr_decay", b"_layer_lr_decay", "_max_grad_norm", b"_max_grad_norm", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "batch_size", b"batch_size", "class_balance", b"class_balance", "dropout", b"dropout", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "hidden_dim", b"hidden_dim", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "progress_every_steps", b"progress_every_steps", "prototype_temperature", b"prototype_temperature", "seed", b"seed", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__augment: _TypeAlias = _typing.Literal["augment"]  # noqa: Y015
     _WhichOneofArgType__augment: _TypeAlias = _typing.Literal["_augment", b"_augment"]  # noqa: Y015
+    _WhichOneofReturnType__dropout: _TypeAlias = _typing.Literal["dropout"]  # noqa: Y015
+    _WhichOneofArgType__dropout: _TypeAlias = _typing.Literal["_dropout", b"_dropout"]  # noqa: Y015
     _WhichOneofReturnType__early_stopping_patience: _TypeAlias = _typing.Literal["early_stopping_patience"]  # noqa: Y015
     _WhichOneofArgType__early_stopping_patience: _TypeAlias = _typing.Literal["_early_stopping_patience", b"_early_stopping_patience"]  # noqa: Y015
+    _WhichOneofReturnType__label_smoothing: _TypeAlias = _typing.Literal["label_smoothing"]  # noqa: Y015
+    _WhichOneofArgType__label_smoothing: _TypeAlias = _typing.Literal["_label_smoothing", b"_label_smoothing"]  # noqa: Y015
+    _WhichOneofReturnType__layer_lr_decay: _TypeAlias = _typing.Literal["layer_lr_decay"]  # noqa: Y015
+    _WhichOneofArgType__layer_lr_decay: _TypeAlias = _typing.Literal["_layer_lr_decay", b"_layer_lr_decay"]  # noqa: Y015
+    _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__validation_fraction: _TypeAlias = _typing.Literal["validation_fraction"]  # noqa: Y015
     _WhichOneofArgType__validation_fraction: _TypeAlias = _typing.Literal["_validation_fraction", b"_validation_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__augment) -> _WhichOneofReturnType__augment | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__early_stopping_patience) -> _WhichOneofReturnType__early_stopping_patience | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_smoothing) -> _WhichOneofReturnType__label_smoothing | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__layer_lr_decay) -> _WhichOneofReturnType__layer_lr_decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_fraction) -> _WhichOneofReturnType__validation_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainingConfig: _TypeAlias = TrainingConfig  # noqa: Y015
 
@@ -309,18 +378,34 @@ class FineTuneRequest(_message.Message):
     EXAMPLES_FIELD_NUMBER: _builtins.int
     DATASET_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATE_BACKBONES_FIELD_NUMBER: _builtins.int
     backbone: _builtins.str
     """Backbone name from ListBackbones."""
     head_name: _builtins.str
     """A name for the head; the head id is derived from it. Pattern [a-z0-9][a-z0-9_.-]{0,47}."""
     dataset_id: _builtins.str
     """A dataset from UploadDataset. Exclusive with `examples`."""
+    validation_dataset_id: _builtins.str
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
         """Inline examples, for sets that fit in one message. Exclusive with `dataset_id`."""
 
     @_builtins.property
     def config(self) -> Global___TrainingConfig: ...
+    @_builtins.property
+    def validation_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
+        """A caller-supplied validation set (inline or uploaded); when given, no examples are held
+        out of the training set and `validation_fraction` is ignored.
+        """
+
+    @_builtins.property
+    def candidate_backbones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With backbone "auto": the candidates to compare (default: every available backbone of the
+        examples' modality). Each is probed on a sample; the full head trains on the best.
+        """
+
     def __init__(
         self,
         *,
@@ -329,10 +414,13 @@ class FineTuneRequest(_message.Message):
         examples: _abc.Iterable[Global___Example] | None = ...,
         dataset_id: _builtins.str = ...,
         config: Global___TrainingConfig | None = ...,
+        validation_examples: _abc.Iterable[Global___Example] | None = ...,
+        validation_dataset_id: _builtins.str = ...,
+        candidate_backbones: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "config", b"config", "dataset_id", b"dataset_id", "examples", b"examples", "head_name", b"head_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "candidate_backbones", b"candidate_backbones", "config", b"config", "dataset_id", b"dataset_id", "examples", b"examples", "head_name", b"head_name", "validation_dataset_id", b"validation_dataset_id", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +461,10 @@ class TrainingPlan(_message.Message):
     STEPS_PER_EPOCH_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    HEAD_TYPE_FIELD_NUMBER: _builtins.int
+    UNFREEZE_EVERY_EPOCHS_FIELD_NUMBER: _builtins.int
+    LAYER_LR_DECAY_FIELD_NUMBER: _builtins.int
+    LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -383,6 +475,10 @@ class TrainingPlan(_message.Message):
     steps_per_epoch: _builtins.int
     device: _builtins.str
     early_stopping_patience: _builtins.int
+    head_type: _builtins.str
+    unfreeze_every_epochs: _builtins.int
+    layer_lr_decay: _builtins.float
+    label_smoothing: _builtins.float
     def __init__(
         self,
         *,
@@ -395,10 +491,14 @@ class TrainingPlan(_message.Message):
         steps_per_epoch: _builtins.int = ...,
         device: _builtins.str = ...,
         early_stopping_patience: _builtins.int = ...,
+        head_type: _builtins.str = ...,
+        unfreeze_every_epochs: _builtins.int = ...,
+        layer_lr_decay: _builtins.float = ...,
+        label_smoothing: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augment", b"augment", "batch_size", b"batch_size", "cached_features", b"cached_features", "device", b"device", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "steps_per_epoch", b"steps_per_epoch", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augment", b"augment", "batch_size", b"batch_size", "cached_features", b"cached_features", "device", b"device", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "steps_per_epoch", b"steps_per_epoch", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,10 +515,16 @@ class JobStarted(_message.Message):
     VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     CLASS_COUNTS_FIELD_NUMBER: _builtins.int
+    IMBALANCE_RATIO_FIELD_NUMBER: _builtins.int
+    CLASS_BALANCE_FIELD_NUMBER: _builtins.int
     backbone: _builtins.str
     head_name: _builtins.str
     train_examples: _builtins.int
     validation_examples: _builtins.int
+    imbalance_ratio: _builtins.float
+    """Examples of the largest class over those of the smallest (training split)."""
+    class_balance: _builtins.str
+    """What was done about imbalance: "none", "weighted_loss" or "oversample"."""
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -435,10 +541,12 @@ class JobStarted(_message.Message):
         validation_examples: _builtins.int = ...,
         plan: Global___TrainingPlan | None = ...,
         class_counts: _abc.Iterable[Global___ClassCount] | None = ...,
+        imbalance_ratio: _builtins.float = ...,
+        class_balance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_counts", b"class_counts", "class_names", b"class_names", "head_name", b"head_name", "plan", b"plan", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_balance", b"class_balance", "class_counts", b"class_counts", "class_names", b"class_names", "head_name", b"head_name", "imbalance_ratio", b"imbalance_ratio", "plan", b"plan", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,6 +633,9 @@ class TrainingMetrics(_message.Message):
     EPOCHS_RUN_FIELD_NUMBER: _builtins.int
     STOPPED_EARLY_FIELD_NUMBER: _builtins.int
     TRAINING_SECONDS_FIELD_NUMBER: _builtins.int
+    TRAIN_VALIDATION_GAP_FIELD_NUMBER: _builtins.int
+    MAJORITY_BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
+    BEATS_BASELINE_FIELD_NUMBER: _builtins.int
     train_loss: _builtins.float
     train_accuracy: _builtins.float
     validation_loss: _builtins.float
@@ -534,6 +645,14 @@ class TrainingMetrics(_message.Message):
     epochs_run: _builtins.int
     stopped_early: _builtins.bool
     training_seconds: _builtins.float
+    train_validation_gap: _builtins.float
+    """Training accuracy minus validation accuracy at the kept epoch (overfitting gauge)."""
+    majority_baseline_accuracy: _builtins.float
+    """Accuracy of always answering the most frequent training class, on the validation set."""
+    beats_baseline: _builtins.bool
+    """False when validation accuracy does not beat the majority baseline: negative or no
+    transfer; the head is still saved, but treat it with suspicion.
+    """
     def __init__(
         self,
         *,
@@ -545,15 +664,26 @@ class TrainingMetrics(_message.Message):
         epochs_run: _builtins.int = ...,
         stopped_early: _builtins.bool = ...,
         training_seconds: _builtins.float = ...,
+        train_validation_gap: _builtins.float | None = ...,
+        majority_baseline_accuracy: _builtins.float | None = ...,
+        beats_baseline: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "majority_baseline_accuracy", b"majority_baseline_accuracy", "train_validation_gap", b"train_validation_gap", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "best_epoch", b"best_epoch", "epochs_run", b"epochs_run", "stopped_early", b"stopped_early", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "training_seconds", b"training_seconds", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "beats_baseline", b"beats_baseline", "best_epoch", b"best_epoch", "epochs_run", b"epochs_run", "majority_baseline_accuracy", b"majority_baseline_accuracy", "stopped_early", b"stopped_early", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "train_validation_gap", b"train_validation_gap", "training_seconds", b"training_seconds", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__majority_baseline_accuracy: _TypeAlias = _typing.Literal["majority_baseline_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__majority_baseline_accuracy: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__train_validation_gap: _TypeAlias = _typing.Literal["train_validation_gap"]  # noqa: Y015
+    _WhichOneofArgType__train_validation_gap: _TypeAlias = _typing.Literal["_train_validation_gap", b"_train_validation_gap"]  # noqa: Y015
     _WhichOneofReturnType__validation_accuracy: _TypeAlias = _typing.Literal["validation_accuracy"]  # noqa: Y015
     _WhichOneofArgType__validation_accuracy: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy"]  # noqa: Y015
     _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
     _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__majority_baseline_accuracy) -> _WhichOneofReturnType__majority_baseline_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_validation_gap) -> _WhichOneofReturnType__train_validation_gap | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_accuracy) -> _WhichOneofReturnType__validation_accuracy | None: ...
     @_typing.overload
@@ -627,6 +757,72 @@ class JobCancelled(_message.Message):
 Global___JobCancelled: _TypeAlias = JobCancelled  # noqa: Y015
 
 @_typing.final
+class JobWarning(_message.Message):
+    """Something the caller should know that does not stop the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Machine-readable kind, e.g. "small_validation_set", "no_validation_set",
+    "does_not_beat_baseline".
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobWarning: _TypeAlias = JobWarning  # noqa: Y015
+
+@_typing.final
+class CandidateResult(_message.Message):
+    """Backbone auto-selection: one candidate's quick frozen-feature probe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKBONE_FIELD_NUMBER: _builtins.int
+    VALIDATION_ACCURACY_FIELD_NUMBER: _builtins.int
+    GFLOPS_FIELD_NUMBER: _builtins.int
+    ACCURACY_PER_GFLOP_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    SELECTED_FIELD_NUMBER: _builtins.int
+    backbone: _builtins.str
+    validation_accuracy: _builtins.float
+    gflops: _builtins.float
+    """Forward cost of one input at the configured size."""
+    accuracy_per_gflop: _builtins.float
+    latency_ms: _builtins.float
+    """Frozen-trunk milliseconds per example measured during the probe."""
+    selected: _builtins.bool
+    """True for the candidate the head is trained on."""
+    def __init__(
+        self,
+        *,
+        backbone: _builtins.str = ...,
+        validation_accuracy: _builtins.float = ...,
+        gflops: _builtins.float = ...,
+        accuracy_per_gflop: _builtins.float = ...,
+        latency_ms: _builtins.float = ...,
+        selected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy_per_gflop", b"accuracy_per_gflop", "backbone", b"backbone", "gflops", b"gflops", "latency_ms", b"latency_ms", "selected", b"selected", "validation_accuracy", b"validation_accuracy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateResult: _TypeAlias = CandidateResult  # noqa: Y015
+
+@_typing.final
 class FineTuneEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -638,6 +834,8 @@ class FineTuneEvent(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     sequence: _builtins.int
     """Strictly increasing per job, starting at 1."""
@@ -653,6 +851,10 @@ class FineTuneEvent(_message.Message):
     def failed(self) -> Global___JobFailed: ...
     @_builtins.property
     def cancelled(self) -> Global___JobCancelled: ...
+    @_builtins.property
+    def warning(self) -> Global___JobWarning: ...
+    @_builtins.property
+    def candidate(self) -> Global___CandidateResult: ...
     def __init__(
         self,
         *,
@@ -664,12 +866,14 @@ class FineTuneEvent(_message.Message):
         completed: Global___JobCompleted | None = ...,
         failed: Global___JobFailed | None = ...,
         cancelled: Global___JobCancelled | None = ...,
+        warning: Global___JobWarning | None = ...,
+        candidate: Global___CandidateResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "event", b"event", "failed", b"failed", "progress", b"progress", "started", b"started", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "progress", b"progress", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "event", b"event", "failed", b"failed", "job_id", b"job_id", "progress", b"progress", "sequence", b"sequence", "started", b"started", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "job_id", b"job_id", "progress", b"progress", "sequence", b"sequence", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "completed", "failed", "cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "completed", "failed", "cancelled", "warning", "candidate"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -890,6 +1094,7 @@ class Head(_message.Message):
     CREATED_TIME_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    HEAD_TYPE_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
     name: _builtins.str
     backbone: _builtins.str
@@ -900,6 +1105,7 @@ class Head(_message.Message):
     size_bytes: _builtins.int
     """Bytes of the head's own weights (the shared backbone is not counted)."""
     job_id: _builtins.str
+    head_type: _builtins.str
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -923,10 +1129,11 @@ class Head(_message.Message):
         created_time: _timestamp_pb2.Timestamp | None = ...,
         size_bytes: _builtins.int = ...,
         job_id: _builtins.str = ...,
+        head_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_time", b"created_time", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "head_id", b"head_id", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "head_id", b"head_id", "head_type", b"head_type", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

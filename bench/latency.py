@@ -1,0 +1,192 @@
+"""Single-input Predict latency over gRPC minus raw single-input forward latency.
+
+Sequential calls, one input each, after a warm-up. Each iteration runs, back to back, one
+Predict over gRPC, the raw baseline including decode + preprocess (PNG decode / tokenise,
+resize, normalise, collate, trunk, head, softmax) and the raw model only (trunk + head on an
+input already on the device), so machine noise hits all three alike. The order within an
+iteration rotates. Reported: p50/p90/p99 of each, the server's overhead in ms over each raw
+variant (difference of the percentiles) and the ratio.
+
+    .venv/bin/python -m bench.latency [--quick] [--image-size 224] [--batch-wait-ms 0]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bench.common import (
+    Environment,
+    bench_server,
+    connect,
+    fashion_pngs,
+    model_inputs,
+    parser,
+    percentile,
+    raw_model,
+    server_overrides,
+    short_texts,
+    table,
+    train_probe,
+    trunk_precision,
+)
+from client import AsyncTransferClient
+from client.types import InputData
+from service.app import Application
+
+IMAGE_BACKBONE = "efficientnet_lite0"
+TEXT_BACKBONE = "minilm_l6"
+PERCENTILES = (50.0, 90.0, 99.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    warmup: int
+    calls: int
+
+
+FULL = Plan(warmup=20, calls=200)
+QUICK = Plan(warmup=5, calls=30)
+
+
+@dataclass(slots=True)
+class Samples:
+    backbone: str
+    server: list[float]
+    raw_full: list[float]
+    raw_model: list[float]
+
+
+async def _measure(
+    app: Application,
+    client: AsyncTransferClient,
+    head_id: str,
+    pool: Sequence[InputData],
+    plan: Plan,
+) -> Samples:
+    raw = raw_model(app, head_id)
+    decoded = model_inputs(pool)
+    ready = [raw.collate(raw.prepare([item])) for item in decoded[:16]]
+    samples = Samples(raw.backbone.name, [], [], [])
+
+    async def server(i: int) -> None:
+        await client.predict(head_id, [pool[i % len(pool)]])
+
+    async def raw_full(i: int) -> None:
+        raw.predict([decoded[i % len(decoded)]])
+
+    async def raw_only(i: int) -> None:
+        raw.forward(ready[i % len(ready)])
+
+    measured: list[tuple[Callable[[int], Awaitable[None]], list[float]]] = [
+        (server, samples.server),
+        (raw_full, samples.raw_full),
+        (raw_only, samples.raw_model),
+    ]
+    for i in range(plan.warmup + plan.calls):
+        rotation = i % len(measured)
+        for call, into in measured[rotation:] + measured[:rotation]:
+            started = time.perf_counter()
+            await call(i)
+            elapsed = time.perf_counter() - started
+            if i >= plan.warmup:
+                into.append(elapsed)
+    return samples
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _rows(samples: Samples) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for q in PERCENTILES:
+        server = percentile(samples.server, q)
+        full = percentile(samples.raw_full, q)
+        model = percentile(samples.raw_model, q)
+        rows.append(
+            (
+                samples.backbone,
+                f"p{q:g}",
+                _ms(server),
+                _ms(full),
+                _ms(model),
+                f"**{_ms(server - full)}**",
+                _ms(server - model),
+                f"{server / full:.3f}",
+                f"{server / model:.3f}",
+            )
+        )
+    return rows
+
+
+async def run(quick: bool, overrides: dict[str, object]) -> None:
+    plan = QUICK if quick else FULL
+    environment = Environment()
+    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
+    with bench_server({"preload_backbones": backbones, **overrides}) as running:
+        app = running.app
+        async with connect(running) as client:
+            print("training one probe head per backbone ...", flush=True)
+            image_head = await train_probe(
+                client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
+            )
+            text_head = await train_probe(
+                client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
+            )
+            images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
+            texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
+            results = [
+                await _measure(app, client, image_head, images, plan),
+                await _measure(app, client, text_head, texts, plan),
+            ]
+        image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
+        environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
+        environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+        environment.note(
+            "calls", f"{plan.calls} measured per variant after {plan.warmup} warm-up, sequential"
+        )
+        environment.note("server batch_max_wait_ms", app.settings.batch_max_wait_ms)
+        environment.note("trunk precision", trunk_precision(app, IMAGE_BACKBONE))
+        report = environment.markdown(app.backbones.device)
+
+    print()
+    print("## Single-input latency: Predict over gRPC vs raw in-process forward (ms)")
+    print()
+    print(
+        table(
+            (
+                "backbone",
+                "pct",
+                "server",
+                "raw incl. decode",
+                "raw model only",
+                "overhead vs incl. decode",
+                "overhead vs model only",
+                "server / incl. decode",
+                "server / model only",
+            ),
+            [row for samples in results for row in _rows(samples)],
+        )
+    )
+    print()
+    for samples in results:
+        p50 = percentile(samples.server, 50) - percentile(samples.raw_full, 50)
+        p99 = percentile(samples.server, 99) - percentile(samples.raw_full, 99)
+        print(
+            f"{samples.backbone}: server overhead over raw incl. decode "
+            f"{p50 * 1000:.1f} ms at p50, {p99 * 1000:.1f} ms at p99"
+        )
+    print()
+    print(report)
+
+
+def main() -> None:
+    arguments = parser(__doc__.splitlines()[0]).parse_args()
+    asyncio.run(run(arguments.quick, server_overrides(arguments)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Each training-config field is honoured end to end over gRPC, and an invalid one is
+INVALID_ARGUMENT naming the field."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from client import (
+    InvalidArgumentError,
+    JobCompleted,
+    JobProgress,
+    JobStarted,
+    JobWarning,
+    TrainingConfig,
+    TransferClient,
+)
+from client._proto.transfer.v1 import transfer_service_pb2 as pb
+from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer
+
+
+def events_of(
+    client: TransferClient, examples: list[tuple[bytes, str]], config: TrainingConfig
+) -> list[object]:
+    return list(client.fine_tune("efficientnet_lite0", examples, head_name="cfg", config=config))
+
+
+def test_plan_reflects_the_config(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train = fashion_small[0][:24]
+    config = TrainingConfig(
+        epochs=3,
+        batch_size=8,
+        learning_rate=0.01,
+        trainable_blocks=2,
+        unfreeze_every_epochs=1,
+        layer_lr_decay=0.3,
+        label_smoothing=0.1,
+        head_type="mlp",
+        hidden_dim=64,
+        class_balance="none",
+        early_stopping_patience=0,
+        validation_fraction=0.25,
+        seed=9,
+    )
+    events = events_of(client, train, config)
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    plan = started.plan
+    assert (plan.epochs, plan.batch_size, plan.trainable_blocks) == (3, 8, 2)
+    assert plan.learning_rate == pytest.approx(0.01)
+    assert plan.head_type == "mlp" and plan.unfreeze_every_epochs == 1
+    assert plan.layer_lr_decay == pytest.approx(0.3) and plan.label_smoothing == pytest.approx(0.1)
+    assert started.class_balance == "none"
+    held_out = sum(min(round(n * 0.25), n - 1) for n in started.class_counts.values())
+    assert started.validation_examples == held_out
+    assert plan.steps_per_epoch == -(-started.train_examples // 8)
+    epoch_ends = [e.progress for e in events if isinstance(e, JobProgress) and e.progress.epoch_end]
+    assert len(epoch_ends) == 3  # patience 0: no early stop
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    head = client.get_head(completed.head_id)
+    assert head.head_type == "mlp" and head.trainable_blocks == 2
+    assert head.config.hidden_dim == 64 and head.config.seed == 9
+
+
+def test_same_seed_same_head(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train, test = fashion_small
+    config = TrainingConfig(epochs=5, seed=21)
+    first = client.train("efficientnet_lite0", train, head_name="seeded", config=config)
+    second = client.train("efficientnet_lite0", train, head_name="seeded", config=config)
+    images = [x for x, _ in test[:10]]
+    a = client.predict(first.head_id, images)
+    b = client.predict(second.head_id, images)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert [p.score for p in a] == pytest.approx([p.score for p in b], abs=1e-5)
+
+
+def test_prototype_head_over_grpc(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train, test = fashion_small
+    five_shot = []
+    for label in sorted({y for _, y in train}):
+        five_shot += [(x, y) for x, y in train if y == label][:5]
+    events = events_of(client, five_shot, TrainingConfig(head_type="prototype"))
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    assert completed.metrics.epochs_run == 1
+    assert any(isinstance(e, JobWarning) and e.code == "small_validation_set" for e in events)
+    predictions = client.predict(completed.head_id, [x for x, _ in test])
+    accuracy = sum(p.label == y for p, (_, y) in zip(predictions, test, strict=True)) / len(test)
+    assert accuracy >= 0.5  # 4 classes, 4 examples each after the split: chance is 0.25
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (pb.TrainingConfig(head_type="forest"), "config.head_type"),
+        (pb.TrainingConfig(head_type="prototype", trainable_blocks=1), "config.head_type"),
+        (pb.TrainingConfig(dropout=1.5), "config.dropout"),
+        (pb.TrainingConfig(label_smoothing=-0.1), "config.label_smoothing"),
+        (pb.TrainingConfig(weight_decay=float("nan")), "config.weight_decay"),
+        (pb.TrainingConfig(layer_lr_decay=2.0), "config.layer_lr_decay"),
+        (pb.TrainingConfig(unfreeze_every_epochs=2), "config.unfreeze_every_epochs"),
+        (pb.TrainingConfig(class_balance="magic"), "config.class_balance"),
+        (pb.TrainingConfig(prototype_temperature=-1.0), "config.prototype_temperature"),
+        (pb.TrainingConfig(max_grad_norm=-1.0), "config.max_grad_norm"),
+        (pb.TrainingConfig(hidden_dim=100_000), "config.hidden_dim"),
+        (pb.TrainingConfig(epochs=100_000), "config.epochs"),
+        (pb.TrainingConfig(batch_size=100_000), "config.batch_size"),
+        (pb.TrainingConfig(learning_rate=-1.0), "config.learning_rate"),
+        (pb.TrainingConfig(trainable_blocks=10), "config.trainable_blocks"),
+    ],
+)
+def test_invalid_config_names_the_field(
+    server: RunningServer,
+    fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]],
+    config: pb.TrainingConfig,
+    field: str,
+) -> None:
+    examples = [pb.Example(image=x, label=y) for x, y in fashion_small[0][:8]]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TransferServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in stub.FineTune(
+                pb.FineTuneRequest(backbone="efficientnet_lite0", examples=examples, config=config),
+                timeout=30,
+            ):
+                pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert field in (raised.value.details() or "")  # type: ignore[attr-defined]
+
+
+def test_sdk_raises_invalid_argument(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"config\.head_type"):
+        client.train(
+            "efficientnet_lite0", fashion_small[0][:8], config=TrainingConfig(head_type="forest")
+        )
