@@ -408,6 +408,9 @@ def fine_tune_request(
     dataset_id: str | None,
     head_name: str,
     config: TrainingConfig | None,
+    validation_examples: Iterable[LabelledExample] | None = None,
+    validation_dataset_id: str | None = None,
+    candidate_backbones: Iterable[str] = (),
 ) -> pb.FineTuneRequest:
     if (examples is None) == (dataset_id is None):
         raise ValueError("pass either examples or dataset_id (from upload_dataset), not both")
@@ -418,6 +421,11 @@ def fine_tune_request(
         request.dataset_id = dataset_id
     if config is not None:
         request.config.CopyFrom(training_config_to_pb(config))
+    if validation_examples is not None:
+        request.validation_examples.extend(example_to_pb(e) for e in validation_examples)
+    if validation_dataset_id is not None:
+        request.validation_dataset_id = validation_dataset_id
+    request.candidate_backbones.extend(candidate_backbones)
     return request
 
 

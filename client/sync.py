@@ -113,6 +113,9 @@ class TransferClient:
         dataset_id: str | None = None,
         head_name: str = "",
         config: TrainingConfig | None = None,
+        validation_examples: Iterable[LabelledExample] | None = None,
+        validation_dataset_id: str | None = None,
+        candidate_backbones: Iterable[str] = (),
     ) -> Iterator[FineTuneEvent]:
         """Starts a training job and yields its events until it ends.
 
@@ -120,7 +123,14 @@ class TransferClient:
         (`watch_job` re-attaches, `cancel_job` stops it).
         """
         request = convert.fine_tune_request(
-            backbone, examples, dataset_id=dataset_id, head_name=head_name, config=config
+            backbone,
+            examples,
+            dataset_id=dataset_id,
+            head_name=head_name,
+            config=config,
+            validation_examples=validation_examples,
+            validation_dataset_id=validation_dataset_id,
+            candidate_backbones=candidate_backbones,
         )
         return self._events(self._stub.FineTune(request, metadata=self._metadata))
 
@@ -132,11 +142,21 @@ class TransferClient:
         dataset_id: str | None = None,
         head_name: str = "",
         config: TrainingConfig | None = None,
+        validation_examples: Iterable[LabelledExample] | None = None,
+        validation_dataset_id: str | None = None,
+        candidate_backbones: Iterable[str] = (),
         on_event: Callable[[FineTuneEvent], object] | None = None,
     ) -> JobCompleted:
         """Runs `fine_tune` to the end; a failed or cancelled job raises its `TransferError`."""
         request = convert.fine_tune_request(
-            backbone, examples, dataset_id=dataset_id, head_name=head_name, config=config
+            backbone,
+            examples,
+            dataset_id=dataset_id,
+            head_name=head_name,
+            config=config,
+            validation_examples=validation_examples,
+            validation_dataset_id=validation_dataset_id,
+            candidate_backbones=candidate_backbones,
         )
         job_id = ""
         with contextlib.closing(

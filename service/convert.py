@@ -30,6 +30,7 @@ from service.domain import (
     TrainingProgress,
 )
 from service.errors import InvalidArgumentError
+from service.operations import FineTuneCall
 from service.training.validation import TrainingConfigRequest
 
 _MODALITY = {Modality.IMAGE: pb.MODALITY_IMAGE, Modality.TEXT: pb.MODALITY_TEXT}
@@ -299,4 +300,17 @@ def dataset_info(info: DatasetInfo) -> pb.UploadDatasetResponse:
         example_count=info.example_count,
         class_counts=[pb.ClassCount(label=k, count=v) for k, v in info.class_counts],
         modality=_MODALITY[info.modality],
+    )
+
+
+def fine_tune_call(request: pb.FineTuneRequest) -> FineTuneCall:
+    return FineTuneCall(
+        backbone=request.backbone,
+        head_name=request.head_name,
+        examples=labeled_examples(request.examples),
+        dataset_id=request.dataset_id,
+        config=training_config_request(request.config),
+        validation_examples=labeled_examples(request.validation_examples, "validation_examples"),
+        validation_dataset_id=request.validation_dataset_id,
+        candidate_backbones=tuple(request.candidate_backbones),
     )

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service.backbones.cache import BackboneCache, BackboneStatus
@@ -26,7 +27,12 @@ from service.domain import (
     ModelInput,
     PredictionResult,
 )
-from service.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from service.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from service.heads import HeadCache
 from service.inference import Predictor
 from service.store.interface import Store
@@ -36,10 +42,27 @@ from service.training.validation import (
     TrainingConfigRequest,
     check_examples,
     check_head_name,
+    check_validation_examples,
     resolve_config,
 )
 
 T = TypeVar("T")
+AUTO_BACKBONE = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class FineTuneCall:
+    """A FineTune request in domain terms."""
+
+    backbone: str
+    head_name: str
+    examples: Sequence[LabeledExample]
+    dataset_id: str
+    config: TrainingConfigRequest
+    validation_examples: Sequence[LabeledExample] = ()
+    validation_dataset_id: str = ""
+    candidate_backbones: Sequence[str] = ()
+
 
 log = logging.getLogger(__name__)
 
@@ -76,43 +99,102 @@ class TransferOperations:
         statuses: list[BackboneStatus] = await self._blocking(self._backbones.statuses)
         return statuses
 
-    async def start_fine_tune(
-        self,
-        tenant: str,
-        backbone: str,
-        head_name: str,
-        examples: Sequence[LabeledExample],
-        dataset_id: str,
-        config: TrainingConfigRequest,
-    ) -> JobRecord:
+    async def start_fine_tune(self, tenant: str, call: FineTuneCall) -> JobRecord:
         """Validates everything that can be checked up front, then queues the job."""
-        spec = self._backbones.check_available(backbone)
-        name = check_head_name(head_name, backbone)
-        if examples and dataset_id:
-            raise InvalidArgumentError("dataset_id: send either examples or a dataset_id, not both")
-        field = "examples"
-        if dataset_id:
-            check_id("dataset_id", dataset_id)
-            info, loaded = await self._blocking(self._store.load_dataset, dataset_id)
-            if info.tenant != tenant:
-                raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
-            examples, field = loaded, f"dataset {dataset_id}"
-        check_examples(examples, spec.modality, self._max_examples, field)
-        if spec.modality is Modality.IMAGE and not dataset_id:
-            await self._blocking(self._check_images, examples, field)  # datasets: checked at upload
-        stages = next(s.unfreezable_blocks for s in await self.list_backbones() if s.spec is spec)
-        resolved = resolve_config(config, spec.modality, stages)
+        examples, field = await self._examples(
+            tenant, call.examples, call.dataset_id, "examples", "dataset_id"
+        )
+        validation, validation_field = await self._examples(
+            tenant,
+            call.validation_examples,
+            call.validation_dataset_id,
+            "validation_examples",
+            "validation_dataset_id",
+        )
+        statuses = await self.list_backbones()
+        if call.backbone == AUTO_BACKBONE:
+            if not examples:
+                raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
+            modality = examples[0].input.modality
+            candidates = self._candidates(call.candidate_backbones, modality, statuses)
+        else:
+            if call.candidate_backbones:
+                raise InvalidArgumentError(
+                    f"candidate_backbones: only with backbone {AUTO_BACKBONE!r}"
+                )
+            modality = self._backbones.check_available(call.backbone).modality
+            candidates = [call.backbone]
+        name = check_head_name(call.head_name, call.backbone)
+        check_examples(examples, modality, self._max_examples, field)
+        labels = {example.label for example in examples}
+        check_validation_examples(validation, labels, modality, validation_field)
+        if modality is Modality.IMAGE:
+            # Uploaded datasets were checked at upload; inline images are checked here.
+            if not call.dataset_id:
+                await self._blocking(self._check_images, examples, field)
+            if not call.validation_dataset_id:
+                await self._blocking(self._check_images, validation, validation_field)
+        stages = min(s.unfreezable_blocks for s in statuses if s.spec.name in candidates)
+        resolved = resolve_config(call.config, modality, stages)
         job = self._jobs.submit(
-            FineTuneSpec(backbone, name, tuple(examples), resolved, tenant=tenant)
+            FineTuneSpec(
+                call.backbone,
+                name,
+                tuple(examples),
+                resolved,
+                tenant=tenant,
+                validation_examples=tuple(validation),
+                candidate_backbones=tuple(candidates) if call.backbone == AUTO_BACKBONE else (),
+            )
         )
         log.info(
             "job %s queued: backbone %s, head name %s, %d examples",
             job.job_id,
-            backbone,
+            call.backbone,
             name,
             len(examples),
         )
         return job
+
+    async def _examples(
+        self,
+        tenant: str,
+        inline: Sequence[LabeledExample],
+        dataset_id: str,
+        inline_field: str,
+        dataset_field: str,
+    ) -> tuple[Sequence[LabeledExample], str]:
+        """Inline examples or a stored dataset's (never both), and the field to blame."""
+        if inline and dataset_id:
+            raise InvalidArgumentError(
+                f"{dataset_field}: send either {inline_field} or a {dataset_field}, not both"
+            )
+        if not dataset_id:
+            return inline, inline_field
+        check_id(dataset_field, dataset_id)
+        info, loaded = await self._blocking(self._store.load_dataset, dataset_id)
+        if info.tenant != tenant:
+            raise NotFoundError(f"{dataset_field}: no dataset {dataset_id!r}")
+        return loaded, f"dataset {dataset_id}"
+
+    def _candidates(
+        self, requested: Sequence[str], modality: Modality, statuses: list[BackboneStatus]
+    ) -> list[str]:
+        """Backbone auto-selection candidates: the requested ones (each must exist, be
+        available and take this modality), or every available backbone of the modality."""
+        if requested:
+            for position, name in enumerate(requested):
+                spec = self._backbones.check_available(name)
+                if spec.modality is not modality:
+                    raise InvalidArgumentError(
+                        f"candidate_backbones[{position}]: {name} takes "
+                        f"{spec.modality.value}, the examples are {modality.value}"
+                    )
+            return list(dict.fromkeys(requested))
+        names = [s.spec.name for s in statuses if s.available and s.spec.modality is modality]
+        if not names:
+            raise FailedPreconditionError(f"backbone: no {modality.value} backbone is available")
+        return names
 
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):

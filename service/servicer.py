@@ -101,14 +101,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     async def FineTune(
         self, request: pb.FineTuneRequest, context: Context
     ) -> AsyncIterator[pb.FineTuneEvent]:
-        job = await self._ops.start_fine_tune(
-            current_tenant(),
-            request.backbone,
-            request.head_name,
-            convert.labeled_examples(request.examples),
-            request.dataset_id,
-            convert.training_config_request(request.config),
-        )
+        job = await self._ops.start_fine_tune(current_tenant(), convert.fine_tune_call(request))
         async for event in self._ops.watch_job(current_tenant(), job.job_id):
             yield convert.event(event)
 

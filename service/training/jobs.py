@@ -41,6 +41,7 @@ from service.errors import (
 )
 from service.heads import HeadCache, LoadedHead, head_weights
 from service.store.interface import Store
+from service.training.selection import select_backbone
 from service.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,18 @@ class JobManager:
             return
         self._set_state(live, JobState.RUNNING)
         try:
+            if spec.candidate_backbones:
+                chosen = select_backbone(
+                    spec.candidate_backbones,
+                    self._backbones.get,
+                    spec,
+                    lambda payload: self._emit(live, payload),
+                    live.cancel,
+                    self._feature_cache_bytes,
+                )
+                spec = replace(spec, backbone=chosen, candidate_backbones=())
+                live.record.backbone = chosen
+                self._store.save_job(live.record)
             backbone = self._backbones.get(spec.backbone)
             trainer = Trainer(
                 backbone,

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from client import (
+    CandidateResult,
     InvalidArgumentError,
     JobCompleted,
     JobProgress,
@@ -143,3 +144,82 @@ def test_sdk_raises_invalid_argument(
         client.train(
             "efficientnet_lite0", fashion_small[0][:8], config=TrainingConfig(head_type="forest")
         )
+
+
+def test_caller_validation_set_is_used_as_given(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train, test = fashion_small
+    validation = test[:12]
+    events = list(
+        client.fine_tune(
+            "efficientnet_lite0",
+            train,
+            head_name="given-val",
+            config=TrainingConfig(epochs=3),
+            validation_examples=validation,
+        )
+    )
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    assert started.train_examples == len(train)
+    assert started.validation_examples == len(validation)
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    metrics = completed.metrics
+    assert (
+        metrics.majority_baseline_accuracy is not None and metrics.train_validation_gap is not None
+    )
+    # The validation accuracy is measured on exactly the given examples.
+    predictions = client.predict(completed.head_id, [x for x, _ in validation])
+    kept_epoch_accuracy = metrics.validation_accuracy
+    assert kept_epoch_accuracy is not None
+    measured = sum(p.label == y for p, (_, y) in zip(predictions, validation, strict=True))
+    assert measured / len(validation) == pytest.approx(kept_epoch_accuracy, abs=1e-6)
+
+
+def test_validation_label_outside_the_training_classes(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train, test = fashion_small
+    with pytest.raises(InvalidArgumentError, match=r"validation_examples\[0\]\.label"):
+        client.train("efficientnet_lite0", train, validation_examples=[(test[0][0], "not-a-class")])
+
+
+def test_backbone_auto_selection(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train, _ = fashion_small
+    candidates = ["efficientnet_lite0", "efficientnet_lite2"]
+    events = list(
+        client.fine_tune(
+            "auto",
+            train,
+            head_name="auto-pick",
+            config=TrainingConfig(epochs=3),
+            candidate_backbones=candidates,
+        )
+    )
+    results = [e for e in events if isinstance(e, CandidateResult)]
+    assert [r.backbone for r in results if not r.selected] == candidates
+    [winner] = [r for r in results if r.selected]
+    assert all(r.gflops > 0 and r.latency_ms > 0 for r in results)
+    lite0, lite2 = results[0], results[1]
+    assert lite2.gflops > lite0.gflops  # the larger input and model cost more
+    assert winner.accuracy_per_gflop == pytest.approx(winner.validation_accuracy / winner.gflops)
+    started = next(e for e in events if isinstance(e, JobStarted))
+    assert started.backbone == winner.backbone
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    assert client.get_head(completed.head_id).backbone == winner.backbone
+    assert client.get_job(completed.job_id).backbone == winner.backbone
+
+
+def test_auto_selection_refuses_bad_candidates(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    train = fashion_small[0][:8]
+    with pytest.raises(InvalidArgumentError, match=r"candidate_backbones\[1\]"):
+        client.train("auto", train, candidate_backbones=["efficientnet_lite0", "minilm_l6"])
+    with pytest.raises(InvalidArgumentError, match="candidate_backbones"):
+        client.train("efficientnet_lite0", train, candidate_backbones=["efficientnet_lite2"])
