@@ -10,11 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from service.errors import ConfigurationError
 from service.request_interceptor import RequestInterceptor
 from service.servicer import TransferServicer
 from service.settings import Settings
+from service.wire import add_transfer_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransferService"].full_name
 
@@ -50,7 +50,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_TransferServiceServicer_to_server(servicer, server)
+    add_transfer_service(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     reflection.enable_server_reflection(
         (

@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.operations import TransferOperations
 from service.request_scope import current_tenant
 from service.status import status_code_for
+from service.wire import MalformedRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ async def _abort(context: Context, error: BaseException, method: str) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has details")
 
 
+def _reject_malformed(request: object) -> None:
+    """Request bytes that did not parse (see wire.py) are INVALID_ARGUMENT."""
+    if isinstance(request, MalformedRequest):
+        raise request.error()
+
+
 def unary(
     method: Callable[[Any, Request, Context], Awaitable[Response]],
 ) -> Callable[[Any, Request, Context], Awaitable[Response]]:
@@ -47,6 +54,7 @@ def unary(
     async def wrapper(self: TransferServicer, request: Request, context: Context) -> Response:
         started = time.perf_counter()
         try:
+            _reject_malformed(request)
             response = await method(self, request, context)
         except Exception as error:
             self._record(method.__name__, status_code_for(error).name, started)
@@ -68,6 +76,7 @@ def streaming(
         started = time.perf_counter()
         failed = False
         try:
+            _reject_malformed(request)
             async for response in method(self, request, context):
                 yield response
         except Exception as error:
@@ -133,6 +142,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
         async def chunks() -> AsyncIterator[list[LabeledExample]]:
             offset = 0
             async for chunk in request_iterator:
+                _reject_malformed(chunk)
                 examples = convert.labeled_examples(chunk.examples, f"examples(+{offset})")
                 offset += len(examples)
                 yield examples

@@ -109,3 +109,29 @@ def test_every_error_row(
     assert not failures, "\n".join(failures)
     # The server is still healthy and serving after all of that.
     assert stub.ListBackbones(pb.ListBackbonesRequest(), timeout=30).backbones
+
+
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [
+        ("Predict", "unary"),
+        ("ListBackbones", "unary"),
+        ("GetJob", "unary"),
+        ("FineTune", "server-stream"),
+        ("UploadDataset", "client-stream"),
+    ],
+)
+def test_bytes_that_are_not_a_message_are_invalid_argument(
+    server: RunningServer, method: str, shape: str
+) -> None:
+    garbage = b"\xff\xff\xff\xff\x0f not protobuf"
+    path = f"/transfer.v1.TransferService/{method}"
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as raised:
+        if shape == "unary":
+            channel.unary_unary(path)(garbage, timeout=30)
+        elif shape == "server-stream":
+            list(channel.unary_stream(path)(garbage, timeout=30))
+        else:
+            channel.stream_unary(path)(iter([garbage]), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "not a valid transfer.v1." in (raised.value.details() or "")  # type: ignore[attr-defined]
