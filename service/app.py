@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service.backbones.cache import BackboneCache
 from service.backbones.catalog import PreprocessingOptions, default_catalog
-from service.cache_load_timing import LoadTimedBackboneCache, LoadTimedHeadCache
 from service.domain import ModelInput
 from service.errors import ConfigurationError
+from service.heads import HeadCache
 from service.inference import Predictor, PredictTimings
 from service.metrics import Metrics
 from service.operations import TransferOperations
@@ -115,7 +115,7 @@ def build_application(settings: Settings) -> Application:
     metrics = Metrics(registry)
     device = choose_device(settings.device)
     store = LocalStore(settings.store_dir)
-    backbones: BackboneCache = LoadTimedBackboneCache(
+    backbones = BackboneCache(
         default_catalog(),
         weights_dir=settings.weights_dir,
         device=device,
@@ -127,7 +127,7 @@ def build_application(settings: Settings) -> Application:
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
         on_load=metrics.cache_load.labels(cache="backbone").observe,
     )
-    heads = LoadTimedHeadCache(
+    heads = HeadCache(
         backbones,
         store.get_head,
         store.load_head_weights,
@@ -150,6 +150,7 @@ def build_application(settings: Settings) -> Application:
                 metrics, new.value, old.value if old else None
             ),
             on_step=metrics.training_step.observe,
+            on_epoch=lambda seconds, rate: _record_epoch(metrics, seconds, rate),
             on_finished=lambda outcome, head: _job_finished(metrics, outcome, head),
         ),
     )
@@ -215,6 +216,11 @@ def build_application(settings: Settings) -> Application:
         metrics_port=metrics_port,
         pools=(blocking_pool, compute_pool),
     )
+
+
+def _record_epoch(metrics: Metrics, seconds: float, examples_per_second: float) -> None:
+    metrics.training_epoch.observe(seconds)
+    metrics.training_throughput.set(examples_per_second)
 
 
 def _count_job_state(metrics: Metrics, new: str, old: str | None) -> None:

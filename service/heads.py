@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,7 +169,9 @@ class HeadCache:
         load_weights: Callable[[str], dict[str, torch.Tensor]],
         max_entries: int,
         on_event: Callable[[str, str], None] | None = None,
+        on_load: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_load = on_load or (lambda seconds: None)
         self._backbones = backbones
         self._load_record = load_record
         self._load_weights = load_weights
@@ -186,6 +189,7 @@ class HeadCache:
                 self._on_event("hit", "head")
                 return loaded
         self._on_event("miss", "head")
+        load_started = time.perf_counter()
         record = self._load_record(head_id)
         backbone = self._backbones.get(record.backbone)
         module = build_head(
@@ -198,6 +202,7 @@ class HeadCache:
         module.load_state_dict(self._load_weights(head_id), strict=True)
         module.requires_grad_(False)
         module.eval()
+        self._on_load(time.perf_counter() - load_started)
         loaded = LoadedHead(record, module)
         with self._lock:
             self._heads[head_id] = loaded

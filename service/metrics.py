@@ -74,6 +74,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.training_epoch = Histogram(
+            "transfer_training_epoch_duration_seconds",
+            "Duration of one training epoch (validation included).",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+        self.training_throughput = Gauge(
+            "transfer_training_examples_per_second",
+            "Training examples per second over the newest finished epoch.",
+            registry=registry,
+        )
         self.jobs = Gauge("transfer_jobs", "Jobs by state.", ["state"], registry=registry)
         self.jobs_finished = Counter(
             "transfer_jobs_finished", "Jobs finished, by outcome.", ["outcome"], registry=registry

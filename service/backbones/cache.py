@@ -95,7 +95,9 @@ class BackboneCache:
         budget_bytes: int,
         precision: str = "auto",
         on_event: CacheEvent | None = None,
+        on_load: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_load = on_load or (lambda seconds: None)
         self._compute_dtype = choose_compute_dtype(precision, device)
         self._specs = {spec.name: spec for spec in catalog}
         self._weights_dir = weights_dir
@@ -148,7 +150,9 @@ class BackboneCache:
                     self._on_event("hit", name)
                     return loaded
             self._on_event("miss", name)
+            load_started = time.perf_counter()
             loaded = self._load(spec)
+            self._on_load(time.perf_counter() - load_started)
             with self._lock:
                 self._loaded[name] = loaded
                 self._evict_over_budget(keep=name)

@@ -65,6 +65,7 @@ class JobHooks:
 
     on_state: Callable[[JobState, JobState | None], None] = lambda new, old: None
     on_step: Callable[[float], None] = lambda seconds: None
+    on_epoch: Callable[[float, float], None] = lambda seconds, examples_per_second: None
     on_finished: Callable[[str, HeadRecord | None], None] = lambda outcome, head: None
 
 
@@ -254,6 +255,7 @@ class JobManager:
                 emit=lambda payload: self._emit(live, payload),
                 cancelled=live.cancel,
                 on_step=self._hooks.on_step,
+                on_epoch=self._hooks.on_epoch,
             )
             result = trainer.run()
             head_id = f"{spec.head_name}-{secrets.token_hex(4)}"

@@ -90,7 +90,11 @@ class Trainer:
         emit: Callable[[EventPayload], None],
         cancelled: threading.Event,
         on_step: Callable[[float], None] | None = None,
+        on_epoch: Callable[[float, float], None] | None = None,
     ) -> None:
+        """`on_step(seconds)` after each optimiser step; `on_epoch(seconds, examples per
+        second)` after each epoch, validation included."""
+        self._on_epoch = on_epoch or (lambda seconds, rate: None)
         self._backbone = backbone
         self._spec = spec
         self._config = spec.config
@@ -264,6 +268,7 @@ class Trainer:
         step = 0
         train_started = time.perf_counter()
         for epoch in range(1, config.epochs + 1):
+            epoch_started = time.perf_counter()
             head.train()
             head.set_unfrozen_blocks(self._unfrozen_blocks(head, epoch))
             stats = _EpochStats()
@@ -320,6 +325,8 @@ class Trainer:
                     True,
                 )
             )
+            epoch_seconds = time.perf_counter() - epoch_started
+            self._on_epoch(epoch_seconds, stats.seen / max(epoch_seconds, 1e-9))
             monitored = val_loss if val_loss is not None else stats.loss
             if monitored < best_loss - 1e-4:
                 best_loss = monitored

@@ -160,6 +160,9 @@ def test_fine_tune_traffic_moves_job_and_training_metrics(cold_server: RunningSe
     assert moved(finished, "transfer_jobs", state="succeeded") == 1
     steps = moved(finished, "transfer_training_step_duration_seconds_count")
     assert steps >= done.metrics.epochs_run  # at least one optimiser step per epoch
+    epochs = moved(finished, "transfer_training_epoch_duration_seconds_count")
+    assert epochs == done.metrics.epochs_run
+    assert finished.value("transfer_training_examples_per_second") > 0
     assert finished.value("transfer_last_validation_accuracy", backbone=BACKBONE) == (
         pytest.approx(done.metrics.validation_accuracy)
     )
