@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PROMETHEUS := /usr/bin/prometheus
 
-.PHONY: run test install testdata proto proto-check lint typecheck settings-table settings-check
+.PHONY: run test install testdata proto proto-check lint typecheck settings-table settings-check fuzz chaos soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,3 +64,16 @@ settings-check: install
 ## Lint, types, proto drift, README settings table and the whole suite.
 test: install testdata proto-check lint typecheck settings-check
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## Reliability runs, not in CI (each starts its own server on loopback; see tools/reliability).
+## >= 5,000 hypothesis-generated requests per RPC against a live server.
+fuzz: install testdata
+	$(PY) -m tools.reliability.fuzz --examples 5000
+
+## >= 100 SIGKILLs during training and head saves, restart and check after each.
+chaos: install testdata
+	$(PY) -m tools.reliability.chaos --kills 100
+
+## Minutes of mixed load; reports errors, p50/p99 and RSS growth (plus a leaking control).
+soak: install testdata
+	$(PY) -m tools.reliability.soak --minutes 5

@@ -376,12 +376,39 @@ def rss_bytes() -> int:
     return 0
 
 
+class CpuMeter:
+    """CPU cores kept busy by *other* processes (the rest of a shared machine) since the meter
+    started: all CPUs' busy time from /proc/stat minus this process's own CPU time, per second
+    of wall time. 0 on an otherwise idle machine; up to the CPU count when it is saturated."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return 0.0, 0.0, time.perf_counter()
+        idle = fields[3] + fields[4]  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def foreign_cores(self) -> float:
+        busy, own, wall = self._sample()
+        return max(0.0, (busy - self._start[0]) - (own - self._start[1])) / max(
+            wall - self._start[2], 1e-9
+        )
+
+
 class Environment:
     """Collects what a reader needs to judge a result; load averages bracket the run."""
 
     def __init__(self) -> None:
         self.started = datetime.now(UTC)
         self.load_start = os.getloadavg()
+        self.meter = CpuMeter()
         self.command = shlex.join(sys.orig_argv)
         self.extra: list[tuple[str, str]] = []
 
@@ -411,6 +438,10 @@ class Environment:
             (
                 "load average (1 min) start / end",
                 f"{self.load_start[0]:.2f} / {load_end[0]:.2f}",
+            ),
+            (
+                "CPU used by other processes during the run",
+                f"{self.meter.foreign_cores():.2f} cores (mean) of {len(os.sched_getaffinity(0))}",
             ),
             ("wall time", f"{(datetime.now(UTC) - self.started).total_seconds():.0f} s"),
             *self.extra,

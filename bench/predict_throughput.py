@@ -28,6 +28,7 @@ from typing import Any
 
 from bench.common import (
     Call,
+    CpuMeter,
     Environment,
     RawModel,
     add_round_options,
@@ -64,7 +65,9 @@ class Plan:
     round_seconds: float
 
 
-FULL = Plan(concurrency=(1, 8, 32), request_sizes=(1, 4), repeats=3, round_seconds=1.0)
+# Many short interleaved rounds: on a shared machine the median of per-round ratios is far
+# steadier than a few long rounds.
+FULL = Plan(concurrency=(1, 8, 32), request_sizes=(1, 4), repeats=5, round_seconds=0.5)
 QUICK = Plan(concurrency=(1, 8), request_sizes=(1,), repeats=1, round_seconds=0.4)
 
 
@@ -78,6 +81,7 @@ class Row:
     raw_full: list[float]
     raw_model: list[float]
     mean_server_batch: float
+    foreign_cores: float = 0.0
 
     def ratios(self, raw: list[float]) -> list[float]:
         return [s / r for s, r in zip(self.server, raw, strict=True)]
@@ -142,6 +146,7 @@ async def _measure_backbone(
         ]
         row = Row(backbone, concurrency, request_size, batch, [], [], [], 0.0)
         total_before, count_before = _batch_stats(app, backbone)
+        meter = CpuMeter()
         for _ in range(plan.repeats):
             seconds, _ = await run_callers(client, calls, concurrency)
             row.server.append(inputs / seconds)
@@ -149,6 +154,7 @@ async def _measure_backbone(
             row.raw_model.append(_raw_model_only(raw, ready, batch, inputs))
         total_after, count_after = _batch_stats(app, backbone)
         row.mean_server_batch = (total_after - total_before) / max(count_after - count_before, 1)
+        row.foreign_cores = meter.foreign_cores()
         rows.append(row)
         print(
             f"  {backbone} callers={concurrency} inputs/request={request_size}: "
@@ -199,6 +205,7 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
         "server / raw incl. decode",
         "server / raw model only",
         "ratio range (incl. decode)",
+        "other processes' CPU (cores)",
     )
     table_rows = []
     for row in rows:
@@ -216,6 +223,7 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
                 f"**{median(full):.3f}**",
                 f"{median(row.ratios(row.raw_model)):.3f}",
                 spread(full),
+                f"{row.foreign_cores:.2f}",
             )
         )
     print()

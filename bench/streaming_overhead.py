@@ -5,7 +5,9 @@ Without: progress_every_steps=10**6 (only the per-epoch events remain), the clie
 nothing until the job has finished (it polls GetJob twice a second, then drains the stream).
 Steps/s is the server's own count: step / elapsed_seconds of the last end-of-epoch progress
 event (training phase only; feature extraction excluded). Runs alternate with/without; the
-ratio is the median of the per-pair ratios. Target >= 0.98.
+ratio is the median of the per-pair ratios. Target >= 0.98. A no-op asyncio task wakes every
+--tick-ms (default 1) during every measured job in both modes (see `_awake`: on an idle VM a
+reading client would otherwise speed training up by keeping the vCPUs awake).
 
 Two workloads: a linear probe at batch_size=1 (the smallest possible step, so the event cost
 is most visible) and trainable_blocks=1 at batch_size=8 (a real, heavier step).

@@ -31,9 +31,17 @@ Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+# Status details travel in HTTP/2 trailers; past grpc's metadata limit they are dropped
+# whole. Messages lead with the field name, so cutting the tail keeps what matters.
+MAX_STATUS_DETAILS = 1024
+
+
 async def _abort(context: Context, error: BaseException, method: str) -> None:
     if isinstance(error, ServiceError):
-        await context.abort(status_code_for(error), error.message)
+        message = error.message
+        if len(message) > MAX_STATUS_DETAILS:
+            message = message[: MAX_STATUS_DETAILS - 3] + "..."
+        await context.abort(status_code_for(error), message)
     log.error("internal error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has details")
 

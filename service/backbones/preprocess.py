@@ -58,14 +58,17 @@ class ImagePreprocessor:
         image = decode_image(model_input.image, field, self.max_pixels)
         side = self.input_size
         width, height = image.size
-        scale = side / min(width, height)
-        resized = image.resize(
-            (max(side, round(width * scale)), max(side, round(height * scale))),
+        # Centre square of the source, resized straight to S x S: the same picture as
+        # "shorter side to S, then centre-crop", without ever resizing the long side (a
+        # 1 x 20000 image would otherwise become 64 x 1280000 pixels first).
+        square = min(width, height)
+        left = (width - square) // 2
+        top = (height - square) // 2
+        cropped = image.resize(
+            (side, side),
             _RESAMPLE[self.interpolation],
+            box=(left, top, left + square, top + square),
         )
-        left = (resized.width - side) // 2
-        top = (resized.height - side) // 2
-        cropped = resized.crop((left, top, left + side, top + side))
         array = np.asarray(cropped, dtype=np.uint8)  # [S, S, 3]
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # [3, S, S]
 

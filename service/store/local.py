@@ -238,6 +238,8 @@ class LocalStore:
             )
 
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        # SQLite integers are signed 64-bit; a uint64 sequence past that means "nothing".
+        after_sequence = min(after_sequence, 2**63 - 1)
         with self._lock:
             rows = self._db.execute(
                 "SELECT job_id, sequence, time, kind, payload FROM job_events "
