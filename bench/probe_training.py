@@ -65,7 +65,7 @@ class Plan:
 
 
 FULL = Plan(train_per_class=50, test_per_class=30, service_runs=3)
-QUICK = Plan(train_per_class=5, test_per_class=5, service_runs=1)
+QUICK = Plan(train_per_class=3, test_per_class=5, service_runs=1)
 
 
 class NaiveProbe(nn.Module):

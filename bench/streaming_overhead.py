@@ -77,11 +77,11 @@ FULL = Plan(
     ),
 )
 QUICK = Plan(
-    per_class=10,
+    per_class=4,
     pairs=1,
     workloads=(
-        Workload("linear probe, batch 1", 0, 1, 5),
-        Workload("trainable_blocks=1, batch 8", 1, 8, 3),
+        Workload("linear probe, batch 1", 0, 1, 10),
+        Workload("trainable_blocks=1, batch 8", 1, 8, 5),
     ),
 )
 
