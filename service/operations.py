@@ -111,11 +111,11 @@ class TransferOperations:
             "validation_examples",
             "validation_dataset_id",
         )
-        statuses = await self.list_backbones()
         if call.backbone == AUTO_BACKBONE:
             if not examples:
                 raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
             modality = examples[0].input.modality
+            statuses = await self.list_backbones()
             candidates = self._candidates(call.candidate_backbones, modality, statuses)
         else:
             if call.candidate_backbones:
@@ -134,7 +134,10 @@ class TransferOperations:
                 await self._blocking(self._check_images, examples, field)
             if not call.validation_dataset_id:
                 await self._blocking(self._check_images, validation, validation_field)
-        stages = min(s.unfreezable_blocks for s in statuses if s.spec.name in candidates)
+        # Only the candidates' architectures are built (on the meta device, once each).
+        stages = min(
+            [await self._blocking(self._backbones.unfreezable_blocks, c) for c in candidates]
+        )
         resolved = resolve_config(call.config, modality, stages)
         job = self._jobs.submit(
             FineTuneSpec(

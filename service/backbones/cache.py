@@ -222,6 +222,12 @@ class BackboneCache:
             )
         return statuses
 
+    def unfreezable_blocks(self, name: str) -> int:
+        """Stages `trainable_blocks` can unfreeze (built on the meta device once, cached)."""
+        spec = self.spec(name)
+        self._parameter_count(spec)
+        return self._stage_counts[spec.name]
+
     def _parameter_count(self, spec: BackboneSpec) -> int:
         if spec.name not in self._parameter_counts:
             with torch.device("meta"):
