@@ -8,9 +8,9 @@ ListJobs, GetHead, GetJob). Reported: requests served, errors (target 0), Predic
 latency, and the server's RSS growth over the second half of the run (VmRSS from
 /proc/<pid>/status; target < 100 MB).
 
-`--leak-control` also runs a deliberately leaking helper process (it appends to a list at a
-steady rate) and measures it with the same sampler and the same verdict, to show the RSS check
-is able to fail. Exit status 0 when the soak passes and the control was flagged.
+`--leak-control` (on by default) also runs a deliberately leaking helper process (it appends
+to a list at a steady rate) and measures it with the same sampler and the same verdict, to
+show the RSS check is able to fail. Exit status 0 when the soak passes and the control was flagged.
 """
 
 from __future__ import annotations
@@ -442,7 +442,12 @@ def run_soak(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--leak-control", action="store_true")
+    parser.add_argument(
+        "--leak-control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a deliberately leaking helper (default: on)",
+    )
     parser.add_argument("--predict-threads", type=int, default=4)
     parser.add_argument("--image-heads", type=int, default=6)
     parser.add_argument("--text-heads", type=int, default=2)
