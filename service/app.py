@@ -77,13 +77,7 @@ class Application:
             sample = ModelInput(image=png.getvalue())
         else:
             sample = ModelInput(text="warm-up")
-        preprocessor = backbone.preprocessor
-        state = backbone.trunk.to_device(
-            backbone.trunk.collate(
-                preprocessor.finish([preprocessor.load(sample, "warm-up")], None)
-            ),
-            backbone.device,
-        )
+        state = backbone.stack([backbone.preprocessor.load(sample, "warm-up")])
         backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
     async def stop(self) -> None:

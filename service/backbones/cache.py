@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,12 @@ class LoadedBackbone:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def stack(self, loaded: Sequence[Any]) -> Any:
+        """Loaded examples (from `preprocessor.load`) -> one first-stage batch on the device,
+        without augmentation."""
+        trunk = self.trunk
+        return trunk.to_device(trunk.collate(self.preprocessor.finish(loaded, None)), self.device)
 
     def run_prefix(self, state: Any, start: int, stop: int) -> Any:
         """Frozen stages [start, stop) without autograd, in the compute precision; the output

@@ -53,7 +53,7 @@ def extract(
             preprocessor.load(example.input, f"examples[{start + offset}]")
             for offset, example in enumerate(chunk)
         ]
-        batch = trunk.to_device(trunk.collate(preprocessor.finish(loaded, None)), backbone.device)
+        batch = backbone.stack(loaded)
         prefix = backbone.run_prefix(batch, 0, prefix_end)
         with torch.inference_mode():
             pooled_chunks.append(head.features(prefix).float())
@@ -73,9 +73,6 @@ def extract(
 def estimate_state_bytes(backbone: LoadedBackbone, example: LabeledExample, prefix_end: int) -> int:
     """Bytes one example's prefix state occupies (measured on one real example)."""
     trunk = backbone.trunk
-    loaded = backbone.preprocessor.load(example.input, "examples[0]")
-    batch = trunk.to_device(
-        trunk.collate(backbone.preprocessor.finish([loaded], None)), backbone.device
-    )
+    batch = backbone.stack([backbone.preprocessor.load(example.input, "examples[0]")])
     state = backbone.run_prefix(batch, 0, prefix_end)
     return trunk.example_bytes(trunk.split(state)[0])

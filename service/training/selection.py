@@ -68,12 +68,8 @@ def sample_examples(
 
 def forward_gflops(backbone: LoadedBackbone, example: LabeledExample) -> float:
     """GFLOPs of one frozen-trunk forward pass at the configured input size."""
-    preprocessor = backbone.preprocessor
     trunk = backbone.trunk
-    state = trunk.to_device(
-        trunk.collate(preprocessor.finish([preprocessor.load(example.input, "examples[0]")], None)),
-        backbone.device,
-    )
+    state = backbone.stack([backbone.preprocessor.load(example.input, "examples[0]")])
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         trunk.pool(trunk.run_stages(state, 0, trunk.num_stages))
