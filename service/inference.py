@@ -125,7 +125,7 @@ class _BackboneBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._compute, self._run_batch, batch)
+            computed = await loop.run_in_executor(self._compute, self._run_batch, batch)
         except torch.OutOfMemoryError:
             if len(batch) > 1:
                 # Contain it: rerun each request alone, so only the one that does not fit fails.
@@ -140,19 +140,29 @@ class _BackboneBatcher:
             _fail(batch, exc)
             return
         compute = time.perf_counter() - started
-        for item, result in zip(batch, results, strict=True):
+        for item, result in computed:
             if not item.future.done():
                 item.future.set_result(result)
+        if not computed:
+            return  # every caller left while the batch waited for the compute thread
         self._on_batch(
             PredictTimings(
                 self._backbone.name,
-                sum(len(item.examples) for item in batch),
-                max(started - item.enqueued for item in batch),
+                sum(len(item.examples) for item, _ in computed),
+                max(started - item.enqueued for item, _ in computed),
                 compute,
             )
         )
 
-    def _run_batch(self, batch: list[_Pending]) -> list[list[PredictionResult]]:
+    def _run_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, list[PredictionResult]]]:
+        """Runs on the compute thread; returns each request it computed with its results."""
+        # The batch may have waited in the compute pool's queue behind another backbone's
+        # batch; callers that left meanwhile (deadline passed, cancelled) are dropped here, the
+        # last moment before the work is spent. Reading a future's state from this thread is
+        # a plain attribute read; it is only ever set on the loop.
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return []
         trunk = self._backbone.trunk
         device = self._backbone.device
         owners: list[int] = []  # batch item per row
@@ -207,7 +217,7 @@ class _BackboneBatcher:
                 state = trunk.select(state, remaining.to(device))
                 active = active[remaining]
         return [
-            _results(item.head, logits_of[position], item.top_k, features_of.get(position))
+            (item, _results(item.head, logits_of[position], item.top_k, features_of.get(position)))
             for position, item in enumerate(batch)
         ]
 

@@ -78,13 +78,6 @@ def test_a_predict_past_its_deadline_is_dropped_from_the_queue(
     assert_serving(server.address, stub, image_head)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="needs the predict batcher to re-check cancellation when the compute thread takes "
-    "a batch: a batch for another backbone waits in the compute pool's queue, not the "
-    "batcher's, so an expired request there is computed anyway",
-)
 def test_a_predict_past_its_deadline_behind_another_backbone_is_dropped(
     server: RunningServer, stub: pb_grpc.TransferServiceStub, big: pb.PredictRequest,
     text_head: str, image_head: str,
