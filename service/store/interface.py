@@ -34,6 +34,9 @@ class JobStore(Protocol):
 
     def append_event(self, event: JobEvent) -> None: ...
 
+    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
+        """Atomically: saves the job's final row and appends its terminal event, or neither."""
+
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]: ...
 
 

@@ -190,24 +190,40 @@ class LocalStore:
     # ---- jobs ----
 
     def save_job(self, job: JobRecord) -> None:
-        progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
         with self._lock:
-            self._db.execute(
-                f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.job_id,
-                    job.state.value,
-                    job.backbone,
-                    job.head_name,
-                    job.head_id,
-                    job.error,
-                    job.created_time.isoformat(),
-                    job.updated_time.isoformat(),
-                    job.last_sequence,
-                    progress,
-                    job.tenant,
-                ),
-            )
+            self._write_job(job)
+
+    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
+        """The job's final row and its terminal event in one transaction: a crash leaves
+        both or neither, never a finished job whose event log has no end."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_event(event)
+                self._write_job(job)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _write_job(self, job: JobRecord) -> None:
+        progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
+        self._db.execute(
+            f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                job.job_id,
+                job.state.value,
+                job.backbone,
+                job.head_name,
+                job.head_id,
+                job.error,
+                job.created_time.isoformat(),
+                job.updated_time.isoformat(),
+                job.last_sequence,
+                progress,
+                job.tenant,
+            ),
+        )
 
     def get_job(self, job_id: str) -> JobRecord:
         check_id("job_id", job_id)
@@ -226,16 +242,19 @@ class LocalStore:
 
     def append_event(self, event: JobEvent) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO job_events VALUES (?,?,?,?,?)",
-                (
-                    event.job_id,
-                    event.sequence,
-                    event.time.isoformat(),
-                    event_kind(event.payload),
-                    payload_to_json(event.payload),
-                ),
-            )
+            self._write_event(event)
+
+    def _write_event(self, event: JobEvent) -> None:
+        self._db.execute(
+            "INSERT INTO job_events VALUES (?,?,?,?,?)",
+            (
+                event.job_id,
+                event.sequence,
+                event.time.isoformat(),
+                event_kind(event.payload),
+                payload_to_json(event.payload),
+            ),
+        )
 
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
         # SQLite integers are signed 64-bit; a uint64 sequence past that means "nothing".

@@ -3,7 +3,8 @@
 Events are numbered per job, persisted before they are published, and fanned out on the
 event loop, so a watcher that replays from the log and then subscribes (in one loop step)
 never misses or repeats one. A client that goes away only drops its subscription; the job
-runs on. On start, jobs that a previous process left running are marked failed.
+runs on. A job's final state and its terminal event are stored in one transaction. On start,
+recovery (recovery.py) settles what a previous process left unfinished.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from service.errors import (
 )
 from service.heads import HeadCache, LoadedHead, head_weights
 from service.store.interface import Store
+from service.training.recovery import recover_jobs
 from service.training.selection import select_backbone
 from service.training.trainer import Trainer
 
@@ -95,27 +97,9 @@ class JobManager:
     # ---- lifecycle ----
 
     def start(self) -> None:
-        """Binds to the running loop and fails jobs a previous process left unfinished."""
+        """Binds to the running loop and settles jobs a previous process left unfinished."""
         self._loop = asyncio.get_running_loop()
-        for record in self._store.list_jobs():
-            if record.state.finished:
-                continue
-            failed = JobFailed(
-                "the server stopped while this job was running; its head was not saved",
-                "ABORTED",
-            )
-            # The job row is not rewritten for every per-step progress event, so the event
-            # log, not the row, knows the last sequence.
-            logged = self._store.events_after(record.job_id, record.last_sequence)
-            last_sequence = logged[-1].sequence if logged else record.last_sequence
-            event = JobEvent(record.job_id, last_sequence + 1, _now(), failed)
-            self._store.append_event(event)
-            record.state = JobState.FAILED
-            record.error = failed.reason
-            record.last_sequence = event.sequence
-            record.updated_time = event.time
-            self._store.save_job(record)
-            log.warning("job %s was interrupted by a restart; marked failed", record.job_id)
+        recover_jobs(self._store)
 
     def begin_shutdown(self) -> None:
         """Stops accepting jobs and asks queued and running ones to stop at their next step
@@ -312,9 +296,24 @@ class JobManager:
         self._hooks.on_state(state, old)
 
     def _finish(self, live: _LiveJob, state: JobState, payload: EventPayload) -> None:
+        """The final state and the terminal event, stored in one transaction (a kill between
+        two writes would leave a finished job whose event log never ends), then published."""
         error = payload.reason if isinstance(payload, JobFailed | JobCancelled) else ""
-        self._set_state(live, state, error)
-        self._emit(live, payload)
+        old = live.record.state
+        with live.sequence_lock:
+            event = JobEvent(live.record.job_id, live.record.last_sequence + 1, _now(), payload)
+            finished = replace(
+                live.record,
+                state=state,
+                error=error,
+                last_sequence=event.sequence,
+                updated_time=event.time,
+            )
+            self._store.finish_job(finished, event)
+            live.record = finished
+        self._hooks.on_state(state, old)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._publish, live, event)
 
     def _emit(self, live: _LiveJob, payload: EventPayload) -> None:
         with live.sequence_lock:

@@ -1,0 +1,168 @@
+"""A job's final state and its terminal event are one store transaction, and start-up
+recovery settles what a killed process left: unfinished jobs, and finished jobs whose event
+log has no terminal event (stores written by code that saved the two separately)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from service.domain import (
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobRecord,
+    JobState,
+    TrainingProgress,
+)
+from service.store.local import LocalStore
+from service.training.recovery import INTERRUPTED_REASON, recover_jobs
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def progress(epoch: int, *, epoch_end: bool = False) -> TrainingProgress:
+    return TrainingProgress(
+        "training", epoch, 3, epoch, 3, 0.5, 0.75, 0.6, 0.7, 1e-3, 10.0, 2.5, 1.0, epoch_end
+    )
+
+
+def running_job(store: LocalStore, job_id: str, *, events: int) -> JobRecord:
+    """A RUNNING job with `events` progress events, the row written as the server does (not
+    rewritten for per-step progress, so its last_sequence lags the log)."""
+    job = JobRecord(job_id, JobState.RUNNING, "efficientnet_lite0", "cats", NOW, NOW)
+    store.save_job(job)
+    for sequence in range(1, events + 1):
+        store.append_event(JobEvent(job_id, sequence, NOW, progress(sequence)))
+    return job
+
+
+def assert_log_ends_once(store: LocalStore, job: JobRecord) -> list[JobEvent]:
+    events = store.events_after(job.job_id, 0)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert [e.terminal for e in events].count(True) == 1 and events[-1].terminal
+    assert job.last_sequence == events[-1].sequence
+    return events
+
+
+def test_finish_job_writes_the_row_and_the_event_together(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    job = running_job(store, "job-1", events=2)
+    job.state, job.last_sequence = JobState.SUCCEEDED, 3
+    store.finish_job(job, JobEvent("job-1", 3, NOW, JobCancelled("done")))
+    assert store.get_job("job-1").state is JobState.SUCCEEDED
+    assert store.events_after("job-1", 2)[0].terminal
+
+
+@pytest.mark.parametrize("failing", ["_write_job", "_write_event"])
+def test_a_failure_after_either_write_of_finish_job_undoes_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    store = LocalStore(tmp_path)
+    job = running_job(store, "job-1", events=2)
+    real = getattr(LocalStore, failing)
+
+    def write_then_fail(self: LocalStore, value: object) -> None:
+        real(self, value)
+        raise OSError("simulated: disk gone after the write")
+
+    monkeypatch.setattr(LocalStore, failing, write_then_fail)
+    job.state, job.last_sequence = JobState.SUCCEEDED, 3
+    with pytest.raises(OSError, match="simulated"):
+        store.finish_job(job, JobEvent("job-1", 3, NOW, JobCancelled("done")))
+    monkeypatch.undo()
+    assert store.get_job("job-1").state is JobState.RUNNING
+    assert [e.sequence for e in store.events_after("job-1", 0)] == [1, 2]
+
+
+def test_a_kill_between_the_event_and_the_row_write_loses_both(tmp_path: Path) -> None:
+    """A real process, killed (os._exit: no cleanup runs) after finish_job wrote the terminal
+    event and before it wrote the row. The next open sees the job as it was, and recovery
+    ends its log exactly once."""
+    store = LocalStore(tmp_path)
+    running_job(store, "job-1", events=3)
+    store.close()
+    script = textwrap.dedent(
+        f"""
+        import os
+        from datetime import UTC, datetime
+        from pathlib import Path
+        from service.domain import JobCompleted, JobEvent, JobState, TrainingMetrics
+        from service.store.local import LocalStore
+
+        store = LocalStore(Path({str(tmp_path)!r}))
+        job = store.get_job("job-1")
+        job.state, job.head_id, job.last_sequence = JobState.SUCCEEDED, "cats-1", 4
+        LocalStore._write_job = lambda self, job: os._exit(9)  # the kill, between the writes
+        metrics = TrainingMetrics(0.1, 0.9, 0.2, 0.8, 3, 3, False, 1.0)
+        event = JobEvent("job-1", 4, datetime.now(UTC), JobCompleted("cats-1", metrics))
+        store.finish_job(job, event)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120, check=False)
+    assert killed.returncode == 9
+    store = LocalStore(tmp_path)
+    assert store.get_job("job-1").state is JobState.RUNNING
+    assert [e.sequence for e in store.events_after("job-1", 0)] == [1, 2, 3]
+    recover_jobs(store)
+    job = store.get_job("job-1")
+    assert job.state is JobState.FAILED and job.error == INTERRUPTED_REASON
+    events = assert_log_ends_once(store, job)
+    assert isinstance(events[-1].payload, JobFailed) and events[-1].sequence == 4
+
+
+def test_recovery_ends_the_log_of_finished_jobs_that_lack_a_terminal_event(
+    tmp_path: Path,
+) -> None:
+    """The state older code left when killed between saving a job's final row and
+    appending its terminal event."""
+    store = LocalStore(tmp_path)
+    for job_id, state, error in (
+        ("job-ok", JobState.SUCCEEDED, ""),
+        ("job-bad", JobState.FAILED, "labels: fewer than 2 classes"),
+        ("job-stop", JobState.CANCELLED, "cancelled by the caller"),
+    ):
+        job = running_job(store, job_id, events=2)
+        job.state, job.error, job.last_sequence = state, error, 1  # the row lags the log
+        job.progress = progress(2, epoch_end=True)
+        job.head_id = "cats-gone" if state is JobState.SUCCEEDED else ""
+        store.save_job(job)
+    healthy = running_job(store, "job-healthy", events=1)
+    healthy.state, healthy.last_sequence = JobState.CANCELLED, 2
+    store.finish_job(healthy, JobEvent("job-healthy", 2, NOW, JobCancelled("cancelled")))
+
+    recover_jobs(store)
+    recover_jobs(store)  # idempotent: a second start finds nothing to do
+
+    ok = store.get_job("job-ok")
+    completed = assert_log_ends_once(store, ok)[-1].payload
+    assert ok.state is JobState.SUCCEEDED
+    # The head is gone (deleted), so its metrics come from the last progress recorded.
+    assert isinstance(completed, JobCompleted) and completed.head_id == "cats-gone"
+    assert completed.metrics.train_accuracy == 0.75 and completed.metrics.epochs_run == 2
+    bad = store.get_job("job-bad")
+    failed = assert_log_ends_once(store, bad)[-1].payload
+    assert bad.state is JobState.FAILED
+    assert isinstance(failed, JobFailed) and failed.reason == "labels: fewer than 2 classes"
+    stop = store.get_job("job-stop")
+    cancelled = assert_log_ends_once(store, stop)[-1].payload
+    assert isinstance(cancelled, JobCancelled) and cancelled.reason == "cancelled by the caller"
+    assert len(store.events_after("job-healthy", 0)) == 2  # untouched
+
+
+def test_recovery_fails_an_interrupted_job_after_its_last_logged_event(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    running_job(store, "job-1", events=5)
+    recover_jobs(store)
+    job = store.get_job("job-1")
+    assert job.state is JobState.FAILED
+    events = assert_log_ends_once(store, job)
+    assert events[-1].sequence == 6
+    assert isinstance(events[-1].payload, JobFailed) and events[-1].payload.code == "ABORTED"
