@@ -168,7 +168,11 @@ class LocalStore:
     def list_heads(self) -> list[HeadRecord]:
         records = []
         for path in sorted(self._heads_dir.iterdir()):
-            if path.name.startswith(".") or not (path / _HEAD_META).is_file():
+            # Both files or it is not a head: the rename makes that so for a save; this keeps
+            # a directory damaged since out of listings too.
+            if path.name.startswith(".") or not (
+                (path / _HEAD_META).is_file() and (path / _HEAD_WEIGHTS).is_file()
+            ):
                 continue
             try:
                 records.append(self.get_head(path.name))

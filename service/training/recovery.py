@@ -1,7 +1,15 @@
-"""Start-up recovery: brings the job table and the event log back into agreement after a
-process died without running its shutdown (SIGKILL, out-of-memory kill, power loss).
+"""Start-up recovery: brings the job table, the event log and the heads on disk back into
+agreement after a process died without running its shutdown (SIGKILL, out-of-memory kill,
+power loss).
 
-  * A job left QUEUED or RUNNING reads FAILED (ABORTED), with a `failed` event saying so.
+  * A job left QUEUED or RUNNING whose head is on disk, whole (metadata and weights read
+    back), finished training and the save; only its commit was cut off (the head directory
+    is renamed into place before the job is finished, and a kill can land between). It is
+    adopted: SUCCEEDED with that head and a `completed` event carrying the metrics stored
+    with the head. Without that a listed, serving head would belong to a FAILED job.
+  * Any other job left QUEUED or RUNNING reads FAILED (ABORTED), with a `failed` event.
+    A head directory of it that does not read back whole is removed, so it is never listed.
+    (Half-written saves, `.partial-*` directories, are removed when the store opens.)
   * A job in a final state whose log has no terminal event gets the one its state implies.
     The server finishes a job in one store transaction (LocalStore.finish_job), so only a
     store written by older code, which saved the row and the event separately, has these;
@@ -12,12 +20,14 @@ the next start, never a half-repaired job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 
 from service.domain import (
     EventPayload,
+    HeadRecord,
     JobCancelled,
     JobCompleted,
     JobEvent,
@@ -37,11 +47,49 @@ INTERRUPTED_REASON = "the server stopped while this job was running; its head wa
 
 def recover_jobs(store: Store) -> None:
     """Settles every job a previous process left inconsistent (see the module docstring)."""
-    for job in store.list_jobs():
+    jobs = store.list_jobs()
+    # Reading every head's metadata is only worth it when some job was cut off.
+    unfinished = {job.job_id for job in jobs if not job.state.finished}
+    heads = {
+        head.job_id: head
+        for head in (store.list_heads() if unfinished else [])
+        if head.job_id in unfinished
+    }
+    for job in jobs:
         if job.state.finished:
             _end_event_log(store, job)
+            continue
+        head = heads.get(job.job_id)
+        if head is not None and _reads_back_whole(store, head):
+            _adopt(store, job, head)
         else:
             _fail_interrupted(store, job)
+
+
+def _reads_back_whole(store: Store, head: HeadRecord) -> bool:
+    try:
+        store.load_head_weights(head.head_id)
+    except ServiceError:
+        # Never reported completed (its job did not finish) and not loadable: remove it
+        # rather than list a head that cannot serve.
+        log.warning(
+            "head %s of interrupted job %s is unreadable; removed", head.head_id, head.job_id
+        )
+        with contextlib.suppress(ServiceError):
+            store.delete_head(head.head_id)
+        return False
+    return True
+
+
+def _adopt(store: Store, job: JobRecord, head: HeadRecord) -> None:
+    adopted = replace(job, head_id=head.head_id, error="")
+    payload = JobCompleted(head.head_id, head.metrics)
+    _finish(store, adopted, JobState.SUCCEEDED, payload, _last_sequence(store, job))
+    log.warning(
+        "job %s was interrupted by a restart after its head %s was saved; marked succeeded",
+        job.job_id,
+        head.head_id,
+    )
 
 
 def _fail_interrupted(store: Store, job: JobRecord) -> None:

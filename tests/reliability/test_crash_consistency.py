@@ -37,13 +37,6 @@ def test_a_kill_during_training_leaves_a_failed_job_and_a_store_that_restarts(
     assert report.jobs_interrupted >= 1, report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="needs start-up recovery to reconcile heads with jobs: a kill after the head's "
-    "rename but before its job reads SUCCEEDED leaves a listed, serving head whose job reads "
-    "FAILED 'its head was not saved'",
-)
 def test_a_kill_between_head_rename_and_job_commit_leaves_no_orphan_head(tmp_path: Path) -> None:
     report = run_chaos(1, modes=("commit",), seed=7, work_dir=tmp_path, shuffle=False, log=print)
     if not report.kills["commit"]:

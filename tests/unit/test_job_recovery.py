@@ -1,6 +1,8 @@
 """A job's final state and its terminal event are one store transaction, and start-up
 recovery settles what a killed process left: unfinished jobs, and finished jobs whose event
-log has no terminal event (stores written by code that saved the two separately)."""
+log has no terminal event (stores written by code that saved the two separately), and
+jobs killed after their head was renamed into place but before they were finished (the
+head is adopted, never left listed beside a FAILED job)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.domain import (
+    HeadRecord,
     JobCancelled,
     JobCompleted,
     JobEvent,
     JobFailed,
     JobRecord,
     JobState,
+    Modality,
+    TrainingConfig,
+    TrainingMetrics,
     TrainingProgress,
 )
 from service.store.local import LocalStore
@@ -26,6 +33,26 @@ from service.training.recovery import INTERRUPTED_REASON, recover_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
+HEAD_METRICS = TrainingMetrics(0.1, 0.9, 0.2, 0.85, 3, 4, True, 1.5)
+WEIGHTS = {"classifier.weight": torch.randn(2, 3), "classifier.bias": torch.zeros(2)}
+
+
+def head(head_id: str, job_id: str) -> HeadRecord:
+    return HeadRecord(
+        head_id=head_id,
+        name="cats",
+        backbone="efficientnet_lite0",
+        modality=Modality.IMAGE,
+        class_names=("cat", "dog"),
+        trainable_blocks=0,
+        input_size=224,
+        hidden_dim=0,
+        metrics=HEAD_METRICS,
+        config=TrainingConfig(),
+        created_time=NOW,
+        size_bytes=32,
+        job_id=job_id,
+    )
 
 
 def progress(epoch: int, *, epoch_end: bool = False) -> TrainingProgress:
@@ -166,3 +193,48 @@ def test_recovery_fails_an_interrupted_job_after_its_last_logged_event(tmp_path:
     events = assert_log_ends_once(store, job)
     assert events[-1].sequence == 6
     assert isinstance(events[-1].payload, JobFailed) and events[-1].payload.code == "ABORTED"
+
+
+def test_a_job_killed_after_its_head_was_renamed_into_place_adopts_the_head(
+    tmp_path: Path,
+) -> None:
+    """The rename-to-commit window: the head is whole on disk, the job still reads RUNNING."""
+    store = LocalStore(tmp_path)
+    running_job(store, "job-1", events=4)
+    store.save_head(head("cats-1", "job-1"), WEIGHTS)
+    running_job(store, "job-2", events=1)  # no head: still failed
+    store.save_head(head("dogs-1", "job-old"), WEIGHTS)  # another job's head: left alone
+    recover_jobs(store)
+
+    job = store.get_job("job-1")
+    assert job.state is JobState.SUCCEEDED and job.head_id == "cats-1" and not job.error
+    events = assert_log_ends_once(store, job)
+    assert events[-1].sequence == 5
+    assert events[-1].payload == JobCompleted("cats-1", HEAD_METRICS)
+    assert store.get_job("job-2").state is JobState.FAILED
+    assert {h.head_id for h in store.list_heads()} == {"cats-1", "dogs-1"}
+    store.close()
+    store = LocalStore(tmp_path)  # what recovery wrote is durable, and it is not redone
+    recover_jobs(store)
+    assert len(store.events_after("job-1", 0)) == 5
+    assert store.get_job("job-1").state is JobState.SUCCEEDED
+
+
+def test_an_unreadable_head_of_an_interrupted_job_is_removed_not_adopted(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    running_job(store, "job-1", events=2)
+    store.save_head(head("cats-1", "job-1"), WEIGHTS)
+    (tmp_path / "heads" / "cats-1" / "weights.safetensors").write_bytes(b"not safetensors")
+    recover_jobs(store)
+    job = store.get_job("job-1")
+    assert job.state is JobState.FAILED and not job.head_id
+    assert_log_ends_once(store, job)
+    assert store.list_heads() == []
+    assert not (tmp_path / "heads" / "cats-1").exists()
+
+
+def test_a_head_directory_without_its_weights_is_never_listed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.save_head(head("cats-1", "job-1"), WEIGHTS)
+    (tmp_path / "heads" / "cats-1" / "weights.safetensors").unlink()
+    assert store.list_heads() == []
