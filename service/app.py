@@ -52,6 +52,7 @@ class Application:
     jobs: JobManager
     predictor: Predictor
     health: HealthReporter
+    interceptor: RequestInterceptor
     metrics: Metrics
     server: grpc.aio.Server
     port: int
@@ -81,14 +82,23 @@ class Application:
         backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
     async def stop(self) -> None:
-        """Health goes NOT_SERVING first, new calls are refused, in-flight ones get the grace
-        period, running jobs are cancelled (they end CANCELLED, their state saved)."""
+        """Health goes NOT_SERVING first; then, for the drain window, the server still takes
+        calls in and answers new ones UNAVAILABLE while in-flight ones run on; then it stops,
+        giving those the rest of the grace period. Running jobs are cancelled (they end
+        CANCELLED, their state saved). One deadline covers the whole stop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.grace_seconds
         await self.health.servicer.enter_graceful_shutdown()
+        self.interceptor.begin_draining()
         # Jobs first: their FineTune/WatchJob streams then end promptly instead of holding
-        # the server's grace period open. One deadline covers the whole stop.
+        # the server's grace period open.
         self.jobs.begin_shutdown()
+        # server.stop() cancels every call the core has received but Python has not picked
+        # up yet: a call sent just before SIGTERM would read CANCELLED, which a client cannot
+        # tell from its own cancellation. Draining first lets those calls be picked up and
+        # refused UNAVAILABLE (retryable), while clients and load balancers see NOT_SERVING.
+        drain = min(self.settings.drain_seconds, self.settings.grace_seconds / 2)
+        await asyncio.sleep(drain)
         await self.server.stop(max(deadline - loop.time(), 0.0))
         try:
             await self.jobs.shutdown(max(deadline - loop.time(), 0.1))
@@ -186,8 +196,8 @@ def build_application(settings: Settings) -> Application:
     health = HealthReporter()
     interceptor = RequestInterceptor(
         tokens,
-        on_rejected=lambda method: metrics.rpc_requests.labels(
-            method=method, code="UNAUTHENTICATED"
+        on_rejected=lambda method, code: metrics.rpc_requests.labels(
+            method=method, code=code
         ).inc(),
     )
     server, port = create_server(
@@ -204,6 +214,7 @@ def build_application(settings: Settings) -> Application:
         jobs=jobs,
         predictor=predictor,
         health=health,
+        interceptor=interceptor,
         metrics=metrics,
         server=server,
         port=port,

@@ -1,11 +1,14 @@
-"""The server's edge for every TransferService call: request id and bearer-token auth.
+"""The server's edge for every TransferService call: request id, bearer-token auth, and
+refusal while the server drains before it stops.
 
 Each call gets a request id (the caller's `x-request-id` when it sent a sane one, else a new
 one), sent back at once as initial metadata `x-request-id` and set in request_scope for the
 logs. With tokens configured, `authorization: Bearer <token>` must name a known token
 (UNAUTHENTICATED otherwise); the token's tenant is set in request_scope, where the servicer
-reads it. Without tokens every caller is DEFAULT_TENANT. Health and reflection pass untouched:
-probes and tooling need no token.
+reads it. Without tokens every caller is DEFAULT_TENANT. Once `begin_draining()` was called
+(SIGTERM), a call that starts is refused UNAVAILABLE, so the caller retries on another
+replica; calls already running are not touched. Health and reflection pass untouched: probes
+and tooling need no token, and a probe must read NOT_SERVING while the server drains.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ EXEMPT_SERVICES = frozenset(
 # What a caller may choose as its request id: it goes into every log line of the call.
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _BEARER_PREFIX = "bearer "
+DRAINING_DETAILS = "the server is shutting down; retry on another replica"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[..., Any]
@@ -64,11 +68,17 @@ class RequestInterceptor(InterceptorBase):
     def __init__(
         self,
         tokens: TenantTokens,
-        on_rejected: Callable[[str], None] = lambda method: None,
+        on_rejected: Callable[[str, str], None] = lambda method, code: None,
     ) -> None:
-        """`on_rejected(method)` observes each call refused as UNAUTHENTICATED."""
+        """`on_rejected(method, code)` observes each call refused here (UNAUTHENTICATED, or
+        UNAVAILABLE while draining)."""
         self._tokens = tokens
         self._on_rejected = on_rejected
+        self._draining = False
+
+    def begin_draining(self) -> None:
+        """From now on every call that starts is refused UNAVAILABLE."""
+        self._draining = True
 
     async def intercept_service(
         self,
@@ -86,9 +96,15 @@ class RequestInterceptor(InterceptorBase):
         async def enter(context: Context) -> None:
             request_scope.request_id.set(request_id)
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+            # Checked when the call starts running, not when it was received: a call the
+            # core queued before SIGTERM but Python picks up during the drain is refused
+            # with a status the client can retry on, rather than cancelled by server.stop().
+            if self._draining:
+                self._on_rejected(method.rsplit("/", 1)[-1], "UNAVAILABLE")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
             if refusal is not None:
                 log.warning("refused %s from %s: %s", method, context.peer(), refusal)
-                self._on_rejected(method.rsplit("/", 1)[-1])
+                self._on_rejected(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             assert tenant is not None
             request_scope.tenant.set(tenant)

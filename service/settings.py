@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."
     )
+    drain_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="On SIGTERM, after health reads NOT_SERVING, how long new calls are still "
+        "taken in and answered UNAVAILABLE (not cancelled) before the server stops; part of "
+        "TRANSFER_GRACE_SECONDS, at most half of it.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the service's loggers (libraries log from INFO)."
     )
