@@ -3,8 +3,12 @@
 For each dataset, training-set size and seed, five ways to get a classifier, all scored on the
 same held-out test set (disjoint from every training set):
 
-* (a) defaults: FineTune through the gRPC API with only the seed set (linear head, frozen trunk,
-  the server's validation split, early stopping, its epochs and learning rate).
+* (a) defaults: FineTune through the gRPC API with only the seed set: a linear head on the
+  frozen trunk, solver "lbfgs_cv" (L2-regularised logistic regression by L-BFGS, C chosen by
+  the server's stratified k-fold cross-validation on held-out log-loss from 1e-4..1e4, then
+  refitted on every example; service/training/regularised_probe.py).
+* (a') solver "adamw": the previous default: AdamW epochs on the cached features with early
+  stopping on a 20% validation split (its epochs and learning rate).
 * (b) tuned probe: scikit-learn LogisticRegression (L2, lbfgs) on the same frozen pooled
   features, centred and divided by one global scale, C chosen from 17 values 1e-4..1e4
   (half decades) by stratified k-fold cross-validation on the training set
@@ -91,9 +95,10 @@ EXTRACT_BATCH = 64
 
 SIZES = ("5-shot", "20-shot", "full")
 SHOTS = {"5-shot": 5, "20-shot": 20}
-METHODS = ("defaults", "probe", "prototype", "last2", "random")
+METHODS = ("defaults", "probe", "adamw", "prototype", "last2", "random")
 TITLES = {
     "defaults": "(a) FineTune defaults",
+    "adamw": "(a') solver adamw",
     "probe": "(b) tuned LR probe",
     "prototype": "(c) prototype head",
     "last2": f"(d) last {TRAINABLE_BLOCKS} blocks",
@@ -102,6 +107,7 @@ TITLES = {
 # The gRPC methods and the config each sends besides its seed.
 SERVICE_CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "adamw": {"solver": "adamw"},
     "prototype": {"head_type": "prototype"},
     "last2": {"trainable_blocks": TRAINABLE_BLOCKS},
 }
@@ -437,6 +443,7 @@ class ServiceResult:
     train_accuracy: float
     spot_agree: int
     spot_total: int
+    regularization_c: float | None
 
 
 def score_head(
@@ -498,6 +505,7 @@ def train_and_score(
         metrics.train_accuracy,
         agree,
         len(spot),
+        metrics.regularization_c,
     )
 
 
@@ -514,6 +522,7 @@ class Cell:
     by_seed: dict[int, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     probe_c: list[float] = field(default_factory=list)
     random_c: list[float] = field(default_factory=list)
+    defaults_c: list[float] = field(default_factory=list)
     epochs: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     best_epochs: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     train_accuracy: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -591,25 +600,28 @@ def diagnostics_table(tasks: Sequence[Task], plan: Plan, cells: dict[tuple[str, 
                 (
                     task.title,
                     size,
-                    f"{med(cell.epochs['defaults'])} / {med(cell.best_epochs['defaults'])}",
+                    c_values(cell.defaults_c),
                     med(cell.train_accuracy["defaults"], 3),
+                    f"{med(cell.epochs['adamw'])} / {med(cell.best_epochs['adamw'])}",
                     f"{med(cell.epochs['last2'])} / {med(cell.best_epochs['last2'])}",
                     c_values(cell.probe_c),
                     c_values(cell.random_c),
                     " / ".join(
-                        med(cell.seconds[m], 1) for m in ("defaults", "probe", "prototype", "last2")
+                        med(cell.seconds[m], 1)
+                        for m in ("defaults", "probe", "adamw", "prototype", "last2")
                     ),
                 )
             )
     headers = (
         "dataset",
         "size",
-        "(a) epochs run / best (median)",
+        "(a) C chosen per seed (solver lbfgs_cv)",
         "(a) train acc (median)",
+        "(a') epochs run / best",
         "(d) epochs run / best",
         "(b) C chosen per seed",
         "(e) C chosen per seed",
-        "seconds (a) / (b) / (c) / (d), median",
+        "seconds (a) / (b) / (a') / (c) / (d), median",
     )
     return table(headers, rows)
 
@@ -692,6 +704,8 @@ def run(arguments: argparse.Namespace) -> str:
                             spot_total += result.spot_total
                             cell.epochs[method].append(result.epochs_run)
                             cell.best_epochs[method].append(result.best_epoch)
+                            if method == "defaults" and result.regularization_c is not None:
+                                cell.defaults_c.append(result.regularization_c)
                             cell.train_accuracy[method].append(result.train_accuracy)
                             accuracy, seconds = result.accuracy, result.seconds
                         cell.accuracy[method].append(accuracy)

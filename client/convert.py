@@ -148,6 +148,8 @@ def training_config_from_pb(message: pb.TrainingConfig) -> TrainingConfig:
         max_grad_norm=(
             _float32(message.max_grad_norm) if message.HasField("max_grad_norm") else None
         ),
+        solver=message.solver,
+        cv_folds=message.cv_folds,
     )
 
 
@@ -166,6 +168,8 @@ def training_plan_from_pb(message: pb.TrainingPlan) -> TrainingPlan:
         unfreeze_every_epochs=message.unfreeze_every_epochs,
         layer_lr_decay=_float32(message.layer_lr_decay),
         label_smoothing=_float32(message.label_smoothing),
+        solver=message.solver,
+        cv_folds=message.cv_folds,
     )
 
 
@@ -192,6 +196,9 @@ def training_progress_from_pb(message: pb.TrainingProgress) -> TrainingProgress:
         epoch_end=message.epoch_end,
         # `phase` came later than the rest; servers built from an older contract lack it.
         phase=str(getattr(message, "phase", "")),
+        regularization_c=(
+            _float32(message.regularization_c) if message.HasField("regularization_c") else None
+        ),
     )
 
 
@@ -222,6 +229,9 @@ def training_metrics_from_pb(message: pb.TrainingMetrics) -> TrainingMetrics:
             else None
         ),
         beats_baseline=message.beats_baseline,
+        regularization_c=(
+            _float32(message.regularization_c) if message.HasField("regularization_c") else None
+        ),
     )
 
 
@@ -357,6 +367,8 @@ def training_config_to_pb(config: TrainingConfig) -> pb.TrainingConfig:
         unfreeze_every_epochs=config.unfreeze_every_epochs,
         class_balance=config.class_balance,
         prototype_temperature=config.prototype_temperature,
+        solver=config.solver,
+        cv_folds=config.cv_folds,
     )
     # proto3 `optional`: assigning even the default value marks the field as set.
     for name in ("dropout", "label_smoothing", "weight_decay", "layer_lr_decay", "max_grad_norm"):

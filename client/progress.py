@@ -98,9 +98,20 @@ class ProgressDisplay:
 def _started_line(event: JobStarted) -> str:
     plan = event.plan
     trunk = "frozen trunk, cached features" if plan.cached_features else "trainable trunk"
+    head = f"job {event.job_id}: training {event.head_name or 'a head'} on {event.backbone}: "
+    if plan.solver == "lbfgs_cv":
+        validation = (
+            f"{plan.cv_folds}-fold cross-validation"
+            if plan.cv_folds
+            else f"{event.validation_examples} validation examples"
+        )
+        return (
+            f"{head}{len(event.class_names)} classes, {event.train_examples} examples; "
+            f"L2-regularised logistic regression (L-BFGS), C chosen by {validation}, "
+            f"{trunk}, on {plan.device}"
+        )
     return (
-        f"job {event.job_id}: training {event.head_name or 'a head'} on {event.backbone}: "
-        f"{len(event.class_names)} classes, {event.train_examples} train / "
+        f"{head}{len(event.class_names)} classes, {event.train_examples} train / "
         f"{event.validation_examples} validation examples; up to {plan.epochs} epochs of "
         f"{plan.steps_per_epoch} steps, batch {plan.batch_size}, lr {plan.learning_rate:g}, "
         f"{trunk}, on {plan.device}"
@@ -112,6 +123,8 @@ def _status_line(
 ) -> str:
     if progress.phase == "extracting_features":
         stage = "extracting features"
+    elif progress.phase == "cross_validation" and progress.regularization_c is not None:
+        stage = f"cross-validating C={progress.regularization_c:.3g}"
     else:
         stage = f"epoch {progress.epoch}/{progress.epochs}"
     parts = [stage]

@@ -101,6 +101,11 @@ class TrainingConfig:
     class_balance: str = ""
     prototype_temperature: float = 0.0
     max_grad_norm: float | None = None
+    # "auto" (default: "lbfgs_cv" for a linear probe unless gradient options are set),
+    # "lbfgs_cv" (L2-regularised logistic regression, C by k-fold cross-validation) or
+    # "adamw" (epochs with early stopping).
+    solver: str = ""
+    cv_folds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,9 @@ class TrainingPlan:
     unfreeze_every_epochs: int = 0
     layer_lr_decay: float = 0.0
     label_smoothing: float = 0.0
+    solver: str = ""
+    cv_folds: int = 0
+    """Folds of the "lbfgs_cv" cross-validation (0: a validation set was given, or none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +149,10 @@ class TrainingProgress:
     eta_seconds: float
     epoch_end: bool
     phase: str = ""
-    """"extracting_features" or "training"; empty when the server does not say."""
+    """"extracting_features", "training" or "cross_validation"; empty when the server does
+    not say."""
+    regularization_c: float | None = None
+    """Phase "cross_validation": the inverse L2 strength this event scores."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +169,8 @@ class TrainingMetrics:
     train_validation_gap: float | None = None
     majority_baseline_accuracy: float | None = None
     beats_baseline: bool = True
+    regularization_c: float | None = None
+    """Solver "lbfgs_cv": the inverse L2 strength chosen."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,8 @@ def training_config_request(config: pb.TrainingConfig) -> TrainingConfigRequest:
         class_balance=config.class_balance,
         prototype_temperature=config.prototype_temperature,
         max_grad_norm=config.max_grad_norm if config.HasField("max_grad_norm") else None,
+        solver=config.solver,
+        cv_folds=config.cv_folds,
     )
 
 
@@ -120,6 +122,8 @@ def training_config(config: TrainingConfig) -> pb.TrainingConfig:
         class_balance=config.class_balance,
         prototype_temperature=config.prototype_temperature,
         max_grad_norm=config.max_grad_norm,
+        solver=config.solver,
+        cv_folds=config.cv_folds,
     )
 
 
@@ -174,6 +178,8 @@ def metrics(values: TrainingMetrics) -> pb.TrainingMetrics:
     if values.majority_baseline_accuracy is not None:
         message.majority_baseline_accuracy = values.majority_baseline_accuracy
     message.beats_baseline = values.beats_baseline
+    if values.regularization_c is not None:
+        message.regularization_c = values.regularization_c
     return message
 
 
@@ -196,6 +202,8 @@ def progress(values: TrainingProgress) -> pb.TrainingProgress:
         message.validation_loss = values.validation_loss
     if values.validation_accuracy is not None:
         message.validation_accuracy = values.validation_accuracy
+    if values.regularization_c is not None:
+        message.regularization_c = values.regularization_c
     return message
 
 
@@ -227,6 +235,8 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
                     unfreeze_every_epochs=plan.unfreeze_every_epochs,
                     layer_lr_decay=plan.layer_lr_decay,
                     label_smoothing=plan.label_smoothing,
+                    solver=plan.solver,
+                    cv_folds=plan.cv_folds,
                 ),
                 class_counts=[pb.ClassCount(label=k, count=v) for k, v in payload.class_counts],
                 imbalance_ratio=payload.imbalance_ratio,

@@ -62,6 +62,10 @@ class TrainingConfig:
     class_balance: str = "auto"  # auto | none | weighted_loss | oversample
     prototype_temperature: float = 0.1
     max_grad_norm: float = 1.0
+    # "adamw" (epochs, early stopping) or "lbfgs_cv" (regularised_probe.py); requests that
+    # leave it to "auto" get "lbfgs_cv" where it applies (training/validation.py).
+    solver: str = "adamw"
+    cv_folds: int = 0  # 0: regularised_probe.default_folds
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,7 @@ class TrainingMetrics:
     train_validation_gap: float | None = None
     majority_baseline_accuracy: float | None = None
     beats_baseline: bool = True
+    regularization_c: float | None = None  # solver "lbfgs_cv": the C chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,8 @@ class TrainingPlan:
     unfreeze_every_epochs: int = 0
     layer_lr_decay: float = 0.5
     label_smoothing: float = 0.0
+    solver: str = "adamw"
+    cv_folds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +204,8 @@ class TrainingProgress:
     elapsed_seconds: float
     eta_seconds: float
     epoch_end: bool
+    # phase "cross_validation": the inverse L2 strength this event scores
+    regularization_c: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,15 @@ from service.domain import (
 from service.errors import JobCancelledError
 from service.heads import PrototypeClassifier, TaskHead, build_head
 from service.training.features import ExtractedData, estimate_state_bytes, extract
+from service.training.regularised_probe import (
+    DEFAULT_C,
+    Candidate,
+    ProbeResult,
+    RegularisedProbe,
+    default_folds,
+    fit_cross_validated,
+    fit_on_holdout,
+)
 from service.training.split import Split, given_split, stratified_split
 
 # The top unfrozen block learns this much slower than the fresh classifier; blocks below it
@@ -129,9 +138,19 @@ class Trainer:
         # Pooled probe features are tiny and always kept; deeper states only when they fit.
         cache_train = not config.augment and (probe or self._states_fit(examples, prefix_end))
         prototype = config.head_type == "prototype"
-        steps_per_epoch = 0 if prototype else math.ceil(len(split.train) / config.batch_size)
-        self._emit(self._started_event(split, cache_train, steps_per_epoch, imbalance, balance))
-        self._warn_about_validation(split)
+        cross_validated = config.solver == "lbfgs_cv"
+        folds = 0
+        if cross_validated and not split.validation:
+            folds = config.cv_folds or default_folds(train_counts.tolist())
+            folds = min(folds, int(train_counts.min()))
+            folds = folds if folds >= 2 else 0
+        steps_per_epoch = (
+            0 if prototype or cross_validated else math.ceil(len(split.train) / config.batch_size)
+        )
+        self._emit(
+            self._started_event(split, cache_train, steps_per_epoch, imbalance, balance, folds)
+        )
+        self._warn_about_validation(split, folds)
 
         started = time.perf_counter()
         train_set = set(split.train)
@@ -150,15 +169,19 @@ class Trainer:
         head.set_feature_statistics(data.pooled.index_select(0, device_train_index))
         labels = split.labels.to(self._device)
 
+        regularization_c = None
         if prototype:
             kept, epochs_run = self._fit_prototypes(head, data, split, labels), 1
+        elif cross_validated:
+            kept, regularization_c = self._fit_regularised(head, data, split, balance, folds)
+            epochs_run = 1
         else:
             kept, epochs_run = self._train(
                 head, data, split, labels, train_counts, balance, probe, prefix_end, generator
             )
         head.eval()
         head.requires_grad_(False)
-        metrics = self._metrics(kept, epochs_run, split, started)
+        metrics = self._metrics(kept, epochs_run, split, started, folds, regularization_c)
         if metrics.validation_accuracy is not None and not metrics.beats_baseline:
             self._emit(
                 JobWarning(
@@ -181,16 +204,29 @@ class Trainer:
             )
             return spec.examples + spec.validation_examples, split
         labels = [example.label for example in spec.examples]
-        split = stratified_split(labels, self._config.validation_fraction, self._config.seed)
+        # lbfgs_cv validates by k-fold over every example instead of a held-out split.
+        fraction = 0.0 if self._config.solver == "lbfgs_cv" else self._config.validation_fraction
+        split = stratified_split(labels, fraction, self._config.seed)
         return spec.examples, split
 
     def _states_fit(self, examples: tuple[LabeledExample, ...], prefix_end: int) -> bool:
         per_example = estimate_state_bytes(self._backbone, examples[0], prefix_end)
         return per_example * len(examples) <= self._feature_cache_bytes
 
-    def _warn_about_validation(self, split: Split) -> None:
+    def _warn_about_validation(self, split: Split, folds: int) -> None:
         classes = len(split.class_names)
-        if not split.validation:
+        # With k folds each example is held out once.
+        validated = len(split.train) if folds else len(split.validation)
+        if self._config.solver == "lbfgs_cv" and not validated:
+            self._emit(
+                JobWarning(
+                    "no_validation_set",
+                    "a class has a single example, so no cross-validation fold can hold one "
+                    "out: the L2 strength is the default (C = 1) and no validation metrics "
+                    "will be reported; send 2 or more examples per class",
+                )
+            )
+        elif not validated:
             self._emit(
                 JobWarning(
                     "no_validation_set",
@@ -198,11 +234,11 @@ class Trainer:
                     "will be reported",
                 )
             )
-        elif len(split.validation) < max(SMALL_VALIDATION_EXAMPLES, 3 * classes):
+        elif validated < max(SMALL_VALIDATION_EXAMPLES, 3 * classes):
             self._emit(
                 JobWarning(
                     "small_validation_set",
-                    f"only {len(split.validation)} validation examples for {classes} classes: "
+                    f"only {validated} validation examples for {classes} classes: "
                     "validation metrics and early stopping are noisy; send more data or a "
                     "validation set",
                 )
@@ -227,6 +263,90 @@ class Trainer:
         val_loss, val_accuracy = self._evaluate(head, data, split.validation, labels, True, 0)
         self._emit(self._progress(1, 0, 0, stats, (val_loss, val_accuracy), 0.0, 0.0, True))
         return _Kept(stats, val_loss, val_accuracy, 1)
+
+    # ---- the cross-validated L-BFGS probe ----
+
+    def _fit_regularised(
+        self, head: TaskHead, data: ExtractedData, split: Split, balance: str, folds: int
+    ) -> tuple[_Kept, float]:
+        """Fits the linear classifier by regularised_probe; returns the kept result (validation
+        metrics out-of-fold, or on the given validation set) and the C chosen."""
+        classifier = head.classifier
+        assert isinstance(classifier, nn.Linear)
+        rows = torch.tensor(split.train + split.validation, dtype=torch.long)
+        labels = split.labels.index_select(0, rows)
+        classes = len(split.class_names)
+        weights = None
+        if balance != "none":  # oversampling and a weighted loss agree in expectation
+            counts = torch.bincount(labels, minlength=classes).clamp(min=1).double()
+            weights = (len(labels) / (classes * counts)).index_select(0, labels)
+        with torch.no_grad():
+            features = head.standardize(data.pooled.index_select(0, rows.to(self._device)))
+        probe = RegularisedProbe(
+            features,
+            labels,
+            classes,
+            sample_weights=weights,
+            label_smoothing=self._config.label_smoothing,
+            should_stop=self._raise_if_cancelled,
+        )
+        started = time.perf_counter()
+        scored: list[Candidate] = []
+
+        def report(candidate: Candidate) -> None:
+            scored.append(candidate)
+            self._emit(
+                TrainingProgress(
+                    phase="cross_validation",
+                    epoch=1,
+                    epochs=1,
+                    step=len(scored),
+                    total_steps=0,  # unknown: the search stops once held-out loss keeps rising
+                    train_loss=candidate.train_loss,
+                    train_accuracy=candidate.train_accuracy,
+                    validation_loss=candidate.validation_loss,
+                    validation_accuracy=candidate.validation_accuracy,
+                    learning_rate=0.0,
+                    examples_per_second=0.0,
+                    elapsed_seconds=time.perf_counter() - started,
+                    eta_seconds=0.0,
+                    epoch_end=False,
+                    regularization_c=candidate.c,
+                )
+            )
+
+        train_count = len(split.train)
+        if split.validation:
+            result: ProbeResult = fit_on_holdout(
+                probe,
+                torch.arange(train_count),
+                torch.arange(train_count, len(rows)),
+                report,
+            )
+        else:
+            result = fit_cross_validated(probe, labels, folds, self._config.seed, report)
+        self._on_step(time.perf_counter() - started)
+        with torch.no_grad():
+            classifier.weight.copy_(result.fit.weight.to(self._device))
+            classifier.bias.copy_(result.fit.bias.to(self._device))
+        stats = _EpochStats()
+        stats.add(result.train_loss, round(result.train_accuracy * train_count), train_count)
+        chosen = result.chosen
+        validation = (
+            (None, None)
+            if chosen is None
+            else (
+                chosen.validation_loss,
+                chosen.validation_accuracy,
+            )
+        )
+        self._emit(self._progress(1, 1, 1, stats, validation, 0.0, started, True))
+        c = chosen.c if chosen is not None else DEFAULT_C
+        return _Kept(stats, validation[0], validation[1], 1), c
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise JobCancelledError("cancelled by request")
 
     # ---- gradient training ----
 
@@ -406,8 +526,15 @@ class Trainer:
     # ---- reporting ----
 
     def _metrics(
-        self, kept: _Kept, epochs_run: int, split: Split, started: float
+        self,
+        kept: _Kept,
+        epochs_run: int,
+        split: Split,
+        started: float,
+        folds: int = 0,
+        regularization_c: float | None = None,
     ) -> TrainingMetrics:
+        """With k-fold cross-validation every training example was also a validation one."""
         gap = None
         baseline = None
         beats = True
@@ -415,7 +542,8 @@ class Trainer:
             gap = kept.stats.accuracy - kept.validation_accuracy
             train_labels = split.labels.index_select(0, torch.tensor(split.train))
             majority = int(torch.bincount(train_labels).argmax())
-            val_labels = split.labels.index_select(0, torch.tensor(split.validation))
+            validated = split.train if folds else split.validation
+            val_labels = split.labels.index_select(0, torch.tensor(validated))
             baseline = float((val_labels == majority).float().mean())
             beats = kept.validation_accuracy > baseline
         return TrainingMetrics(
@@ -426,20 +554,29 @@ class Trainer:
             best_epoch=kept.epoch,
             epochs_run=epochs_run,
             stopped_early=self._config.head_type != "prototype"
+            and self._config.solver != "lbfgs_cv"
             and epochs_run < self._config.epochs,
             training_seconds=time.perf_counter() - started,
             train_validation_gap=gap,
             majority_baseline_accuracy=baseline,
             beats_baseline=beats,
+            regularization_c=regularization_c,
         )
 
     def _started_event(
-        self, split: Split, cached: bool, steps_per_epoch: int, imbalance: float, balance: str
+        self,
+        split: Split,
+        cached: bool,
+        steps_per_epoch: int,
+        imbalance: float,
+        balance: str,
+        folds: int,
     ) -> JobStarted:
         config = self._config
+        one_pass = config.head_type == "prototype" or config.solver == "lbfgs_cv"
         counts = torch.bincount(split.labels, minlength=len(split.class_names)).tolist()
         plan = TrainingPlan(
-            epochs=1 if config.head_type == "prototype" else config.epochs,
+            epochs=1 if one_pass else config.epochs,
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             trainable_blocks=config.trainable_blocks,
@@ -452,6 +589,8 @@ class Trainer:
             unfreeze_every_epochs=config.unfreeze_every_epochs,
             layer_lr_decay=config.layer_lr_decay,
             label_smoothing=config.label_smoothing,
+            solver=config.solver,
+            cv_folds=folds,
         )
         return JobStarted(
             backbone=self._spec.backbone,

@@ -19,6 +19,8 @@ PROBE_DEFAULT_EPOCHS = 100
 PROBE_DEFAULT_PATIENCE = 10
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 4096
+SOLVERS = ("auto", "lbfgs_cv", "adamw")
+MAX_CV_FOLDS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class TrainingConfigRequest:
     class_balance: str = ""
     prototype_temperature: float = 0.0
     max_grad_norm: float | None = None
+    solver: str = ""
+    cv_folds: int = 0
 
 
 def resolve_config(
@@ -123,6 +127,7 @@ def resolve_config(
             f"{', '.join(CLASS_BALANCE_MODES)}"
         )
     probe = blocks == 0
+    solver = _resolve_solver(request, head_type, probe, augment)
     default_epochs = PROBE_DEFAULT_EPOCHS if probe else DEFAULTS.epochs
     default_patience = PROBE_DEFAULT_PATIENCE if probe else DEFAULTS.early_stopping_patience
     return TrainingConfig(
@@ -149,7 +154,62 @@ def resolve_config(
         class_balance=class_balance,
         prototype_temperature=temperature,
         max_grad_norm=max_grad_norm,
+        solver=solver,
+        cv_folds=request.cv_folds,
     )
+
+
+def _gradient_fields_set(request: TrainingConfigRequest) -> list[str]:
+    """The fields only the "adamw" solver uses that the caller set."""
+    given = {
+        "epochs": request.epochs != 0,
+        "batch_size": request.batch_size != 0,
+        "learning_rate": request.learning_rate != 0.0,
+        "validation_fraction": request.validation_fraction is not None,
+        "early_stopping_patience": request.early_stopping_patience is not None,
+        "weight_decay": request.weight_decay is not None,
+        "max_grad_norm": request.max_grad_norm is not None,
+    }
+    return [name for name, is_set in given.items() if is_set]
+
+
+def _resolve_solver(
+    request: TrainingConfigRequest, head_type: str, probe: bool, augment: bool
+) -> str:
+    """ "auto" is the cross-validated L-BFGS probe where it applies (a linear head on frozen,
+    unaugmented features) unless the caller configured gradient training; asking for it
+    explicitly where it does not apply, or together with gradient fields, is an error
+    rather than a silent switch."""
+    requested = request.solver or "auto"
+    if requested not in SOLVERS:
+        raise InvalidArgumentError(
+            f"config.solver: {request.solver!r} is not one of {', '.join(SOLVERS)}"
+        )
+    if request.cv_folds == 1 or request.cv_folds > MAX_CV_FOLDS:
+        raise InvalidArgumentError(
+            f"config.cv_folds: {request.cv_folds} is not in [2, {MAX_CV_FOLDS}] (0 = default)"
+        )
+    applies = head_type == "linear" and probe and not augment
+    gradient_fields = _gradient_fields_set(request)
+    if requested == "auto":
+        resolved = "lbfgs_cv" if applies and not gradient_fields else "adamw"
+    elif requested == "lbfgs_cv" and not applies:
+        raise InvalidArgumentError(
+            "config.solver: lbfgs_cv fits a linear head on frozen features; it takes neither "
+            "trainable_blocks, augment nor head_type other than linear"
+        )
+    elif requested == "lbfgs_cv" and gradient_fields:
+        raise InvalidArgumentError(
+            f"config.{gradient_fields[0]}: not used by solver lbfgs_cv (it picks the L2 "
+            "strength by cross-validation); use solver adamw to train by epochs"
+        )
+    else:
+        resolved = requested
+    if request.cv_folds and resolved != "lbfgs_cv":
+        raise InvalidArgumentError(
+            f"config.cv_folds: only solver lbfgs_cv cross-validates (solver is {resolved})"
+        )
+    return resolved
 
 
 def _fraction(field: str, value: float | None, default: float) -> float:

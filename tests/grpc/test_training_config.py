@@ -116,6 +116,16 @@ def test_prototype_head_over_grpc(
         (pb.TrainingConfig(batch_size=100_000), "config.batch_size"),
         (pb.TrainingConfig(learning_rate=-1.0), "config.learning_rate"),
         (pb.TrainingConfig(trainable_blocks=10), "config.trainable_blocks"),
+        (pb.TrainingConfig(solver="sgd"), "config.solver"),
+        (pb.TrainingConfig(solver="lbfgs_cv", trainable_blocks=1), "config.solver"),
+        (pb.TrainingConfig(solver="lbfgs_cv", head_type="mlp"), "config.solver"),
+        (pb.TrainingConfig(solver="lbfgs_cv", epochs=5), "config.epochs"),
+        (
+            pb.TrainingConfig(solver="lbfgs_cv", validation_fraction=0.3),
+            "config.validation_fraction",
+        ),
+        (pb.TrainingConfig(cv_folds=1), "config.cv_folds"),
+        (pb.TrainingConfig(cv_folds=3, solver="adamw"), "config.cv_folds"),
     ],
 )
 def test_invalid_config_names_the_field(
@@ -223,3 +233,41 @@ def test_auto_selection_refuses_bad_candidates(
         client.train("auto", train, candidate_backbones=["efficientnet_lite0", "minilm_l6"])
     with pytest.raises(InvalidArgumentError, match="candidate_backbones"):
         client.train("efficientnet_lite0", train, candidate_backbones=["efficientnet_lite2"])
+
+
+def test_default_linear_probe_is_cross_validated_lbfgs(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    """No config: every example trains the final head, C is chosen by k-fold, each C scored is
+    an event, and the completed metrics name the C with the lowest held-out loss."""
+    train, test = fashion_small
+    events = events_of(client, train, TrainingConfig(cv_folds=4))
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    assert started.plan.solver == "lbfgs_cv" and started.plan.cv_folds == 4
+    assert started.validation_examples == 0 and started.train_examples == len(train)
+    scored = [
+        e.progress
+        for e in events
+        if isinstance(e, JobProgress) and e.progress.phase == "cross_validation"
+    ]
+    assert len(scored) >= 3
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    best = min(scored, key=lambda p: (p.validation_loss or 0.0, p.regularization_c or 0.0))
+    assert completed.metrics.regularization_c == pytest.approx(best.regularization_c)
+    assert completed.metrics.validation_accuracy == pytest.approx(best.validation_accuracy)
+    predictions = client.predict(completed.head_id, [x for x, _ in test])
+    accuracy = sum(p.label == y for p, (_, y) in zip(predictions, test, strict=True)) / len(test)
+    assert accuracy >= 0.5
+
+
+def test_gradient_options_select_adamw(
+    client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
+) -> None:
+    events = events_of(client, fashion_small[0][:24], TrainingConfig(epochs=2))
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    assert started.plan.solver == "adamw" and started.plan.epochs == 2
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted) and completed.metrics.regularization_c is None

@@ -256,6 +256,8 @@ class TrainingConfig(_message.Message):
     CLASS_BALANCE_FIELD_NUMBER: _builtins.int
     PROTOTYPE_TEMPERATURE_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    SOLVER_FIELD_NUMBER: _builtins.int
+    CV_FOLDS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """Maximum epochs; 0 means the default: 100 for a linear probe (cheap: cached features),
     20 when blocks are unfrozen.
@@ -307,6 +309,21 @@ class TrainingConfig(_message.Message):
     """Softmax temperature of the "prototype" head's cosine scores; 0 means 0.1."""
     max_grad_norm: _builtins.float
     """Gradient-norm clipping; unset means 1.0, 0 disables."""
+    solver: _builtins.str
+    """How the head is fitted. "lbfgs_cv": L2-regularised logistic regression on the cached
+    features, solved to convergence by full-batch L-BFGS, the L2 strength chosen by
+    stratified k-fold cross-validation on held-out log-loss (or on `validation_examples`
+    when given), then refitted on every example; for a linear head on a frozen trunk
+    without augmentation. It takes none of epochs, batch_size, learning_rate,
+    validation_fraction, early_stopping_patience, weight_decay or max_grad_norm.
+    "adamw": epochs of AdamW on mini-batches with early stopping on a validation split.
+    "" or "auto" (default): "lbfgs_cv" where it applies and none of those fields is set,
+    else "adamw".
+    """
+    cv_folds: _builtins.int
+    """Folds of the "lbfgs_cv" cross-validation; 0 means 5 (3 above 500 examples), never
+    more than the smallest class's examples.
+    """
     def __init__(
         self,
         *,
@@ -329,10 +346,12 @@ class TrainingConfig(_message.Message):
         class_balance: _builtins.str = ...,
         prototype_temperature: _builtins.float = ...,
         max_grad_norm: _builtins.float | None = ...,
+        solver: _builtins.str = ...,
+        cv_folds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_dropout", b"_dropout", "_early_stopping_patience", b"_early_stopping_patience", "_label_smoothing", b"_label_smoothing", "_layer_lr_decay", b"_layer_lr_decay", "_max_grad_norm", b"_max_grad_norm", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "dropout", b"dropout", "early_stopping_patience", b"early_stopping_patience", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "max_grad_norm", b"max_grad_norm", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_dropout", b"_dropout", "_early_stopping_patience", b"_early_stopping_patience", "_label_smoothing", b"_label_smoothing", "_layer_lr_decay", b"_layer_lr_decay", "_max_grad_norm", b"_max_grad_norm", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "batch_size", b"batch_size", "class_balance", b"class_balance", "dropout", b"dropout", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "hidden_dim", b"hidden_dim", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "progress_every_steps", b"progress_every_steps", "prototype_temperature", b"prototype_temperature", "seed", b"seed", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augment", b"_augment", "_dropout", b"_dropout", "_early_stopping_patience", b"_early_stopping_patience", "_label_smoothing", b"_label_smoothing", "_layer_lr_decay", b"_layer_lr_decay", "_max_grad_norm", b"_max_grad_norm", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "augment", b"augment", "batch_size", b"batch_size", "class_balance", b"class_balance", "cv_folds", b"cv_folds", "dropout", b"dropout", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "hidden_dim", b"hidden_dim", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "progress_every_steps", b"progress_every_steps", "prototype_temperature", b"prototype_temperature", "seed", b"seed", "solver", b"solver", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__augment: _TypeAlias = _typing.Literal["augment"]  # noqa: Y015
     _WhichOneofArgType__augment: _TypeAlias = _typing.Literal["_augment", b"_augment"]  # noqa: Y015
@@ -465,6 +484,8 @@ class TrainingPlan(_message.Message):
     UNFREEZE_EVERY_EPOCHS_FIELD_NUMBER: _builtins.int
     LAYER_LR_DECAY_FIELD_NUMBER: _builtins.int
     LABEL_SMOOTHING_FIELD_NUMBER: _builtins.int
+    SOLVER_FIELD_NUMBER: _builtins.int
+    CV_FOLDS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -479,6 +500,12 @@ class TrainingPlan(_message.Message):
     unfreeze_every_epochs: _builtins.int
     layer_lr_decay: _builtins.float
     label_smoothing: _builtins.float
+    solver: _builtins.str
+    """"lbfgs_cv" or "adamw" (TrainingConfig.solver, resolved)."""
+    cv_folds: _builtins.int
+    """Cross-validation folds of "lbfgs_cv"; 0 when a validation set was given, or when a class
+    has a single example (then no validation metrics and C = 1).
+    """
     def __init__(
         self,
         *,
@@ -495,10 +522,12 @@ class TrainingPlan(_message.Message):
         unfreeze_every_epochs: _builtins.int = ...,
         layer_lr_decay: _builtins.float = ...,
         label_smoothing: _builtins.float = ...,
+        solver: _builtins.str = ...,
+        cv_folds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["augment", b"augment", "batch_size", b"batch_size", "cached_features", b"cached_features", "device", b"device", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "steps_per_epoch", b"steps_per_epoch", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["augment", b"augment", "batch_size", b"batch_size", "cached_features", b"cached_features", "cv_folds", b"cv_folds", "device", b"device", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "head_type", b"head_type", "label_smoothing", b"label_smoothing", "layer_lr_decay", b"layer_lr_decay", "learning_rate", b"learning_rate", "solver", b"solver", "steps_per_epoch", b"steps_per_epoch", "trainable_blocks", b"trainable_blocks", "unfreeze_every_epochs", b"unfreeze_every_epochs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,6 +599,7 @@ class TrainingProgress(_message.Message):
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
     EPOCH_END_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    REGULARIZATION_C_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     epochs: _builtins.int
     step: _builtins.int
@@ -587,7 +617,13 @@ class TrainingProgress(_message.Message):
     epoch_end: _builtins.bool
     """True for the event that closes an epoch."""
     phase: _builtins.str
-    """"extracting_features" (one frozen-trunk pass over the data) or "training"."""
+    """"extracting_features" (one frozen-trunk pass over the data), "training", or
+    "cross_validation" (solver "lbfgs_cv": one event per inverse L2 strength C scored, its
+    validation metrics out-of-fold and its train metrics the mean over the folds' fits;
+    total_steps is 0 because the search stops once the held-out loss keeps rising).
+    """
+    regularization_c: _builtins.float
+    """Phase "cross_validation": the C this event scores."""
     def __init__(
         self,
         *,
@@ -605,15 +641,20 @@ class TrainingProgress(_message.Message):
         eta_seconds: _builtins.float = ...,
         epoch_end: _builtins.bool = ...,
         phase: _builtins.str = ...,
+        regularization_c: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_regularization_c", b"_regularization_c", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "regularization_c", b"regularization_c", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epoch_end", b"epoch_end", "epochs", b"epochs", "eta_seconds", b"eta_seconds", "examples_per_second", b"examples_per_second", "learning_rate", b"learning_rate", "phase", b"phase", "step", b"step", "total_steps", b"total_steps", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_regularization_c", b"_regularization_c", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "elapsed_seconds", b"elapsed_seconds", "epoch", b"epoch", "epoch_end", b"epoch_end", "epochs", b"epochs", "eta_seconds", b"eta_seconds", "examples_per_second", b"examples_per_second", "learning_rate", b"learning_rate", "phase", b"phase", "regularization_c", b"regularization_c", "step", b"step", "total_steps", b"total_steps", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__regularization_c: _TypeAlias = _typing.Literal["regularization_c"]  # noqa: Y015
+    _WhichOneofArgType__regularization_c: _TypeAlias = _typing.Literal["_regularization_c", b"_regularization_c"]  # noqa: Y015
     _WhichOneofReturnType__validation_accuracy: _TypeAlias = _typing.Literal["validation_accuracy"]  # noqa: Y015
     _WhichOneofArgType__validation_accuracy: _TypeAlias = _typing.Literal["_validation_accuracy", b"_validation_accuracy"]  # noqa: Y015
     _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
     _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__regularization_c) -> _WhichOneofReturnType__regularization_c | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_accuracy) -> _WhichOneofReturnType__validation_accuracy | None: ...
     @_typing.overload
@@ -636,6 +677,7 @@ class TrainingMetrics(_message.Message):
     TRAIN_VALIDATION_GAP_FIELD_NUMBER: _builtins.int
     MAJORITY_BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
     BEATS_BASELINE_FIELD_NUMBER: _builtins.int
+    REGULARIZATION_C_FIELD_NUMBER: _builtins.int
     train_loss: _builtins.float
     train_accuracy: _builtins.float
     validation_loss: _builtins.float
@@ -653,6 +695,11 @@ class TrainingMetrics(_message.Message):
     """False when validation accuracy does not beat the majority baseline: negative or no
     transfer; the head is still saved, but treat it with suspicion.
     """
+    regularization_c: _builtins.float
+    """Solver "lbfgs_cv": the inverse L2 strength C chosen (scikit-learn's convention). With
+    cross-validation the validation metrics above are out-of-fold: every example scored by
+    a fit that did not see it.
+    """
     def __init__(
         self,
         *,
@@ -667,13 +714,16 @@ class TrainingMetrics(_message.Message):
         train_validation_gap: _builtins.float | None = ...,
         majority_baseline_accuracy: _builtins.float | None = ...,
         beats_baseline: _builtins.bool = ...,
+        regularization_c: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "majority_baseline_accuracy", b"majority_baseline_accuracy", "train_validation_gap", b"train_validation_gap", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_regularization_c", b"_regularization_c", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "majority_baseline_accuracy", b"majority_baseline_accuracy", "regularization_c", b"regularization_c", "train_validation_gap", b"train_validation_gap", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "beats_baseline", b"beats_baseline", "best_epoch", b"best_epoch", "epochs_run", b"epochs_run", "majority_baseline_accuracy", b"majority_baseline_accuracy", "stopped_early", b"stopped_early", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "train_validation_gap", b"train_validation_gap", "training_seconds", b"training_seconds", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy", "_regularization_c", b"_regularization_c", "_train_validation_gap", b"_train_validation_gap", "_validation_accuracy", b"_validation_accuracy", "_validation_loss", b"_validation_loss", "beats_baseline", b"beats_baseline", "best_epoch", b"best_epoch", "epochs_run", b"epochs_run", "majority_baseline_accuracy", b"majority_baseline_accuracy", "regularization_c", b"regularization_c", "stopped_early", b"stopped_early", "train_accuracy", b"train_accuracy", "train_loss", b"train_loss", "train_validation_gap", b"train_validation_gap", "training_seconds", b"training_seconds", "validation_accuracy", b"validation_accuracy", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__majority_baseline_accuracy: _TypeAlias = _typing.Literal["majority_baseline_accuracy"]  # noqa: Y015
     _WhichOneofArgType__majority_baseline_accuracy: _TypeAlias = _typing.Literal["_majority_baseline_accuracy", b"_majority_baseline_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__regularization_c: _TypeAlias = _typing.Literal["regularization_c"]  # noqa: Y015
+    _WhichOneofArgType__regularization_c: _TypeAlias = _typing.Literal["_regularization_c", b"_regularization_c"]  # noqa: Y015
     _WhichOneofReturnType__train_validation_gap: _TypeAlias = _typing.Literal["train_validation_gap"]  # noqa: Y015
     _WhichOneofArgType__train_validation_gap: _TypeAlias = _typing.Literal["_train_validation_gap", b"_train_validation_gap"]  # noqa: Y015
     _WhichOneofReturnType__validation_accuracy: _TypeAlias = _typing.Literal["validation_accuracy"]  # noqa: Y015
@@ -682,6 +732,8 @@ class TrainingMetrics(_message.Message):
     _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__majority_baseline_accuracy) -> _WhichOneofReturnType__majority_baseline_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__regularization_c) -> _WhichOneofReturnType__regularization_c | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_validation_gap) -> _WhichOneofReturnType__train_validation_gap | None: ...
     @_typing.overload
