@@ -149,6 +149,7 @@ def build_application(settings: Settings) -> Application:
         max_concurrent_jobs=settings.max_concurrent_jobs,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
+        progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
                 metrics, new.value, old.value if old else None

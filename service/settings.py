@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     feature_cache_bytes: int = Field(
         2 * 1024**3, gt=0, description="Largest cached-trunk-output set a training job keeps."
     )
+    progress_min_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Mid-epoch training progress events closer together are coalesced "
+        "(epoch ends and terminal events always stream).",
+    )
     max_concurrent_jobs: int = Field(
         1, gt=0, description="Training jobs run at once; the rest queue."
     )

@@ -34,6 +34,11 @@ class JobStore(Protocol):
 
     def append_event(self, event: JobEvent) -> None: ...
 
+    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+        """A progress event (and the job row carrying it), in one transaction that may skip
+        the disk flush: it survives the process dying, and losing the newest of them to a
+        power cut costs nothing a restart would not redo (the job fails over anyway)."""
+
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
         """Atomically: saves the job's final row and appends its terminal event, or neither."""
 

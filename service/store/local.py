@@ -248,6 +248,25 @@ class LocalStore:
         with self._lock:
             self._write_event(event)
 
+    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+        # WAL with synchronous=NORMAL: the commit reaches the OS (so a killed process keeps
+        # it) but is not fsynced; the next FULL commit syncs it with its own. 2 ms -> 0.07 ms
+        # per event here, which is what progress streamed every step costs training.
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._write_event(event)
+                    if job is not None:
+                        self._write_job(job)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
     def _write_event(self, event: JobEvent) -> None:
         self._db.execute(
             "INSERT INTO job_events VALUES (?,?,?,?,?)",

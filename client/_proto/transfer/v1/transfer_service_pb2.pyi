@@ -279,7 +279,10 @@ class TrainingConfig(_message.Message):
     seed: _builtins.int
     """Seed for the split, shuffling and initialisation; same seed, same head."""
     progress_every_steps: _builtins.int
-    """Emit a progress event every this many optimiser steps; 0 means the default (10)."""
+    """Emit a progress event every this many optimiser steps; 0 means the default (10). Mid-epoch
+    events closer together than the server's TRANSFER_PROGRESS_MIN_INTERVAL_MS (default
+    100 ms) are coalesced; epoch ends always stream.
+    """
     head_type: _builtins.str
     """"linear" (default), "mlp" (one hidden layer with dropout), or "prototype" (class means
     of normalised embeddings scored by cosine similarity: no gradient steps, one pass; for
