@@ -1,9 +1,10 @@
 """Predict: a dynamic batcher per backbone that runs the frozen trunk once per batch.
 
 Requests for any heads on one backbone (and input size) that arrive within
-`batch_max_wait_ms` are stacked. The trunk runs stage by stage over all rows; at each
-head's split point its rows branch off into the head (its own unfrozen blocks, pooling,
-classifier). Results go back to each caller in its own order.
+`batch_max_wait_ms` are stacked; the batcher waits only while another request is on its way
+(admitted and being decoded), so a lone request starts at once. The trunk runs stage by
+stage over all rows; at each head's split point its rows branch off into the head (its own
+unfrozen blocks, pooling, classifier). Results go back to each caller in its own order.
 """
 
 from __future__ import annotations
@@ -68,7 +69,17 @@ class _BackboneBatcher:
         self._max_wait = max_wait_seconds
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Requests admitted for this batcher and still being decoded/preprocessed.
+        self._on_the_way = 0
         self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    def expect(self) -> None:
+        """A request is being prepared for this batcher: worth holding a batch for, until
+        `arrived` (called once, whether or not it is then submitted)."""
+        self._on_the_way += 1
+
+    def arrived(self) -> None:
+        self._on_the_way -= 1
 
     def submit(self, pending: _Pending) -> None:
         self._queue.put_nowait(pending)
@@ -92,6 +103,10 @@ class _BackboneBatcher:
             inputs, input_bytes = len(first.examples), first.input_bytes
             deadline = loop.time() + self._max_wait
             while inputs < self._max_inputs:
+                if self._queue.empty() and self._on_the_way <= 0:
+                    # Nobody else is coming: waiting out the window would only add latency
+                    # (2 ms of the 5.9 ms overhead measured for one caller).
+                    break
                 item = await self._next(deadline)
                 if item is None:
                     break
@@ -295,9 +310,12 @@ class Predictor:
         head = self._heads.peek(head_id)
         if head is None:
             head = await loop.run_in_executor(self._preprocess_pool, self._heads.get, head_id)
-        backbone = await loop.run_in_executor(
-            self._preprocess_pool, self._backbones.get, head.record.backbone
-        )
+        # Resident backbones (the normal case) without a thread hop; loads off the loop.
+        backbone = self._backbones.peek(head.record.backbone)
+        if backbone is None:
+            backbone = await loop.run_in_executor(
+                self._preprocess_pool, self._backbones.get, head.record.backbone
+            )
         modality = head.record.modality
         for position, model_input in enumerate(inputs):
             if model_input.modality is not modality:
@@ -308,7 +326,14 @@ class Predictor:
         preprocessor = backbone.preprocessor
         if preprocessor.input_size != head.record.input_size:
             preprocessor = preprocessor.resized(head.record.input_size)
-        examples = await loop.run_in_executor(self._preprocess_pool, _prepare, preprocessor, inputs)
+        expecting = self._batcher(backbone, head.record.input_size)
+        expecting.expect()
+        try:
+            examples = await loop.run_in_executor(
+                self._preprocess_pool, _prepare, preprocessor, inputs
+            )
+        finally:
+            expecting.arrived()
         input_bytes = sum(backbone.trunk.example_bytes(example) for example in examples)
         if input_bytes > self._max_batch_input_bytes:
             raise ResourceExhaustedError(
@@ -316,6 +341,7 @@ class Predictor:
                 f"of {self._max_batch_input_bytes}; send fewer inputs per call"
             )
         future: asyncio.Future[list[PredictionResult]] = loop.create_future()
+        # Looked up again: the backbone may have been reloaded (a new batcher) meanwhile.
         self._batcher(backbone, head.record.input_size).submit(
             _Pending(head, examples, top_k, return_embedding, future, input_bytes)
         )

@@ -140,6 +140,16 @@ class BackboneCache:
             raise FailedPreconditionError(f"backbone {name!r} is unavailable: {exc}") from exc
         return spec
 
+    def peek(self, name: str) -> LoadedBackbone | None:
+        """The backbone if resident (counted as a hit), else None; never blocks on a load,
+        so the event loop may call it."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+                self._on_event("hit", name)
+            return loaded
+
     def get(self, name: str) -> LoadedBackbone:
         """The loaded backbone, loading it first if needed (blocking; call off the event loop)."""
         spec = self.spec(name)

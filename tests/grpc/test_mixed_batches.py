@@ -95,3 +95,27 @@ def test_text_head_with_an_unfrozen_layer(batching_server: RunningServer, tmp_pa
         probe_answers = client.predict(probe.head_id, texts)
         accuracy = sum(p.label == y for p, (_, y) in zip(probe_answers, test, strict=True))
         assert accuracy / len(test) >= 0.5  # chance is 0.2; quality proper: test_transfer_quality
+
+
+def test_a_lone_request_does_not_wait_out_the_window(tmp_path: Path) -> None:
+    """The window only holds a batch for requests already on their way: sequential calls
+    (nothing else in flight) start at once, even with a 3-second window."""
+    window_seconds = 3.0
+    running = start_server(make_settings(tmp_path, batch_max_wait_ms=window_seconds * 1000))
+    try:
+        with TransferClient(running.address, timeout=120) as client:
+            head = client.train(
+                "efficientnet_lite0", fashion_mnist(4, classes=2, seed=41), head_name="lone"
+            ).head_id
+            image = fashion_mnist(1, split="test", classes=2, seed=42)[0][0]
+            client.predict(head, [image])  # loads the head
+            registry = running.app.metrics.registry
+            labels = {"backbone": "efficientnet_lite0"}
+            before = registry.get_sample_value("transfer_predict_queue_seconds_sum", labels)
+            for _ in range(3):
+                client.predict(head, [image])
+            after = registry.get_sample_value("transfer_predict_queue_seconds_sum", labels)
+        assert before is not None and after is not None
+        assert after - before < window_seconds / 2  # three waits of the window would be 9 s
+    finally:
+        running.stop()
