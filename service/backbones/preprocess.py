@@ -109,7 +109,12 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         ValueError,
         Image.DecompressionBombError,
     ) as exc:
-        raise InvalidArgumentError(f"{field}: not a decodable image ({exc})") from exc
+        if isinstance(exc, UnidentifiedImageError):
+            # Pillow's message names its internal file object (<_io.BytesIO object at 0x...>).
+            reason = "unrecognised or corrupt image data; PNG, JPEG, WebP, GIF, BMP and TIFF decode"
+        else:
+            reason = str(exc)
+        raise InvalidArgumentError(f"{field}: not a decodable image ({reason})") from exc
     if image.width < 1 or image.height < 1:
         raise InvalidArgumentError(f"{field}: image has no pixels")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
