@@ -153,12 +153,9 @@ class BackboneCache:
     def get(self, name: str) -> LoadedBackbone:
         """The loaded backbone, loading it first if needed (blocking; call off the event loop)."""
         spec = self.spec(name)
-        with self._lock:
-            loaded = self._loaded.get(name)
-            if loaded is not None:
-                self._loaded.move_to_end(name)
-                self._on_event("hit", name)
-                return loaded
+        loaded = self.peek(name)
+        if loaded is not None:
+            return loaded
         with self._load_locks[name]:
             with self._lock:
                 loaded = self._loaded.get(name)

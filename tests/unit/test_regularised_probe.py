@@ -5,15 +5,13 @@ installs the refit on every example."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.catalog import PreprocessingOptions, default_catalog
+from service.backbones.cache import LoadedBackbone
 from service.domain import (
     EventPayload,
     FineTuneSpec,
@@ -117,19 +115,6 @@ def test_search_can_be_abandoned() -> None:
 
     with pytest.raises(JobCancelledError):
         fit_cross_validated(RegularisedProbe(features, labels, 3, should_stop=stop), labels, 3, 0)
-
-
-@pytest.fixture(scope="module")
-def lite0() -> LoadedBackbone:
-    cache = BackboneCache(
-        default_catalog(),
-        weights_dir=Path("/nonexistent"),
-        device=torch.device("cpu"),
-        options=PreprocessingOptions(48, 64, 10**7),
-        budget_bytes=10**10,
-        precision="fp32",
-    )
-    return cache.get("efficientnet_lite0")
 
 
 def test_trainer_installs_the_refit_at_the_chosen_c(lite0: LoadedBackbone) -> None:

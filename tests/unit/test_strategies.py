@@ -5,14 +5,12 @@ prototype head is exactly the class means."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.catalog import PreprocessingOptions, default_catalog
+from service.backbones.cache import LoadedBackbone
 from service.domain import (
     EventPayload,
     FineTuneSpec,
@@ -27,19 +25,6 @@ from service.heads import PrototypeClassifier, build_head
 from service.training.selection import CandidateScore, choose, sample_examples
 from service.training.trainer import BLOCK_LR_FACTOR, Trainer, TrainingResult
 from tests.datasets import fashion_mnist
-
-
-@pytest.fixture(scope="module")
-def lite0() -> LoadedBackbone:
-    cache = BackboneCache(
-        default_catalog(),
-        weights_dir=Path("/nonexistent"),
-        device=torch.device("cpu"),
-        options=PreprocessingOptions(48, 64, 10**7),
-        budget_bytes=10**10,
-        precision="fp32",
-    )
-    return cache.get("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
