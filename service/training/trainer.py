@@ -39,6 +39,7 @@ from service.training.regularised_probe import (
     default_folds,
     fit_cross_validated,
     fit_on_holdout,
+    one_intra_op_thread,
 )
 from service.training.split import Split, given_split, stratified_split
 
@@ -282,14 +283,6 @@ class Trainer:
             weights = (len(labels) / (classes * counts)).index_select(0, labels)
         with torch.no_grad():
             features = head.standardize(data.pooled.index_select(0, rows.to(self._device)))
-        probe = RegularisedProbe(
-            features,
-            labels,
-            classes,
-            sample_weights=weights,
-            label_smoothing=self._config.label_smoothing,
-            should_stop=self._raise_if_cancelled,
-        )
         started = time.perf_counter()
         scored: list[Candidate] = []
 
@@ -316,15 +309,24 @@ class Trainer:
             )
 
         train_count = len(split.train)
-        if split.validation:
-            result: ProbeResult = fit_on_holdout(
-                probe,
-                torch.arange(train_count),
-                torch.arange(train_count, len(rows)),
-                report,
+        with one_intra_op_thread():
+            probe = RegularisedProbe(
+                features,
+                labels,
+                classes,
+                sample_weights=weights,
+                label_smoothing=self._config.label_smoothing,
+                should_stop=self._raise_if_cancelled,
             )
-        else:
-            result = fit_cross_validated(probe, labels, folds, self._config.seed, report)
+            if split.validation:
+                result: ProbeResult = fit_on_holdout(
+                    probe,
+                    torch.arange(train_count),
+                    torch.arange(train_count, len(rows)),
+                    report,
+                )
+            else:
+                result = fit_cross_validated(probe, labels, folds, self._config.seed, report)
         self._on_step(time.perf_counter() - started)
         with torch.no_grad():
             classifier.weight.copy_(result.fit.weight.to(self._device))
