@@ -12,7 +12,7 @@ reading client would otherwise speed training up by keeping the vCPUs awake).
 Two workloads: a linear probe at batch_size=1 (the smallest possible step, so the event cost
 is most visible) and trainable_blocks=1 at batch_size=8 (a real, heavier step).
 
-    .venv/bin/python -m bench.streaming_overhead [--quick] [--image-size 224]
+    .venv/bin/python -m bench.streaming_overhead [--quick] [--image-size 224] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -159,8 +159,10 @@ async def _awake(tick_ms: float) -> AsyncIterator[None]:
             await task
 
 
-async def run(quick: bool, overrides: dict[str, object], tick_ms: float) -> None:
+async def run(quick: bool, overrides: dict[str, object], tick_ms: float, pairs: int | None) -> None:
     plan = QUICK if quick else FULL
+    if pairs is not None:
+        plan = dataclasses.replace(plan, pairs=pairs)
     environment = Environment()
     examples: list[tuple[InputData, str]] = list(fashion_pngs(plan.per_class, seed=1))
     results: list[tuple[Workload, list[Outcome], list[Outcome]]] = []
@@ -244,8 +246,13 @@ def main() -> None:
         default=1.0,
         help="no-op wake-up period during every measured job, both modes (0: off)",
     )
+    options.add_argument(
+        "--pairs", type=int, default=None, help="with/without pairs per workload (default: plan)"
+    )
     arguments = options.parse_args()
-    asyncio.run(run(arguments.quick, server_overrides(arguments), arguments.tick_ms))
+    asyncio.run(
+        run(arguments.quick, server_overrides(arguments), arguments.tick_ms, arguments.pairs)
+    )
 
 
 if __name__ == "__main__":
