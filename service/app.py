@@ -128,6 +128,7 @@ def build_application(settings: Settings) -> Application:
         ),
         budget_bytes=settings.backbone_cache_bytes,
         precision=settings.precision,
+        compile=settings.compile,
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
         on_load=metrics.cache_load.labels(cache="backbone").observe,
     )

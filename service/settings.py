@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         description="Frozen-trunk compute precision; 'auto': bf16 on CUDA (fp16 if no bf16) and "
         "on CPUs with AMX, fp32 elsewhere. Heads always run in fp32.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each loaded backbone's frozen stages, warmed up at batch "
+        "sizes 1, 2 and 16: a slower first load (minutes on a small CPU) for faster "
+        "steady-state inference. A compile failure fails the load.",
+    )
     weights_dir: Path = Field(
         default_factory=_default_weights_dir,
         description="torchvision-layout weights directory for the ResNet/MobileNet backbones.",

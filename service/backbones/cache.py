@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from service.backbones.catalog import (
     PreprocessingOptions,
     WeightsUnavailableError,
 )
+from service.backbones.compiled import WARM_UP_BATCH_SIZES, CompiledStages, warm_up_inputs
 from service.backbones.preprocess import Preprocessor
 from service.backbones.trunks import Trunk
 from service.errors import FailedPreconditionError, NotFoundError
@@ -38,6 +39,7 @@ class LoadedBackbone:
     device: torch.device
     resident_bytes: int
     compute_dtype: torch.dtype  # of the frozen trunk's matmuls/convs (autocast)
+    compiled: CompiledStages | None = None  # TRANSFER_COMPILE: run_prefix runs these
 
     @property
     def name(self) -> str:
@@ -55,11 +57,12 @@ class LoadedBackbone:
         if start == stop:
             return state
         # no_grad, not inference_mode: training feeds these outputs into trainable blocks.
+        run = self.trunk.run_stages if self.compiled is None else self.compiled.run
         with torch.no_grad():
             if self.compute_dtype == torch.float32:
-                return self.trunk.run_stages(state, start, stop)
+                return run(state, start, stop)
             with torch.autocast(self.device.type, dtype=self.compute_dtype):
-                out = self.trunk.run_stages(state, start, stop)
+                out = run(state, start, stop)
             return self.trunk.to_float(out)
 
 
@@ -100,11 +103,13 @@ class BackboneCache:
         options: PreprocessingOptions,
         budget_bytes: int,
         precision: str = "auto",
+        compile: bool = False,
         on_event: CacheEvent | None = None,
         on_load: Callable[[float], None] | None = None,
     ) -> None:
         self._on_load = on_load or (lambda seconds: None)
         self._compute_dtype = choose_compute_dtype(precision, device)
+        self._compile = compile
         self._specs = {spec.name: spec for spec in catalog}
         self._weights_dir = weights_dir
         self._device = device
@@ -185,17 +190,39 @@ class BackboneCache:
             trunk.to(memory_format=torch.channels_last)
         preprocessor = spec.build_preprocessor(weights, self._options)
         resident = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
+        loaded = LoadedBackbone(
+            spec, trunk, preprocessor, self._device, resident, self._compute_dtype
+        )
+        if self._compile:
+            loaded = self._compiled(loaded)
         log.info(
-            "loaded backbone %s on %s, %s compute (%.1f MB) in %.2fs",
+            "loaded backbone %s on %s, %s compute%s (%.1f MB) in %.2fs",
             spec.name,
             self._device,
             self._compute_dtype,
+            ", compiled" if self._compile else "",
             resident / 1e6,
             time.perf_counter() - started,
         )
-        return LoadedBackbone(
-            spec, trunk, preprocessor, self._device, resident, self._compute_dtype
-        )
+        return loaded
+
+    def _compiled(self, eager: LoadedBackbone) -> LoadedBackbone:
+        """The backbone with compiled stages, compiled now: torch.compile is lazy, so a batch
+        of each size range runs through every stage before the first request can pay for it.
+        A failure fails the load; serving eagerly instead would hide a setting not taking."""
+        loaded = replace(eager, compiled=CompiledStages(eager.trunk, self._device))
+        try:
+            for batch_size in WARM_UP_BATCH_SIZES:
+                inputs = warm_up_inputs(eager.spec.modality, batch_size)
+                state = loaded.stack([loaded.preprocessor.load(x, "warm-up") for x in inputs])
+                loaded.run_prefix(state, 0, loaded.trunk.num_stages)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [""])[0]  # torch appends debug hints
+            raise FailedPreconditionError(
+                f"backbone {eager.name!r} failed to compile (TRANSFER_COMPILE=true; set it to "
+                f"false to run eagerly): {type(exc).__name__}: {reason}"
+            ) from exc
+        return loaded
 
     def _evict_over_budget(self, keep: str) -> None:
         total = sum(b.resident_bytes for b in self._loaded.values())

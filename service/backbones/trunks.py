@@ -9,7 +9,7 @@ the feature cache and the Predict batcher treat both modalities alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ class Trunk(nn.Module):
     """Frozen pretrained stages; subclasses define pooling and batching of their state type."""
 
     modality: Modality
+    # Dimensions of every state tensor that change from batch to batch (batch; tokens).
+    varying_dims: tuple[int, ...]
 
     def __init__(self, stages: Sequence[nn.Module], feature_dim: int) -> None:
         super().__init__()
@@ -79,11 +81,16 @@ class Trunk(nn.Module):
         """The state with floating tensors in fp32 (after reduced-precision stages)."""
         raise NotImplementedError
 
+    def map_tensors(self, state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """The state with `fn` applied to each of its tensors."""
+        raise NotImplementedError
+
 
 class ImageTrunk(Trunk):
     """CNN stages over channels-last image tensors, global-average pooled."""
 
     modality = Modality.IMAGE
+    varying_dims = (0,)  # the side is fixed per backbone
 
     @staticmethod
     def pool(state: torch.Tensor) -> torch.Tensor:
@@ -106,6 +113,11 @@ class ImageTrunk(Trunk):
 
     def to_float(self, state: torch.Tensor) -> torch.Tensor:
         return state.float()
+
+    def map_tensors(
+        self, state: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        return fn(state)
 
 
 class BertEmbeddingStage(nn.Module):
@@ -139,6 +151,7 @@ class TextTrunk(Trunk):
     """BERT-family encoder; mean-pooled over real tokens, then L2-normalised."""
 
     modality = Modality.TEXT
+    varying_dims = (0, 1)  # batch, and tokens (padded to the longest text of each batch)
 
     @staticmethod
     def pool(state: TextState) -> torch.Tensor:
@@ -171,6 +184,11 @@ class TextTrunk(Trunk):
     def to_float(self, state: TextState) -> TextState:
         values = state.values.float() if state.values.is_floating_point() else state.values
         return TextState(values, state.mask)
+
+    def map_tensors(
+        self, state: TextState, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> TextState:
+        return TextState(fn(state.values), fn(state.mask))
 
     def example_bytes(self, example: TextState) -> int:
         return (
