@@ -7,7 +7,7 @@ logits by at most 4e-6 (lite0) and 2e-6 (MiniLM), probabilities by 5e-7, top-1 i
 
 Slow (marked so; `make test` runs it): the compiling itself. On the 2-CPU CI machine with an
 empty inductor cache (a fresh machine) the file takes ~125 s (lite0 ~87 s, MiniLM ~35 s);
-~70 s once torch's on-disk cache (/tmp/torchinductor_$USER) holds the compiled kernels.
+~50-70 s once torch's on-disk cache (/tmp/torchinductor_$USER) holds the compiled kernels.
 """
 
 from __future__ import annotations
