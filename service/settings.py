@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         "over it is RESOURCE_EXHAUSTED (a guard against accelerator out-of-memory).",
     )
     batch_max_wait_ms: float = Field(
-        2.0, ge=0, description="How long the batcher waits for more requests to join a batch."
+        2.0,
+        ge=0,
+        description="Longest the batcher holds a batch for requests already being decoded; "
+        "with none on the way it runs at once.",
     )
     feature_cache_bytes: int = Field(
         2 * 1024**3, gt=0, description="Largest cached-trunk-output set a training job keeps."
