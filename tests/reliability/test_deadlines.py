@@ -5,11 +5,11 @@ stops training within one optimiser step and the job reads CANCELLED."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
-import pytest
 
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
@@ -17,7 +17,6 @@ from tests.conftest import RunningServer
 from tests.datasets import fashion_mnist
 from tests.reliability.conftest import assert_serving
 
-BIG = 400  # inputs of the request that keeps the compute thread busy (about a second or two)
 DROPPED = 7  # inputs of the request whose deadline passes while it waits
 
 
@@ -36,54 +35,55 @@ def _steps(server: RunningServer) -> float:
 
 
 def _late_request_is_dropped(
-    server: RunningServer, stub: pb_grpc.TransferServiceStub, big: pb.PredictRequest,
-    late: pb.PredictRequest, backbone: str,
+    server: RunningServer, stub: pb_grpc.TransferServiceStub, late: pb.PredictRequest,
+    backbone: str, ahead: pb.PredictRequest | None = None,
 ) -> tuple[grpc.StatusCode, float]:  # fmt: skip
-    """Runs `big`, then `late` with a short deadline while `big` computes. Returns the late
-    call's code and how many of its inputs were computed (inputs of `backbone` computed
-    meanwhile, less `big`'s own when it runs on the same backbone)."""
-    own = BIG if backbone == "efficientnet_lite0" else 0
-    for _ in range(3):  # `big` must be computing before `late` arrives; retry if it was not
-        busy = stub.Predict.future(big, timeout=120)
-        time.sleep(0.5)
-        before = _computed(server, backbone)
-        try:
-            stub.Predict(late, timeout=0.3)
-            code = grpc.StatusCode.OK
-        except grpc.RpcError as error:
-            code = error.code()  # type: ignore[attr-defined]
-        busy.result(timeout=120)
-        time.sleep(1.0)  # anything still queued has run (or been dropped) by now
-        if code != grpc.StatusCode.OK:
-            return code, _computed(server, backbone) - before - own
-    pytest.fail("the late request never had to wait: the machine is too fast for this check")
-
-
-@pytest.fixture(scope="module")
-def big(image_head: str) -> pb.PredictRequest:
-    images = [x for x, _ in fashion_mnist(40, split="test", classes=10, seed=71)]
-    return pb.PredictRequest(
-        head_id=image_head, inputs=[pb.Input(image=images[i % len(images)]) for i in range(BIG)]
-    )
+    """Holds the server's compute thread busy (a task waiting on an event, in its own compute
+    pool: deterministic, where a big batch would depend on the machine's speed), optionally
+    puts `ahead` in front (its batcher then waits on it, so `late` waits in that batcher's
+    queue), sends `late` with a short deadline, then frees the thread. Returns the late call's
+    code and how many of its inputs were computed."""
+    release = threading.Event()
+    busy = server.app.pools[1].submit(release.wait, 60)
+    before = _computed(server, backbone)
+    ahead_call = stub.Predict.future(ahead, timeout=60) if ahead is not None else None
+    time.sleep(0.3)  # `ahead` is decoded and waiting for the compute thread
+    try:
+        stub.Predict(late, timeout=0.3)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        code = error.code()  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        busy.result(timeout=60)
+    if ahead_call is not None:
+        ahead_call.result(timeout=60)
+    time.sleep(1.0)  # anything still queued has run (or been dropped) by now
+    own = len(ahead.inputs) if ahead is not None else 0
+    return code, _computed(server, backbone) - before - own
 
 
 def test_a_predict_past_its_deadline_is_dropped_from_the_queue(
-    server: RunningServer, stub: pb_grpc.TransferServiceStub, big: pb.PredictRequest,
-    image_head: str,
-) -> None:  # fmt: skip
-    late = pb.PredictRequest(head_id=image_head, inputs=[big.inputs[0]] * DROPPED)
-    code, computed = _late_request_is_dropped(server, stub, big, late, "efficientnet_lite0")
+    server: RunningServer, stub: pb_grpc.TransferServiceStub, image_head: str
+) -> None:
+    image = fashion_mnist(1, split="test", classes=10, seed=71)[0][0]
+    ahead = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=image)])
+    late = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=image)] * DROPPED)
+    assert_serving(server.address, stub, image_head)
+    code, computed = _late_request_is_dropped(server, stub, late, "efficientnet_lite0", ahead)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert computed == 0, f"{computed:.0f} inputs of the expired request were computed"
     assert_serving(server.address, stub, image_head)
 
 
 def test_a_predict_past_its_deadline_behind_another_backbone_is_dropped(
-    server: RunningServer, stub: pb_grpc.TransferServiceStub, big: pb.PredictRequest,
-    text_head: str, image_head: str,
-) -> None:  # fmt: skip
+    server: RunningServer, stub: pb_grpc.TransferServiceStub, text_head: str, image_head: str
+) -> None:
+    """The compute thread is busy with another backbone's work while a text request's
+    deadline passes; once it is free, the expired batch must be dropped, not computed."""
     late = pb.PredictRequest(head_id=text_head, inputs=[pb.Input(text="late news")] * DROPPED)
-    code, computed = _late_request_is_dropped(server, stub, big, late, "minilm_l6")
+    assert_serving(server.address, stub, image_head)
+    code, computed = _late_request_is_dropped(server, stub, late, "minilm_l6")
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_serving(server.address, stub, image_head)
     assert computed == 0, f"{computed:.0f} inputs of the expired request were computed"
