@@ -28,6 +28,11 @@ from service.heads import HeadCache, LoadedHead
 
 log = logging.getLogger(__name__)
 
+# How long a forming batch may wait for callers still coming, as a fraction of the last
+# batch's compute time (plus batch_max_wait): 10% of a 70 ms batch is 7 ms, a client round
+# trip plus decoding a few images here, and at most a 10% delay, once, when nobody comes.
+HOLD_FRACTION = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class PredictTimings:
@@ -71,12 +76,19 @@ class _BackboneBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         # Requests admitted for this batcher and still being decoded/preprocessed.
         self._on_the_way = 0
+        # Callers of the last batch, whose next requests may be on the wire: under
+        # closed-loop load they come back within a round trip, and waiting for them merges
+        # two half-size batches into one (8 callers: mean batch 4.0 without, throughput
+        # 0.74 of raw batch-8 speed on lite0). Zeroed once a window passes without them.
+        self._returning = 0
+        self._last_compute = 0.0
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     def expect(self) -> None:
         """A request is being prepared for this batcher: worth holding a batch for, until
         `arrived` (called once, whether or not it is then submitted)."""
         self._on_the_way += 1
+        self._returning = max(0, self._returning - 1)
 
     def arrived(self) -> None:
         self._on_the_way -= 1
@@ -101,14 +113,17 @@ class _BackboneBatcher:
             carried = None
             batch = [first]
             inputs, input_bytes = len(first.examples), first.input_bytes
-            deadline = loop.time() + self._max_wait
+            # The window grows with the compute it would save: HOLD_FRACTION of a batch's
+            # time on top of batch_max_wait.
+            deadline = loop.time() + self._max_wait + HOLD_FRACTION * self._last_compute
             while inputs < self._max_inputs:
-                if self._queue.empty() and self._on_the_way <= 0:
+                if self._queue.empty() and self._on_the_way <= 0 and self._returning <= 0:
                     # Nobody else is coming: waiting out the window would only add latency
                     # (2 ms of the 5.9 ms overhead measured for one caller).
                     break
                 item = await self._next(deadline)
                 if item is None:
+                    self._returning = 0  # they did not come back within the window
                     break
                 if (
                     inputs + len(item.examples) > self._max_inputs
@@ -155,6 +170,8 @@ class _BackboneBatcher:
             _fail(batch, exc)
             return
         compute = time.perf_counter() - started
+        self._last_compute = compute
+        self._returning = len(computed)
         for item, result in computed:
             if not item.future.done():
                 item.future.set_result(result)
