@@ -73,7 +73,7 @@ FULL = Plan(
     pairs=3,
     workloads=(
         Workload("linear probe, batch 1", 0, 1, 40),
-        Workload("trainable_blocks=1, batch 8", 1, 8, 20),
+        Workload("trainable_blocks=1, batch 8", 1, 8, 60),
     ),
 )
 QUICK = Plan(
