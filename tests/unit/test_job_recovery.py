@@ -6,6 +6,7 @@ head is adopted, never left listed beside a FAILED job)."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -23,13 +24,12 @@ from service.domain import (
     JobFailed,
     JobRecord,
     JobState,
-    Modality,
-    TrainingConfig,
     TrainingMetrics,
     TrainingProgress,
 )
 from service.store.local import LocalStore
 from service.training.recovery import INTERRUPTED_REASON, recover_jobs
+from tests.unit.test_store import record
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
@@ -38,20 +38,8 @@ WEIGHTS = {"classifier.weight": torch.randn(2, 3), "classifier.bias": torch.zero
 
 
 def head(head_id: str, job_id: str) -> HeadRecord:
-    return HeadRecord(
-        head_id=head_id,
-        name="cats",
-        backbone="efficientnet_lite0",
-        modality=Modality.IMAGE,
-        class_names=("cat", "dog"),
-        trainable_blocks=0,
-        input_size=224,
-        hidden_dim=0,
-        metrics=HEAD_METRICS,
-        config=TrainingConfig(),
-        created_time=NOW,
-        size_bytes=32,
-        job_id=job_id,
+    return dataclasses.replace(
+        record(head_id), metrics=HEAD_METRICS, created_time=NOW, size_bytes=32, job_id=job_id
     )
 
 
