@@ -12,6 +12,7 @@ point leaves either the whole head or nothing under its id.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import shutil
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -104,15 +105,13 @@ class LocalStore:
         self._db.executescript(_SCHEMA)
         _migrate(self._db)
         self._lock = threading.Lock()
-        with self._lock:
+        with self._lock, _transaction(self._db):
             # Uploads cut off by a crash never became datasets: drop them.
-            self._db.execute("BEGIN")
             self._db.execute(
                 "DELETE FROM dataset_examples WHERE dataset_id IN "
                 "(SELECT dataset_id FROM datasets WHERE complete = 0)"
             )
             self._db.execute("DELETE FROM datasets WHERE complete = 0")
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -200,15 +199,9 @@ class LocalStore:
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
         """The job's final row and its terminal event in one transaction: a crash leaves
         both or neither, never a finished job whose event log has no end."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_event(event)
-                self._write_job(job)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, _transaction(self._db):
+            self._write_event(event)
+            self._write_job(job)
 
     def _write_job(self, job: JobRecord) -> None:
         progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
@@ -255,15 +248,10 @@ class LocalStore:
         with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(self._db):
                     self._write_event(event)
                     if job is not None:
                         self._write_job(job)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
 
@@ -383,13 +371,11 @@ class LocalDatasetWriter:
         return DatasetInfo(self.dataset_id, self._count, counts, self._modality, self.tenant)
 
     def abort(self) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._lock, _transaction(self._db):
             self._db.execute(
                 "DELETE FROM dataset_examples WHERE dataset_id = ?", (self.dataset_id,)
             )
             self._db.execute("DELETE FROM datasets WHERE dataset_id = ?", (self.dataset_id,))
-            self._db.execute("COMMIT")
 
 
 def _job_from_row(row: tuple[object, ...]) -> JobRecord:
@@ -417,8 +403,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version >= _SCHEMA_VERSION:
         return
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         for table in ("jobs", "datasets"):
             columns = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
             if "tenant" not in columns:
@@ -427,10 +412,6 @@ def _migrate(db: sqlite3.Connection) -> None:
                     f"DEFAULT '{DEFAULT_TENANT}'"
                 )
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -444,3 +425,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction on an autocommit connection: all of the block's writes or
+    none of them (rolled back on any exception). Callers hold the store's lock."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
