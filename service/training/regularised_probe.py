@@ -126,9 +126,7 @@ class RegularisedProbe:
         self, c: float, rows: torch.Tensor | None = None, start: LinearFit | None = None
     ) -> LinearFit:
         """The optimum for C on `rows` (all by default), in the reduced coordinates."""
-        features = self._features if rows is None else self._features.index_select(0, rows)
-        labels = self._labels if rows is None else self._labels.index_select(0, rows)
-        weights = self._weights if rows is None else self._weights.index_select(0, rows)
+        features, labels, weights = self._select(rows)
         dims = features.shape[1]
         weight = nn.Parameter(
             torch.zeros(self._num_classes, dims, dtype=torch.float64)
@@ -167,15 +165,23 @@ class RegularisedProbe:
 
     def score(self, fit: LinearFit, rows: torch.Tensor | None = None) -> tuple[float, float]:
         """Weighted mean cross-entropy (no smoothing) and accuracy of `fit` on `rows`."""
-        features = self._features if rows is None else self._features.index_select(0, rows)
-        labels = self._labels if rows is None else self._labels.index_select(0, rows)
-        weights = self._weights if rows is None else self._weights.index_select(0, rows)
+        features, labels, weights = self._select(rows)
         with torch.no_grad():
             logits = features @ fit.weight.T + fit.bias
             losses = nn.functional.cross_entropy(logits, labels, reduction="none")
             loss = float((losses * weights).sum() / weights.sum())
             accuracy = float((logits.argmax(dim=1) == labels).double().mean())
         return loss, accuracy
+
+    def _select(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, labels and sample weights of `rows` (all of them for None)."""
+        if rows is None:
+            return self._features, self._labels, self._weights
+        return (
+            self._features.index_select(0, rows),
+            self._labels.index_select(0, rows),
+            self._weights.index_select(0, rows),
+        )
 
     def to_feature_space(self, fit: LinearFit) -> LinearFit:
         """Weights over the original D dimensions, float32."""

@@ -146,7 +146,7 @@ class Trainer:
             folds = min(folds, int(train_counts.min()))
             folds = folds if folds >= 2 else 0
         steps_per_epoch = (
-            0 if prototype or cross_validated else math.ceil(len(split.train) / config.batch_size)
+            0 if self._single_pass else math.ceil(len(split.train) / config.batch_size)
         )
         self._emit(
             self._started_event(split, cache_train, steps_per_epoch, imbalance, balance, folds)
@@ -279,8 +279,8 @@ class Trainer:
         classes = len(split.class_names)
         weights = None
         if balance != "none":  # oversampling and a weighted loss agree in expectation
-            counts = torch.bincount(labels, minlength=classes).clamp(min=1).double()
-            weights = (len(labels) / (classes * counts)).index_select(0, labels)
+            counts = torch.bincount(labels, minlength=classes).double()
+            weights = _inverse_frequency(counts).index_select(0, labels)
         with torch.no_grad():
             features = head.standardize(data.pooled.index_select(0, rows.to(self._device)))
         started = time.perf_counter()
@@ -335,16 +335,17 @@ class Trainer:
         stats.add(result.train_loss, round(result.train_accuracy * train_count), train_count)
         chosen = result.chosen
         validation = (
-            (None, None)
-            if chosen is None
-            else (
-                chosen.validation_loss,
-                chosen.validation_accuracy,
-            )
+            (None, None) if chosen is None else (chosen.validation_loss, chosen.validation_accuracy)
         )
         self._emit(self._progress(1, 1, 1, stats, validation, 0.0, started, True))
         c = chosen.c if chosen is not None else DEFAULT_C
         return _Kept(stats, validation[0], validation[1], 1), c
+
+    @property
+    def _single_pass(self) -> bool:
+        """Heads fitted in one pass over the features, not by epochs: prototypes and the
+        lbfgs_cv probe (plan and progress report one epoch, nothing stops early)."""
+        return self._config.head_type == "prototype" or self._config.solver == "lbfgs_cv"
 
     def _raise_if_cancelled(self) -> None:
         if self._cancelled.is_set():
@@ -375,7 +376,7 @@ class Trainer:
             optimizer, lambda step: _warmup_cosine(step, warmup, total_steps)
         )
         # Inverse-frequency weights, mean 1 over the training examples.
-        inverse = len(split.train) / (len(split.class_names) * train_counts.clamp(min=1).float())
+        inverse = _inverse_frequency(train_counts).float()
         loss_fn = nn.CrossEntropyLoss(
             weight=inverse.to(self._device) if balance == "weighted_loss" else None,
             label_smoothing=config.label_smoothing,
@@ -402,8 +403,7 @@ class Trainer:
             else:
                 order = train_index[torch.randperm(len(train_index), generator=generator)]
             for batch_rows in torch.split(order, config.batch_size):
-                if self._cancelled.is_set():
-                    raise JobCancelledError("cancelled by request")
+                self._raise_if_cancelled()
                 step_started = time.perf_counter()
                 rows = batch_rows.tolist()
                 device_rows = batch_rows.to(self._device)
@@ -555,9 +555,7 @@ class Trainer:
             validation_accuracy=kept.validation_accuracy,
             best_epoch=kept.epoch,
             epochs_run=epochs_run,
-            stopped_early=self._config.head_type != "prototype"
-            and self._config.solver != "lbfgs_cv"
-            and epochs_run < self._config.epochs,
+            stopped_early=not self._single_pass and epochs_run < self._config.epochs,
             training_seconds=time.perf_counter() - started,
             train_validation_gap=gap,
             majority_baseline_accuracy=baseline,
@@ -575,10 +573,9 @@ class Trainer:
         folds: int,
     ) -> JobStarted:
         config = self._config
-        one_pass = config.head_type == "prototype" or config.solver == "lbfgs_cv"
         counts = torch.bincount(split.labels, minlength=len(split.class_names)).tolist()
         plan = TrainingPlan(
-            epochs=1 if one_pass else config.epochs,
+            epochs=1 if self._single_pass else config.epochs,
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             trainable_blocks=config.trainable_blocks,
@@ -644,7 +641,7 @@ class Trainer:
         return TrainingProgress(
             phase="training",
             epoch=epoch,
-            epochs=1 if self._config.head_type == "prototype" else self._config.epochs,
+            epochs=1 if self._single_pass else self._config.epochs,
             step=step,
             total_steps=total_steps,
             train_loss=stats.loss,
@@ -657,6 +654,12 @@ class Trainer:
             eta_seconds=seconds_per_step * (total_steps - step),
             epoch_end=epoch_end,
         )
+
+
+def _inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class weights [C] from class counts [C]: inverse frequency, mean 1 over the
+    examples counted."""
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
 def _resolve_balance(requested: str, imbalance: float) -> str:
