@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -82,6 +83,26 @@ def add_round_options(arguments: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="target length of one measured round (default: plan)",
+    )
+
+
+class _Rounds(Protocol):
+    @property
+    def repeats(self) -> int: ...
+
+    @property
+    def round_seconds(self) -> float: ...
+
+
+RoundPlan = TypeVar("RoundPlan", bound=_Rounds)
+
+
+def apply_round_options(plan: RoundPlan, arguments: argparse.Namespace) -> RoundPlan:
+    """`plan` (a dataclass) with the command line's --repeats / --round-seconds where given."""
+    return dataclasses.replace(  # type: ignore[type-var]  # plans are dataclasses
+        plan,
+        repeats=arguments.repeats or plan.repeats,
+        round_seconds=arguments.round_seconds or plan.round_seconds,
     )
 
 

@@ -14,7 +14,6 @@ Backbone.resident_bytes). Target <= 0.03.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import random
 import time
@@ -24,6 +23,7 @@ from bench.common import (
     Call,
     Environment,
     add_round_options,
+    apply_round_options,
     bench_server,
     connect,
     fashion_pngs,
@@ -198,12 +198,7 @@ def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_round_options(options)
     arguments = options.parse_args()
-    plan = QUICK if arguments.quick else FULL
-    plan = dataclasses.replace(
-        plan,
-        repeats=arguments.repeats or plan.repeats,
-        round_seconds=arguments.round_seconds or plan.round_seconds,
-    )
+    plan = apply_round_options(QUICK if arguments.quick else FULL, arguments)
     asyncio.run(run(plan, server_overrides(arguments)))
 
 

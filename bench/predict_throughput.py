@@ -19,7 +19,6 @@ of the per-round ratios. Target: server / raw incl. decode >= 0.90 on CPU.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from bench.common import (
     Environment,
     RawModel,
     add_round_options,
+    apply_round_options,
     bench_server,
     connect,
     fashion_pngs,
@@ -244,12 +244,7 @@ def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_round_options(options)
     arguments = options.parse_args()
-    plan = QUICK if arguments.quick else FULL
-    plan = dataclasses.replace(
-        plan,
-        repeats=arguments.repeats or plan.repeats,
-        round_seconds=arguments.round_seconds or plan.round_seconds,
-    )
+    plan = apply_round_options(QUICK if arguments.quick else FULL, arguments)
     asyncio.run(run(plan, server_overrides(arguments)))
 
 
