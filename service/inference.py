@@ -4,7 +4,8 @@ Requests for any heads on one backbone (and input size) that arrive within
 `batch_max_wait_ms` are stacked; the batcher waits only while another request is on its way
 (admitted and being decoded), so a lone request starts at once. The trunk runs stage by
 stage over all rows; at each head's split point its rows branch off into the head (its own
-unfrozen blocks, pooling, classifier). Results go back to each caller in its own order.
+unfrozen blocks, pooling, classifier), which runs once over the rows of every request for it.
+Results go back to each caller in its own order.
 """
 
 from __future__ import annotations
@@ -197,59 +198,77 @@ class _BackboneBatcher:
             return []
         trunk = self._backbone.trunk
         device = self._backbone.device
-        owners: list[int] = []  # batch item per row
-        rows: list[Any] = []
-        for position, item in enumerate(batch):
-            owners += [position] * len(item.examples)
-            rows += item.examples
-        state = trunk.to_device(trunk.collate(rows), device)
-        owner_of = torch.tensor(owners)
-        # Heads grouped by where they attach; the trunk advances stage by stage over the rows
-        # still needed and each group branches off at its split point.
-        split_points = sorted(
-            {trunk.prefix_end(item.head.record.trainable_blocks) for item in batch}
+        # Rows are stacked request by request: request i owns rows [starts[i], starts[i+1]).
+        starts = [0]
+        for item in batch:
+            starts.append(starts[-1] + len(item.examples))
+        state = trunk.to_device(
+            trunk.collate([row for item in batch for row in item.examples]), device
         )
-        logits_of: dict[int, torch.Tensor] = {}
-        features_of: dict[int, torch.Tensor] = {}
-        active = torch.arange(len(rows))  # rows still inside `state`, in batch-row numbering
+        # Requests grouped by head (each head runs once, over all of its rows) and heads by
+        # where they attach; the trunk advances stage by stage over the rows still needed
+        # and each group branches off at its split point.
+        by_head: dict[int, list[int]] = {}
+        for position, item in enumerate(batch):
+            by_head.setdefault(id(item.head), []).append(position)
+        groups_at: dict[int, list[list[int]]] = {}
+        for positions in by_head.values():
+            split = trunk.prefix_end(batch[positions[0]].head.record.trainable_blocks)
+            groups_at.setdefault(split, []).append(positions)
+        split_points = sorted(groups_at)
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        total_rows = starts[-1]
+        active = torch.arange(total_rows)  # batch rows still inside `state`, in order
         stage = 0
         with torch.inference_mode():
             for split in split_points:
                 state = self._backbone.run_prefix(state, stage, split)
                 stage = split
-                for position, item in enumerate(batch):
-                    if trunk.prefix_end(item.head.record.trainable_blocks) != split:
-                        continue
-                    local = (owner_of[active] == position).nonzero().squeeze(1)
+                # where_in_state[r]: the position of batch row r inside `state` (-1: dropped)
+                where_in_state = torch.full((total_rows,), -1, dtype=torch.long)
+                where_in_state[active] = torch.arange(len(active))
+                for positions in groups_at[split]:
+                    head = batch[positions[0]].head
+                    rows = torch.cat([torch.arange(starts[p], starts[p + 1]) for p in positions])
                     head_state = (
-                        trunk.select(state, local.to(device))
-                        if len(active) != len(local)
-                        else state
+                        state
+                        if len(rows) == len(active)
+                        else trunk.select(state, where_in_state[rows].to(device))
                     )
-                    features = item.head.module.features(head_state)
-                    logits_of[position] = item.head.module.classify(features).float().cpu()
-                    if item.return_embedding:
-                        features_of[position] = features.float().cpu()
+                    features = head.module.features(head_state)  # [rows, D]
+                    logits = head.module.classify(features).float().cpu()  # [rows, C]
+                    wanted = any(batch[p].return_embedding for p in positions)
+                    group_features = features.float().cpu() if wanted else None
+                    offset = 0
+                    for p in positions:
+                        count = starts[p + 1] - starts[p]
+                        outputs[p] = (
+                            logits[offset : offset + count],
+                            group_features[offset : offset + count]
+                            if group_features is not None and batch[p].return_embedding
+                            else None,
+                        )
+                        offset += count
                 if split == split_points[-1]:
                     break
-                remaining = (
-                    torch.isin(
-                        owner_of[active],
-                        torch.tensor(
-                            [
-                                p
-                                for p, item in enumerate(batch)
-                                if trunk.prefix_end(item.head.record.trainable_blocks) > split
-                            ]
-                        ),
+                # Keep only the rows of heads that attach further up.
+                keep = (
+                    torch.cat(
+                        [
+                            torch.arange(starts[p], starts[p + 1])
+                            for later in split_points
+                            if later > split
+                            for positions in groups_at[later]
+                            for p in positions
+                        ]
                     )
-                    .nonzero()
-                    .squeeze(1)
+                    .sort()
+                    .values
                 )
-                state = trunk.select(state, remaining.to(device))
-                active = active[remaining]
+                state = trunk.select(state, where_in_state[keep].to(device))
+                active = keep
         return [
-            (item, _results(item.head, logits_of[position], item.top_k, features_of.get(position)))
+            (item, _results(item.head, *outputs[position], item.top_k))
             for position, item in enumerate(batch)
         ]
 
@@ -261,7 +280,7 @@ def _fail(batch: list[_Pending], error: BaseException) -> None:
 
 
 def _results(
-    head: LoadedHead, logits: torch.Tensor, top_k: int, features: torch.Tensor | None
+    head: LoadedHead, logits: torch.Tensor, features: torch.Tensor | None, top_k: int
 ) -> list[PredictionResult]:
     classes = head.record.class_names
     probabilities = logits.softmax(dim=1)  # [n, C]

@@ -1,0 +1,99 @@
+"""One batch, many requests: each head runs once over the rows of all of its requests, at its
+own split point, and every request gets exactly the rows it sent, in its order."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from service.backbones.cache import LoadedBackbone
+from service.domain import ModelInput, PredictionResult
+from service.heads import LoadedHead, build_head
+from service.inference import _BackboneBatcher, _Pending
+from tests.datasets import fashion_mnist
+from tests.unit.test_store import record
+
+
+def counting_head(
+    backbone: LoadedBackbone, trainable_blocks: int, seed: int, calls: list[int]
+) -> LoadedHead:
+    """A real head whose feature passes append their row count to `calls`."""
+    torch.manual_seed(seed)
+    head = build_head(backbone.trunk, trainable_blocks, num_classes=3).eval()
+    features = head.features
+
+    def counted(state: Any) -> torch.Tensor:
+        calls.append(len(state))
+        return features(state)
+
+    setattr(head, "features", counted)  # noqa: B010  # an instance attribute, not the class's
+    return LoadedHead(
+        dataclasses.replace(
+            record(f"head-{seed}"),
+            class_names=("a", "b", "c"),
+            trainable_blocks=trainable_blocks,
+            input_size=backbone.preprocessor.input_size,
+        ),
+        head,
+    )
+
+
+def examples(backbone: LoadedBackbone, count: int, seed: int) -> list[Any]:
+    pre = backbone.preprocessor
+    images = [x for x, _ in fashion_mnist(count, split="test", classes=1, seed=seed)][:count]
+    return pre.finish([pre.load(ModelInput(image=x), "x") for x in images], None)
+
+
+def run_batch(
+    backbone: LoadedBackbone, requests: list[tuple[LoadedHead, list[Any], bool]]
+) -> list[list[PredictionResult]]:
+    async def run() -> list[list[PredictionResult]]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as compute:
+            batcher = _BackboneBatcher(backbone, compute, 64, 10**9, 0.0, lambda t: None)
+            pending = [
+                _Pending(head, rows, 3, embed, loop.create_future(), 0)
+                for head, rows, embed in requests
+            ]
+            computed = batcher._run_batch(pending)
+            await batcher.close()
+        assert [item for item, _ in computed] == pending
+        return [results for _, results in computed]
+
+    return asyncio.run(run())
+
+
+def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
+    lite0: LoadedBackbone,
+) -> None:
+    calls: dict[str, list[int]] = {"a": [], "b": [], "tuned": []}
+    probe_a = counting_head(lite0, 0, 1, calls["a"])
+    probe_b = counting_head(lite0, 0, 2, calls["b"])
+    tuned = counting_head(lite0, 1, 3, calls["tuned"])
+    rows = [examples(lite0, n, seed=70 + n) for n in (1, 3, 2, 1, 2)]
+    requests = [
+        (probe_a, rows[0], False),
+        (tuned, rows[1], True),
+        (probe_a, rows[2], True),
+        (probe_b, rows[3], False),
+        (tuned, rows[4], False),
+    ]
+    together = run_batch(lite0, requests)
+    # One feature pass per distinct head, over all of that head's rows.
+    assert calls == {"a": [1 + 2], "b": [1], "tuned": [3 + 2]}
+
+    for (head, request_rows, embed), batched in zip(requests, together, strict=True):
+        [alone] = run_batch(lite0, [(head, request_rows, embed)])
+        assert len(batched) == len(request_rows)
+        for one, many in zip(alone, batched, strict=True):
+            assert [c.label for c in many.top_k] == [c.label for c in one.top_k]
+            assert [c.score for c in many.top_k] == pytest.approx(
+                [c.score for c in one.top_k], abs=1e-5
+            )
+            assert len(many.embedding) == (lite0.trunk.feature_dim if embed else 0)
+            assert many.embedding == pytest.approx(one.embedding, abs=1e-4)
