@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.backbones.cache import BackboneCache
+from service.backbones.cache import BackboneCache, LoadedBackbone
 from service.backbones.catalog import PreprocessingOptions, default_catalog
 from service.domain import ModelInput
 from service.errors import ConfigurationError
@@ -30,6 +30,7 @@ from service.settings import Settings
 from service.store.local import LocalStore
 from service.structured_logs import configure_logging
 from service.tenant_tokens import load_tenant_tokens
+from service.torch_threads import default_intra_op_threads, use_intra_op_threads
 from service.training.jobs import JobHooks, JobManager
 
 log = logging.getLogger("service")
@@ -57,7 +58,12 @@ class Application:
     server: grpc.aio.Server
     port: int
     metrics_port: int | None
-    pools: tuple[ThreadPoolExecutor, ...]
+    pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute)
+
+    @property
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """The one thread that runs Predict batches."""
+        return self.pools[1]
 
     async def start(self) -> None:
         """Listens at once (health NOT_SERVING), loads and warms start-up backbones, then
@@ -67,11 +73,13 @@ class Application:
         await self.server.start()
         loop = asyncio.get_running_loop()
         for name in self.settings.preload_backbones:
-            await loop.run_in_executor(self.pools[0], self._load_and_warm, name)
+            backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
+            # Warmed where Predict will run it, with the compute thread's torch threads.
+            await loop.run_in_executor(self.pools[1], self._warm, backbone)
         await self.health.set_serving(True)
 
-    def _load_and_warm(self, name: str) -> None:
-        backbone = self.backbones.get(name)
+    @staticmethod
+    def _warm(backbone: LoadedBackbone) -> None:
         if backbone.spec.modality.value == "image":
             png = io.BytesIO()
             Image.new("RGB", (64, 64), (127, 127, 127)).save(png, format="PNG")
@@ -112,8 +120,9 @@ class Application:
 
 def build_application(settings: Settings) -> Application:
     """Raises ConfigurationError when a setting points at something unusable."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # The building thread runs the event loop: one torch thread there (service.torch_threads).
+    intra_op_threads = settings.torch_threads or default_intra_op_threads()
+    use_intra_op_threads(1)
     tokens = load_tenant_tokens(settings.auth_tokens_file, settings.auth_tokens.get_secret_value())
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -150,6 +159,7 @@ def build_application(settings: Settings) -> Application:
         max_concurrent_jobs=settings.max_concurrent_jobs,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
+        intra_op_threads=intra_op_threads,
         progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
@@ -160,10 +170,17 @@ def build_application(settings: Settings) -> Application:
             on_finished=lambda outcome, head: _job_finished(metrics, outcome, head),
         ),
     )
-    blocking_pool = ThreadPoolExecutor(4, thread_name_prefix="blocking")
+    blocking_pool = ThreadPoolExecutor(
+        4, thread_name_prefix="blocking", initializer=use_intra_op_threads, initargs=(1,)
+    )
     # One compute thread: torch already parallelises inside an op; two batches at once would
-    # only fight over the same cores.
-    compute_pool = ThreadPoolExecutor(1, thread_name_prefix="predict")
+    # only fight over the same cores. It alone (and a running training job) gets them all.
+    compute_pool = ThreadPoolExecutor(
+        1,
+        thread_name_prefix="predict",
+        initializer=use_intra_op_threads,
+        initargs=(intra_op_threads,),
+    )
 
     def on_batch(timings: PredictTimings) -> None:
         metrics.predict_batch_size.labels(backbone=timings.backbone).observe(timings.batch_inputs)

@@ -107,7 +107,10 @@ class Settings(BaseSettings):
         description="Jobs one tenant may have queued or running; more are RESOURCE_EXHAUSTED.",
     )
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads; 0 keeps torch's default."
+        0,
+        ge=0,
+        description="torch intra-op threads of the Predict compute thread and of a running "
+        "training job (every other thread uses one); 0: one per CPU the process may use.",
     )
     grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."

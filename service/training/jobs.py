@@ -43,6 +43,7 @@ from service.errors import (
 )
 from service.heads import HeadCache, LoadedHead, head_weights
 from service.store.interface import Store
+from service.torch_threads import run_in_fresh_thread
 from service.training.recovery import recover_jobs
 from service.training.selection import select_backbone
 from service.training.trainer import Trainer
@@ -83,6 +84,7 @@ class JobManager:
         max_concurrent_jobs: int,
         max_jobs_per_tenant: int,
         feature_cache_bytes: int,
+        intra_op_threads: int,
         hooks: JobHooks | None = None,
         progress_min_interval_seconds: float = 0.0,
     ) -> None:
@@ -96,6 +98,9 @@ class JobManager:
         self._feature_cache_bytes = feature_cache_bytes
         self._max_jobs_per_tenant = max_jobs_per_tenant
         self._hooks = hooks or JobHooks()
+        self._intra_op_threads = intra_op_threads
+        # These threads only queue jobs and wait: each job trains on a fresh thread of its
+        # own (service.torch_threads: its torch thread team must end with the job).
         self._executor = ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="train")
         self._live: dict[str, _LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,7 +159,7 @@ class JobManager:
         self._prune_finished()
         self._hooks.on_state(JobState.QUEUED, None)
         assert self._loop is not None, "JobManager.start() was not called"
-        self._loop.run_in_executor(self._executor, self._run, live)
+        self._loop.run_in_executor(self._executor, self._run_on_own_thread, live)
         return replace(record)
 
     def unfinished_count(self, tenant: str) -> int:
@@ -218,6 +223,11 @@ class JobManager:
             live.subscribers.discard(queue)
 
     # ---- the worker side (runs in a training thread) ----
+
+    def _run_on_own_thread(self, live: _LiveJob) -> None:
+        run_in_fresh_thread(
+            lambda: self._run(live), f"job-{live.record.job_id}", self._intra_op_threads
+        )
 
     def _run(self, live: _LiveJob) -> None:
         spec = live.spec

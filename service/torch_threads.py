@@ -1,0 +1,58 @@
+"""Which threads run torch on several cores, and how that is arranged.
+
+torch's CPU wheels parallelise ops with GNU OpenMP (libgomp), which gives every thread that
+runs a parallel op its own team of worker threads and keeps that team until the thread
+exits. Once the process holds more OpenMP threads than CPUs, libgomp makes every team spin
+only briefly before sleeping, so each of the hundreds of small ops in a forward pass then
+pays a futex wake-up. Measured on this project's 2-CPU machine: the EfficientNet-Lite0
+batch-1 forward went from 13 ms to 34 ms, for the rest of the process's life, after one other
+thread had run a single image normalisation on two threads.
+
+So the policy is: only the Predict compute thread and the thread of a running training job
+run torch on `intra_op_threads` cores; every other thread (the event loop, preprocessing,
+loading) runs it on one. A training job gets a fresh thread that exits when the job ends,
+which frees its team: the slowdown lasts only while a job runs, not for good.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+
+def default_intra_op_threads() -> int:
+    """One per CPU this process may run on (a container's cpuset, not the host's count)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def use_intra_op_threads(count: int) -> None:
+    """Sets the calling thread's torch intra-op thread count, for good.
+
+    OpenMP's count is per thread, but torch initialises each thread's count once, lazily, at
+    its first parallel op, to whatever count was set last on *any* thread, overwriting one
+    set before. `get_num_threads` runs that initialisation now, so the count set after it
+    stays (without it, a pool initialised to one thread took the compute thread's two)."""
+    import torch  # imported here so that the policy is importable without torch loaded
+
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
+def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads: int) -> None:
+    """Runs `target` on a new thread with `intra_op_threads` torch threads and waits for it;
+    the thread (and with it its OpenMP team) is gone when this returns."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        use_intra_op_threads(intra_op_threads)
+        try:
+            target()
+        except BaseException as exc:  # re-raised on the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,55 @@
+"""The torch thread policy (service.torch_threads): counts set per thread stay set, and a
+job's thread is gone when the job returns."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from service.torch_threads import run_in_fresh_thread, use_intra_op_threads
+
+
+def test_a_thread_keeps_its_count_when_another_thread_sets_a_different_one_later() -> None:
+    # torch initialises a thread's count lazily, at its first parallel op, from the count
+    # set last on any thread: here the other thread's 2, which would overwrite this one's 1.
+    first_set = threading.Event()
+    other_set = threading.Event()
+    seen: list[int] = []
+
+    def serving_thread() -> None:
+        use_intra_op_threads(1)
+        first_set.set()
+        other_set.wait(timeout=30)
+        torch.ones(1 << 20).add_(1)  # large enough for a parallel op
+        seen.append(torch.get_num_threads())
+
+    def compute_thread() -> None:
+        first_set.wait(timeout=30)
+        use_intra_op_threads(2)
+        other_set.set()
+
+    threads = [threading.Thread(target=serving_thread), threading.Thread(target=compute_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert seen == [1]
+
+
+def test_run_in_fresh_thread_sets_the_count_waits_and_reraises() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def job() -> None:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+    run_in_fresh_thread(job, "job-test", 2)
+    assert seen == [("job-test", 2)]
+    assert not any(t.name == "job-test" for t in threading.enumerate())
+
+    def failing() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        run_in_fresh_thread(failing, "job-failing", 1)
