@@ -4,8 +4,11 @@ callers, statistics, data and the environment report.
 The server is the real one (`tests.conftest.start_server`: real backbones, real gRPC on a
 loopback port, its own event loop on a thread). The raw baseline uses the *same* loaded trunk
 object and the head's stored weights, called directly under `torch.inference_mode`: no
-gRPC, no batcher, no thread hops. Client, server and baseline share one process, so the
-client's own CPU cost (protobuf, asyncio) is charged to the server's side of each ratio.
+gRPC, no batcher, no thread hops. The measured Predict callers run in a child process by
+default (`bench.callers`), as deployed callers are other processes: their CPU cost (protobuf,
+asyncio) is still spent on the same cores, so it is still charged to the server's side of each
+ratio, but they do not take the server's GIL. `--callers-in-process` puts them back in this
+process, beside the server, for comparison.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +98,7 @@ class _Rounds(Protocol):
 
 
 RoundPlan = TypeVar("RoundPlan", bound=_Rounds)
+Result = TypeVar("Result")
 
 
 def apply_round_options(plan: RoundPlan, arguments: argparse.Namespace) -> RoundPlan:
@@ -192,6 +196,22 @@ def _to_float(state: Any) -> Any:
         values = state.values.float() if state.values.is_floating_point() else state.values
         return TextState(values, state.mask)
     return state.float()
+
+
+def on_compute_thread(app: Application, work: Callable[..., Result], *args: Any) -> Result:
+    """Runs `work(*args)` on the server's Predict compute thread (between server rounds, while it is
+    idle) and returns its result. The raw baseline runs there so that it uses the same torch
+    thread team as the server's batches: a second thread running torch on every core would
+    slow both of them (service.torch_threads), which no single-threaded user script sees."""
+    return app.compute_pool.submit(work, *args).result()
+
+
+def single_threaded_torch_here() -> None:
+    """This (the benchmark's main) thread prepares data only: torch on one thread here, for
+    the same reason as `on_compute_thread`."""
+    from service.torch_threads import use_intra_op_threads
+
+    use_intra_op_threads(1)
 
 
 def raw_model(app: Application, head_id: str) -> RawModel:
@@ -399,11 +419,19 @@ def rss_bytes() -> int:
 
 class CpuMeter:
     """CPU cores kept busy by *other* processes (the rest of a shared machine) since the meter
-    started: all CPUs' busy time from /proc/stat minus this process's own CPU time, per second
-    of wall time. 0 on an otherwise idle machine; up to the CPU count when it is saturated."""
+    started: all CPUs' busy time from /proc/stat minus this process's own CPU time (and its
+    `include`d helper processes'), per second of wall time. 0 on an otherwise idle machine; up
+    to the CPU count when it is saturated."""
 
-    def __init__(self) -> None:
+    def __init__(self, helpers: Sequence[int] = ()) -> None:
         self._start = self._sample()
+        self._helpers: dict[int, float] = {}  # pid -> its CPU seconds when included
+        for pid in helpers:
+            self.include(pid)
+
+    def include(self, pid: int) -> None:
+        """Counts `pid` (a benchmark's own child process) as ours from now on."""
+        self._helpers[pid] = process_cpu_seconds(pid)
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
@@ -418,9 +446,20 @@ class CpuMeter:
 
     def foreign_cores(self) -> float:
         busy, own, wall = self._sample()
+        for pid, at_start in self._helpers.items():
+            with contextlib.suppress(OSError):
+                own += process_cpu_seconds(pid) - at_start
         return max(0.0, (busy - self._start[0]) - (own - self._start[1])) / max(
             wall - self._start[2], 1e-9
         )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc)."""
+    # Fields 14 and 15 of /proc/PID/stat are utime and stime in clock ticks; the command name
+    # (field 2) may hold spaces, so count from its closing parenthesis.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Environment:

@@ -12,27 +12,31 @@ variant (difference of the percentiles) and the ratio.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from bench.callers import Callers, add_callers_option, callers_note, open_callers
 from bench.common import (
+    Call,
     Environment,
     bench_server,
     connect,
     fashion_pngs,
     model_inputs,
+    on_compute_thread,
     parser,
     percentile,
     raw_model,
     server_overrides,
     short_texts,
+    single_threaded_torch_here,
     table,
     train_probe,
     trunk_precision,
 )
-from client import AsyncTransferClient
 from client.types import InputData
 from service.app import Application
 
@@ -61,7 +65,7 @@ class Samples:
 
 async def _measure(
     app: Application,
-    client: AsyncTransferClient,
+    callers: Callers,
     head_id: str,
     pool: Sequence[InputData],
     plan: Plan,
@@ -71,16 +75,26 @@ async def _measure(
     ready = [raw.collate(raw.prepare([item])) for item in decoded[:16]]
     samples = Samples(raw.backbone.name, [], [], [])
 
-    async def server(i: int) -> None:
-        await client.predict(head_id, [pool[i % len(pool)]])
+    async def server(i: int) -> float:
+        # Timed by the caller itself (in its own process by default): the call alone.
+        run = await callers.run([Call(head_id, [pool[i % len(pool)]])], 1)
+        return run.latencies[0]
 
-    async def raw_full(i: int) -> None:
-        raw.predict([decoded[i % len(decoded)]])
+    def timed(work: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
 
-    async def raw_only(i: int) -> None:
-        raw.forward(ready[i % len(ready)])
+    # Timed on the compute thread itself: the thread hop is not part of the raw forward.
+    async def raw_full(i: int) -> float:
+        return on_compute_thread(
+            app, lambda: timed(lambda: raw.predict([decoded[i % len(decoded)]]))
+        )
 
-    measured: list[tuple[Callable[[int], Awaitable[None]], list[float]]] = [
+    async def raw_only(i: int) -> float:
+        return on_compute_thread(app, lambda: timed(lambda: raw.forward(ready[i % len(ready)])))
+
+    measured: list[tuple[Callable[[int], Awaitable[float]], list[float]]] = [
         (server, samples.server),
         (raw_full, samples.raw_full),
         (raw_only, samples.raw_model),
@@ -88,9 +102,7 @@ async def _measure(
     for i in range(plan.warmup + plan.calls):
         rotation = i % len(measured)
         for call, into in measured[rotation:] + measured[:rotation]:
-            started = time.perf_counter()
-            await call(i)
-            elapsed = time.perf_counter() - started
+            elapsed = await call(i)
             if i >= plan.warmup:
                 into.append(elapsed)
     return samples
@@ -122,9 +134,10 @@ def _rows(samples: Samples) -> list[tuple[str, ...]]:
     return rows
 
 
-async def run(quick: bool, overrides: dict[str, object]) -> None:
+async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Namespace) -> None:
     plan = QUICK if quick else FULL
     environment = Environment()
+    single_threaded_torch_here()
     backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
     with bench_server({"preload_backbones": backbones, **overrides}) as running:
         app = running.app
@@ -138,10 +151,14 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
             )
             images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
             texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
-            results = [
-                await _measure(app, client, image_head, images, plan),
-                await _measure(app, client, text_head, texts, plan),
-            ]
+            with open_callers(arguments, running.address, client) as callers:
+                for pid in callers.pids:
+                    environment.meter.include(pid)
+                results = [
+                    await _measure(app, callers, image_head, images, plan),
+                    await _measure(app, callers, text_head, texts, plan),
+                ]
+        environment.note("callers", callers_note(arguments))
         image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
         environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
         environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
@@ -184,8 +201,10 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
 
 
 def main() -> None:
-    arguments = parser(__doc__.splitlines()[0]).parse_args()
-    asyncio.run(run(arguments.quick, server_overrides(arguments)))
+    options = parser(__doc__.splitlines()[0])
+    add_callers_option(options)
+    arguments = options.parse_args()
+    asyncio.run(run(arguments.quick, server_overrides(arguments), arguments))
 
 
 if __name__ == "__main__":

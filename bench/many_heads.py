@@ -13,12 +13,14 @@ Backbone.resident_bytes). Target <= 0.03.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import random
 import time
 from dataclasses import dataclass
 
+from bench.callers import add_callers_option, callers_note, open_callers
 from bench.common import (
     Call,
     Environment,
@@ -30,7 +32,6 @@ from bench.common import (
     median,
     parser,
     rounds_inputs,
-    run_callers,
     server_overrides,
     spread,
     table,
@@ -79,7 +80,7 @@ async def _train_heads(client: AsyncTransferClient, count: int) -> list[str]:
     return heads
 
 
-async def run(plan: Plan, overrides: dict[str, object]) -> None:
+async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Namespace) -> None:
     environment = Environment()
     with bench_server({"preload_backbones": [BACKBONE], **overrides}) as running:
         app = running.app
@@ -90,38 +91,40 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
             train_seconds = time.perf_counter() - started
             print(f"  {train_seconds:.1f} s ({train_seconds / plan.heads:.2f} s per head)")
 
-            images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
-            # Rate of one head at the largest concurrency sizes the rounds.
-            probe_calls = [Call(heads[0], [png]) for png in images[:32]]
-            await run_callers(client, probe_calls, 8)
-            seconds, _ = await run_callers(client, probe_calls, 8)
-            rate = len(probe_calls) / seconds
+            with open_callers(arguments, running.address, client) as callers:
+                for pid in callers.pids:
+                    environment.meter.include(pid)
+                images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
+                # Rate of one head at the largest concurrency sizes the rounds.
+                probe_calls = [Call(heads[0], [png]) for png in images[:32]]
+                await callers.run(probe_calls, 8)
+                rate = len(probe_calls) / (await callers.run(probe_calls, 8)).seconds
 
-            rows = []
-            chooser = random.Random(0)
-            for concurrency in plan.concurrency:
-                inputs = rounds_inputs(rate, plan.round_seconds, concurrency, concurrency * 2)
-                cycle = itertools.cycle(images)
-                pngs = [next(cycle) for _ in range(inputs)]
-                one = [Call(heads[0], [png]) for png in pngs]
-                many = [Call(chooser.choice(heads), [png]) for png in pngs]
-                await run_callers(client, one[:concurrency], concurrency)
-                await run_callers(client, many[:concurrency], concurrency)
-                one_rates: list[float] = []
-                many_rates: list[float] = []
-                for repeat in range(plan.repeats):
-                    # Alternate which goes first so a drifting machine favours neither.
-                    order = [(one, one_rates), (many, many_rates)]
-                    for calls, rates in order if repeat % 2 == 0 else order[::-1]:
-                        seconds, _ = await run_callers(client, calls, concurrency)
-                        rates.append(len(calls) / seconds)
-                ratios = [m / o for m, o in zip(many_rates, one_rates, strict=True)]
-                rows.append((concurrency, inputs, one_rates, many_rates, ratios))
-                print(
-                    f"  callers={concurrency}: one head {median(one_rates):.1f}/s, "
-                    f"{plan.heads} heads {median(many_rates):.1f}/s",
-                    flush=True,
-                )
+                rows = []
+                chooser = random.Random(0)
+                for concurrency in plan.concurrency:
+                    inputs = rounds_inputs(rate, plan.round_seconds, concurrency, concurrency * 2)
+                    cycle = itertools.cycle(images)
+                    pngs = [next(cycle) for _ in range(inputs)]
+                    one = [Call(heads[0], [png]) for png in pngs]
+                    many = [Call(chooser.choice(heads), [png]) for png in pngs]
+                    await callers.run(one[:concurrency], concurrency)
+                    await callers.run(many[:concurrency], concurrency)
+                    one_rates: list[float] = []
+                    many_rates: list[float] = []
+                    for repeat in range(plan.repeats):
+                        # Alternate which goes first so a drifting machine favours neither.
+                        order = [(one, one_rates), (many, many_rates)]
+                        for calls, rates in order if repeat % 2 == 0 else order[::-1]:
+                            measured = await callers.run(calls, concurrency)
+                            rates.append(len(calls) / measured.seconds)
+                    ratios = [m / o for m, o in zip(many_rates, one_rates, strict=True)]
+                    rows.append((concurrency, inputs, one_rates, many_rates, ratios))
+                    print(
+                        f"  callers={concurrency}: one head {median(one_rates):.1f}/s, "
+                        f"{plan.heads} heads {median(many_rates):.1f}/s",
+                        flush=True,
+                    )
 
             records = await client.list_heads(backbone=BACKBONE)
             backbone_bytes = next(
@@ -136,6 +139,7 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
             f"{app.backbones.get(BACKBONE).preprocessor.input_size} px, one per request",
         )
         environment.note("repeats per row", plan.repeats)
+        environment.note("callers", callers_note(arguments))
         report = environment.markdown(app.backbones.device)
 
     head_bytes = sum(ours.values())
@@ -197,9 +201,10 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
 def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_round_options(options)
+    add_callers_option(options)
     arguments = options.parse_args()
     plan = apply_round_options(QUICK if arguments.quick else FULL, arguments)
-    asyncio.run(run(plan, server_overrides(arguments)))
+    asyncio.run(run(plan, server_overrides(arguments), arguments))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ of the per-round ratios. Target: server / raw incl. decode >= 0.90 on CPU.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.callers import Callers, add_callers_option, callers_note, open_callers
 from bench.common import (
     Call,
     CpuMeter,
@@ -37,22 +40,23 @@ from bench.common import (
     fashion_pngs,
     median,
     model_inputs,
+    on_compute_thread,
     parser,
     raw_model,
     rounds_inputs,
-    run_callers,
     server_overrides,
     short_texts,
+    single_threaded_torch_here,
     spread,
     table,
     train_probe,
     verdict,
 )
-from client import AsyncTransferClient
 from client.types import InputData
 from service.app import Application
 
 TARGET = 0.90
+MIN_BATCHES_PER_ROUND = 4
 IMAGE_BACKBONE = "efficientnet_lite0"
 TEXT_BACKBONE = "minilm_l6"
 
@@ -63,6 +67,7 @@ class Plan:
     request_sizes: tuple[int, ...]
     repeats: int
     round_seconds: float
+    only: tuple[tuple[int, int], ...] = ()  # (callers, inputs per request); empty: all rows
 
 
 # Many short interleaved rounds: on a shared machine the median of per-round ratios is far
@@ -115,7 +120,7 @@ def _batch_stats(app: Application, backbone: str) -> tuple[float, float]:
 
 async def _measure_backbone(
     app: Application,
-    client: AsyncTransferClient,
+    callers: Callers,
     head_id: str,
     pool: Sequence[InputData],
     plan: Plan,
@@ -125,20 +130,27 @@ async def _measure_backbone(
     decoded_pool = model_inputs(pool)
     rows = []
     for concurrency, request_size in itertools.product(plan.concurrency, plan.request_sizes):
+        if plan.only and (concurrency, request_size) not in plan.only:
+            continue
         batch = min(concurrency * request_size, app.settings.batch_max_size)
         # Warm-up at this batch size on both sides (first shapes are slow), and the rate
         # that sizes the rounds.
-        _raw_incl_decode(raw, decoded_pool, batch, batch)
-        rate = _raw_incl_decode(raw, decoded_pool, batch, batch * 2)
+        on_compute_thread(app, _raw_incl_decode, raw, decoded_pool, batch, batch)
+        rate = on_compute_thread(app, _raw_incl_decode, raw, decoded_pool, batch, batch * 2)
+        # At least MIN_BATCHES_PER_ROUND full batches: a round starts from idle callers,
+        # and its first batch is formed from whichever requests reach the server first.
         inputs = rounds_inputs(
-            rate, plan.round_seconds, concurrency * request_size, concurrency * request_size
+            rate,
+            plan.round_seconds,
+            concurrency * request_size,
+            max(concurrency * request_size, MIN_BATCHES_PER_ROUND * batch),
         )
         cycle = itertools.cycle(pool)
         calls = [
             Call(head_id, [next(cycle) for _ in range(request_size)])
             for _ in range(inputs // request_size)
         ]
-        await run_callers(client, calls[:concurrency], concurrency)
+        await callers.run(calls[:concurrency], concurrency)
         decoded = itertools.cycle(decoded_pool)
         ready = [
             raw.collate(raw.prepare([next(decoded) for _ in range(batch)]))
@@ -146,12 +158,14 @@ async def _measure_backbone(
         ]
         row = Row(backbone, concurrency, request_size, batch, [], [], [], 0.0)
         total_before, count_before = _batch_stats(app, backbone)
-        meter = CpuMeter()
+        meter = CpuMeter(callers.pids)
         for _ in range(plan.repeats):
-            seconds, _ = await run_callers(client, calls, concurrency)
-            row.server.append(inputs / seconds)
-            row.raw_full.append(_raw_incl_decode(raw, decoded_pool, batch, inputs))
-            row.raw_model.append(_raw_model_only(raw, ready, batch, inputs))
+            measured = await callers.run(calls, concurrency)
+            row.server.append(inputs / measured.seconds)
+            row.raw_full.append(
+                on_compute_thread(app, _raw_incl_decode, raw, decoded_pool, batch, inputs)
+            )
+            row.raw_model.append(on_compute_thread(app, _raw_model_only, raw, ready, batch, inputs))
         total_after, count_after = _batch_stats(app, backbone)
         row.mean_server_batch = (total_after - total_before) / max(count_after - count_before, 1)
         row.foreign_cores = meter.foreign_cores()
@@ -165,8 +179,9 @@ async def _measure_backbone(
     return rows
 
 
-async def run(plan: Plan, overrides: dict[str, object]) -> None:
+async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Namespace) -> None:
     environment = Environment()
+    single_threaded_torch_here()
     backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
     with bench_server({"preload_backbones": backbones, **overrides}) as running:
         app = running.app
@@ -180,8 +195,12 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
             )
             images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
             texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
-            rows = await _measure_backbone(app, client, image_head, images, plan)
-            rows += await _measure_backbone(app, client, text_head, texts, plan)
+            with open_callers(arguments, running.address, client) as callers:
+                for pid in callers.pids:
+                    environment.meter.include(pid)
+                rows = await _measure_backbone(app, callers, image_head, images, plan)
+                rows += await _measure_backbone(app, callers, text_head, texts, plan)
+        environment.note("callers", callers_note(arguments))
         image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
         environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
         environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
@@ -243,9 +262,23 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
 def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_round_options(options)
+    add_callers_option(options)
+    options.add_argument(
+        "--only", default=None, help="rows to run, as CALLERSxINPUTS[,...] (default: all)"
+    )
     arguments = options.parse_args()
     plan = apply_round_options(QUICK if arguments.quick else FULL, arguments)
-    asyncio.run(run(plan, server_overrides(arguments)))
+    if arguments.only:
+        plan = dataclasses.replace(plan, only=_parse_rows(arguments.only))
+    asyncio.run(run(plan, server_overrides(arguments), arguments))
+
+
+def _parse_rows(text: str) -> tuple[tuple[int, int], ...]:
+    rows = []
+    for part in text.split(","):
+        callers, _, inputs = part.strip().partition("x")
+        rows.append((int(callers), int(inputs)))
+    return tuple(rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Predict callers in a child process, as in production, where callers are other services.
+
+In the benchmark's own process the client's protobuf and asyncio work competes with the
+server's event loop and compute thread for one GIL, which no deployed client does; in a child
+process it still costs CPU on the same machine (so it is still charged to the server's side of
+a ratio), but not the server's GIL. `CallerProcess` runs an `AsyncTransferClient` on one
+channel in a spawned child and returns the child's own timings, so pipe traffic between the
+processes is outside every measured interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from bench.common import CLIENT_TIMEOUT_S, Call, run_callers
+
+if TYPE_CHECKING:
+    from client import AsyncTransferClient
+
+
+@dataclass(frozen=True, slots=True)
+class CallerRun:
+    seconds: float  # wall time of the whole list of calls
+    latencies: list[float]  # one per call, in completion order
+
+
+class CallerProcess:
+    """A child process holding one client channel to `address`; use as a context manager."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        context = multiprocessing.get_context("spawn")  # no forked copy of torch or grpc state
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child_conn, address), name="bench-callers", daemon=True
+        )
+
+    def __enter__(self) -> CallerProcess:
+        self._process.start()
+        ready = self._conn.recv()
+        if ready != "ready":
+            raise RuntimeError(f"caller process failed to start: {ready}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(OSError):  # the child may already be gone
+            self._conn.send(None)
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """For `CpuMeter`: the child's CPU is the benchmark's own, not another process's."""
+        pid = self._process.pid
+        assert pid is not None, "caller process not started"
+        return (pid,)
+
+    async def run(self, calls: Sequence[Call], concurrency: int) -> CallerRun:
+        """`concurrency` callers share `calls` (each takes the next when its last returns)."""
+        return await asyncio.to_thread(self._request, list(calls), concurrency)
+
+    def _request(self, calls: list[Call], concurrency: int) -> CallerRun:
+        self._conn.send((calls, concurrency))
+        reply = self._conn.recv()
+        if isinstance(reply, str):
+            raise RuntimeError(f"caller process: {reply}")
+        seconds, latencies = reply
+        return CallerRun(seconds, latencies)
+
+
+def _serve(conn: Connection, address: str) -> None:
+    """The child: one event loop and one channel for its whole life."""
+    from client import AsyncTransferClient
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def open_client() -> AsyncTransferClient:
+        # grpc.aio binds a channel to the loop running when it is made.
+        return await AsyncTransferClient(address, timeout=CLIENT_TIMEOUT_S).__aenter__()
+
+    client = loop.run_until_complete(open_client())
+    conn.send("ready")
+    try:
+        while True:
+            request = conn.recv()
+            if request is None:
+                break
+            calls, concurrency = request
+            try:
+                started = time.perf_counter()
+                seconds, latencies = loop.run_until_complete(
+                    run_callers(client, calls, concurrency)
+                )
+            except Exception as exc:  # reported to the parent, which raises it
+                elapsed = time.perf_counter() - started
+                conn.send(f"{type(exc).__name__}: {exc} after {elapsed:.1f} s")
+                continue
+            conn.send((seconds, latencies))
+    finally:
+        loop.run_until_complete(client.__aexit__(None, None, None))
+        loop.close()
+
+
+class InProcessCallers:
+    """The same interface over a client in this process (`--callers-in-process`): the old
+    set-up, where client and server share one GIL; kept to compare the two."""
+
+    pids: tuple[int, ...] = ()
+
+    def __init__(self, client: AsyncTransferClient) -> None:
+        self._client = client
+
+    async def run(self, calls: Sequence[Call], concurrency: int) -> CallerRun:
+        seconds, latencies = await run_callers(self._client, calls, concurrency)
+        return CallerRun(seconds, latencies)
+
+
+Callers = CallerProcess | InProcessCallers
+
+
+def add_callers_option(arguments: argparse.ArgumentParser) -> None:
+    arguments.add_argument(
+        "--callers-in-process",
+        action="store_true",
+        help="run the Predict callers in the benchmark's own process, sharing the server's "
+        "GIL (default: a child process, as a deployed caller would be)",
+    )
+
+
+@contextlib.contextmanager
+def open_callers(
+    arguments: argparse.Namespace, address: str, client: AsyncTransferClient
+) -> Iterator[Callers]:
+    """The callers the command line asked for."""
+    if arguments.callers_in_process:
+        yield InProcessCallers(client)
+        return
+    with CallerProcess(address) as process:
+        yield process
+
+
+def callers_note(arguments: argparse.Namespace) -> str:
+    """For the environment table."""
+    if arguments.callers_in_process:
+        return "in the benchmark's process (one AsyncTransferClient channel, shared GIL)"
+    return "a child process (one AsyncTransferClient channel)"
