@@ -23,7 +23,7 @@ import torch
 
 from service.backbones.cache import BackboneCache, LoadedBackbone
 from service.backbones.preprocess import Preprocessor
-from service.domain import ClassScore, ModelInput, PredictionResult
+from service.domain import ClassScore, Modality, ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from service.heads import HeadCache, LoadedHead
 
@@ -370,9 +370,7 @@ class Predictor:
         expecting = self._batcher(backbone, head.record.input_size)
         expecting.expect()
         try:
-            examples = await loop.run_in_executor(
-                self._preprocess_pool, _prepare, preprocessor, inputs
-            )
+            examples = await self._prepare(preprocessor, inputs, modality)
         finally:
             expecting.arrived()
         input_bytes = sum(backbone.trunk.example_bytes(example) for example in examples)
@@ -387,6 +385,34 @@ class Predictor:
             _Pending(head, examples, top_k, return_embedding, future, input_bytes)
         )
         return await future
+
+    async def _prepare(
+        self, preprocessor: Preprocessor, inputs: Sequence[ModelInput], modality: Modality
+    ) -> list[Any]:
+        """Decoded and preprocessed inputs, in order. Images are decoded one per pool task, so
+        a multi-image request uses every core (Pillow releases the GIL while it decodes and
+        resizes); texts tokenise in microseconds, so they stay in one task. The first failing
+        input by position is the one reported."""
+        loop = asyncio.get_running_loop()
+        if modality is not Modality.IMAGE or len(inputs) == 1:
+            return await loop.run_in_executor(
+                self._preprocess_pool, _prepare, preprocessor, inputs, 0
+            )
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._preprocess_pool, _prepare, preprocessor, [item], position
+                )
+                for position, item in enumerate(inputs)
+            ),
+            return_exceptions=True,
+        )
+        examples: list[Any] = []
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+            examples += part
+        return examples
 
     def _batcher(self, backbone: LoadedBackbone, input_size: int) -> _BackboneBatcher:
         # id(trunk) keys a reloaded backbone apart from an evicted one still draining.
@@ -419,6 +445,7 @@ class Predictor:
         self._batchers.clear()
 
 
-def _prepare(preprocessor: Preprocessor, inputs: Sequence[ModelInput]) -> list[Any]:
-    loaded = [preprocessor.load(item, f"inputs[{i}]") for i, item in enumerate(inputs)]
+def _prepare(preprocessor: Preprocessor, inputs: Sequence[ModelInput], first: int) -> list[Any]:
+    """`inputs` are the request's inputs from position `first` on (for error messages)."""
+    loaded = [preprocessor.load(item, f"inputs[{first + i}]") for i, item in enumerate(inputs)]
     return preprocessor.finish(loaded, None)
