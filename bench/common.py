@@ -475,6 +475,13 @@ class Environment:
     def note(self, key: str, value: object) -> None:
         self.extra.append((key, str(value)))
 
+    def note_server_threads(self, app: Application) -> None:
+        """The intra-op count the server's compute thread (and raw baselines) ran with."""
+        self.note(
+            "torch intra-op threads, server compute thread",
+            on_compute_thread(app, torch.get_num_threads),
+        )
+
     def markdown(self, device: torch.device | str) -> str:
         device = torch.device(device)
         load_end = os.getloadavg()
@@ -491,7 +498,7 @@ class Environment:
             ("python", platform.python_version()),
             ("torch", torch.__version__),
             (
-                "torch threads",
+                "torch threads (benchmark thread)",
                 f"intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}",
             ),
             ("grpcio", grpc.__version__),

@@ -167,6 +167,7 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
         )
         environment.note("server batch_max_wait_ms", app.settings.batch_max_wait_ms)
         environment.note("trunk precision", trunk_precision(app, IMAGE_BACKBONE))
+        environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
     print()

@@ -140,6 +140,7 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
         )
         environment.note("repeats per row", plan.repeats)
         environment.note("callers", callers_note(arguments))
+        environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
     head_bytes = sum(ours.values())

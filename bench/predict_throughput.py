@@ -210,6 +210,7 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
             f"batch_max_wait_ms {app.settings.batch_max_wait_ms}",
         )
         environment.note("repeats per row", plan.repeats)
+        environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
     headers = (
