@@ -15,16 +15,19 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.common import CLIENT_TIMEOUT_S, Call, run_callers
 
 if TYPE_CHECKING:
     from client import AsyncTransferClient
+
+
+Outcome = TypeVar("Outcome")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +49,8 @@ class CallerProcess:
 
     def __enter__(self) -> CallerProcess:
         self._process.start()
-        ready = self._conn.recv()
-        if ready != "ready":
+        kind, ready = self._conn.recv()
+        if (kind, ready) != ("ok", "ready"):
             raise RuntimeError(f"caller process failed to start: {ready}")
         return self
 
@@ -74,13 +77,22 @@ class CallerProcess:
         """`concurrency` callers share `calls` (each takes the next when its last returns)."""
         return await asyncio.to_thread(self._request, list(calls), concurrency)
 
+    async def call(self, function: Callable[..., Awaitable[Outcome]], *args: Any) -> Outcome:
+        """`await function(client, *args)` in the child; `function` is a module-level
+        coroutine function and its result is sent back (both pickled, between our own
+        processes)."""
+        return await asyncio.to_thread(self._exchange, ("call", function, args))  # type: ignore[no-any-return]
+
     def _request(self, calls: list[Call], concurrency: int) -> CallerRun:
-        self._conn.send((calls, concurrency))
-        reply = self._conn.recv()
-        if isinstance(reply, str):
-            raise RuntimeError(f"caller process: {reply}")
-        seconds, latencies = reply
+        seconds, latencies = self._exchange(("callers", calls, concurrency))
         return CallerRun(seconds, latencies)
+
+    def _exchange(self, request: tuple[Any, ...]) -> Any:
+        self._conn.send(request)
+        kind, reply = self._conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"caller process: {reply}")
+        return reply
 
 
 def _serve(conn: Connection, address: str) -> None:
@@ -95,23 +107,25 @@ def _serve(conn: Connection, address: str) -> None:
         return await AsyncTransferClient(address, timeout=CLIENT_TIMEOUT_S).__aenter__()
 
     client = loop.run_until_complete(open_client())
-    conn.send("ready")
+    conn.send(("ok", "ready"))
     try:
         while True:
             request = conn.recv()
             if request is None:
                 break
-            calls, concurrency = request
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
-                seconds, latencies = loop.run_until_complete(
-                    run_callers(client, calls, concurrency)
-                )
+                if request[0] == "callers":
+                    _, calls, concurrency = request
+                    result: Any = loop.run_until_complete(run_callers(client, calls, concurrency))
+                else:
+                    _, function, args = request
+                    result = loop.run_until_complete(function(client, *args))
             except Exception as exc:  # reported to the parent, which raises it
                 elapsed = time.perf_counter() - started
-                conn.send(f"{type(exc).__name__}: {exc} after {elapsed:.1f} s")
+                conn.send(("error", f"{type(exc).__name__}: {exc} after {elapsed:.1f} s"))
                 continue
-            conn.send((seconds, latencies))
+            conn.send(("ok", result))
     finally:
         loop.run_until_complete(client.__aexit__(None, None, None))
         loop.close()

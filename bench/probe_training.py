@@ -37,8 +37,10 @@ from bench.common import (
     connect,
     fashion_pngs,
     median,
+    on_compute_thread,
     parser,
     server_overrides,
+    single_threaded_torch_here,
     spread,
     table,
     trunk_precision,
@@ -169,6 +171,7 @@ async def _service(
 async def run(quick: bool, overrides: dict[str, object]) -> None:
     plan = QUICK if quick else FULL
     environment = Environment()
+    single_threaded_torch_here()
     train = fashion_pngs(plan.train_per_class, seed=1)
     test = fashion_pngs(plan.test_per_class, split="test", seed=2)
     classes = sorted({label for _, label in train})
@@ -188,7 +191,9 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
             first_call = time.perf_counter() - started
             # Service runs spread over the naive loop's epochs (before, between, after), so
             # both sides sample the same stretches of a shared machine's load.
-            naive = NaiveRun(backbone, train, classes)
+            # On the server's compute thread, the one thread with a multi-threaded torch team
+            # (service.torch_threads): the loop then runs as in a script of its own.
+            naive = on_compute_thread(app, NaiveRun, backbone, train, classes)
             service_after = {
                 round(i * EPOCHS / max(plan.service_runs - 1, 1)) for i in range(plan.service_runs)
             }
@@ -197,10 +202,10 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
                     service_runs.append(await _service(client, train, test, len(service_runs)))
                     print(f"  service FineTune: {service_runs[-1][0]:.1f} s", flush=True)
                 if epoch < EPOCHS:
-                    naive.epoch()
+                    on_compute_thread(app, naive.epoch)
                     print(f"  naive epoch {epoch + 1}: {naive.epoch_seconds[-1]:.1f} s", flush=True)
             naive_wall, epoch_seconds = naive.wall, naive.epoch_seconds
-            naive_accuracy = naive.accuracy(test)
+            naive_accuracy = on_compute_thread(app, naive.accuracy, test)
         environment.note(
             "data",
             f"Fashion-MNIST, {len(train)} train images ({plan.train_per_class}/class), "
@@ -211,6 +216,7 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
             "untimed warm-up",
             f"first FineTune after start (20 images, 1 epoch): {first_call:.1f} s",
         )
+        environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
     service_walls = [wall for wall, _, _ in service_runs]

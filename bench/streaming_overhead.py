@@ -1,6 +1,7 @@
 """Training steps/s with per-step progress streamed to a reading client / without.
 
 With: config progress_every_steps=1, the client consuming FineTune's stream as events come.
+The client runs in a child process (`bench.callers`), as a deployed one would.
 Without: progress_every_steps=10**6 (only the per-epoch events remain), the client reading
 nothing until the job has finished (it polls GetJob twice a second, then drains the stream).
 Steps/s is the server's own count: step / elapsed_seconds of the last end-of-epoch progress
@@ -24,14 +25,15 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from bench.callers import CallerProcess
 from bench.common import (
     Environment,
     bench_server,
-    connect,
     fashion_pngs,
     median,
     parser,
     server_overrides,
+    single_threaded_torch_here,
     spread,
     table,
     trunk_precision,
@@ -164,21 +166,26 @@ async def run(quick: bool, overrides: dict[str, object], tick_ms: float, pairs: 
     if pairs is not None:
         plan = dataclasses.replace(plan, pairs=pairs)
     environment = Environment()
+    single_threaded_torch_here()
     examples: list[tuple[InputData, str]] = list(fashion_pngs(plan.per_class, seed=1))
     results: list[tuple[Workload, list[Outcome], list[Outcome]]] = []
     with bench_server({"preload_backbones": [BACKBONE], **overrides}) as running:
         app = running.app
-        async with connect(running) as client:
+        # The client runs in a child process, as a deployed one would: reading the stream in
+        # this process took the GIL from the training thread.
+        with CallerProcess(running.address) as client:
+            for pid in client.pids:
+                environment.meter.include(pid)
             for workload in plan.workloads:
                 # Untimed: the first job of a kind pays one-off costs (allocations, caches).
-                await _unread(client, examples, dataclasses.replace(workload, epochs=1))
+                await client.call(_unread, examples, dataclasses.replace(workload, epochs=1))
                 streamed: list[Outcome] = []
                 unread: list[Outcome] = []
                 for pair in range(plan.pairs):
                     order = [(_streamed, streamed), (_unread, unread)]
                     for measure, into in order if pair % 2 == 0 else order[::-1]:
                         async with _awake(tick_ms):
-                            into.append(await measure(client, examples, workload))
+                            into.append(await client.call(measure, examples, workload))
                     print(
                         f"  {workload.name}: streamed {streamed[-1].steps_per_second:.1f} "
                         f"steps/s ({streamed[-1].events} events), unread "
@@ -194,6 +201,7 @@ async def run(quick: bool, overrides: dict[str, object], tick_ms: float, pairs: 
         environment.note("trunk precision", trunk_precision(app, BACKBONE))
         environment.note("pairs per workload", plan.pairs)
         environment.note("wake ticker (both modes)", f"{tick_ms:g} ms" if tick_ms > 0 else "off")
+        environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
     print()
