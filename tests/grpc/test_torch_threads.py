@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from client import TransferClient
+from client import JobCompleted, JobProgress, TransferClient
 from service.torch_threads import default_intra_op_threads
 from tests.conftest import RunningServer
 from tests.datasets import fashion_mnist
@@ -16,8 +16,18 @@ from tests.datasets import fashion_mnist
 def test_only_the_compute_thread_runs_torch_on_several_cores(
     server: RunningServer, client: TransferClient
 ) -> None:
-    head = client.train("efficientnet_lite0", fashion_mnist(3, classes=2, seed=81), head_name="t")
-    client.predict(head.head_id, [fashion_mnist(1, split="test", classes=2, seed=82)[0][0]])
+    job_threads_seen: list[str] = []
+    head_id = ""
+    for event in client.fine_tune(
+        "efficientnet_lite0", fashion_mnist(3, classes=2, seed=81), head_name="t"
+    ):
+        if isinstance(event, JobProgress) and not job_threads_seen:
+            # While it runs, the job has a thread of its own.
+            job_threads_seen = [t.name for t in threading.enumerate() if t.name.startswith("job-")]
+        if isinstance(event, JobCompleted):
+            head_id = event.head_id
+    assert job_threads_seen == [f"job-{event.job_id}"]
+    client.predict(head_id, [fashion_mnist(1, split="test", classes=2, seed=82)[0][0]])
     app = server.app
     expected = app.settings.torch_threads or default_intra_op_threads()
     assert app.compute_pool.submit(torch.get_num_threads).result() == expected
