@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from client import JobCompleted, JobProgress, TransferClient
+from client import JobCancelled, JobProgress, TrainingConfig, TransferClient
 from service.torch_threads import default_intra_op_threads
 from tests.conftest import RunningServer
 from tests.datasets import fashion_mnist
@@ -16,18 +16,8 @@ from tests.datasets import fashion_mnist
 def test_only_the_compute_thread_runs_torch_on_several_cores(
     server: RunningServer, client: TransferClient
 ) -> None:
-    job_threads_seen: list[str] = []
-    head_id = ""
-    for event in client.fine_tune(
-        "efficientnet_lite0", fashion_mnist(3, classes=2, seed=81), head_name="t"
-    ):
-        if isinstance(event, JobProgress) and not job_threads_seen:
-            # While it runs, the job has a thread of its own.
-            job_threads_seen = [t.name for t in threading.enumerate() if t.name.startswith("job-")]
-        if isinstance(event, JobCompleted):
-            head_id = event.head_id
-    assert job_threads_seen == [f"job-{event.job_id}"]
-    client.predict(head_id, [fashion_mnist(1, split="test", classes=2, seed=82)[0][0]])
+    head = client.train("efficientnet_lite0", fashion_mnist(3, classes=2, seed=81), head_name="t")
+    client.predict(head.head_id, [fashion_mnist(1, split="test", classes=2, seed=82)[0][0]])
     app = server.app
     expected = app.settings.torch_threads or default_intra_op_threads()
     assert app.compute_pool.submit(torch.get_num_threads).result() == expected
@@ -45,9 +35,27 @@ def test_only_the_compute_thread_runs_torch_on_several_cores(
         return torch.get_num_threads()
 
     assert server.call(loop_count()) == 1
-    # The job trained on a thread of its own, which ends with it (and its torch threads); the
-    # completed event goes out just before the thread returns, hence the short wait.
+
+
+def test_a_job_runs_on_a_thread_of_its_own_that_ends_with_it(client: TransferClient) -> None:
+    # Long enough to be seen running (it is cancelled once seen).
+    config = TrainingConfig(epochs=500, trainable_blocks=1, early_stopping_patience=0)
+    seen: list[str] = []
+    job_id = ""
+    ended = None
+    for event in client.fine_tune(
+        "efficientnet_lite0", fashion_mnist(3, classes=2, seed=83), head_name="long", config=config
+    ):
+        job_id = event.job_id
+        if isinstance(event, JobProgress) and not seen:
+            seen = [t.name for t in threading.enumerate() if t.name.startswith("job-")]
+            client.cancel_job(job_id)
+        ended = event
+    assert seen == [f"job-{job_id}"]
+    assert isinstance(ended, JobCancelled)
+    # The thread (and its torch threads) ends with the job; the cancelled event goes out
+    # just before the thread returns, hence the join.
     for thread in threading.enumerate():
-        if thread.name.startswith("job-"):
+        if thread.name == f"job-{job_id}":
             thread.join(timeout=30)
             assert not thread.is_alive()
