@@ -75,7 +75,7 @@ class Application:
         for name in self.settings.preload_backbones:
             backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
             # Warmed where Predict will run it, with the compute thread's torch threads.
-            await loop.run_in_executor(self.pools[1], self._warm, backbone)
+            await loop.run_in_executor(self.compute_pool, self._warm, backbone)
         await self.health.set_serving(True)
 
     @staticmethod

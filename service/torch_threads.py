@@ -16,9 +16,10 @@ which frees its team: the slowdown lasts only while a job runs, not for good.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def default_intra_op_threads() -> int:
@@ -37,6 +38,19 @@ def use_intra_op_threads(count: int) -> None:
 
     torch.get_num_threads()
     torch.set_num_threads(count)
+
+
+@contextlib.contextmanager
+def intra_op_threads_within(count: int) -> Iterator[None]:
+    """The calling thread's count is `count` inside the block, its own again after it."""
+    import torch
+
+    previous = torch.get_num_threads()  # also runs torch's lazy per-thread initialisation
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads: int) -> None:

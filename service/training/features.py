@@ -47,11 +47,9 @@ def extract(
     keep_states: Callable[[int], bool],
     cancelled: threading.Event,
     on_progress: Callable[[int], None],
-    batch_size: int | None = None,
 ) -> ExtractedData:
-    """`keep_states(position)` says which examples keep prefix states (the rest keep raw).
-    `batch_size` defaults to `extraction_batch_size(device)`."""
-    batch_size = batch_size or extraction_batch_size(backbone.device)
+    """`keep_states(position)` says which examples keep prefix states (the rest keep raw)."""
+    batch_size = extraction_batch_size(backbone.device)
     trunk = backbone.trunk
     preprocessor = backbone.preprocessor
     states: list[Any] = []

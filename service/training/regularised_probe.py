@@ -13,9 +13,8 @@ convention, the bias unpenalised):  (1/N) sum_i w_i CE(x_i W^T + b, y_i) + |W|^2
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -240,20 +239,6 @@ class RegularisedProbe:
             if C_DECADES[0] <= c <= C_DECADES[-1]:
                 evaluate(c, warm=False)
         return tuple(sorted(scored.values(), key=lambda candidate: candidate.c))
-
-
-@contextlib.contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """L-BFGS on [N, D] with N, D in the hundreds is a chain of small products: split over
-    two threads it spent most of its time in hand-offs (one 5-fold search: 39 s on two
-    threads of a busy 2-CPU machine, 5.4 s on one). torch's OpenMP thread count is per
-    thread once a thread has run an op, so serving threads keep theirs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def best_candidate(candidates: Sequence[Candidate]) -> Candidate:
