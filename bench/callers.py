@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bench.common import CLIENT_TIMEOUT_S, Call, run_callers
+from bench.common import CLIENT_TIMEOUT_S, Call, Environment, run_callers
 
 if TYPE_CHECKING:
     from client import AsyncTransferClient
@@ -40,7 +40,6 @@ class CallerProcess:
     """A child process holding one client channel to `address`; use as a context manager."""
 
     def __init__(self, address: str) -> None:
-        self._address = address
         context = multiprocessing.get_context("spawn")  # no forked copy of torch or grpc state
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
@@ -159,18 +158,21 @@ def add_callers_option(arguments: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def open_callers(
-    arguments: argparse.Namespace, address: str, client: AsyncTransferClient
+    arguments: argparse.Namespace,
+    address: str,
+    client: AsyncTransferClient,
+    environment: Environment,
 ) -> Iterator[Callers]:
-    """The callers the command line asked for."""
+    """The callers the command line asked for, noted in `environment` (and a child's CPU
+    counted as the benchmark's own there, not another process's load)."""
     if arguments.callers_in_process:
+        environment.note(
+            "callers", "in the benchmark's process (one AsyncTransferClient channel, shared GIL)"
+        )
         yield InProcessCallers(client)
         return
+    environment.note("callers", "a child process (one AsyncTransferClient channel)")
     with CallerProcess(address) as process:
+        for pid in process.pids:
+            environment.meter.include(pid)
         yield process
-
-
-def callers_note(arguments: argparse.Namespace) -> str:
-    """For the environment table."""
-    if arguments.callers_in_process:
-        return "in the benchmark's process (one AsyncTransferClient channel, shared GIL)"
-    return "a child process (one AsyncTransferClient channel)"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bench.callers import Callers, add_callers_option, callers_note, open_callers
+from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (
     Call,
     Environment,
@@ -151,14 +151,11 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
             )
             images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
             texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
-            with open_callers(arguments, running.address, client) as callers:
-                for pid in callers.pids:
-                    environment.meter.include(pid)
+            with open_callers(arguments, running.address, client, environment) as callers:
                 results = [
                     await _measure(app, callers, image_head, images, plan),
                     await _measure(app, callers, text_head, texts, plan),
                 ]
-        environment.note("callers", callers_note(arguments))
         image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
         environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
         environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")

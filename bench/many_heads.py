@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from bench.callers import add_callers_option, callers_note, open_callers
+from bench.callers import add_callers_option, open_callers
 from bench.common import (
     Call,
     Environment,
@@ -91,9 +91,7 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
             train_seconds = time.perf_counter() - started
             print(f"  {train_seconds:.1f} s ({train_seconds / plan.heads:.2f} s per head)")
 
-            with open_callers(arguments, running.address, client) as callers:
-                for pid in callers.pids:
-                    environment.meter.include(pid)
+            with open_callers(arguments, running.address, client, environment) as callers:
                 images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
                 # Rate of one head at the largest concurrency sizes the rounds.
                 probe_calls = [Call(heads[0], [png]) for png in images[:32]]
@@ -139,7 +137,6 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
             f"{app.backbones.get(BACKBONE).preprocessor.input_size} px, one per request",
         )
         environment.note("repeats per row", plan.repeats)
-        environment.note("callers", callers_note(arguments))
         environment.note_server_threads(app)
         report = environment.markdown(app.backbones.device)
 
