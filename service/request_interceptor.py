@@ -1,22 +1,27 @@
-"""The server's edge for every TransferService call: request id, bearer-token auth, and
-refusal while the server drains before it stops.
+"""The server's edge for every TransferService call: request id, bearer-token auth, and refusal
+while the server drains before it stops.
 
 Each call gets a request id (the caller's `x-request-id` when it sent a sane one, else a new
-one), sent back at once as initial metadata `x-request-id` and set in request_scope for the
-logs. With tokens configured, `authorization: Bearer <token>` must name a known token
-(UNAUTHENTICATED otherwise); the token's tenant is set in request_scope, where the servicer
-reads it. Without tokens every caller is DEFAULT_TENANT. Once `begin_draining()` was called
-(SIGTERM), a call that starts is refused UNAVAILABLE, so the caller retries on another
+one), sent back as initial metadata `x-request-id` and set in request_scope for the logs. A
+unary call sends that metadata while its handler runs, not before it: waiting for the send to
+complete first cost ~0.3 ms of every Predict's latency (and ~5% of its throughput at 8 callers)
+on the development VM. With tokens configured, `authorization: Bearer <token>` must name a
+known token (UNAUTHENTICATED otherwise); the token's tenant is set in request_scope, where the
+servicer reads it. Without tokens every caller is DEFAULT_TENANT. Once `begin_draining()` was
+called (SIGTERM), a call that starts is refused UNAVAILABLE, so the caller retries on another
 replica; calls already running are not touched. Health and reflection pass untouched: probes
 and tooling need no token, and a probe must read NOT_SERVING while the server drains.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +80,10 @@ class RequestInterceptor(InterceptorBase):
         self._tokens = tokens
         self._on_rejected = on_rejected
         self._draining = False
+        # New request ids: 32 hex digits like a uuid4's, a random per-process half and a
+        # counter (uuid4 reads the OS's randomness each time: 4% of the loop's Predict work).
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
 
     def begin_draining(self) -> None:
         """From now on every call that starts is refused UNAVAILABLE."""
@@ -90,26 +99,30 @@ class RequestInterceptor(InterceptorBase):
         if handler is None or _service_of(method) in EXEMPT_SERVICES:
             return handler
         metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()}
-        request_id = _request_id(metadata.get(REQUEST_ID_KEY))
+        request_id = self._request_id(metadata.get(REQUEST_ID_KEY))
         tenant, refusal = self._authenticate(metadata.get("authorization"))
 
         async def enter(context: Context) -> None:
             request_scope.request_id.set(request_id)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             # Checked when the call starts running, not when it was received: a call the
             # core queued before SIGTERM but Python picks up during the drain is refused
             # with a status the client can retry on, rather than cancelled by server.stop().
             if self._draining:
                 self._on_rejected(method.rsplit("/", 1)[-1], "UNAVAILABLE")
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
+                await _refuse(context, request_id, grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
             if refusal is not None:
                 log.warning("refused %s from %s: %s", method, context.peer(), refusal)
                 self._on_rejected(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+                await _refuse(context, request_id, grpc.StatusCode.UNAUTHENTICATED, refusal)
             assert tenant is not None
             request_scope.tenant.set(tenant)
 
-        return _with_entry(handler, enter, method)
+        return _with_entry(handler, enter, request_id, method)
+
+    def _request_id(self, offered: object) -> str:
+        if isinstance(offered, str) and _REQUEST_ID_PATTERN.fullmatch(offered):
+            return offered
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def _authenticate(self, authorization: object) -> tuple[str | None, str | None]:
         """(tenant, None) for an accepted call, (None, reason) for a refused one."""
@@ -130,17 +143,38 @@ def _service_of(method: str) -> str:
     return method.lstrip("/").split("/", 1)[0]
 
 
-def _request_id(offered: object) -> str:
-    if isinstance(offered, str) and _REQUEST_ID_PATTERN.fullmatch(offered):
-        return offered
-    return uuid.uuid4().hex
+def _headers(request_id: str) -> tuple[tuple[str, str]]:
+    return ((REQUEST_ID_KEY, request_id),)
+
+
+async def _refuse(context: Context, request_id: str, code: grpc.StatusCode, details: str) -> None:
+    await context.send_initial_metadata(_headers(request_id))
+    await context.abort(code, details)
+
+
+class _HeadersFirstContext:
+    """A unary call's context while its initial metadata is still on its way: the call's own
+    context, except that `abort` waits for that send to complete. grpc adds an (empty)
+    initial-metadata op to the status it sends unless the metadata went out already, and the
+    core refuses a second one."""
+
+    def __init__(self, context: Context, headers: asyncio.Future[None]) -> None:
+        self._context = context
+        self._headers = headers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
+        await self._headers
+        await self._context.abort(code, details, *args)
 
 
 def _with_entry(
-    handler: Handler, enter: Callable[[Context], Awaitable[None]], method: str
+    handler: Handler, enter: Callable[[Context], Awaitable[None]], request_id: str, method: str
 ) -> Handler:
-    """The same handler with `enter(context)` run first inside the call, and a debug line
-    with the duration after it."""
+    """The same handler with `enter(context)` run first inside the call, the request id sent as
+    initial metadata, and a debug line with the duration after it."""
     # On the aio server these are coroutine functions (unary responses) or async generator
     # functions (streamed responses); the stubs type them as the sync API's callables.
     kind = (handler.request_streaming, handler.response_streaming)
@@ -153,6 +187,7 @@ def _with_entry(
         async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             await enter(context)
+            await context.send_initial_metadata(_headers(request_id))
             try:
                 result = inner(request, context)
                 if hasattr(result, "__aiter__"):
@@ -169,8 +204,17 @@ def _with_entry(
         async def unary_behavior(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             await enter(context)
+            # Sent while the handler works; it must be out before the response or the status.
+            headers = asyncio.ensure_future(context.send_initial_metadata(_headers(request_id)))
             try:
-                return await inner(request, context)
+                response = await inner(request, _HeadersFirstContext(context, headers))
+            except BaseException:
+                with contextlib.suppress(Exception):  # the call's own outcome is what counts
+                    await headers
+                raise
+            else:
+                await headers
+                return response
             finally:
                 _log_finished(method, context, started)
 
