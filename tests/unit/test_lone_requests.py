@@ -1,0 +1,126 @@
+"""A lone request is decoded on the compute thread and computed in one hop: the same results
+as the batch path, the same errors, and only when nothing else is queued, coming or running."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import pytest
+
+from service.backbones.cache import LoadedBackbone
+from service.domain import ModelInput, PredictionResult
+from service.errors import InvalidArgumentError, ResourceExhaustedError
+from service.inference import PredictTimings, _BackboneBatcher, _Pending, _prepare
+from tests.datasets import fashion_mnist
+from tests.unit.test_batched_heads import counting_head
+
+Outcome = TypeVar("Outcome")
+
+
+def with_batcher(
+    backbone: LoadedBackbone,
+    work: Callable[[_BackboneBatcher], Awaitable[Outcome]],
+    *,
+    max_input_bytes: int = 10**9,
+    timings: list[PredictTimings] | None = None,
+) -> Outcome:
+    async def run() -> Outcome:
+        with ThreadPoolExecutor(1) as compute:
+            batcher = _BackboneBatcher(
+                backbone,
+                compute,
+                64,
+                max_input_bytes,
+                0.0,
+                (timings if timings is not None else []).append,
+            )
+            try:
+                return await work(batcher)
+            finally:
+                await batcher.close()
+
+    return asyncio.run(run())
+
+
+def image_inputs(count: int) -> list[ModelInput]:
+    return [ModelInput(image=x) for x, _ in fashion_mnist(count, split="test", classes=1, seed=5)]
+
+
+def test_a_lone_request_gets_what_the_batch_path_computes(lite0: LoadedBackbone) -> None:
+    head = counting_head(lite0, 1, seed=11, calls=[])
+    [image] = image_inputs(1)
+    timings: list[PredictTimings] = []
+
+    async def both(batcher: _BackboneBatcher) -> tuple[PredictionResult, PredictionResult]:
+        batcher.expect()
+        assert batcher.alone()
+        batcher.arrived()
+        prepare = functools.partial(_prepare, lite0.preprocessor, [image], 0)
+        [lone] = await batcher.run_alone(head, prepare, 3, True)
+        loop = asyncio.get_running_loop()
+        examples = _prepare(lite0.preprocessor, [image], 0)
+        pending = _Pending(head, examples, 3, True, loop.create_future(), 0)
+        batcher.submit(pending)
+        [batched] = await pending.future
+        return lone, batched
+
+    lone, batched = with_batcher(lite0, both, timings=timings)
+    assert [c.label for c in lone.top_k] == [c.label for c in batched.top_k]
+    assert [c.score for c in lone.top_k] == pytest.approx([c.score for c in batched.top_k])
+    assert lone.embedding == pytest.approx(batched.embedding, abs=1e-5)
+    assert [t.batch_inputs for t in timings] == [1, 1]  # both computed, both in the metrics
+
+
+def test_a_lone_request_reports_bad_input_like_the_batch_path(lite0: LoadedBackbone) -> None:
+    head = counting_head(lite0, 0, seed=12, calls=[])
+    [image] = image_inputs(1)
+
+    async def undecodable(batcher: _BackboneBatcher) -> None:
+        prepare = functools.partial(_prepare, lite0.preprocessor, [ModelInput(image=b"junk")], 0)
+        await batcher.run_alone(head, prepare, 1, False)
+
+    with pytest.raises(InvalidArgumentError, match=r"inputs\[0\]"):
+        with_batcher(lite0, undecodable)
+
+    async def too_big(batcher: _BackboneBatcher) -> None:
+        prepare = functools.partial(_prepare, lite0.preprocessor, [image], 0)
+        await batcher.run_alone(head, prepare, 1, False)
+
+    with pytest.raises(ResourceExhaustedError, match="per-batch limit"):
+        with_batcher(lite0, too_big, max_input_bytes=100)
+
+
+def test_alone_only_while_nothing_else_is_queued_coming_or_running(
+    lite0: LoadedBackbone,
+) -> None:
+    head = counting_head(lite0, 0, seed=13, calls=[])
+    [image] = image_inputs(1)
+
+    async def states(batcher: _BackboneBatcher) -> list[bool]:
+        seen = []
+        batcher.expect()
+        seen.append(batcher.alone())  # the only one: alone
+        batcher.expect()
+        seen.append(batcher.alone())  # a second is on its way
+        batcher.arrived()
+        batcher.arrived()
+        # Two requests in one batch: both callers may come straight back.
+        loop = asyncio.get_running_loop()
+        examples = _prepare(lite0.preprocessor, [image], 0)
+        futures = [loop.create_future() for _ in range(2)]
+        for future in futures:
+            batcher.submit(_Pending(head, examples, 1, False, future, 0))
+        await asyncio.gather(*futures)
+        batcher.expect()
+        seen.append(batcher.alone())  # the other caller of that batch is expected back
+        batcher.arrived()
+        batcher.expect()
+        seen.append(batcher.alone())  # both came back (or the window passed): alone again
+        batcher.arrived()
+        return seen
+
+    assert with_batcher(lite0, states) == [True, False, False, True]
