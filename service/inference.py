@@ -91,7 +91,9 @@ class _BackboneBatcher:
         # 0.74 of raw batch-8 speed on lite0). Zeroed once a window passes without them.
         self._returning = 0
         self._last_compute = 0.0
-        self._computing = False  # a batch (or a lone request) is on the compute thread
+        # Batches in hand (forming, waiting for or on the compute thread) and lone requests
+        # on the compute thread.
+        self._busy = 0
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     def expect(self) -> None:
@@ -104,12 +106,13 @@ class _BackboneBatcher:
         self._on_the_way -= 1
 
     def alone(self) -> bool:
-        """True for the one request `expect`ed last when no other is queued, on its way,
-        expected back from the last batch, or computing: it would be a batch of one."""
+        """True for the one request `expect`ed last when no other is queued, on its way or
+        expected back from the last batch, and no batch is in hand (forming, or waiting for
+        or on the compute thread): it would be a batch of one."""
         return (
             self._on_the_way == 1
             and self._returning <= 0
-            and not self._computing
+            and self._busy == 0
             and self._queue.empty()
         )
 
@@ -130,7 +133,7 @@ class _BackboneBatcher:
             pending.input_bytes = self.checked_input_bytes(pending.examples)
             return self._run_batch([pending])[0][1]
 
-        self._computing = True
+        self._busy += 1
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._compute, prepare_and_run)
@@ -139,7 +142,7 @@ class _BackboneBatcher:
                 "inputs: out of accelerator memory for this request"
             ) from exc
         finally:
-            self._computing = False
+            self._busy -= 1
         compute = time.perf_counter() - started
         self._last_compute = compute
         self._returning = 1
@@ -168,39 +171,50 @@ class _BackboneBatcher:
                 item.future.set_exception(UnavailableError("the server is shutting down"))
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         carried: _Pending | None = None
         while True:
             first = carried or await self._queue.get()
             carried = None
-            batch = [first]
-            inputs, input_bytes = len(first.examples), first.input_bytes
-            # The window grows with the compute it would save: HOLD_FRACTION of a batch's
-            # time on top of batch_max_wait, from the latest arrival, within the cap.
-            window = self._max_wait + HOLD_FRACTION * self._last_compute
-            cap = loop.time() + self._max_wait + HOLD_CAP_FRACTION * self._last_compute
-            while inputs < self._max_inputs:
-                if self._queue.empty() and self._on_the_way <= 0 and self._returning <= 0:
-                    # Nobody else is coming: waiting out the window would only add latency
-                    # (2 ms of the 5.9 ms overhead measured for one caller).
-                    break
-                item = await self._next(min(loop.time() + window, cap))
-                if item is None:
-                    self._returning = 0  # they did not come back within the window
-                    break
-                if (
-                    inputs + len(item.examples) > self._max_inputs
-                    or input_bytes + item.input_bytes > self._max_input_bytes
-                ):
-                    carried = item  # starts the next batch
-                    break
-                batch.append(item)
-                inputs += len(item.examples)
-                input_bytes += item.input_bytes
-            # Callers gone (deadline passed, cancelled): their work is dropped, not computed.
-            batch = [item for item in batch if not item.future.cancelled()]
-            if batch:
-                await self._execute(batch)
+            self._busy += 1
+            try:
+                carried = await self._form_and_run(first)
+            finally:
+                self._busy -= 1
+
+    async def _form_and_run(self, first: _Pending) -> _Pending | None:
+        """Holds a batch open for the requests on their way, runs it, and returns the request
+        that did not fit (it starts the next batch)."""
+        loop = asyncio.get_running_loop()
+        carried: _Pending | None = None
+        batch = [first]
+        inputs, input_bytes = len(first.examples), first.input_bytes
+        # The window grows with the compute it would save: HOLD_FRACTION of a batch's
+        # time on top of batch_max_wait, from the latest arrival, within the cap.
+        window = self._max_wait + HOLD_FRACTION * self._last_compute
+        cap = loop.time() + self._max_wait + HOLD_CAP_FRACTION * self._last_compute
+        while inputs < self._max_inputs:
+            if self._queue.empty() and self._on_the_way <= 0 and self._returning <= 0:
+                # Nobody else is coming: waiting out the window would only add latency
+                # (2 ms of the 5.9 ms overhead measured for one caller).
+                break
+            item = await self._next(min(loop.time() + window, cap))
+            if item is None:
+                self._returning = 0  # they did not come back within the window
+                break
+            if (
+                inputs + len(item.examples) > self._max_inputs
+                or input_bytes + item.input_bytes > self._max_input_bytes
+            ):
+                carried = item  # starts the next batch
+                break
+            batch.append(item)
+            inputs += len(item.examples)
+            input_bytes += item.input_bytes
+        # Callers gone (deadline passed, cancelled): their work is dropped, not computed.
+        batch = [item for item in batch if not item.future.cancelled()]
+        if batch:
+            await self._execute(batch)
+        return carried
 
     async def _next(self, deadline: float) -> _Pending | None:
         """The next queued request, waiting until `deadline` at most."""
@@ -217,7 +231,6 @@ class _BackboneBatcher:
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        self._computing = True
         try:
             computed = await loop.run_in_executor(self._compute, self._run_batch, batch)
         except torch.OutOfMemoryError:
@@ -233,8 +246,6 @@ class _BackboneBatcher:
         except Exception as exc:  # delivered to each caller; the worker keeps serving
             _fail(batch, exc)
             return
-        finally:
-            self._computing = False
         compute = time.perf_counter() - started
         self._last_compute = compute
         self._returning = len(computed)

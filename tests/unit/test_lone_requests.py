@@ -121,6 +121,14 @@ def test_alone_only_while_nothing_else_is_queued_coming_or_running(
         batcher.expect()
         seen.append(batcher.alone())  # both came back (or the window passed): alone again
         batcher.arrived()
+        # A batch in hand: the worker holds it open for the caller still expected back.
+        held = loop.create_future()
+        batcher.submit(_Pending(head, examples, 1, False, held, 0))
+        await asyncio.sleep(0)  # the worker takes it and waits for the returning caller
+        batcher.expect()
+        seen.append(batcher.alone())  # joins that batch rather than running beside it
+        batcher.arrived()
+        await held
         return seen
 
-    assert with_batcher(lite0, states) == [True, False, False, True]
+    assert with_batcher(lite0, states) == [True, False, False, True, False]
