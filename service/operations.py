@@ -7,6 +7,7 @@ exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -202,7 +203,10 @@ class TransferOperations:
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):
             assert example.input.image is not None
-            decode_image(example.input.image, f"{field}[{position}].image", self._max_pixels)
+            # A complete decode at the smallest scale: the job decodes again at its input size.
+            decode_image(
+                example.input.image, f"{field}[{position}].image", self._max_pixels, at_least=1
+            )
 
     def watch_job(
         self, tenant: str, job_id: str, after_sequence: int = 0
@@ -251,7 +255,10 @@ class TransferOperations:
                         raise InvalidArgumentError(f"{where}.text: text is empty")
                     if example.input.image is not None:
                         await self._blocking(
-                            decode_image, example.input.image, f"{where}.image", self._max_pixels
+                            functools.partial(decode_image, at_least=1),
+                            example.input.image,
+                            f"{where}.image",
+                            self._max_pixels,
                         )
                     count += 1
                 if count > self._max_examples:

@@ -55,8 +55,8 @@ class ImagePreprocessor:
     def load(self, model_input: ModelInput, field: str) -> torch.Tensor:
         if model_input.image is None:
             raise InvalidArgumentError(f"{field}: expected an image, got text")
-        image = decode_image(model_input.image, field, self.max_pixels)
         side = self.input_size
+        image = decode_image(model_input.image, field, self.max_pixels, at_least=side)
         width, height = image.size
         # Centre square of the source, resized straight to S x S: the same picture as
         # "shorter side to S, then centre-crop", without ever resizing the long side (a
@@ -85,7 +85,15 @@ class ImagePreprocessor:
         return out
 
 
-def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes, field: str, max_pixels: int, *, at_least: int | None = None
+) -> Image.Image:
+    """The image as RGB; raises InvalidArgumentError (or ResourceExhaustedError for too many
+    pixels) naming `field`. With `at_least`, a JPEG may decode at 1/2, 1/4 or 1/8 scale while
+    both sides stay at least that many pixels: libjpeg then skips most of the inverse DCT
+    (a 12-megapixel photo for a 224-pixel model decodes at 1/8). Every coefficient is still
+    read, so truncated or corrupt data fails the same way; `at_least=1` is the cheapest
+    complete check."""
     if not data:
         raise InvalidArgumentError(f"{field}: image is empty")
     try:
@@ -101,6 +109,8 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
                 raise ResourceExhaustedError(
                     f"{field}: image is {width}x{height} pixels, over the limit of {max_pixels}"
                 )
+            if at_least is not None:
+                image.draft("RGB", (at_least, at_least))  # a no-op for formats other than JPEG
             image.load()
     except (
         UnidentifiedImageError,

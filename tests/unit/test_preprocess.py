@@ -82,3 +82,36 @@ def test_augmentation_is_seeded_and_changes_pixels() -> None:
     assert first.shape == image.shape
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def _photo(width: int, height: int, quality: int = 90) -> bytes:
+    """A smooth colour JPEG: gradients plus a few shapes, like a camera picture's low end."""
+    xs = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    ys = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    red = 255 * xs * np.ones_like(ys)
+    green = 255 * ys * np.ones_like(xs)
+    blue = 127 + 127 * np.sin(12 * xs) * np.cos(9 * ys)
+    pixels = np.stack([red, green, blue], axis=2).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_input_size() -> None:
+    photo = _photo(2000, 1500)
+    assert decode_image(photo, "x", 10**7).size == (2000, 1500)
+    reduced = decode_image(photo, "x", 10**7, at_least=48)
+    assert reduced.size == (250, 188)  # 1/8: the largest step that keeps both sides >= 48
+    assert decode_image(photo, "x", 10**7, at_least=400).size == (1000, 750)  # 1/4: 375 < 400
+    # The model sees nearly the same picture as from a full decode (same crop, same resize).
+    full = Image.open(io.BytesIO(photo)).convert("RGB")
+    expected = np.asarray(full.resize((48, 48), Image.Resampling.BICUBIC, box=(250, 0, 1750, 1500)))
+    loaded = PREPROCESSOR.load(ModelInput(image=photo), "x").permute(1, 2, 0).numpy()
+    difference = np.abs(loaded.astype(np.int16) - expected.astype(np.int16))
+    assert float(difference.mean()) < 2.0 and int(difference.max()) < 24
+
+
+def test_the_cheapest_check_still_refuses_a_truncated_jpeg() -> None:
+    photo = _photo(2000, 1500)
+    with pytest.raises(InvalidArgumentError, match=r"examples\[0\]\.image"):
+        decode_image(photo[: len(photo) * 2 // 3], "examples[0].image", 10**7, at_least=1)
