@@ -188,6 +188,10 @@ class JobStarted:
     class_balance: str = "none"
 
 
+# TrainingProgress.phase of the events that score one L2 strength each (solver lbfgs_cv).
+CROSS_VALIDATION_PHASE = "cross_validation"
+
+
 @dataclass(frozen=True, slots=True)
 class TrainingProgress:
     phase: str
@@ -206,6 +210,13 @@ class TrainingProgress:
     epoch_end: bool
     # phase "cross_validation": the inverse L2 strength this event scores
     regularization_c: float | None = None
+
+    @property
+    def supersedes_previous(self) -> bool:
+        """A mid-epoch step update, made stale by the next one, so it may be coalesced. An
+        epoch's end closes the epoch, and a cross-validation event scores its own C (one
+        event per C is the API's contract): those always go out."""
+        return not self.epoch_end and self.phase != CROSS_VALIDATION_PHASE
 
 
 @dataclass(frozen=True, slots=True)

@@ -334,10 +334,11 @@ class JobManager:
 
     def _emit(self, live: _LiveJob, payload: EventPayload) -> None:
         mid_epoch = isinstance(payload, TrainingProgress) and not payload.epoch_end
+        coalescable = isinstance(payload, TrainingProgress) and payload.supersedes_previous
         with live.sequence_lock:
             if isinstance(payload, TrainingProgress):
                 live.record.progress = payload
-            if mid_epoch:
+            if coalescable:
                 # A person reads a few updates a second; a 1 ms step streamed every step
                 # spent 58% of training on events (bench/RESULTS.md, benchmark 5).
                 now = time.monotonic()

@@ -19,6 +19,7 @@ from torch import nn
 
 from service.backbones.cache import LoadedBackbone
 from service.domain import (
+    CROSS_VALIDATION_PHASE,
     EventPayload,
     FineTuneSpec,
     JobStarted,
@@ -290,7 +291,7 @@ class Trainer:
             scored.append(candidate)
             self._emit(
                 TrainingProgress(
-                    phase="cross_validation",
+                    phase=CROSS_VALIDATION_PHASE,
                     epoch=1,
                     epochs=1,
                     step=len(scored),

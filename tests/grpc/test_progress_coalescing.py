@@ -68,3 +68,31 @@ def test_step_events_respect_the_interval(running: tuple[RunningServer, float]) 
         assert all(gap >= interval_ms / 1000 - 0.01 for gap in gaps)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # no gaps
     assert job.last_sequence == events[-1].sequence
+
+
+def test_every_cross_validation_score_streams_whatever_the_interval(tmp_path: Path) -> None:
+    """One event per C scored is the API's contract: an interval longer than the whole search
+    must not drop any of them (a fast search used to lose all but the first)."""
+    server = server_with_interval(tmp_path, 60_000.0)
+    try:
+        with TransferClient(server.address, timeout=300) as client:
+            events = list(
+                client.fine_tune(
+                    BACKBONE,
+                    fashion_mnist(EXAMPLES_PER_CLASS, classes=3, seed=6),
+                    head_name="searched",
+                    config=TrainingConfig(cv_folds=3),
+                )
+            )
+    finally:
+        server.stop()
+    completed = events[-1]
+    assert isinstance(completed, JobCompleted)
+    scored = [
+        e.progress
+        for e in events
+        if isinstance(e, JobProgress) and e.progress.phase == "cross_validation"
+    ]
+    assert len(scored) >= 3
+    assert [p.step for p in scored] == list(range(1, len(scored) + 1))  # none dropped
+    assert completed.metrics.regularization_c in {p.regularization_c for p in scored}
