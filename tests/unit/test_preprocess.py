@@ -27,6 +27,8 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     [
         ("L", (28, 28), "PNG"),
         ("RGB", (300, 120), "JPEG"),
+        ("L", (800, 600), "JPEG"),  # decoded at a reduced scale, still grayscale
+        ("CMYK", (400, 400), "JPEG"),
         ("RGBA", (50, 70), "PNG"),
         ("P", (33, 33), "GIF"),
         ("RGB", (64, 64), "WEBP"),
