@@ -166,7 +166,8 @@ class _HeadersFirstContext:
         return getattr(self._context, name)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
-        await self._headers
+        with contextlib.suppress(Exception):  # failed only if the call is over: abort anyway
+            await self._headers
         await self._context.abort(code, details, *args)
 
 
