@@ -3,9 +3,10 @@
 Requests for any heads on one backbone (and input size) that arrive within
 `batch_max_wait_ms` are stacked; the batcher waits only while another request is on its way
 (admitted and being decoded), so a lone request starts at once. A lone request with one input
-(or only texts) while nothing is queued, computing or on its way is decoded on the compute
-thread right before its forward pass: one thread hop instead of three (pool, loop, compute),
-~0.2 ms of its latency, and no other request to overlap its decoding with. The trunk runs stage by
+(or only texts), while no other is queued, on its way or expected back and no batch is in
+hand, is decoded on the compute thread right before its forward pass: one thread hop instead
+of three (pool, loop, compute), ~0.2 ms of its latency, and no other request to overlap its
+decoding with. The trunk runs stage by
 stage over all rows; at each head's split point its rows branch off into the head (its own
 unfrozen blocks, pooling, classifier), which runs once over the rows of every request for it.
 Results go back to each caller in its own order.
