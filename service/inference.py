@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # batch); when nobody comes, the cost is one window, once.
 HOLD_FRACTION = 0.1
 HOLD_CAP_FRACTION = 0.3
+OUT_OF_MEMORY = "inputs: out of accelerator memory for this request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +140,7 @@ class _BackboneBatcher:
         try:
             results = await loop.run_in_executor(self._compute, prepare_and_run)
         except torch.OutOfMemoryError as exc:
-            raise ResourceExhaustedError(
-                "inputs: out of accelerator memory for this request"
-            ) from exc
+            raise ResourceExhaustedError(OUT_OF_MEMORY) from exc
         finally:
             self._busy -= 1
         compute = time.perf_counter() - started
@@ -240,9 +239,7 @@ class _BackboneBatcher:
                 for item in batch:
                     await self._execute([item])
                 return
-            _fail(
-                batch, ResourceExhaustedError("inputs: out of accelerator memory for this request")
-            )
+            _fail(batch, ResourceExhaustedError(OUT_OF_MEMORY))
             return
         except Exception as exc:  # delivered to each caller; the worker keeps serving
             _fail(batch, exc)
