@@ -10,11 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
+import torch
 
 from service.backbones.cache import LoadedBackbone
 from service.domain import ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError
-from service.inference import PredictTimings, _BackboneBatcher, _Pending, _prepare
+from service.inference import (
+    OUT_OF_MEMORY,
+    PredictTimings,
+    _BackboneBatcher,
+    _Pending,
+    _prepare,
+)
 from tests.datasets import fashion_mnist
 from tests.unit.test_batched_heads import counting_head
 
@@ -92,6 +99,25 @@ def test_a_lone_request_reports_bad_input_like_the_batch_path(lite0: LoadedBackb
 
     with pytest.raises(ResourceExhaustedError, match="per-batch limit"):
         with_batcher(lite0, too_big, max_input_bytes=100)
+
+
+def test_a_lone_request_out_of_memory_is_resource_exhausted(
+    lite0: LoadedBackbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    head = counting_head(lite0, 0, seed=14, calls=[])
+    [image] = image_inputs(1)
+
+    def out_of_memory(self: _BackboneBatcher, batch: list[_Pending]) -> None:
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    monkeypatch.setattr(_BackboneBatcher, "_run_batch", out_of_memory)
+
+    async def lone(batcher: _BackboneBatcher) -> None:
+        prepare = functools.partial(_prepare, lite0.preprocessor, [image], 0)
+        await batcher.run_alone(head, prepare, 1, False)
+
+    with pytest.raises(ResourceExhaustedError, match=OUT_OF_MEMORY):
+        with_batcher(lite0, lone)
 
 
 def test_alone_only_while_nothing_else_is_queued_coming_or_running(
