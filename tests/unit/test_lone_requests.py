@@ -7,18 +7,21 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import torch
 
-from service.backbones.cache import LoadedBackbone
-from service.domain import ModelInput, PredictionResult
+from service.backbones.cache import BackboneCache, LoadedBackbone
+from service.domain import Modality, ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError
+from service.heads import HeadCache
 from service.inference import (
     OUT_OF_MEMORY,
+    Predictor,
     PredictTimings,
     _BackboneBatcher,
+    _decodes_on_compute_thread,
     _Pending,
     _prepare,
 )
@@ -158,3 +161,45 @@ def test_alone_only_while_nothing_else_is_queued_coming_or_running(
         return seen
 
     assert with_batcher(lite0, states) == [True, False, False, True, False]
+
+
+def test_the_pool_path_decodes_the_same_and_names_the_first_bad_input(
+    lite0: LoadedBackbone,
+) -> None:
+    """A multi-image request that is not alone (or on an accelerator) decodes one image per
+    pool task: the same tensors in the same order as decoding them one after another, and
+    the first failing input by position is the one reported."""
+    images = image_inputs(4)
+    bad = [images[0], ModelInput(image=b"junk"), images[2], ModelInput(image=b"also junk")]
+
+    async def prepare(inputs: list[ModelInput]) -> list[Any]:
+        with ThreadPoolExecutor(4) as pool:
+            predictor = Predictor(
+                cast(BackboneCache, None),
+                cast(HeadCache, None),
+                preprocess_pool=pool,
+                compute_pool=pool,
+                max_inputs=16,
+                batch_max_size=16,
+                batch_max_wait_ms=0.0,
+                max_batch_input_bytes=10**9,
+            )
+            return await predictor._prepare(lite0.preprocessor, inputs, Modality.IMAGE)
+
+    parallel = asyncio.run(prepare(images))
+    serial = _prepare(lite0.preprocessor, images, 0)
+    assert len(parallel) == len(serial) == 4
+    for one, other in zip(parallel, serial, strict=True):
+        assert torch.equal(one, other)
+    with pytest.raises(InvalidArgumentError, match=r"inputs\[1\]"):
+        asyncio.run(prepare(bad))
+
+
+def test_where_a_lone_request_decodes() -> None:
+    images = image_inputs(2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _decodes_on_compute_thread(images, Modality.IMAGE, cpu)
+    assert _decodes_on_compute_thread(images[:1], Modality.IMAGE, cuda)
+    texts = [ModelInput(text="a"), ModelInput(text="b")]
+    assert _decodes_on_compute_thread(texts, Modality.TEXT, cuda)
+    assert not _decodes_on_compute_thread(images, Modality.IMAGE, cuda)
