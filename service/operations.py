@@ -7,7 +7,6 @@ exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across t
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from service.backbones.cache import BackboneCache, BackboneStatus
-from service.backbones.preprocess import decode_image
+from service.backbones.preprocess import check_image
 from service.domain import (
     DatasetInfo,
     FineTuneSpec,
@@ -203,10 +202,7 @@ class TransferOperations:
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):
             assert example.input.image is not None
-            # A complete decode at the smallest scale: the job decodes again at its input size.
-            decode_image(
-                example.input.image, f"{field}[{position}].image", self._max_pixels, at_least=1
-            )
+            check_image(example.input.image, f"{field}[{position}].image", self._max_pixels)
 
     def watch_job(
         self, tenant: str, job_id: str, after_sequence: int = 0
@@ -255,10 +251,7 @@ class TransferOperations:
                         raise InvalidArgumentError(f"{where}.text: text is empty")
                     if example.input.image is not None:
                         await self._blocking(
-                            functools.partial(decode_image, at_least=1),
-                            example.input.image,
-                            f"{where}.image",
-                            self._max_pixels,
+                            check_image, example.input.image, f"{where}.image", self._max_pixels
                         )
                     count += 1
                 if count > self._max_examples:

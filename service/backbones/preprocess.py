@@ -92,8 +92,7 @@ def decode_image(
     pixels) naming `field`. With `at_least`, a JPEG may decode at 1/2, 1/4 or 1/8 scale while
     both sides stay at least that many pixels: libjpeg then skips most of the inverse DCT
     (a 12-megapixel photo for a 224-pixel model decodes at 1/8). Every coefficient is still
-    read, so truncated or corrupt data fails the same way; `at_least=1` is the cheapest
-    complete check."""
+    read, so truncated or corrupt data fails the same way (see `check_image`)."""
     if not data:
         raise InvalidArgumentError(f"{field}: image is empty")
     try:
@@ -133,6 +132,12 @@ def decode_image(
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def check_image(data: bytes, field: str, max_pixels: int) -> None:
+    """Raises what `decode_image` would for this image, at the least cost: a complete decode
+    at the smallest scale (1/8 for a JPEG), for checks made before a job decodes it again."""
+    decode_image(data, field, max_pixels, at_least=1)
 
 
 def augment_image(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from service.backbones.preprocess import ImagePreprocessor, augment_image, decode_image
+from service.backbones.preprocess import (
+    ImagePreprocessor,
+    augment_image,
+    check_image,
+    decode_image,
+)
 from service.domain import ModelInput
 from service.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -116,4 +121,4 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_input_siz
 def test_the_cheapest_check_still_refuses_a_truncated_jpeg() -> None:
     photo = _photo(2000, 1500)
     with pytest.raises(InvalidArgumentError, match=r"examples\[0\]\.image"):
-        decode_image(photo[: len(photo) * 2 // 3], "examples[0].image", 10**7, at_least=1)
+        check_image(photo[: len(photo) * 2 // 3], "examples[0].image", 10**7)
