@@ -2,12 +2,12 @@
 
 Requests for any heads on one backbone (and input size) that arrive within
 `batch_max_wait_ms` are stacked; the batcher waits only while another request is on its way
-(admitted and being decoded), so a lone request starts at once. A lone request with one input
-(or only texts), while no other is queued, on its way or expected back and no batch is in
-hand, is decoded on the compute thread right before its forward pass: one thread hop instead
-of three (pool, loop, compute), ~0.2 ms of its latency, and no other request to overlap its
-decoding with. The trunk runs stage by
-stage over all rows; at each head's split point its rows branch off into the head (its own
+(admitted and being decoded), so a lone request starts at once. A lone request (no other
+queued, on its way or expected back, and no batch in hand) is decoded on the compute thread
+right before its forward pass: one thread hop instead of three (pool, loop, compute), ~0.2 ms
+of its latency, and no other request to overlap its decoding with (on an accelerator only a
+single input or texts: see `_decodes_on_compute_thread`). The trunk runs stage by stage over
+all rows; at each head's split point its rows branch off into the head (its own
 unfrozen blocks, pooling, classifier), which runs once over the rows of every request for it.
 Results go back to each caller in its own order.
 """
@@ -132,7 +132,7 @@ class _BackboneBatcher:
 
         def prepare_and_run() -> list[PredictionResult]:
             pending.examples = prepare()
-            pending.input_bytes = self.checked_input_bytes(pending.examples)
+            self.checked_input_bytes(pending.examples)  # raises past the per-batch limit
             return self._run_batch([pending])[0][1]
 
         self._busy += 1
@@ -519,7 +519,7 @@ def _decodes_on_compute_thread(
     """Whether a lone request is decoded on the compute thread rather than in the pool. On a
     CPU always: right after a batch the trunk's OpenMP workers spin on every core for a few
     milliseconds, so pool threads decoding in parallel share what is left (4 images: 6.5 ms
-    in the pool against ~3.5 ms one after another on the compute thread, 2-CPU VM). With an
+    in the pool against 3.6 ms one after another on the compute thread, 2-CPU VM). With an
     accelerator the cores are free and a multi-image request decodes faster in parallel."""
     return device.type == "cpu" or len(inputs) == 1 or modality is Modality.TEXT
 
