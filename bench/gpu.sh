@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu.sh                 # from the repository root
 #   PY=/path/to/python OUT=dir bash bench/gpu.sh
+#   bash bench/gpu.sh resnet50 latency   # only these steps (each within its usual limit)
 #
 # Each step's markdown goes to $OUT/<name>.md (default /tmp/transfer-bench-gpu/), a summary of exit
 # codes and times to $OUT/summary.txt. Fewer/shorter rounds than on CPU for the throughput
@@ -45,10 +46,17 @@ step() {  # step NAME LIMIT_S ARGS...: runs `python -m bench.NAME ARGS` within i
   echo "$name: exit $rc in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
 }
 
-step resnet50 60
-step latency 45
-step probe_training 50
-step predict_throughput 80 --repeats 2 --round-seconds 0.5
-step many_heads 70 --repeats 2 --round-seconds 0.5
+wanted() {  # wanted NAME: no step names given, or NAME among them
+  ((${#STEPS[@]} == 0)) && return 0
+  local name
+  for name in "${STEPS[@]}"; do [[ $name == "$1" ]] && return 0; done
+  return 1
+}
+STEPS=("$@")
+wanted resnet50 && step resnet50 60
+wanted latency && step latency 45
+wanted probe_training && step probe_training 50
+wanted predict_throughput && step predict_throughput 80 --repeats 2 --round-seconds 0.5
+wanted many_heads && step many_heads 70 --repeats 2 --round-seconds 0.5
 
 echo "== total $((SECONDS - started))s" | tee -a "$OUT/summary.txt"

@@ -15,13 +15,14 @@ from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingCon
 from service.heads import TaskHead
 from service.training.trainer import Trainer
 from tests.datasets import fashion_mnist
+from tests.devices import backbone_device
 
 
 def backbone(precision: str, image_size: int = 64) -> LoadedBackbone:
     cache = BackboneCache(
         default_catalog(),
         weights_dir=Path("/nonexistent"),
-        device=torch.device("cpu"),
+        device=backbone_device(),
         options=PreprocessingOptions(image_size, 64, 10**7),
         budget_bytes=10**10,
         precision=precision,
