@@ -110,6 +110,14 @@ def apply_round_options(plan: RoundPlan, arguments: argparse.Namespace) -> Round
     )
 
 
+def add_images_only_option(arguments: argparse.ArgumentParser) -> None:
+    """--images-only: skip the text backbone, for a machine without MiniLM's weights (the
+    GPU machine, where they do not fit beside the rest in one transfer)."""
+    arguments.add_argument(
+        "--images-only", action="store_true", help="measure efficientnet_lite0 only"
+    )
+
+
 def server_overrides(arguments: argparse.Namespace) -> dict[str, object]:
     """Settings fields the common options set (only those given)."""
     overrides: dict[str, object] = {"image_size": arguments.image_size}

@@ -22,6 +22,7 @@ from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (
     Call,
     Environment,
+    add_images_only_option,
     bench_server,
     connect,
     fashion_pngs,
@@ -138,7 +139,8 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
     plan = QUICK if quick else FULL
     environment = Environment()
     single_threaded_torch_here()
-    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
+    with_text = not arguments.images_only
+    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE] if with_text else [IMAGE_BACKBONE]
     with bench_server({"preload_backbones": backbones, **overrides}) as running:
         app = running.app
         async with connect(running) as client:
@@ -146,19 +148,20 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
             image_head = await train_probe(
                 client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
             )
-            text_head = await train_probe(
-                client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
-            )
+            if with_text:
+                text_head = await train_probe(
+                    client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
+                )
             images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
-            texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
+            texts = [text for text, _ in short_texts(20, seed=2, skip=8)] if with_text else []
             with open_callers(arguments, running.address, client, environment) as callers:
-                results = [
-                    await _measure(app, callers, image_head, images, plan),
-                    await _measure(app, callers, text_head, texts, plan),
-                ]
+                results = [await _measure(app, callers, image_head, images, plan)]
+                if with_text:
+                    results.append(await _measure(app, callers, text_head, texts, plan))
         image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
         environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
-        environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+        if with_text:
+            environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
         environment.note(
             "calls", f"{plan.calls} measured per variant after {plan.warmup} warm-up, sequential"
         )
@@ -201,6 +204,7 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
 def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_callers_option(options)
+    add_images_only_option(options)
     arguments = options.parse_args()
     asyncio.run(run(arguments.quick, server_overrides(arguments), arguments))
 

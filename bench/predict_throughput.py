@@ -33,6 +33,7 @@ from bench.common import (
     CpuMeter,
     Environment,
     RawModel,
+    add_images_only_option,
     add_round_options,
     apply_round_options,
     bench_server,
@@ -182,7 +183,8 @@ async def _measure_backbone(
 async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Namespace) -> None:
     environment = Environment()
     single_threaded_torch_here()
-    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE]
+    with_text = not arguments.images_only
+    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE] if with_text else [IMAGE_BACKBONE]
     with bench_server({"preload_backbones": backbones, **overrides}) as running:
         app = running.app
         async with connect(running) as client:
@@ -190,17 +192,20 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
             image_head = await train_probe(
                 client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
             )
-            text_head = await train_probe(
-                client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
-            )
+            if with_text:
+                text_head = await train_probe(
+                    client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
+                )
             images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
-            texts = [text for text, _ in short_texts(20, seed=2, skip=8)]
+            texts = [text for text, _ in short_texts(20, seed=2, skip=8)] if with_text else []
             with open_callers(arguments, running.address, client, environment) as callers:
                 rows = await _measure_backbone(app, callers, image_head, images, plan)
-                rows += await _measure_backbone(app, callers, text_head, texts, plan)
+                if with_text:
+                    rows += await _measure_backbone(app, callers, text_head, texts, plan)
         image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
         environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
-        environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+        if with_text:
+            environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
         environment.note(
             "server batching",
             f"batch_max_size {app.settings.batch_max_size}, "
@@ -261,6 +266,7 @@ def main() -> None:
     options = parser(__doc__.splitlines()[0])
     add_round_options(options)
     add_callers_option(options)
+    add_images_only_option(options)
     options.add_argument(
         "--only", default=None, help="rows to run, as CALLERSxINPUTS[,...] (default: all)"
     )

@@ -46,8 +46,7 @@ def train(loaded: LoadedBackbone, config: TrainingConfig, cache_bytes: int) -> T
 
 def logits(loaded: LoadedBackbone, head: TaskHead, images: list[bytes]) -> torch.Tensor:
     pre = loaded.preprocessor
-    inputs = pre.finish([pre.load(ModelInput(image=x), "x") for x in images], None)
-    state = loaded.trunk.collate(inputs)
+    state = loaded.stack([pre.load(ModelInput(image=x), "x") for x in images])
     prefix = loaded.run_prefix(state, 0, loaded.trunk.prefix_end(len(head.suffix)))
     with torch.inference_mode():
         return head(prefix)
