@@ -30,7 +30,11 @@ from service.settings import Settings
 from service.store.local import LocalStore
 from service.structured_logs import configure_logging
 from service.tenant_tokens import load_tenant_tokens
-from service.torch_threads import default_intra_op_threads, use_intra_op_threads
+from service.torch_threads import (
+    default_intra_op_threads,
+    jobs_train_on_fresh_threads,
+    use_intra_op_threads,
+)
 from service.training.jobs import JobHooks, JobManager
 
 log = logging.getLogger("service")
@@ -160,6 +164,7 @@ def build_application(settings: Settings) -> Application:
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
         intra_op_threads=intra_op_threads,
+        fresh_thread_per_job=jobs_train_on_fresh_threads(device.type),
         progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(

@@ -10,8 +10,9 @@ thread had run a single image normalisation on two threads.
 
 So the policy is: only the Predict compute thread and the thread of a running training job
 run torch on `intra_op_threads` cores; every other thread (the event loop, preprocessing,
-loading) runs it on one. A training job gets a fresh thread that exits when the job ends,
-which frees its team: the slowdown lasts only while a job runs, not for good.
+loading) runs it on one. On a CPU a training job gets a fresh thread that exits when the job
+ends, which frees its team: the slowdown lasts only while a job runs, not for good. With an
+accelerator jobs run on long-lived threads instead (jobs_train_on_fresh_threads says why).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def intra_op_threads_within(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def jobs_train_on_fresh_threads(device_type: str) -> bool:
+    """Whether each training job gets a fresh thread (see run_in_fresh_thread).
+
+    On a CPU, yes: the job's OpenMP team must end with it. With an accelerator the trunk runs
+    there and a job's CPU work is light (decoding, normalising), so jobs run on long-lived
+    threads with one torch CPU thread, because PyTorch keeps cuDNN's execution plans per
+    thread: on a fresh thread every convolution built its plan again, 6.2 s of a 7.4 s
+    500-image FineTune on an H200 (bench/probe_training.py under py-spy)."""
+    return device_type == "cpu"
 
 
 def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads: int) -> None:

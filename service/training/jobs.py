@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 
 import torch
 
@@ -43,7 +44,7 @@ from service.errors import (
 )
 from service.heads import HeadCache, LoadedHead, head_weights
 from service.store.interface import Store
-from service.torch_threads import run_in_fresh_thread
+from service.torch_threads import run_in_fresh_thread, use_intra_op_threads
 from service.training.recovery import recover_jobs
 from service.training.selection import select_backbone
 from service.training.trainer import Trainer
@@ -85,6 +86,7 @@ class JobManager:
         max_jobs_per_tenant: int,
         feature_cache_bytes: int,
         intra_op_threads: int,
+        fresh_thread_per_job: bool,
         hooks: JobHooks | None = None,
         progress_min_interval_seconds: float = 0.0,
     ) -> None:
@@ -99,9 +101,17 @@ class JobManager:
         self._max_jobs_per_tenant = max_jobs_per_tenant
         self._hooks = hooks or JobHooks()
         self._intra_op_threads = intra_op_threads
-        # These threads only queue jobs and wait: each job trains on a fresh thread of its
-        # own (service.torch_threads: its torch thread team must end with the job).
-        self._executor = ThreadPoolExecutor(max_concurrent_jobs, thread_name_prefix="train")
+        # fresh_thread_per_job (service.torch_threads.jobs_train_on_fresh_threads): these
+        # threads only queue jobs and wait, and each job trains on a fresh thread of its own,
+        # whose OpenMP team ends with the job. Otherwise jobs train on these long-lived
+        # threads themselves, with one torch CPU thread each, and keep what torch caches per
+        # thread (cuDNN's execution plans) from one job to the next.
+        self._fresh_thread_per_job = fresh_thread_per_job
+        self._executor = ThreadPoolExecutor(
+            max_concurrent_jobs,
+            thread_name_prefix="train",
+            initializer=None if fresh_thread_per_job else partial(use_intra_op_threads, 1),
+        )
         self._live: dict[str, _LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = True
@@ -225,6 +235,9 @@ class JobManager:
     # ---- the worker side (runs in a training thread) ----
 
     def _run_on_own_thread(self, live: _LiveJob) -> None:
+        if not self._fresh_thread_per_job:
+            self._run(live)
+            return
         run_in_fresh_thread(
             lambda: self._run(live), f"job-{live.record.job_id}", self._intra_op_threads
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from client import JobCancelled, JobProgress, TrainingConfig, TransferClient
@@ -37,7 +38,11 @@ def test_only_the_compute_thread_runs_torch_on_several_cores(
     assert server.call(loop_count()) == 1
 
 
-def test_a_job_runs_on_a_thread_of_its_own_that_ends_with_it(client: TransferClient) -> None:
+def test_a_job_runs_on_a_thread_of_its_own_that_ends_with_it(
+    server: RunningServer, client: TransferClient
+) -> None:
+    if server.app.backbones.device.type != "cpu":
+        pytest.skip("with an accelerator jobs share long-lived threads (test_job_threads.py)")
     # Long enough to be seen running (it is cancelled once seen).
     config = TrainingConfig(epochs=500, trainable_blocks=1, early_stopping_patience=0)
     seen: list[str] = []

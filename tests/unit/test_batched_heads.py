@@ -88,10 +88,12 @@ def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
     assert calls == {"a": [1 + 2], "b": [1], "tuned": [3 + 2]}
 
     # On a CPU a row's numbers barely depend on its batch. On CUDA, fp32 convolutions run in
-    # TF32 (PyTorch's cuDNN default) with kernels chosen per batch shape: an H200 measured
-    # scores 7e-5 apart (docs/design.md, "Batching").
+    # TF32 (PyTorch's cuDNN default) with kernels chosen per batch shape: on an H200 scores
+    # came out 7e-5 apart and embedding values (~4) 0.9% (docs/design.md, "Backbones as
+    # stages").
     on_cpu = lite0.device.type == "cpu"
-    score_tolerance, embedding_tolerance = (1e-5, 1e-4) if on_cpu else (1e-3, 1e-2)
+    score_tolerance = 1e-5 if on_cpu else 1e-3
+    embedding_tolerance = {"abs": 1e-4} if on_cpu else {"abs": 1e-2, "rel": 2e-2}
     for (head, request_rows, embed), batched in zip(requests, together, strict=True):
         [alone] = run_batch(lite0, [(head, request_rows, embed)])
         assert len(batched) == len(request_rows)
@@ -101,4 +103,4 @@ def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
                 [c.score for c in one.top_k], abs=score_tolerance
             )
             assert len(many.embedding) == (lite0.trunk.feature_dim if embed else 0)
-            assert many.embedding == pytest.approx(one.embedding, abs=embedding_tolerance)
+            assert many.embedding == pytest.approx(one.embedding, **embedding_tolerance)

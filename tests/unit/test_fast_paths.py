@@ -15,7 +15,7 @@ from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingCon
 from service.heads import TaskHead
 from service.training.trainer import Trainer
 from tests.datasets import fashion_mnist
-from tests.devices import backbone_device
+from tests.devices import backbone_device, full_precision_cuda
 
 
 def backbone(precision: str, image_size: int = 64) -> LoadedBackbone:
@@ -80,9 +80,15 @@ def test_bf16_trunk_agrees_with_fp32_on_real_images() -> None:
 def test_cached_features_train_the_same_head_as_recomputing(trainable_blocks: int) -> None:
     loaded = backbone("fp32")
     config = TrainingConfig(epochs=4, seed=5, trainable_blocks=trainable_blocks)
-    cached = train(loaded, config, cache_bytes=10**9)
-    recomputed = train(loaded, config, cache_bytes=1)  # nothing fits: trunk runs every step
     images = [x for x, _ in fashion_mnist(8, split="test", classes=3, seed=53)]
-    torch.testing.assert_close(
-        logits(loaded, cached, images), logits(loaded, recomputed, images), atol=1e-3, rtol=1e-3
-    )
+    # On an H200 with TF32 and cuDNN's unordered weight gradients the two heads' logits came
+    # out up to 0.11 apart after 4 epochs through one unfrozen block; on a CPU, < 1e-3.
+    with full_precision_cuda():
+        cached = train(loaded, config, cache_bytes=10**9)
+        recomputed = train(loaded, config, cache_bytes=1)  # nothing fits: trunk every step
+        torch.testing.assert_close(
+            logits(loaded, cached, images),
+            logits(loaded, recomputed, images),
+            atol=1e-3,
+            rtol=1e-3,
+        )
