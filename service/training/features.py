@@ -39,6 +39,16 @@ def extraction_batch_size(device: torch.device) -> int:
     return CPU_EXTRACTION_BATCH if device.type == "cpu" else ACCELERATOR_EXTRACTION_BATCH
 
 
+def pads_extraction_batches(device: torch.device) -> bool:
+    """Whether a short last batch is filled up to the full batch size (with copies of its
+    last example; rows are independent in eval mode). On an accelerator, yes: cuDNN builds an
+    execution plan for every convolution at every new batch shape, seconds for a whole trunk
+    on an H200 (service.torch_threads.jobs_train_on_fresh_threads), and a dataset of a new
+    size would otherwise bring a new shape; the padded rows cost little there. On a CPU they
+    would cost their full compute."""
+    return device.type != "cpu"
+
+
 def extract(
     backbone: LoadedBackbone,
     head: TaskHead,
@@ -47,8 +57,10 @@ def extract(
     keep_states: Callable[[int], bool],
     cancelled: threading.Event,
     on_progress: Callable[[int], None],
+    pad_short_batch: bool,
 ) -> ExtractedData:
-    """`keep_states(position)` says which examples keep prefix states (the rest keep raw)."""
+    """`keep_states(position)` says which examples keep prefix states (the rest keep raw);
+    `pad_short_batch`: see pads_extraction_batches."""
     batch_size = extraction_batch_size(backbone.device)
     trunk = backbone.trunk
     preprocessor = backbone.preprocessor
@@ -65,11 +77,12 @@ def extract(
             preprocessor.load(example.input, f"examples[{start + offset}]")
             for offset, example in enumerate(chunk)
         ]
-        batch = backbone.stack(loaded)
+        padding = batch_size - len(loaded) if pad_short_batch else 0
+        batch = backbone.stack(loaded + [loaded[-1]] * padding)
         prefix = backbone.run_prefix(batch, 0, prefix_end)
         with torch.inference_mode():
-            pooled_chunks.append(head.features(prefix).float())
-        per_example = trunk.split(prefix)
+            pooled_chunks.append(head.features(prefix).float()[: len(chunk)])
+        per_example = trunk.split(prefix)[: len(chunk)]
         for offset in range(len(chunk)):
             if keep_states(start + offset):
                 states.append(per_example[offset])

@@ -12,9 +12,10 @@ import torch
 from service.backbones.cache import BackboneCache, LoadedBackbone, choose_compute_dtype
 from service.backbones.catalog import PreprocessingOptions, default_catalog
 from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
-from service.heads import TaskHead
+from service.heads import TaskHead, build_head
+from service.training.features import ExtractedData, extract, extraction_batch_size
 from service.training.trainer import Trainer
-from tests.datasets import fashion_mnist
+from tests.datasets import bbc_news, fashion_mnist
 from tests.devices import backbone_device, full_precision_cuda
 
 
@@ -28,6 +29,18 @@ def backbone(precision: str, image_size: int = 64) -> LoadedBackbone:
         precision=precision,
     )
     return cache.get("efficientnet_lite0")
+
+
+def text_backbone() -> LoadedBackbone:
+    cache = BackboneCache(
+        default_catalog(),
+        weights_dir=Path("/nonexistent"),
+        device=backbone_device(),
+        options=PreprocessingOptions(64, 64, 10**7),
+        budget_bytes=10**10,
+        precision="fp32",
+    )
+    return cache.get("minilm_l6")
 
 
 def train(loaded: LoadedBackbone, config: TrainingConfig, cache_bytes: int) -> TaskHead:
@@ -92,3 +105,41 @@ def test_cached_features_train_the_same_head_as_recomputing(trainable_blocks: in
             atol=1e-3,
             rtol=1e-3,
         )
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "minilm_l6"])
+def test_padding_the_short_extraction_batch_changes_no_example(name: str) -> None:
+    """On an accelerator the last extraction batch is filled up to full size (no new cuDNN
+    shapes); the examples' states and features must be what an unpadded pass gives."""
+    loaded = backbone("fp32") if name == "efficientnet_lite0" else text_backbone()
+    inputs = (
+        [ModelInput(image=x) for x, _ in fashion_mnist(7, classes=3, seed=54)]
+        if name == "efficientnet_lite0"
+        else [ModelInput(text=text) for text, _ in bbc_news(4)]
+    )
+    examples = [LabeledExample(x, "y") for x in inputs]
+    batch = extraction_batch_size(loaded.device)
+    assert len(examples) % batch != 0  # a short last batch to pad
+    torch.manual_seed(0)
+    head = build_head(loaded.trunk, 1, num_classes=3)
+    prefix_end = loaded.trunk.prefix_end(1)
+
+    def run(pad: bool) -> ExtractedData:
+        return extract(
+            loaded,
+            head,
+            examples,
+            prefix_end,
+            keep_states=lambda i: True,
+            cancelled=threading.Event(),
+            on_progress=lambda done: None,
+            pad_short_batch=pad,
+        )
+
+    plain, padded = run(False), run(True)
+    assert padded.pooled.shape == plain.pooled.shape == (len(examples), loaded.trunk.feature_dim)
+    torch.testing.assert_close(padded.pooled, plain.pooled, atol=1e-5, rtol=1e-5)
+    assert plain.prefix_states is not None and padded.prefix_states is not None
+    assert len(padded.prefix_states) == len(examples)
+    for mine, theirs in zip(padded.prefix_states, plain.prefix_states, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
