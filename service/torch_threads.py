@@ -57,11 +57,12 @@ def intra_op_threads_within(count: int) -> Iterator[None]:
 def jobs_train_on_fresh_threads(device_type: str) -> bool:
     """Whether each training job gets a fresh thread (see run_in_fresh_thread).
 
-    On a CPU, yes: the job's OpenMP team must end with it. With an accelerator the trunk runs
-    there and a job's CPU work is light (decoding, normalising), so jobs run on long-lived
-    threads with one torch CPU thread, because PyTorch keeps cuDNN's execution plans per
-    thread: on a fresh thread every convolution built its plan again, 6.2 s of a 7.4 s
-    500-image FineTune on an H200 (bench/probe_training.py under py-spy)."""
+    On a CPU, yes: the job's OpenMP team must end with it. With an accelerator, no: jobs run on
+    long-lived threads (with the same torch CPU thread count, which the CPU-side L-BFGS probe
+    uses), because PyTorch keeps cuDNN's execution plans per thread: on a fresh thread every
+    convolution built its plan again, 6.2 s of a 7.4 s 500-image FineTune on an H200
+    (bench/probe_training.py under py-spy). Their OpenMP teams then stay, beside the compute
+    thread's; there the compute thread runs its trunk on the device, not on CPU cores."""
     return device_type == "cpu"
 
 

@@ -104,13 +104,14 @@ class JobManager:
         # fresh_thread_per_job (service.torch_threads.jobs_train_on_fresh_threads): these
         # threads only queue jobs and wait, and each job trains on a fresh thread of its own,
         # whose OpenMP team ends with the job. Otherwise jobs train on these long-lived
-        # threads themselves, with one torch CPU thread each, and keep what torch caches per
-        # thread (cuDNN's execution plans) from one job to the next.
+        # threads themselves, with the same torch CPU thread count, and keep what torch caches
+        # per thread (cuDNN's execution plans) from one job to the next.
         self._fresh_thread_per_job = fresh_thread_per_job
+        keep_count = partial(use_intra_op_threads, intra_op_threads)
         self._executor = ThreadPoolExecutor(
             max_concurrent_jobs,
             thread_name_prefix="train",
-            initializer=None if fresh_thread_per_job else partial(use_intra_op_threads, 1),
+            initializer=None if fresh_thread_per_job else keep_count,
         )
         self._live: dict[str, _LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
