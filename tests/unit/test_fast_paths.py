@@ -138,8 +138,10 @@ def test_padding_the_short_extraction_batch_changes_no_example(name: str) -> Non
 
     plain, padded = run(False), run(True)
     assert padded.pooled.shape == plain.pooled.shape == (len(examples), loaded.trunk.feature_dim)
-    torch.testing.assert_close(padded.pooled, plain.pooled, atol=1e-5, rtol=1e-5)
+    # fp32 kernels pick their blocking per batch shape, so the last bits may move (a fresh
+    # CI machine: 2e-5 on a value near 0.8); a wrong or shifted row would be off by O(1).
+    torch.testing.assert_close(padded.pooled, plain.pooled, atol=1e-4, rtol=1e-4)
     assert plain.prefix_states is not None and padded.prefix_states is not None
     assert len(padded.prefix_states) == len(examples)
     for mine, theirs in zip(padded.prefix_states, plain.prefix_states, strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
