@@ -8,12 +8,32 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+from service.backbones.cache import BackboneCache
+from service.backbones.catalog import PreprocessingOptions, default_catalog
 
 
 def backbone_device() -> torch.device:
     return torch.device(os.environ.get("TRANSFER_TEST_DEVICE", "cpu"))
+
+
+def backbone_cache(
+    image_size: int, *, precision: str = "fp32", device: torch.device | None = None
+) -> BackboneCache:
+    """A cache of the real pretrained backbones (lite0 and MiniLM weights come from their
+    packages) on `device`, backbone_device() unless given, at `image_size` pixels and 64 text
+    tokens, with room for every backbone."""
+    return BackboneCache(
+        default_catalog(),
+        weights_dir=Path("/nonexistent"),
+        device=device or backbone_device(),
+        options=PreprocessingOptions(image_size, 64, 10**7),
+        budget_bytes=10**10,
+        precision=precision,
+    )
 
 
 @contextlib.contextmanager

@@ -4,43 +4,21 @@ training on cached trunk outputs gives the head that recomputing them every epoc
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
-from service.backbones.cache import BackboneCache, LoadedBackbone, choose_compute_dtype
-from service.backbones.catalog import PreprocessingOptions, default_catalog
+from service.backbones.cache import LoadedBackbone, choose_compute_dtype
 from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
 from service.heads import TaskHead, build_head
 from service.training.features import ExtractedData, extract, extraction_batch_size
 from service.training.trainer import Trainer
 from tests.datasets import bbc_news, fashion_mnist
-from tests.devices import backbone_device, full_precision_cuda
+from tests.devices import backbone_cache, full_precision_cuda
 
 
-def backbone(precision: str, image_size: int = 64) -> LoadedBackbone:
-    cache = BackboneCache(
-        default_catalog(),
-        weights_dir=Path("/nonexistent"),
-        device=backbone_device(),
-        options=PreprocessingOptions(image_size, 64, 10**7),
-        budget_bytes=10**10,
-        precision=precision,
-    )
-    return cache.get("efficientnet_lite0")
-
-
-def text_backbone() -> LoadedBackbone:
-    cache = BackboneCache(
-        default_catalog(),
-        weights_dir=Path("/nonexistent"),
-        device=backbone_device(),
-        options=PreprocessingOptions(64, 64, 10**7),
-        budget_bytes=10**10,
-        precision="fp32",
-    )
-    return cache.get("minilm_l6")
+def backbone(precision: str) -> LoadedBackbone:
+    return backbone_cache(64, precision=precision).get("efficientnet_lite0")
 
 
 def train(loaded: LoadedBackbone, config: TrainingConfig, cache_bytes: int) -> TaskHead:
@@ -111,7 +89,7 @@ def test_cached_features_train_the_same_head_as_recomputing(trainable_blocks: in
 def test_padding_the_short_extraction_batch_changes_no_example(name: str) -> None:
     """On an accelerator the last extraction batch is filled up to full size (no new cuDNN
     shapes); the examples' states and features must be what an unpadded pass gives."""
-    loaded = backbone("fp32") if name == "efficientnet_lite0" else text_backbone()
+    loaded = backbone_cache(64).get(name)
     inputs = (
         [ModelInput(image=x) for x, _ in fashion_mnist(7, classes=3, seed=54)]
         if name == "efficientnet_lite0"

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from service.backbones.cache import BackboneCache
-from service.backbones.catalog import PreprocessingOptions, default_catalog
 from service.domain import FineTuneSpec, JobState, LabeledExample, ModelInput, TrainingConfig
 from service.heads import HeadCache
 from service.store.local import LocalStore
 from service.torch_threads import jobs_train_on_fresh_threads
 from service.training.jobs import JobHooks, JobManager
 from tests.datasets import fashion_mnist
+from tests.devices import backbone_cache
 
 
 def test_only_a_cpu_gives_each_job_a_fresh_thread() -> None:
@@ -30,14 +29,7 @@ def test_only_a_cpu_gives_each_job_a_fresh_thread() -> None:
 def _run_two_jobs(store_dir: Path, fresh_thread_per_job: bool) -> list[tuple[str, str, int]]:
     """(job id, thread name, torch CPU threads) as each of two jobs, one after the other,
     starts running; both must succeed."""
-    backbones = BackboneCache(
-        default_catalog(),
-        weights_dir=Path("/nonexistent"),
-        device=torch.device("cpu"),
-        options=PreprocessingOptions(48, 64, 10**7),
-        budget_bytes=10**10,
-        precision="fp32",
-    )
+    backbones = backbone_cache(48, device=torch.device("cpu"))
     store = LocalStore(store_dir)
     heads = HeadCache(backbones, store.get_head, store.load_head_weights, 4)
     running: list[tuple[str, int]] = []
