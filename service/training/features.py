@@ -57,11 +57,13 @@ def extract(
     keep_states: Callable[[int], bool],
     cancelled: threading.Event,
     on_progress: Callable[[int], None],
-    pad_short_batch: bool,
+    pad_short_batch: bool | None = None,
 ) -> ExtractedData:
     """`keep_states(position)` says which examples keep prefix states (the rest keep raw);
-    `pad_short_batch`: see pads_extraction_batches."""
+    `pad_short_batch`: pads_extraction_batches(backbone.device) unless given."""
     batch_size = extraction_batch_size(backbone.device)
+    if pad_short_batch is None:
+        pad_short_batch = pads_extraction_batches(backbone.device)
     trunk = backbone.trunk
     preprocessor = backbone.preprocessor
     states: list[Any] = []

@@ -170,7 +170,7 @@ class JobManager:
         self._prune_finished()
         self._hooks.on_state(JobState.QUEUED, None)
         assert self._loop is not None, "JobManager.start() was not called"
-        self._loop.run_in_executor(self._executor, self._run_on_own_thread, live)
+        self._loop.run_in_executor(self._executor, self._run_on_job_thread, live)
         return replace(record)
 
     def unfinished_count(self, tenant: str) -> int:
@@ -235,7 +235,8 @@ class JobManager:
 
     # ---- the worker side (runs in a training thread) ----
 
-    def _run_on_own_thread(self, live: _LiveJob) -> None:
+    def _run_on_job_thread(self, live: _LiveJob) -> None:
+        """Runs the job here, or on a fresh thread of its own (fresh_thread_per_job)."""
         if not self._fresh_thread_per_job:
             self._run(live)
             return

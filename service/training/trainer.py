@@ -32,12 +32,7 @@ from service.domain import (
 from service.errors import JobCancelledError
 from service.heads import PrototypeClassifier, TaskHead, build_head
 from service.torch_threads import intra_op_threads_within
-from service.training.features import (
-    ExtractedData,
-    estimate_state_bytes,
-    extract,
-    pads_extraction_batches,
-)
+from service.training.features import ExtractedData, estimate_state_bytes, extract
 from service.training.regularised_probe import (
     DEFAULT_C,
     Candidate,
@@ -171,7 +166,6 @@ class Trainer:
             on_progress=lambda done: self._emit(
                 self._extraction_progress(done, len(examples), started)
             ),
-            pad_short_batch=pads_extraction_batches(self._backbone.device),
         )
         device_train_index = train_index.to(self._device)
         head.set_feature_statistics(data.pooled.index_select(0, device_train_index))

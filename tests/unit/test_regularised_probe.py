@@ -22,7 +22,7 @@ from service.domain import (
     TrainingProgress,
 )
 from service.errors import JobCancelledError
-from service.training.features import extract, pads_extraction_batches
+from service.training.features import extract
 from service.training.regularised_probe import (
     C_DECADES,
     RegularisedProbe,
@@ -154,7 +154,6 @@ def test_trainer_installs_the_refit_at_the_chosen_c(lite0: LoadedBackbone) -> No
         keep_states=lambda i: False,
         cancelled=threading.Event(),
         on_progress=lambda done: None,
-        pad_short_batch=pads_extraction_batches(lite0.device),  # as the trainer's pass does
     )
     features = head.standardize(data.pooled).double().numpy()
     labels = np.array([result.class_names.index(e.label) for e in examples])
