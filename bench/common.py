@@ -280,6 +280,45 @@ async def train_probe(
     return done.head_id
 
 
+# The Predict benchmarks' two workloads: a probe head per backbone and held-out inputs.
+IMAGE_BACKBONE = "efficientnet_lite0"
+TEXT_BACKBONE = "minilm_l6"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeWorkload:
+    head_id: str
+    inputs: list[InputData]  # held out from the head's training set
+
+
+def probe_backbones(with_text: bool) -> list[str]:
+    """What probe_workloads trains on: the server's preload list."""
+    return [IMAGE_BACKBONE, TEXT_BACKBONE] if with_text else [IMAGE_BACKBONE]
+
+
+async def probe_workloads(client: AsyncTransferClient, with_text: bool) -> list[ProbeWorkload]:
+    """Images: a probe on 4 Fashion-MNIST classes, 100 test PNGs. Texts (`with_text`): a probe
+    on BBC News snippets, 100 other snippets."""
+    print("training one probe head per backbone ...", flush=True)
+    image_head = await train_probe(
+        client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
+    )
+    images: list[InputData] = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
+    workloads = [ProbeWorkload(image_head, images)]
+    if with_text:
+        text_head = await train_probe(client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text")
+        texts: list[InputData] = [text for text, _ in short_texts(20, seed=2, skip=8)]
+        workloads.append(ProbeWorkload(text_head, texts))
+    return workloads
+
+
+def note_probe_inputs(environment: Environment, app: Application, with_text: bool) -> None:
+    image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
+    environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
+    if with_text:
+        environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+
+
 # --- concurrent callers ------------------------------------------------------------------
 
 

@@ -20,29 +20,28 @@ from dataclasses import dataclass
 
 from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (
+    IMAGE_BACKBONE,
     Call,
     Environment,
     add_images_only_option,
     bench_server,
     connect,
-    fashion_pngs,
     model_inputs,
+    note_probe_inputs,
     on_compute_thread,
     parser,
     percentile,
+    probe_backbones,
+    probe_workloads,
     raw_model,
     server_overrides,
-    short_texts,
     single_threaded_torch_here,
     table,
-    train_probe,
     trunk_precision,
 )
 from client.types import InputData
 from service.app import Application
 
-IMAGE_BACKBONE = "efficientnet_lite0"
-TEXT_BACKBONE = "minilm_l6"
 PERCENTILES = (50.0, 90.0, 99.0)
 
 
@@ -140,28 +139,16 @@ async def run(quick: bool, overrides: dict[str, object], arguments: argparse.Nam
     environment = Environment()
     single_threaded_torch_here()
     with_text = not arguments.images_only
-    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE] if with_text else [IMAGE_BACKBONE]
-    with bench_server({"preload_backbones": backbones, **overrides}) as running:
+    with bench_server({"preload_backbones": probe_backbones(with_text), **overrides}) as running:
         app = running.app
         async with connect(running) as client:
-            print("training one probe head per backbone ...", flush=True)
-            image_head = await train_probe(
-                client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
-            )
-            if with_text:
-                text_head = await train_probe(
-                    client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
-                )
-            images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
-            texts = [text for text, _ in short_texts(20, seed=2, skip=8)] if with_text else []
+            workloads = await probe_workloads(client, with_text)
             with open_callers(arguments, running.address, client, environment) as callers:
-                results = [await _measure(app, callers, image_head, images, plan)]
-                if with_text:
-                    results.append(await _measure(app, callers, text_head, texts, plan))
-        image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
-        environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
-        if with_text:
-            environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+                results = [
+                    await _measure(app, callers, workload.head_id, workload.inputs, plan)
+                    for workload in workloads
+                ]
+        note_probe_inputs(environment, app, with_text)
         environment.note(
             "calls", f"{plan.calls} measured per variant after {plan.warmup} warm-up, sequential"
         )

@@ -38,19 +38,19 @@ from bench.common import (
     apply_round_options,
     bench_server,
     connect,
-    fashion_pngs,
     median,
     model_inputs,
+    note_probe_inputs,
     on_compute_thread,
     parser,
+    probe_backbones,
+    probe_workloads,
     raw_model,
     rounds_inputs,
     server_overrides,
-    short_texts,
     single_threaded_torch_here,
     spread,
     table,
-    train_probe,
     verdict,
 )
 from client.types import InputData
@@ -58,8 +58,6 @@ from service.app import Application
 
 TARGET = 0.90
 MIN_BATCHES_PER_ROUND = 4
-IMAGE_BACKBONE = "efficientnet_lite0"
-TEXT_BACKBONE = "minilm_l6"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,28 +182,17 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
     environment = Environment()
     single_threaded_torch_here()
     with_text = not arguments.images_only
-    backbones = [IMAGE_BACKBONE, TEXT_BACKBONE] if with_text else [IMAGE_BACKBONE]
-    with bench_server({"preload_backbones": backbones, **overrides}) as running:
+    with bench_server({"preload_backbones": probe_backbones(with_text), **overrides}) as running:
         app = running.app
         async with connect(running) as client:
-            print("training one probe head per backbone ...", flush=True)
-            image_head = await train_probe(
-                client, IMAGE_BACKBONE, fashion_pngs(10, seed=1, classes=4), "bench-image"
-            )
-            if with_text:
-                text_head = await train_probe(
-                    client, TEXT_BACKBONE, short_texts(8, seed=1), "bench-text"
-                )
-            images = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
-            texts = [text for text, _ in short_texts(20, seed=2, skip=8)] if with_text else []
+            workloads = await probe_workloads(client, with_text)
             with open_callers(arguments, running.address, client, environment) as callers:
-                rows = await _measure_backbone(app, callers, image_head, images, plan)
-                if with_text:
-                    rows += await _measure_backbone(app, callers, text_head, texts, plan)
-        image_side = app.backbones.get(IMAGE_BACKBONE).preprocessor.input_size
-        environment.note("image input", f"Fashion-MNIST test PNGs (28x28) -> {image_side} px")
-        if with_text:
-            environment.note("text input", "BBC News snippets, ~400 characters (~80-100 tokens)")
+                rows = []
+                for workload in workloads:
+                    rows += await _measure_backbone(
+                        app, callers, workload.head_id, workload.inputs, plan
+                    )
+        note_probe_inputs(environment, app, with_text)
         environment.note(
             "server batching",
             f"batch_max_size {app.settings.batch_max_size}, "
