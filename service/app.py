@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -12,17 +11,16 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from PIL import Image
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.backbones.cache import BackboneCache, LoadedBackbone
+from service.backbones.cache import BackboneCache
 from service.backbones.catalog import PreprocessingOptions, default_catalog
-from service.domain import ModelInput
 from service.errors import ConfigurationError
 from service.heads import HeadCache
 from service.inference import Predictor, PredictTimings
 from service.metrics import Metrics
 from service.operations import TransferOperations
+from service.predict_padding import padded_batch_sizes, pads_predict_batches
 from service.request_interceptor import RequestInterceptor
 from service.server import HealthReporter, create_server
 from service.servicer import TransferServicer
@@ -78,20 +76,8 @@ class Application:
         loop = asyncio.get_running_loop()
         for name in self.settings.preload_backbones:
             backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
-            # Warmed where Predict will run it, with the compute thread's torch threads.
-            await loop.run_in_executor(self.compute_pool, self._warm, backbone)
+            await self.predictor.warm_up(backbone)
         await self.health.set_serving(True)
-
-    @staticmethod
-    def _warm(backbone: LoadedBackbone) -> None:
-        if backbone.spec.modality.value == "image":
-            png = io.BytesIO()
-            Image.new("RGB", (64, 64), (127, 127, 127)).save(png, format="PNG")
-            sample = ModelInput(image=png.getvalue())
-        else:
-            sample = ModelInput(text="warm-up")
-        state = backbone.stack([backbone.preprocessor.load(sample, "warm-up")])
-        backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING first; then, for the drain window, the server still takes
@@ -192,6 +178,7 @@ def build_application(settings: Settings) -> Application:
         metrics.predict_queue.labels(backbone=timings.backbone).observe(timings.queue_seconds)
         metrics.predict_compute.labels(backbone=timings.backbone).observe(timings.compute_seconds)
         metrics.predict_inputs.labels(backbone=timings.backbone).inc(timings.batch_inputs)
+        metrics.predict_padding_inputs.labels(backbone=timings.backbone).inc(timings.padding_inputs)
 
     predictor = Predictor(
         backbones,
@@ -203,6 +190,11 @@ def build_application(settings: Settings) -> Application:
         batch_max_wait_ms=settings.batch_max_wait_ms,
         max_batch_input_bytes=settings.max_batch_input_bytes,
         on_batch=on_batch,
+        padded_sizes=(
+            padded_batch_sizes(settings.batch_max_size)
+            if pads_predict_batches(settings.predict_batch_padding, device)
+            else ()
+        ),
     )
     operations = TransferOperations(
         store=store,

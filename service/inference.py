@@ -9,7 +9,8 @@ of its latency, and no other request to overlap its decoding with (on an acceler
 single input or texts: see `_decodes_on_compute_thread`). The trunk runs stage by stage over
 all rows; at each head's split point its rows branch off into the head (its own
 unfrozen blocks, pooling, classifier), which runs once over the rows of every request for it.
-Results go back to each caller in its own order.
+Results go back to each caller in its own order. With an accelerator every pass is padded up
+to a size warmed at start-up (service.predict_padding).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import Any
 import torch
 
 from service.backbones.cache import BackboneCache, LoadedBackbone
+from service.backbones.compiled import warm_up_inputs
 from service.backbones.preprocess import Preprocessor
 from service.domain import ClassScore, Modality, ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from service.heads import HeadCache, LoadedHead
+from service.predict_padding import padded_index, padded_row_count
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class PredictTimings:
     batch_inputs: int
     queue_seconds: float
     compute_seconds: float
+    padding_inputs: int = 0  # copies added to reach a padded batch size (predict_padding)
 
 
 @dataclass(slots=True)
@@ -77,8 +81,12 @@ class _BackboneBatcher:
         max_input_bytes: int,
         max_wait_seconds: float,
         on_batch: Callable[[PredictTimings], None],
+        padded_sizes: tuple[int, ...] = (),
     ) -> None:
+        """`padded_sizes`: the row counts every trunk and head pass is padded up to
+        (service.predict_padding); empty: no padding."""
         self._backbone = backbone
+        self._padded_sizes = padded_sizes
         self._compute = compute
         self._max_inputs = max_inputs
         self._max_input_bytes = max_input_bytes
@@ -146,7 +154,8 @@ class _BackboneBatcher:
         compute = time.perf_counter() - started
         self._last_compute = compute
         self._returning = 1
-        self._on_batch(PredictTimings(self._backbone.name, len(pending.examples), 0.0, compute))
+        rows = len(pending.examples)
+        self._on_batch(PredictTimings(self._backbone.name, rows, 0.0, compute, self._padding(rows)))
         return results
 
     def checked_input_bytes(self, examples: list[Any]) -> int:
@@ -252,14 +261,26 @@ class _BackboneBatcher:
                 item.future.set_result(result)
         if not computed:
             return  # every caller left while the batch waited for the compute thread
+        rows = sum(len(item.examples) for item, _ in computed)
         self._on_batch(
             PredictTimings(
                 self._backbone.name,
-                sum(len(item.examples) for item, _ in computed),
+                rows,
                 max(started - item.enqueued for item, _ in computed),
                 compute,
+                self._padding(rows),
             )
         )
+
+    def _padding(self, rows: int) -> int:
+        if not self._padded_sizes:
+            return 0
+        return padded_row_count(rows, self._padded_sizes) - rows
+
+    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indices of the rows a pass runs on, padded up to a padded batch size: the trunk
+        and head passes then only ever see those sizes."""
+        return padded_index(rows, self._padded_sizes) if self._padded_sizes else rows
 
     def _run_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, list[PredictionResult]]]:
         """Runs on the compute thread; returns each request it computed with its results."""
@@ -276,9 +297,11 @@ class _BackboneBatcher:
         starts = [0]
         for item in batch:
             starts.append(starts[-1] + len(item.examples))
-        state = trunk.to_device(
-            trunk.collate([row for item in batch for row in item.examples]), device
-        )
+        examples = [row for item in batch for row in item.examples]
+        # Padding rows (copies of the last) go after every real row: real row r is row r of
+        # `state`, and each head's results are read from its first rows.
+        examples += examples[-1:] * self._padding(len(examples))
+        state = trunk.to_device(trunk.collate(examples), device)
         # Requests grouped by head (each head runs once, over all of its rows) and heads by
         # where they attach; the trunk advances stage by stage over the rows still needed
         # and each group branches off at its split point.
@@ -307,7 +330,7 @@ class _BackboneBatcher:
                     head_state = (
                         state
                         if len(rows) == len(active)
-                        else trunk.select(state, where_in_state[rows].to(device))
+                        else trunk.select(state, self._padded(where_in_state[rows]).to(device))
                     )
                     features = head.module.features(head_state)  # [rows, D]
                     logits = head.module.classify(features).float().cpu()  # [rows, C]
@@ -339,7 +362,7 @@ class _BackboneBatcher:
                     .sort()
                     .values
                 )
-                state = trunk.select(state, where_in_state[keep].to(device))
+                state = trunk.select(state, self._padded(where_in_state[keep]).to(device))
                 active = keep
         return [
             (item, _results(item.head, *outputs[position], item.top_k))
@@ -384,8 +407,11 @@ class Predictor:
         batch_max_wait_ms: float,
         max_batch_input_bytes: int,
         on_batch: Callable[[PredictTimings], None] | None = None,
+        padded_sizes: tuple[int, ...] = (),
     ) -> None:
+        """`padded_sizes`: see `_BackboneBatcher`."""
         self._max_batch_input_bytes = max_batch_input_bytes
+        self._padded_sizes = padded_sizes
         self._backbones = backbones
         self._heads = heads
         self._preprocess_pool = preprocess_pool
@@ -499,9 +525,19 @@ class Predictor:
                 self._max_batch_input_bytes,
                 self._batch_max_wait,
                 self._on_batch,
+                self._padded_sizes,
             )
             self._batchers[key] = batcher
         return batcher
+
+    async def warm_up(self, backbone: LoadedBackbone) -> None:
+        """Runs the whole trunk once at every batch size Predict will run it at (1 without
+        padding) on the compute thread, before any caller: its torch threads start, and on an
+        accelerator each size's cuDNN plans are built (service.predict_padding)."""
+        sizes = self._padded_sizes or (1,)
+        await asyncio.get_running_loop().run_in_executor(
+            self._compute_pool, _warm_up, backbone, sizes
+        )
 
     def discard_head(self, head_id: str) -> None:
         self._heads.discard(head_id)
@@ -522,6 +558,14 @@ def _decodes_on_compute_thread(
     in the pool against 3.6 ms one after another on the compute thread, 2-CPU VM). With an
     accelerator the cores are free and a multi-image request decodes faster in parallel."""
     return device.type == "cpu" or len(inputs) == 1 or modality is Modality.TEXT
+
+
+def _warm_up(backbone: LoadedBackbone, sizes: Sequence[int]) -> None:
+    for size in sizes:
+        inputs = warm_up_inputs(backbone.spec.modality, size)
+        state = backbone.stack([backbone.preprocessor.load(x, "warm-up") for x in inputs])
+        with torch.inference_mode():
+            backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
 
 def _prepare(preprocessor: Preprocessor, inputs: Sequence[ModelInput], first: int) -> list[Any]:

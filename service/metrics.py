@@ -68,6 +68,13 @@ class Metrics:
             ["backbone"],
             registry=registry,
         )
+        self.predict_padding_inputs = Counter(
+            "transfer_predict_padding_inputs",
+            "Copies of inputs the trunk also ran on, padding batches up to a warmed size "
+            "(TRANSFER_PREDICT_BATCH_PADDING), by backbone.",
+            ["backbone"],
+            registry=registry,
+        )
         self.training_step = Histogram(
             "transfer_training_step_duration_seconds",
             "Duration of one optimiser step.",

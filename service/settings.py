@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         description="Most bytes of preprocessed input in one trunk pass; a single Predict "
         "over it is RESOURCE_EXHAUSTED (a guard against accelerator out-of-memory).",
     )
+    predict_batch_padding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Pad each Predict batch with copies of its last input up to a power of two "
+        "(at most batch_max_size), sizes all run at start-up; 'auto': on with an accelerator, "
+        "where each new batch size costs cuDNN plan building, off on a CPU, where padding "
+        "costs full compute.",
+    )
     batch_max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -119,3 +119,41 @@ def test_a_lone_request_does_not_wait_out_the_window(tmp_path: Path) -> None:
         assert after - before < window_seconds / 2  # three waits of the window would be 9 s
     finally:
         running.stop()
+
+
+def test_padded_batches_answer_as_unpadded_and_count_their_copies(tmp_path: Path) -> None:
+    """TRANSFER_PREDICT_BATCH_PADDING=on (the default with an accelerator; forced here on the
+    CPU): a 3-image call runs as a batch of 4, the copy is counted in
+    transfer_predict_padding_inputs_total, and each image's answer is what it gets alone."""
+    running = start_server(
+        make_settings(
+            tmp_path,
+            predict_batch_padding="on",
+            batch_max_size=8,
+            preload_backbones=["efficientnet_lite0"],
+        )
+    )
+    try:
+        with TransferClient(running.address, timeout=120) as client:
+            head = client.train(
+                "efficientnet_lite0", fashion_mnist(4, classes=2, seed=43), head_name="padded"
+            ).head_id
+            images = [x for x, _ in fashion_mnist(3, split="test", classes=2, seed=44)][:3]
+            registry = running.app.metrics.registry
+            labels = {"backbone": "efficientnet_lite0"}
+
+            def padding_inputs() -> float:
+                value = registry.get_sample_value("transfer_predict_padding_inputs_total", labels)
+                return value or 0.0
+
+            alone = [client.predict(head, [image], top_k=2)[0] for image in images]
+            before = padding_inputs()
+            together = client.predict(head, images, top_k=2)
+            assert padding_inputs() - before == 1  # 3 rows padded to 4
+        for one, other in zip(together, alone, strict=True):
+            assert one.label == other.label
+            assert [c.score for c in one.top_k] == pytest.approx(
+                [c.score for c in other.top_k], abs=1e-4
+            )
+    finally:
+        running.stop()

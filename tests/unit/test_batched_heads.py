@@ -15,6 +15,7 @@ from service.backbones.cache import LoadedBackbone
 from service.domain import ModelInput, PredictionResult
 from service.heads import LoadedHead, build_head
 from service.inference import _BackboneBatcher, _Pending
+from service.predict_padding import padded_batch_sizes
 from tests.datasets import fashion_mnist
 from tests.unit.test_store import record
 
@@ -50,12 +51,16 @@ def examples(backbone: LoadedBackbone, count: int, seed: int) -> list[Any]:
 
 
 def run_batch(
-    backbone: LoadedBackbone, requests: list[tuple[LoadedHead, list[Any], bool]]
+    backbone: LoadedBackbone,
+    requests: list[tuple[LoadedHead, list[Any], bool]],
+    padded_sizes: tuple[int, ...] = (),
 ) -> list[list[PredictionResult]]:
     async def run() -> list[list[PredictionResult]]:
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1) as compute:
-            batcher = _BackboneBatcher(backbone, compute, 64, 10**9, 0.0, lambda t: None)
+            batcher = _BackboneBatcher(
+                backbone, compute, 64, 10**9, 0.0, lambda t: None, padded_sizes
+            )
             pending = [
                 _Pending(head, rows, 3, embed, loop.create_future(), 0)
                 for head, rows, embed in requests
@@ -104,3 +109,53 @@ def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
             )
             assert len(many.embedding) == (lite0.trunk.feature_dim if embed else 0)
             assert many.embedding == pytest.approx(one.embedding, **embedding_tolerance)
+
+
+def test_padded_batches_run_at_padded_sizes_and_give_each_caller_its_own_rows(
+    lite0: LoadedBackbone,
+) -> None:
+    """TRANSFER_PREDICT_BATCH_PADDING: the trunk and every head pass see only padded sizes
+    (the copies' results are dropped), and each caller gets what an unpadded batch gives it."""
+    sizes = padded_batch_sizes(64)
+    calls: dict[str, list[int]] = {"a": [], "b": [], "tuned": [], "deep": []}
+    probe_a = counting_head(lite0, 0, 1, calls["a"])
+    probe_b = counting_head(lite0, 0, 2, calls["b"])
+    tuned = counting_head(lite0, 1, 3, calls["tuned"])
+    deep = counting_head(lite0, 2, 4, calls["deep"])
+    trunk_rows: list[int] = []
+    first_stage = lite0.trunk.stages[0]
+    hook = first_stage.register_forward_pre_hook(lambda _, args: trunk_rows.append(len(args[0])))
+    rows = [examples(lite0, n, seed=90 + n) for n in (2, 3, 1, 1, 2)]
+    requests = [
+        (probe_a, rows[0], True),
+        (tuned, rows[1], False),
+        (probe_b, rows[2], False),
+        (deep, rows[3], True),
+        (tuned, rows[4], False),
+    ]
+    try:
+        padded = run_batch(lite0, requests, sizes)
+    finally:
+        hook.remove()
+    # 9 rows -> 16 through the first stage; probe_a 2 rows -> 2, probe_b 1 -> 1, tuned
+    # 3 + 2 -> 8 and deep 1 -> 1 (their own, unfrozen blocks included).
+    assert trunk_rows == [16]
+    assert calls == {"a": [2], "b": [1], "tuned": [8], "deep": [1]}
+    for name in calls:
+        calls[name].clear()
+    unpadded = run_batch(lite0, requests)
+    assert calls == {"a": [2], "b": [1], "tuned": [5], "deep": [1]}
+    on_cpu = lite0.device.type == "cpu"  # tolerances as in the test above
+    score_tolerance = 1e-5 if on_cpu else 1e-3
+    embedding_tolerance = {"abs": 1e-4} if on_cpu else {"abs": 1e-2, "rel": 2e-2}
+    for (_, request_rows, embed), with_padding, without in zip(
+        requests, padded, unpadded, strict=True
+    ):
+        assert len(with_padding) == len(without) == len(request_rows)
+        for one, other in zip(with_padding, without, strict=True):
+            assert [c.label for c in one.top_k] == [c.label for c in other.top_k]
+            assert [c.score for c in one.top_k] == pytest.approx(
+                [c.score for c in other.top_k], abs=score_tolerance
+            )
+            assert len(one.embedding) == (lite0.trunk.feature_dim if embed else 0)
+            assert one.embedding == pytest.approx(other.embedding, **embedding_tolerance)
