@@ -86,6 +86,7 @@ class Row:
     raw_model: list[float]
     mean_server_batch: float
     foreign_cores: float = 0.0
+    mean_padding: float = 0.0  # copies per batch (TRANSFER_PREDICT_BATCH_PADDING)
 
     def ratios(self, raw: list[float]) -> list[float]:
         return [s / r for s, r in zip(self.server, raw, strict=True)]
@@ -109,12 +110,14 @@ def _raw_model_only(raw: RawModel, ready: Sequence[Any], batch: int, inputs: int
     return inputs / (time.perf_counter() - started)
 
 
-def _batch_stats(app: Application, backbone: str) -> tuple[float, float]:
+def _batch_stats(app: Application, backbone: str) -> tuple[float, float, float]:
+    """The server's inputs, batches and padding copies so far."""
     registry = app.metrics.registry
     labels = {"backbone": backbone}
     total = registry.get_sample_value("transfer_predict_batch_size_sum", labels) or 0.0
     count = registry.get_sample_value("transfer_predict_batch_size_count", labels) or 0.0
-    return total, count
+    padding = registry.get_sample_value("transfer_predict_padding_inputs_total", labels) or 0.0
+    return total, count, padding
 
 
 async def _measure_backbone(
@@ -156,7 +159,7 @@ async def _measure_backbone(
             for _ in range(min(inputs // batch, 8))
         ]
         row = Row(backbone, concurrency, request_size, batch, [], [], [], 0.0)
-        total_before, count_before = _batch_stats(app, backbone)
+        total_before, count_before, padding_before = _batch_stats(app, backbone)
         meter = CpuMeter(callers.pids)
         for _ in range(plan.repeats):
             measured = await callers.run(calls, concurrency)
@@ -165,8 +168,10 @@ async def _measure_backbone(
                 on_compute_thread(app, _raw_incl_decode, raw, decoded_pool, batch, inputs)
             )
             row.raw_model.append(on_compute_thread(app, _raw_model_only, raw, ready, batch, inputs))
-        total_after, count_after = _batch_stats(app, backbone)
-        row.mean_server_batch = (total_after - total_before) / max(count_after - count_before, 1)
+        total_after, count_after, padding_after = _batch_stats(app, backbone)
+        batches = max(count_after - count_before, 1)
+        row.mean_server_batch = (total_after - total_before) / batches
+        row.mean_padding = (padding_after - padding_before) / batches
         row.foreign_cores = meter.foreign_cores()
         rows.append(row)
         print(
@@ -196,7 +201,9 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
         environment.note(
             "server batching",
             f"batch_max_size {app.settings.batch_max_size}, "
-            f"batch_max_wait_ms {app.settings.batch_max_wait_ms}",
+            f"batch_max_wait_ms {app.settings.batch_max_wait_ms}, "
+            f"predict_batch_padding {app.settings.predict_batch_padding} "
+            f"({'on' if app.predictor.pads_batches else 'off'})",
         )
         environment.note("repeats per row", plan.repeats)
         environment.note_server_threads(app)
@@ -228,7 +235,8 @@ async def run(plan: Plan, overrides: dict[str, object], arguments: argparse.Name
                 f"{median(row.server):.1f}",
                 f"{median(row.raw_full):.1f}",
                 f"{median(row.raw_model):.1f}",
-                f"{row.mean_server_batch:.1f}",
+                f"{row.mean_server_batch:.1f}"
+                + (f" (+{row.mean_padding:.1f} copies)" if row.mean_padding else ""),
                 f"**{median(full):.3f}**",
                 f"{median(row.ratios(row.raw_model)):.3f}",
                 spread(full),

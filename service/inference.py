@@ -530,6 +530,11 @@ class Predictor:
             self._batchers[key] = batcher
         return batcher
 
+    @property
+    def pads_batches(self) -> bool:
+        """Whether batches are padded up to warmed sizes (service.predict_padding)."""
+        return bool(self._padded_sizes)
+
     async def warm_up(self, backbone: LoadedBackbone) -> None:
         """Runs the whole trunk once at every batch size Predict will run it at (1 without
         padding) on the compute thread, before any caller: its torch threads start, and on an
