@@ -150,10 +150,13 @@ def test_padded_batches_answer_as_unpadded_and_count_their_copies(tmp_path: Path
             before = padding_inputs()
             together = client.predict(head, images, top_k=2)
             assert padding_inputs() - before == 1  # 3 rows padded to 4
+        # On a GPU the trunk runs in bf16 (precision auto), with kernels picked per batch
+        # shape: scores move further there (docs/design.md, "Backbones as stages").
+        on_cpu = running.app.backbones.device.type == "cpu"
         for one, other in zip(together, alone, strict=True):
             assert one.label == other.label
             assert [c.score for c in one.top_k] == pytest.approx(
-                [c.score for c in other.top_k], abs=1e-4
+                [c.score for c in other.top_k], abs=1e-4 if on_cpu else 2e-2
             )
     finally:
         running.stop()
