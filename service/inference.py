@@ -6,11 +6,10 @@ Requests for any heads on one backbone (and input size) that arrive within
 queued, on its way or expected back, and no batch in hand) is decoded on the compute thread
 right before its forward pass: one thread hop instead of three (pool, loop, compute), ~0.2 ms
 of its latency, and no other request to overlap its decoding with (on an accelerator only a
-single input or texts: see `_decodes_on_compute_thread`). The trunk runs stage by stage over
-all rows; at each head's split point its rows branch off into the head (its own
-unfrozen blocks, pooling, classifier), which runs once over the rows of every request for it.
-Results go back to each caller in its own order. With an accelerator every pass is padded up
-to a size warmed at start-up (service.predict_padding).
+single input or texts: see `_decodes_on_compute_thread`). A batch runs on the compute thread
+(service.batched_heads: the trunk stage by stage over all rows, each head once over its rows;
+with an accelerator every pass padded up to a size warmed at start-up, service.predict_padding)
+and results go back to each caller in its own order.
 """
 
 from __future__ import annotations
@@ -30,10 +29,11 @@ import torch
 from service.backbones.cache import BackboneCache, LoadedBackbone
 from service.backbones.compiled import warm_up_inputs
 from service.backbones.preprocess import Preprocessor
-from service.domain import ClassScore, Modality, ModelInput, PredictionResult
+from service.batched_heads import run_heads
+from service.domain import Modality, ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from service.heads import HeadCache, LoadedHead
-from service.predict_padding import padded_index, padded_row_count
+from service.predict_padding import padding_count
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,11 @@ class _BackboneBatcher:
         self._last_compute = compute
         self._returning = 1
         rows = len(pending.examples)
-        self._on_batch(PredictTimings(self._backbone.name, rows, 0.0, compute, self._padding(rows)))
+        self._on_batch(
+            PredictTimings(
+                self._backbone.name, rows, 0.0, compute, padding_count(rows, self._padded_sizes)
+            )
+        )
         return results
 
     def checked_input_bytes(self, examples: list[Any]) -> int:
@@ -268,19 +272,9 @@ class _BackboneBatcher:
                 rows,
                 max(started - item.enqueued for item, _ in computed),
                 compute,
-                self._padding(rows),
+                padding_count(rows, self._padded_sizes),
             )
         )
-
-    def _padding(self, rows: int) -> int:
-        if not self._padded_sizes:
-            return 0
-        return padded_row_count(rows, self._padded_sizes) - rows
-
-    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
-        """Indices of the rows a pass runs on, padded up to a padded batch size: the trunk
-        and head passes then only ever see those sizes."""
-        return padded_index(rows, self._padded_sizes) if self._padded_sizes else rows
 
     def _run_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, list[PredictionResult]]]:
         """Runs on the compute thread; returns each request it computed with its results."""
@@ -291,107 +285,14 @@ class _BackboneBatcher:
         batch = [item for item in batch if not item.future.done()]
         if not batch:
             return []
-        trunk = self._backbone.trunk
-        device = self._backbone.device
-        # Rows are stacked request by request: request i owns rows [starts[i], starts[i+1]).
-        starts = [0]
-        for item in batch:
-            starts.append(starts[-1] + len(item.examples))
-        examples = [row for item in batch for row in item.examples]
-        # Padding rows (copies of the last) go after every real row: real row r is row r of
-        # `state`, and each head's results are read from its first rows.
-        examples += examples[-1:] * self._padding(len(examples))
-        state = trunk.to_device(trunk.collate(examples), device)
-        # Requests grouped by head (each head runs once, over all of its rows) and heads by
-        # where they attach; the trunk advances stage by stage over the rows still needed
-        # and each group branches off at its split point.
-        by_head: dict[int, list[int]] = {}
-        for position, item in enumerate(batch):
-            by_head.setdefault(id(item.head), []).append(position)
-        groups_at: dict[int, list[list[int]]] = {}
-        for positions in by_head.values():
-            split = trunk.prefix_end(batch[positions[0]].head.record.trainable_blocks)
-            groups_at.setdefault(split, []).append(positions)
-        split_points = sorted(groups_at)
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        total_rows = starts[-1]
-        active = torch.arange(total_rows)  # batch rows still inside `state`, in order
-        stage = 0
-        with torch.inference_mode():
-            for split in split_points:
-                state = self._backbone.run_prefix(state, stage, split)
-                stage = split
-                # where_in_state[r]: the position of batch row r inside `state` (-1: dropped)
-                where_in_state = torch.full((total_rows,), -1, dtype=torch.long)
-                where_in_state[active] = torch.arange(len(active))
-                for positions in groups_at[split]:
-                    head = batch[positions[0]].head
-                    rows = torch.cat([torch.arange(starts[p], starts[p + 1]) for p in positions])
-                    head_state = (
-                        state
-                        if len(rows) == len(active)
-                        else trunk.select(state, self._padded(where_in_state[rows]).to(device))
-                    )
-                    features = head.module.features(head_state)  # [rows, D]
-                    logits = head.module.classify(features).float().cpu()  # [rows, C]
-                    wanted = any(batch[p].return_embedding for p in positions)
-                    group_features = features.float().cpu() if wanted else None
-                    offset = 0
-                    for p in positions:
-                        count = starts[p + 1] - starts[p]
-                        outputs[p] = (
-                            logits[offset : offset + count],
-                            group_features[offset : offset + count]
-                            if group_features is not None and batch[p].return_embedding
-                            else None,
-                        )
-                        offset += count
-                if split == split_points[-1]:
-                    break
-                # Keep only the rows of heads that attach further up.
-                keep = (
-                    torch.cat(
-                        [
-                            torch.arange(starts[p], starts[p + 1])
-                            for later in split_points
-                            if later > split
-                            for positions in groups_at[later]
-                            for p in positions
-                        ]
-                    )
-                    .sort()
-                    .values
-                )
-                state = trunk.select(state, self._padded(where_in_state[keep]).to(device))
-                active = keep
-        return [
-            (item, _results(item.head, *outputs[position], item.top_k))
-            for position, item in enumerate(batch)
-        ]
+        results = run_heads(self._backbone, batch, self._padded_sizes)
+        return list(zip(batch, results, strict=True))
 
 
 def _fail(batch: list[_Pending], error: BaseException) -> None:
     for item in batch:
         if not item.future.done():
             item.future.set_exception(error)
-
-
-def _results(
-    head: LoadedHead, logits: torch.Tensor, features: torch.Tensor | None, top_k: int
-) -> list[PredictionResult]:
-    classes = head.record.class_names
-    probabilities = logits.softmax(dim=1)  # [n, C]
-    k = min(max(top_k, 1), len(classes))
-    scores, indices = probabilities.topk(k, dim=1)
-    results = []
-    for row in range(probabilities.shape[0]):
-        ranked = tuple(
-            ClassScore(classes[int(i)], float(s))
-            for s, i in zip(scores[row].tolist(), indices[row].tolist(), strict=True)
-        )
-        embedding = tuple(features[row].tolist()) if features is not None else ()
-        results.append(PredictionResult(ranked[0].label, ranked[0].score, ranked, embedding))
-    return results
 
 
 class Predictor:

@@ -47,7 +47,12 @@ def padded_row_count(rows: int, sizes: Sequence[int]) -> int:
     return -(-rows // largest) * largest
 
 
+def padding_count(rows: int, sizes: Sequence[int]) -> int:
+    """How many copies pad `rows` up to a padded size; 0 without sizes (no padding)."""
+    return padded_row_count(rows, sizes) - rows if sizes else 0
+
+
 def padded_index(rows: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Row indices [n] -> [padded_row_count(n)]: the last index repeated to fill."""
-    extra = padded_row_count(len(rows), sizes) - len(rows)
+    """Row indices [n] -> [n + padding_count(n)]: the last index repeated to fill."""
+    extra = padding_count(len(rows), sizes)
     return torch.cat([rows, rows[-1:].expand(extra)]) if extra else rows
