@@ -19,6 +19,7 @@ from service.predict_padding import (
     padded_batch_sizes,
     padded_index,
     padded_row_count,
+    padding_count,
     pads_predict_batches,
 )
 
@@ -44,10 +45,13 @@ def test_padded_sizes_are_powers_of_two_up_to_the_batch_limit() -> None:
 def test_rows_pad_to_the_smallest_size_that_holds_them(rows: int, limit: int, padded: int) -> None:
     # Past the limit (one call may carry more inputs than batch_max_size): its multiples.
     assert padded_row_count(rows, padded_batch_sizes(limit)) == padded
+    assert padding_count(rows, padded_batch_sizes(limit)) == padded - rows
+    assert padding_count(rows, ()) == 0  # no sizes: no padding
     index = torch.arange(rows) * 3
     assert padded_index(index, padded_batch_sizes(limit)).tolist() == (
         index.tolist() + [index[-1].item()] * (padded - rows)
     )
+    assert padded_index(index, ()) is index
 
 
 def test_padding_is_on_with_an_accelerator_unless_set() -> None:
