@@ -80,14 +80,15 @@ class Application:
         await self.health.set_serving(True)
 
     async def stop(self) -> None:
-        """Health goes NOT_SERVING first; then, for the drain window, the server still takes
-        calls in and answers new ones UNAVAILABLE while in-flight ones run on; then it stops,
-        giving those the rest of the grace period. Running jobs are cancelled (they end
-        CANCELLED, their state saved). One deadline covers the whole stop."""
+        """New calls are refused UNAVAILABLE and health goes NOT_SERVING; for the drain
+        window the server still takes calls in (and refuses them) while in-flight ones run on;
+        then it stops, giving those the rest of the grace period. Running jobs are cancelled
+        (they end CANCELLED, their state saved). One deadline covers the whole stop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.grace_seconds
-        await self.health.servicer.enter_graceful_shutdown()
+        # Refusing first: no call is answered after a client could have read NOT_SERVING.
         self.interceptor.begin_draining()
+        await self.health.servicer.enter_graceful_shutdown()
         # Jobs first: their FineTune/WatchJob streams then end promptly instead of holding
         # the server's grace period open.
         self.jobs.begin_shutdown()

@@ -1,7 +1,8 @@
 """Graceful stop of `python -m service`: SIGTERM with 30 Predicts in flight. Health turns
-NOT_SERVING (pushed to a Watch stream), every in-flight Predict completes with the same answer
-as before, calls made after NOT_SERVING get UNAVAILABLE, and the process exits 0 within
-TRANSFER_GRACE_SECONDS.
+NOT_SERVING (pushed to a Watch stream), every in-flight Predict the server has taken up
+completes with the same answer as before (one still queued in the core may be refused
+UNAVAILABLE), calls made in the drain window after NOT_SERVING get UNAVAILABLE, and the process
+exits 0 within TRANSFER_GRACE_SECONDS.
 
 A call that reaches the server in the last milliseconds before SIGTERM, before the server has
 picked it up, must still be answered (OK, or UNAVAILABLE so the client retries elsewhere),
@@ -23,10 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client import TrainingConfig, TransferClient
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from service.request_interceptor import DRAINING_DETAILS
 from tests.datasets import fashion_mnist
 from tools.reliability.common import NOT_SERVING, ServerProcess, server_env
 
 GRACE_SECONDS = 20.0
+DRAIN_SECONDS = 1.0
 IN_FLIGHT = 30
 IMAGES_PER_CALL = 24
 # Client threads observe the health push and the first refusal on different connections;
@@ -87,7 +90,11 @@ class Prober:
 
 
 def _serving_with_a_head(tmp_path: Path) -> tuple[ServerProcess, str]:
-    env = server_env(tmp_path / "store", grace_seconds=GRACE_SECONDS)
+    env = server_env(
+        tmp_path / "store",
+        grace_seconds=GRACE_SECONDS,
+        extra={"TRANSFER_DRAIN_SECONDS": str(DRAIN_SECONDS)},
+    )
     server = ServerProcess(env, tmp_path / "server.log")
     server.wait_serving()
     with TransferClient(server.address, timeout=120) as client:
@@ -118,8 +125,8 @@ def test_sigterm_drains_in_flight_predicts_and_exits_within_grace(tmp_path: Path
         assert _wait(lambda: bool(watch.statuses), 10), "health Watch sent nothing"
 
         in_flight = [stub.Predict.future(request, timeout=120) for _ in range(IN_FLIGHT)]
-        time.sleep(0.5)  # all 30 reach the server (loopback) and queue for the trunk
-        pending = sum(not future.done() for future in in_flight)
+        time.sleep(0.5)  # the 30 reach the server (loopback) and queue for the trunk
+        pending = [not future.done() for future in in_flight]
         small = pb.PredictRequest(head_id=head_id, inputs=[pb.Input(image=images[0])])
         prober = Prober(server.address, small)
         probing = threading.Thread(target=prober.run, daemon=True)
@@ -138,18 +145,33 @@ def test_sigterm_drains_in_flight_predicts_and_exits_within_grace(tmp_path: Path
         channel.close()
         log = server.log_tail(10**6)
 
-    assert pending >= IN_FLIGHT // 2, f"only {pending} calls still in flight at SIGTERM"
     assert code == 0, log[-3000:]
     assert exited - terminated <= GRACE_SECONDS, f"exit took {exited - terminated:.1f}s"
-    failed = [r for r in results if not isinstance(r, pb.PredictResponse)]
-    assert not failed, f"{len(failed)} in-flight Predicts failed: {failed[:3]}"
-    for response in results:
-        assert isinstance(response, pb.PredictResponse)
-        assert [p.label for p in response.predictions] == [p.label for p in reference.predictions]
+    # A call the server had taken up by SIGTERM is answered. One still queued in the core
+    # then (on a busy machine, 0.5 s is not always enough for 30) is refused UNAVAILABLE, as
+    # the second test allows; anything else is a failure.
+    answered_after_sigterm = 0
+    for response, was_pending in zip(results, pending, strict=True):
+        if isinstance(response, pb.PredictResponse):
+            labels = [p.label for p in response.predictions]
+            assert labels == [p.label for p in reference.predictions]
+            answered_after_sigterm += was_pending
+        else:
+            assert response.code() == grpc.StatusCode.UNAVAILABLE, response  # type: ignore[attr-defined]
+            assert response.details() == DRAINING_DETAILS, response  # type: ignore[attr-defined]
+    assert answered_after_sigterm >= IN_FLIGHT // 2, (
+        f"only {answered_after_sigterm} of {IN_FLIGHT} calls were answered after SIGTERM"
+    )
     assert watch.not_serving_at is not None, f"health never read NOT_SERVING: {watch.statuses}"
     after = [call for call in prober.calls if call[0] >= watch.not_serving_at]
     assert after, "no call was made after health read NOT_SERVING"
-    assert all(c == grpc.StatusCode.UNAVAILABLE for _, _, c in after), after
+    # In the drain window every new call is refused UNAVAILABLE; one that lands in the instant
+    # grpc's stop() begins, after it, may read CANCELLED (see below).
+    drain_ends = watch.not_serving_at + DRAIN_SECONDS - OBSERVATION_SKEW_S
+    in_drain = [(round(s - watch.not_serving_at, 3), c.name) for s, e, c in after if e < drain_ends]
+    assert in_drain, "no call was made in the drain window"
+    assert {code for _, code in in_drain} == {"UNAVAILABLE"}, in_drain
+    assert all(c != grpc.StatusCode.OK for _, _, c in after), "a call was served after NOT_SERVING"
     refused = [end for _, end, c in prober.calls if c == grpc.StatusCode.UNAVAILABLE]
     assert refused and min(refused) >= watch.not_serving_at - OBSERVATION_SKEW_S, (
         "calls were refused before health read NOT_SERVING"
