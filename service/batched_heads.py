@@ -74,8 +74,8 @@ def run_heads(
                         state, padded_index(where_in_state[rows], padded_sizes).to(device)
                     )
                 )
-                features = head.module.features(head_state)  # [rows, D]
-                logits = head.module.classify(features).float().cpu()  # [rows, C]
+                features = head.module.features(head_state)  # [rows + padding, D]
+                logits = head.module.classify(features).float().cpu()  # [rows + padding, C]
                 wanted = any(batch[p].return_embedding for p in positions)
                 group_features = features.float().cpu() if wanted else None
                 offset = 0
