@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.compiled import warm_up_inputs
 from service.backbones.preprocess import Preprocessor
 from service.batched_heads import run_heads
 from service.domain import Modality, ModelInput, PredictionResult
@@ -442,7 +441,7 @@ class Predictor:
         accelerator each size's cuDNN plans are built (service.predict_padding)."""
         sizes = self._padded_sizes or (1,)
         await asyncio.get_running_loop().run_in_executor(
-            self._compute_pool, _warm_up, backbone, sizes
+            self._compute_pool, backbone.warm_up, sizes
         )
 
     def discard_head(self, head_id: str) -> None:
@@ -464,14 +463,6 @@ def _decodes_on_compute_thread(
     in the pool against 3.6 ms one after another on the compute thread, 2-CPU VM). With an
     accelerator the cores are free and a multi-image request decodes faster in parallel."""
     return device.type == "cpu" or len(inputs) == 1 or modality is Modality.TEXT
-
-
-def _warm_up(backbone: LoadedBackbone, sizes: Sequence[int]) -> None:
-    for size in sizes:
-        inputs = warm_up_inputs(backbone.spec.modality, size)
-        state = backbone.stack([backbone.preprocessor.load(x, "warm-up") for x in inputs])
-        with torch.inference_mode():
-            backbone.trunk.pool(backbone.run_prefix(state, 0, backbone.trunk.num_stages))
 
 
 def _prepare(preprocessor: Preprocessor, inputs: Sequence[ModelInput], first: int) -> list[Any]:

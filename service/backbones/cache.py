@@ -51,6 +51,16 @@ class LoadedBackbone:
         trunk = self.trunk
         return trunk.to_device(trunk.collate(self.preprocessor.finish(loaded, None)), self.device)
 
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Runs every frozen stage and the pooling once at each batch size, on synthetic
+        inputs, on the calling thread: lazily compiled stages compile here, and on an
+        accelerator this thread builds each batch shape's cuDNN plans (which torch keeps per
+        thread)."""
+        for batch_size in batch_sizes:
+            inputs = warm_up_inputs(self.spec.modality, batch_size)
+            state = self.stack([self.preprocessor.load(x, "warm-up") for x in inputs])
+            self.trunk.pool(self.run_prefix(state, 0, self.trunk.num_stages))
+
     def run_prefix(self, state: Any, start: int, stop: int) -> Any:
         """Frozen stages [start, stop) without autograd, in the compute precision; the output
         is fp32 so heads (and their training) always see full-precision inputs."""
@@ -212,10 +222,7 @@ class BackboneCache:
         A failure fails the load; serving eagerly instead would hide a setting not taking."""
         loaded = replace(eager, compiled=CompiledStages(eager.trunk, self._device))
         try:
-            for batch_size in WARM_UP_BATCH_SIZES:
-                inputs = warm_up_inputs(eager.spec.modality, batch_size)
-                state = loaded.stack([loaded.preprocessor.load(x, "warm-up") for x in inputs])
-                loaded.run_prefix(state, 0, loaded.trunk.num_stages)
+            loaded.warm_up(WARM_UP_BATCH_SIZES)
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [""])[0]  # torch appends debug hints
             raise FailedPreconditionError(
