@@ -73,6 +73,29 @@ def run_batch(
     return asyncio.run(run())
 
 
+def assert_same_results(
+    backbone: LoadedBackbone,
+    results: list[PredictionResult],
+    expected: list[PredictionResult],
+    embed: bool,
+) -> None:
+    """Row by row: the same labels, and scores and embeddings (of the trunk's width when
+    asked for, else none) within the tolerance of a row computed in another batch. On a CPU
+    a row's numbers barely depend on its batch. On CUDA, fp32 convolutions run in TF32
+    (PyTorch's cuDNN default) with kernels chosen per batch shape: on an H200 scores came out
+    7e-5 apart and embedding values (~4) 0.9% (docs/design.md, "Backbones as stages")."""
+    on_cpu = backbone.device.type == "cpu"
+    score_tolerance = 1e-5 if on_cpu else 1e-3
+    embedding_tolerance = {"abs": 1e-4} if on_cpu else {"abs": 1e-2, "rel": 2e-2}
+    for one, other in zip(results, expected, strict=True):
+        assert [c.label for c in one.top_k] == [c.label for c in other.top_k]
+        assert [c.score for c in one.top_k] == pytest.approx(
+            [c.score for c in other.top_k], abs=score_tolerance
+        )
+        assert len(one.embedding) == (backbone.trunk.feature_dim if embed else 0)
+        assert one.embedding == pytest.approx(other.embedding, **embedding_tolerance)
+
+
 def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
     lite0: LoadedBackbone,
 ) -> None:
@@ -92,23 +115,10 @@ def test_each_head_runs_once_per_batch_and_callers_get_their_own_rows(
     # One feature pass per distinct head, over all of that head's rows.
     assert calls == {"a": [1 + 2], "b": [1], "tuned": [3 + 2]}
 
-    # On a CPU a row's numbers barely depend on its batch. On CUDA, fp32 convolutions run in
-    # TF32 (PyTorch's cuDNN default) with kernels chosen per batch shape: on an H200 scores
-    # came out 7e-5 apart and embedding values (~4) 0.9% (docs/design.md, "Backbones as
-    # stages").
-    on_cpu = lite0.device.type == "cpu"
-    score_tolerance = 1e-5 if on_cpu else 1e-3
-    embedding_tolerance = {"abs": 1e-4} if on_cpu else {"abs": 1e-2, "rel": 2e-2}
     for (head, request_rows, embed), batched in zip(requests, together, strict=True):
         [alone] = run_batch(lite0, [(head, request_rows, embed)])
         assert len(batched) == len(request_rows)
-        for one, many in zip(alone, batched, strict=True):
-            assert [c.label for c in many.top_k] == [c.label for c in one.top_k]
-            assert [c.score for c in many.top_k] == pytest.approx(
-                [c.score for c in one.top_k], abs=score_tolerance
-            )
-            assert len(many.embedding) == (lite0.trunk.feature_dim if embed else 0)
-            assert many.embedding == pytest.approx(one.embedding, **embedding_tolerance)
+        assert_same_results(lite0, batched, alone, embed)
 
 
 def test_padded_batches_run_at_padded_sizes_and_give_each_caller_its_own_rows(
@@ -145,17 +155,8 @@ def test_padded_batches_run_at_padded_sizes_and_give_each_caller_its_own_rows(
         calls[name].clear()
     unpadded = run_batch(lite0, requests)
     assert calls == {"a": [2], "b": [1], "tuned": [5], "deep": [1]}
-    on_cpu = lite0.device.type == "cpu"  # tolerances as in the test above
-    score_tolerance = 1e-5 if on_cpu else 1e-3
-    embedding_tolerance = {"abs": 1e-4} if on_cpu else {"abs": 1e-2, "rel": 2e-2}
     for (_, request_rows, embed), with_padding, without in zip(
         requests, padded, unpadded, strict=True
     ):
         assert len(with_padding) == len(without) == len(request_rows)
-        for one, other in zip(with_padding, without, strict=True):
-            assert [c.label for c in one.top_k] == [c.label for c in other.top_k]
-            assert [c.score for c in one.top_k] == pytest.approx(
-                [c.score for c in other.top_k], abs=score_tolerance
-            )
-            assert len(one.embedding) == (lite0.trunk.feature_dim if embed else 0)
-            assert one.embedding == pytest.approx(other.embedding, **embedding_tolerance)
+        assert_same_results(lite0, with_padding, without, embed)
