@@ -29,6 +29,7 @@ from service.store.local import LocalStore
 from service.structured_logs import configure_logging
 from service.tenant_tokens import load_tenant_tokens
 from service.torch_threads import (
+    CpuShare,
     default_intra_op_threads,
     jobs_train_on_fresh_threads,
     use_intra_op_threads,
@@ -112,7 +113,9 @@ class Application:
 def build_application(settings: Settings) -> Application:
     """Raises ConfigurationError when a setting points at something unusable."""
     # The building thread runs the event loop: one torch thread there (service.torch_threads).
-    intra_op_threads = settings.torch_threads or default_intra_op_threads()
+    cpu_share = CpuShare(
+        settings.torch_threads or default_intra_op_threads(), settings.training_torch_threads
+    )
     use_intra_op_threads(1)
     tokens = load_tenant_tokens(settings.auth_tokens_file, settings.auth_tokens.get_secret_value())
     registry = CollectorRegistry()
@@ -150,9 +153,10 @@ def build_application(settings: Settings) -> Application:
         max_concurrent_jobs=settings.max_concurrent_jobs,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
-        intra_op_threads=intra_op_threads,
+        intra_op_threads=cpu_share.training_threads,
         fresh_thread_per_job=jobs_train_on_fresh_threads(device.type),
         progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
+        while_training=cpu_share.training,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
                 metrics, new.value, old.value if old else None
@@ -171,7 +175,7 @@ def build_application(settings: Settings) -> Application:
         1,
         thread_name_prefix="predict",
         initializer=use_intra_op_threads,
-        initargs=(intra_op_threads,),
+        initargs=(cpu_share.predict_threads,),
     )
 
     def on_batch(timings: PredictTimings) -> None:
@@ -196,6 +200,7 @@ def build_application(settings: Settings) -> Application:
             if pads_predict_batches(settings.predict_batch_padding, device)
             else ()
         ),
+        before_batch=cpu_share.fit_compute_thread if cpu_share.splits else lambda: None,
     )
     operations = TransferOperations(
         store=store,

@@ -81,9 +81,12 @@ class _BackboneBatcher:
         max_wait_seconds: float,
         on_batch: Callable[[PredictTimings], None],
         padded_sizes: tuple[int, ...] = (),
+        before_batch: Callable[[], None] = lambda: None,
     ) -> None:
         """`padded_sizes`: the row counts every trunk and head pass is padded up to
-        (service.predict_padding); empty: no padding."""
+        (service.predict_padding); empty: no padding. `before_batch` runs on the compute
+        thread before each batch (service.torch_threads.CpuShare.fit_compute_thread)."""
+        self._before_batch = before_batch
         self._backbone = backbone
         self._padded_sizes = padded_sizes
         self._compute = compute
@@ -284,6 +287,7 @@ class _BackboneBatcher:
         batch = [item for item in batch if not item.future.done()]
         if not batch:
             return []
+        self._before_batch()
         results = run_heads(self._backbone, batch, self._padded_sizes)
         return list(zip(batch, results, strict=True))
 
@@ -308,8 +312,10 @@ class Predictor:
         max_batch_input_bytes: int,
         on_batch: Callable[[PredictTimings], None] | None = None,
         padded_sizes: tuple[int, ...] = (),
+        before_batch: Callable[[], None] = lambda: None,
     ) -> None:
-        """`padded_sizes`: see `_BackboneBatcher`."""
+        """`padded_sizes`, `before_batch`: see `_BackboneBatcher`."""
+        self._before_batch = before_batch
         self._max_batch_input_bytes = max_batch_input_bytes
         self._padded_sizes = padded_sizes
         self._backbones = backbones
@@ -426,6 +432,7 @@ class Predictor:
                 self._batch_max_wait,
                 self._on_batch,
                 self._padded_sizes,
+                self._before_batch,
             )
             self._batchers[key] = batcher
         return batcher

@@ -13,6 +13,10 @@ run torch on `intra_op_threads` cores; every other thread (the event loop, prepr
 loading) runs it on one. On a CPU a training job gets a fresh thread that exits when the job
 ends, which frees its team: the slowdown lasts only while a job runs, not for good. With an
 accelerator jobs run on long-lived threads instead (jobs_train_on_fresh_threads says why).
+
+While a job runs on a CPU, its team and the compute thread's share the cores, and both run
+throttled. `CpuShare` can instead split the cores between them for as long as a job runs
+(TRANSFER_TRAINING_TORCH_THREADS).
 """
 
 from __future__ import annotations
@@ -83,3 +87,51 @@ def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads:
     thread.join()
     if failure:
         raise failure[0]
+
+
+class CpuShare:
+    """How a CPU's torch threads are split between Predict and running training jobs.
+
+    By default (`training_threads` 0, or not below `predict_threads`) a job runs torch on as
+    many threads as the Predict compute thread, and while it runs the two teams hold twice as
+    many threads as there are cores. With fewer `training_threads`, each running job takes
+    that many and the compute thread runs each batch on what is left (at least one) until the
+    jobs end. Measured on 2 CPUs with 1 (bench/RESULTS.md, F6): single-image Predict p90
+    during a probe FineTune 85-96 -> 33-36 ms, the FineTune as fast while Predicts come, and
+    ~20% slower when none do."""
+
+    def __init__(self, predict_threads: int, training_threads: int) -> None:
+        self.predict_threads = predict_threads
+        self.training_threads = training_threads or predict_threads
+        self._lock = threading.Lock()
+        self._running_jobs = 0
+
+    @property
+    def splits(self) -> bool:
+        """Whether a running job leaves the compute thread fewer threads."""
+        return self.training_threads < self.predict_threads
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Marks one job as running (on its own thread) inside the block."""
+        with self._lock:
+            self._running_jobs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running_jobs -= 1
+
+    def predict_threads_now(self) -> int:
+        if not self.splits or self._running_jobs == 0:
+            return self.predict_threads
+        return max(1, self.predict_threads - self._running_jobs * self.training_threads)
+
+    def fit_compute_thread(self) -> None:
+        """Runs on the compute thread before each batch: its count for the jobs running now.
+        Workers it leaves out wait in libgomp's pool, asleep, until the count rises again."""
+        import torch
+
+        wanted = self.predict_threads_now()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -89,10 +90,12 @@ class JobManager:
         fresh_thread_per_job: bool,
         hooks: JobHooks | None = None,
         progress_min_interval_seconds: float = 0.0,
+        while_training: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         """Mid-epoch progress events closer together than `progress_min_interval_seconds`
         are coalesced: GetJob still shows the newest, the stream gets at most one per
-        interval (epoch ends, warnings and terminal events always go out)."""
+        interval (epoch ends, warnings and terminal events always go out). A job's fresh
+        thread runs inside `while_training()` (service.torch_threads.CpuShare.training)."""
         self._progress_min_interval = progress_min_interval_seconds
         self._store = store
         self._backbones = backbones
@@ -107,6 +110,7 @@ class JobManager:
         # threads themselves, with the same torch CPU thread count, and keep what torch caches
         # per thread (cuDNN's execution plans) from one job to the next.
         self._fresh_thread_per_job = fresh_thread_per_job
+        self._while_training = while_training
         keep_count = partial(use_intra_op_threads, intra_op_threads)
         self._executor = ThreadPoolExecutor(
             max_concurrent_jobs,
@@ -240,9 +244,10 @@ class JobManager:
         if not self._fresh_thread_per_job:
             self._run(live)
             return
-        run_in_fresh_thread(
-            lambda: self._run(live), f"job-{live.record.job_id}", self._intra_op_threads
-        )
+        with self._while_training():
+            run_in_fresh_thread(
+                lambda: self._run(live), f"job-{live.record.job_id}", self._intra_op_threads
+            )
 
     def _run(self, live: _LiveJob) -> None:
         spec = live.spec

@@ -4,13 +4,14 @@ compute thread (and a running job's own thread) runs torch on several cores."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from client import JobCancelled, JobProgress, TrainingConfig, TransferClient
 from service.torch_threads import default_intra_op_threads
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 
 
@@ -64,3 +65,39 @@ def test_a_job_runs_on_a_thread_of_its_own_that_ends_with_it(
         if thread.name == f"job-{job_id}":
             thread.join(timeout=30)
             assert not thread.is_alive()
+
+
+def test_with_training_torch_threads_predict_runs_on_the_rest_while_a_job_runs(
+    tmp_path: Path,
+) -> None:
+    running = start_server(make_settings(tmp_path, torch_threads=2, training_torch_threads=1))
+    try:
+        if running.app.backbones.device.type != "cpu":
+            pytest.skip("the split is of CPU threads; with an accelerator jobs train on the device")
+        compute = running.app.compute_pool
+        with TransferClient(running.address, timeout=120) as client:
+            train = fashion_mnist(3, classes=2, seed=84)
+            image = fashion_mnist(1, split="test", classes=2, seed=85)[0][0]
+            head = client.train("efficientnet_lite0", train, head_name="served")
+            client.predict(head.head_id, [image])
+            assert compute.submit(torch.get_num_threads).result() == 2
+            config = TrainingConfig(epochs=500, trainable_blocks=1, early_stopping_patience=0)
+            during: list[int] = []
+            ended = None
+            for event in client.fine_tune(
+                "efficientnet_lite0", train, head_name="long", config=config
+            ):
+                if isinstance(event, JobProgress) and not during:
+                    client.predict(head.head_id, [image])  # a batch while the job runs
+                    during.append(compute.submit(torch.get_num_threads).result())
+                    client.cancel_job(event.job_id)
+                ended = event
+            assert during == [1]
+            assert isinstance(ended, JobCancelled)
+            for thread in threading.enumerate():  # the job is over once its thread is
+                if thread.name.startswith("job-"):
+                    thread.join(timeout=30)
+            client.predict(head.head_id, [image])
+            assert compute.submit(torch.get_num_threads).result() == 2
+    finally:
+        running.stop()

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from service.domain import FineTuneSpec, JobState, LabeledExample, ModelInput, TrainingConfig
 from service.heads import HeadCache
 from service.store.local import LocalStore
-from service.torch_threads import jobs_train_on_fresh_threads
+from service.torch_threads import CpuShare, jobs_train_on_fresh_threads
 from service.training.jobs import JobHooks, JobManager
 from tests.datasets import fashion_mnist
 from tests.devices import backbone_cache
@@ -26,17 +27,28 @@ def test_only_a_cpu_gives_each_job_a_fresh_thread() -> None:
     assert not jobs_train_on_fresh_threads("mps")
 
 
-def _run_two_jobs(store_dir: Path, fresh_thread_per_job: bool) -> list[tuple[str, str, int]]:
-    """(job id, thread name, torch CPU threads) as each of two jobs, one after the other,
-    starts running; both must succeed."""
+class Started(NamedTuple):
+    job_id: str
+    thread: str
+    torch_threads: int  # the job thread's
+    predict_threads: int  # what the CPU share left the Predict compute thread meanwhile
+
+
+def _run_two_jobs(
+    store_dir: Path, fresh_thread_per_job: bool, share: CpuShare | None = None
+) -> list[Started]:
+    """How each of two jobs, one after the other, starts running; both must succeed.
+    Without `share`: 2 threads each for Predict and a job (no split)."""
+    share = share or CpuShare(predict_threads=2, training_threads=0)
     backbones = backbone_cache(48, device=torch.device("cpu"))
     store = LocalStore(store_dir)
     heads = HeadCache(backbones, store.get_head, store.load_head_weights, 4)
-    running: list[tuple[str, int]] = []
+    running: list[tuple[str, int, int]] = []
 
     def on_state(new: JobState, old: JobState | None) -> None:
         if new is JobState.RUNNING:
-            running.append((threading.current_thread().name, torch.get_num_threads()))
+            thread = threading.current_thread().name
+            running.append((thread, torch.get_num_threads(), share.predict_threads_now()))
 
     examples = tuple(
         LabeledExample(ModelInput(image=image), label)
@@ -51,9 +63,10 @@ def _run_two_jobs(store_dir: Path, fresh_thread_per_job: bool) -> list[tuple[str
             max_concurrent_jobs=1,
             max_jobs_per_tenant=4,
             feature_cache_bytes=10**9,
-            intra_op_threads=2,
+            intra_op_threads=share.training_threads,
             fresh_thread_per_job=fresh_thread_per_job,
             hooks=JobHooks(on_state=on_state),
+            while_training=share.training,
         )
         jobs.start()
         job_ids = []
@@ -71,18 +84,28 @@ def _run_two_jobs(store_dir: Path, fresh_thread_per_job: bool) -> list[tuple[str
         job_ids = asyncio.run(run())
     finally:
         store.close()
-    pairs = zip(job_ids, running, strict=True)
-    return [(job_id, name, threads) for job_id, (name, threads) in pairs]
+    return [Started(job_id, *seen) for job_id, seen in zip(job_ids, running, strict=True)]
 
 
 def test_on_a_cpu_each_job_trains_on_a_fresh_thread_of_its_own(tmp_path: Path) -> None:
     started = _run_two_jobs(tmp_path, fresh_thread_per_job=True)
-    assert [name for _, name, _ in started] == [f"job-{job_id}" for job_id, _, _ in started]
-    assert [threads for _, _, threads in started] == [2, 2]
+    assert [job.thread for job in started] == [f"job-{job.job_id}" for job in started]
+    assert [job.torch_threads for job in started] == [2, 2]
+    assert [job.predict_threads for job in started] == [2, 2]
 
 
 def test_with_an_accelerator_jobs_share_a_long_lived_thread(tmp_path: Path) -> None:
     started = _run_two_jobs(tmp_path, fresh_thread_per_job=False)
-    [first, second] = [name for _, name, _ in started]
+    [first, second] = [job.thread for job in started]
     assert first == second and first.startswith("train")
-    assert [threads for _, _, threads in started] == [2, 2]
+    assert [job.torch_threads for job in started] == [2, 2]
+
+
+def test_with_a_cpu_share_a_job_trains_on_its_threads_and_leaves_predict_the_rest(
+    tmp_path: Path,
+) -> None:
+    share = CpuShare(predict_threads=2, training_threads=1)
+    started = _run_two_jobs(tmp_path, fresh_thread_per_job=True, share=share)
+    assert [job.torch_threads for job in started] == [1, 1]
+    assert [job.predict_threads for job in started] == [1, 1]
+    assert share.predict_threads_now() == 2  # both jobs over

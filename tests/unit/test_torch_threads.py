@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from service.torch_threads import run_in_fresh_thread, use_intra_op_threads
+from service.torch_threads import CpuShare, run_in_fresh_thread, use_intra_op_threads
 
 
 def test_a_thread_keeps_its_count_when_another_thread_sets_a_different_one_later() -> None:
@@ -53,3 +53,45 @@ def test_run_in_fresh_thread_sets_the_count_waits_and_reraises() -> None:
 
     with pytest.raises(ValueError, match="boom"):
         run_in_fresh_thread(failing, "job-failing", 1)
+
+
+def test_a_cpu_share_leaves_predict_the_threads_no_running_job_holds() -> None:
+    share = CpuShare(predict_threads=4, training_threads=1)
+    assert share.splits
+    assert share.predict_threads_now() == 4
+    with share.training():
+        assert share.predict_threads_now() == 3
+        with share.training():
+            assert share.predict_threads_now() == 2
+        assert share.predict_threads_now() == 3
+    assert share.predict_threads_now() == 4
+    crowded = CpuShare(predict_threads=2, training_threads=1)
+    with crowded.training(), crowded.training(), crowded.training():
+        assert crowded.predict_threads_now() == 1  # never none
+
+
+@pytest.mark.parametrize("training_threads", [0, 2, 3])
+def test_by_default_a_cpu_share_does_not_split(training_threads: int) -> None:
+    share = CpuShare(predict_threads=2, training_threads=training_threads)
+    assert not share.splits
+    assert share.training_threads == (training_threads or 2)
+    with share.training():
+        assert share.predict_threads_now() == 2
+
+
+def test_fit_compute_thread_sets_the_calling_threads_count_while_a_job_runs() -> None:
+    share = CpuShare(predict_threads=2, training_threads=1)
+    counts: list[int] = []
+
+    def compute_thread() -> None:
+        use_intra_op_threads(2)
+        with share.training():
+            share.fit_compute_thread()
+            counts.append(torch.get_num_threads())
+        share.fit_compute_thread()
+        counts.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=compute_thread)
+    thread.start()
+    thread.join(timeout=60)
+    assert counts == [1, 2]
