@@ -129,7 +129,7 @@ class CpuShare:
 
     def fit_compute_thread(self) -> None:
         """Runs on the compute thread before each batch: its count for the jobs running now.
-        Workers it leaves out wait in libgomp's pool, asleep, until the count rises again."""
+        At 1 its team's workers stay, asleep; at 2 or more libgomp ends the extra ones."""
         import torch
 
         wanted = self.predict_threads_now()
