@@ -122,10 +122,10 @@ class Settings(BaseSettings):
     training_torch_threads: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads of a running training job on a CPU; 0: as "
-        "TRANSFER_TORCH_THREADS. Fewer (1 on a small machine) keep Predict latency steady while "
-        "a job runs: Predict batches then run on the remaining threads (at least one) until it "
-        "ends, and a job trains slower when no Predicts come.",
+        description="torch intra-op threads of a running training job; 0: as "
+        "TRANSFER_TORCH_THREADS. On a CPU, fewer (1 on a small machine) keep Predict latency "
+        "steady while a job runs: Predict batches then run on the remaining threads (at least "
+        "one) until it ends, and a job trains slower when no Predicts come.",
     )
     grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."

@@ -96,9 +96,9 @@ class CpuShare:
     many threads as the Predict compute thread, and while it runs the two teams hold twice as
     many threads as there are cores. With fewer `training_threads`, each running job takes
     that many and the compute thread runs each batch on what is left (at least one) until the
-    jobs end. Measured on 2 CPUs with 1 (bench/RESULTS.md, F6): single-image Predict p90
-    during a probe FineTune 85-96 -> 33-36 ms, the FineTune as fast while Predicts come, and
-    ~20% slower when none do."""
+    jobs end. Measured on 2 CPUs with 1 (bench/predict_during_training.py): single-image
+    Predict p99 during a probe FineTune 119 -> 51 ms, the FineTune as fast while Predicts come
+    and 1.3-1.6x slower when none do."""
 
     def __init__(self, predict_threads: int, training_threads: int) -> None:
         self.predict_threads = predict_threads
