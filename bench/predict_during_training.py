@@ -126,6 +126,7 @@ def _server(overrides: dict[str, object], store: Path) -> Iterator[RunningServer
 
 
 async def _measure_mode(
+    mode: str,
     overrides: dict[str, object],
     store: Path,
     head_id: str | None,
@@ -137,7 +138,13 @@ async def _measure_mode(
     examples: list[tuple[InputData, str]] = list(fashion_pngs(plan.per_class, seed=5))
     images: list[InputData] = [png for png, _ in fashion_pngs(10, split="test", seed=2)]
     config = TrainingConfig(epochs=plan.epochs, seed=7, early_stopping_patience=0)
-    with _server(overrides, store) as running:
+    settings = {
+        "device": "cpu",  # what is split is CPU threads
+        "preload_backbones": [IMAGE_BACKBONE],
+        "training_torch_threads": MODES[mode],
+        **overrides,
+    }
+    with _server(settings, store) as running:
         async with connect(running) as client:
             if head_id is None:
                 print("training the served probe head ...", flush=True)
@@ -158,7 +165,7 @@ async def _measure_mode(
     into.fine_tune_with_predicts.append(with_predicts)
     into.fine_tune_alone.append(alone)
     print(
-        f"  {'split' if overrides['training_torch_threads'] else 'default'}: during p50 "
+        f"  {mode}: during p50 "
         f"{percentile(during, 50) * 1e3:.1f} ms ({len(during)} calls), FineTune "
         f"{with_predicts:.1f} s with Predicts, {alone:.1f} s alone",
         flush=True,
@@ -218,14 +225,8 @@ async def run(plan: Plan, overrides: dict[str, object]) -> None:
         for pair in range(plan.pairs):
             order = list(MODES) if pair % 2 == 0 else list(MODES)[::-1]
             for mode in order:
-                settings = {
-                    "device": "cpu",  # what is split is CPU threads
-                    "preload_backbones": [IMAGE_BACKBONE],
-                    "training_torch_threads": MODES[mode],
-                    **overrides,
-                }
                 head_id = await _measure_mode(
-                    settings, Path(store), head_id, plan, samples[mode], environment
+                    mode, overrides, Path(store), head_id, plan, samples[mode], environment
                 )
     environment.note(
         "FineTune",
