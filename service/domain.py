@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 # Ids double as directory names, so they are confined to a safe alphabet.
@@ -14,6 +14,9 @@ HEAD_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 # tenant, and records written before tenancy existed belong to it.
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+# A label is a class name: it travels in every event, head record and prediction, so it is
+# bounded (a 20 MB label once made a `started` event larger than a gRPC message).
+MAX_LABEL_CHARS = 256
 
 
 class Modality(enum.Enum):
@@ -79,6 +82,10 @@ class FineTuneSpec:
     validation_examples: tuple[LabeledExample, ...] = ()
     # Backbone auto-selection: probe these, train on the best (empty: `backbone` as given).
     candidate_backbones: tuple[str, ...] = ()
+
+    def without_examples(self) -> FineTuneSpec:
+        """The same job without its examples: what is kept once they are no longer needed."""
+        return replace(self, examples=(), validation_examples=())
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,7 +250,26 @@ class JobManager:
             )
 
     def _run(self, live: _LiveJob) -> None:
+        """Runs the job to a terminal state, whatever fails on the way (a store that cannot
+        take its RUNNING row, a bug): a job never stays queued or running in memory."""
+        try:
+            self._run_job(live)
+        except Exception as exc:
+            if live.record.state.finished:
+                raise
+            log.exception("job %s failed outside training", live.record.job_id)
+            if isinstance(exc, ServiceError):
+                payload = JobFailed(exc.message, exc.status_name)
+            else:
+                reason = f"internal error (job {live.record.job_id}); the server log has details"
+                payload = JobFailed(reason, "INTERNAL")
+            self._finish(live, JobState.FAILED, payload)
+
+    def _run_job(self, live: _LiveJob) -> None:
+        # The job's examples go to the trainer, which releases them once their features
+        # exist; the live job (kept for a while after it ends) keeps none.
         spec = live.spec
+        live.spec = spec.without_examples()
         if live.cancel.is_set():
             self._finish(live, JobState.CANCELLED, JobCancelled("cancelled before it started"))
             return
@@ -266,6 +285,7 @@ class JobManager:
                     self._feature_cache_bytes,
                 )
                 spec = replace(spec, backbone=chosen, candidate_backbones=())
+                live.spec = spec.without_examples()
                 live.record.backbone = chosen
                 self._store.save_job(live.record)
             backbone = self._backbones.get(spec.backbone)
@@ -278,7 +298,9 @@ class JobManager:
                 on_step=self._hooks.on_step,
                 on_epoch=self._hooks.on_epoch,
             )
+            spec = live.spec  # from here on only the trainer holds the examples
             result = trainer.run()
+            del trainer
             head_id = f"{spec.head_name}-{secrets.token_hex(4)}"
             weights = head_weights(result.head)
             record = HeadRecord(
@@ -334,7 +356,11 @@ class JobManager:
 
     def _finish(self, live: _LiveJob, state: JobState, payload: EventPayload) -> None:
         """The final state and the terminal event, stored in one transaction (a kill between
-        two writes would leave a finished job whose event log never ends), then published."""
+        two writes would leave a finished job whose event log never ends), then published.
+
+        Never raises: when the store cannot take them (a full disk), the job still ends here
+        in memory, so its stream closes, CancelJob answers, and its tenant's quota slot is
+        free; the stored row stays unfinished and the next start settles it (recovery.py)."""
         error = payload.reason if isinstance(payload, JobFailed | JobCancelled) else ""
         old = live.record.state
         with live.sequence_lock:
@@ -346,7 +372,14 @@ class JobManager:
                 last_sequence=event.sequence,
                 updated_time=event.time,
             )
-            self._store.finish_job(finished, event)
+            try:
+                self._store.finish_job(finished, event)
+            except Exception:
+                log.exception(
+                    "job %s: its end (%s) could not be stored; it ends in memory only",
+                    live.record.job_id,
+                    state.value,
+                )
             live.record = finished
         self._hooks.on_state(state, old)
         assert self._loop is not None

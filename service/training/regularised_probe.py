@@ -30,6 +30,13 @@ MAX_ITERATIONS = 500
 # The held-out loss along increasing C is unimodal in practice: stop after this many
 # consecutive C values worse than the best.
 PATIENCE = 2
+# Memory bounds of one fit, whatever N x C: logits are computed over row chunks of at most
+# this many elements (4M float64 = 32 MB, a few times that in autograd), and L-BFGS keeps
+# fewer than HISTORY_SIZE pairs of [C, D] corrections when they would pass HISTORY_BYTES.
+ROW_CHUNK_ELEMENTS = 4 * 1024**2
+HISTORY_SIZE = 20
+HISTORY_BYTES = 256 * 1024**2
+MIN_HISTORY_SIZE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,19 @@ class ProbeResult:
     folds: int
     train_loss: float
     train_accuracy: float
+
+
+def history_size(num_classes: int, dims: int) -> int:
+    """L-BFGS history pairs: HISTORY_SIZE, fewer when their float64 [C, D + 1] pairs would
+    pass HISTORY_BYTES (the memory a 10,000-class fit spent most of its 5.4 GB on)."""
+    pair_bytes = 2 * 8 * num_classes * (dims + 1)
+    return max(MIN_HISTORY_SIZE, min(HISTORY_SIZE, HISTORY_BYTES // max(pair_bytes, 1)))
+
+
+def _row_chunks(rows: int, num_classes: int) -> list[slice]:
+    """Row ranges whose [chunk, C] logits stay within ROW_CHUNK_ELEMENTS."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(num_classes, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def default_folds(class_counts: Sequence[int]) -> int:
@@ -97,7 +117,8 @@ class RegularisedProbe:
         label_smoothing: float = 0.0,
         should_stop: Callable[[], None] = lambda: None,
     ) -> None:
-        """`should_stop()` is called between fits and raises to abandon the search."""
+        """`should_stop()` is called between fits and within each one (every chunk of rows
+        of every L-BFGS evaluation) and raises to abandon the fit."""
         self._labels = labels.cpu()
         self._num_classes = num_classes
         rows = features.shape[0]
@@ -145,18 +166,29 @@ class RegularisedProbe:
             max_iter=MAX_ITERATIONS,
             tolerance_grad=1e-6,
             tolerance_change=1e-10,
-            history_size=20,
+            history_size=history_size(self._num_classes, dims),
             line_search_fn="strong_wolfe",
         )
+        chunks = _row_chunks(count, self._num_classes)
 
         def objective() -> torch.Tensor:
             optimizer.zero_grad()
-            logits = features @ weight.T + bias
-            losses = nn.functional.cross_entropy(
-                logits, labels, reduction="none", label_smoothing=self._smoothing
-            )
-            loss = (losses * weights).sum() / count + penalty * weight.pow(2).sum()
-            loss.backward()  # type: ignore[no-untyped-call]
+            total = penalty * weight.pow(2).sum()
+            total.backward()  # type: ignore[no-untyped-call]
+            loss = total.detach()
+            # Rows in chunks, gradients accumulated: the logits never take more than
+            # ROW_CHUNK_ELEMENTS at once, whatever N x C (10,000 classes at N = 10,000 would
+            # otherwise hold 0.8 GB of float64 logits, several times over in autograd).
+            for rows in chunks:
+                # A cancel lands within one chunk, even inside one long L-BFGS fit.
+                self._should_stop()
+                logits = features[rows] @ weight.T + bias  # [chunk, C]
+                losses = nn.functional.cross_entropy(
+                    logits, labels[rows], reduction="none", label_smoothing=self._smoothing
+                )
+                part = (losses * weights[rows]).sum() / count
+                part.backward()  # type: ignore[no-untyped-call]
+                loss = loss + part.detach()
             return loss
 
         optimizer.step(objective)  # type: ignore[no-untyped-call]
@@ -165,12 +197,15 @@ class RegularisedProbe:
     def score(self, fit: LinearFit, rows: torch.Tensor | None = None) -> tuple[float, float]:
         """Weighted mean cross-entropy (no smoothing) and accuracy of `fit` on `rows`."""
         features, labels, weights = self._select(rows)
+        loss_sum = 0.0
+        correct = 0
         with torch.no_grad():
-            logits = features @ fit.weight.T + fit.bias
-            losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss = float((losses * weights).sum() / weights.sum())
-            accuracy = float((logits.argmax(dim=1) == labels).double().mean())
-        return loss, accuracy
+            for chunk in _row_chunks(features.shape[0], self._num_classes):
+                logits = features[chunk] @ fit.weight.T + fit.bias  # [chunk, C]
+                losses = nn.functional.cross_entropy(logits, labels[chunk], reduction="none")
+                loss_sum += float((losses * weights[chunk]).sum())
+                correct += int((logits.argmax(dim=1) == labels[chunk]).sum())
+        return loss_sum / float(weights.sum()), correct / max(features.shape[0], 1)
 
     def _select(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features, labels and sample weights of `rows` (all of them for None)."""

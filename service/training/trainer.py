@@ -32,7 +32,7 @@ from service.domain import (
 from service.errors import JobCancelledError
 from service.heads import PrototypeClassifier, TaskHead, build_head
 from service.torch_threads import intra_op_threads_within
-from service.training.features import ExtractedData, estimate_state_bytes, extract
+from service.training.features import ExtractedData, extract, plan_feature_memory
 from service.training.regularised_probe import (
     DEFAULT_C,
     Candidate,
@@ -137,8 +137,18 @@ class Trainer:
         )
         imbalance = float(train_counts.max()) / max(float(train_counts.min()), 1.0)
         balance = _resolve_balance(config.class_balance, imbalance)
-        # Pooled probe features are tiny and always kept; deeper states only when they fit.
-        cache_train = not config.augment and (probe or self._states_fit(examples, prefix_end))
+        # Pooled features are small and always kept; deeper states only when they fit.
+        memory = plan_feature_memory(
+            self._backbone,
+            examples[0],
+            prefix_end,
+            probe=probe,
+            augment=config.augment,
+            train_count=len(split.train),
+            validation_count=len(split.validation),
+            budget_bytes=self._feature_cache_bytes,
+        )
+        cache_train = memory.cache_train_states
         prototype = config.head_type == "prototype"
         cross_validated = config.solver == "lbfgs_cv"
         folds = 0
@@ -156,17 +166,23 @@ class Trainer:
 
         started = time.perf_counter()
         train_set = set(split.train)
+        total = len(examples)
         data = extract(
             self._backbone,
             head,
             examples,
             prefix_end,
-            keep_states=lambda i: cache_train or i not in train_set,
+            # A probe classifies pooled features: it keeps no prefix states at all.
+            keep_states=lambda i: not probe and (cache_train or i not in train_set),
+            keep_raw=lambda i: memory.keep_train_inputs and i in train_set,
+            budget_bytes=self._feature_cache_bytes,
             cancelled=self._cancelled,
-            on_progress=lambda done: self._emit(
-                self._extraction_progress(done, len(examples), started)
-            ),
+            on_progress=lambda done: self._emit(self._extraction_progress(done, total, started)),
         )
+        # The encoded examples are no longer needed: release them (a job's inputs can be
+        # hundreds of MB, and it may train for minutes after this).
+        del examples
+        self._spec = self._spec.without_examples()
         device_train_index = train_index.to(self._device)
         head.set_feature_statistics(data.pooled.index_select(0, device_train_index))
         labels = split.labels.to(self._device)
@@ -210,10 +226,6 @@ class Trainer:
         fraction = 0.0 if self._config.solver == "lbfgs_cv" else self._config.validation_fraction
         split = stratified_split(labels, fraction, self._config.seed)
         return spec.examples, split
-
-    def _states_fit(self, examples: tuple[LabeledExample, ...], prefix_end: int) -> bool:
-        per_example = estimate_state_bytes(self._backbone, examples[0], prefix_end)
-        return per_example * len(examples) <= self._feature_cache_bytes
 
     def _warn_about_validation(self, split: Split, folds: int) -> None:
         classes = len(split.class_names)
@@ -496,7 +508,13 @@ class Trainer:
             assert data.prefix_states is not None
             return trunk.collate([data.prefix_states[i] for i in rows])
         augment = generator if self._config.augment else None
-        inputs = self._backbone.preprocessor.finish([data.raw[i] for i in rows], augment)
+        preprocessor = self._backbone.preprocessor
+        loaded = []
+        for i in rows:
+            encoded = data.raw[i]
+            assert encoded is not None
+            loaded.append(preprocessor.load(encoded, f"examples[{i}]"))
+        inputs = preprocessor.finish(loaded, augment)
         batch = trunk.to_device(trunk.collate(inputs), self._device)
         return self._backbone.run_prefix(batch, 0, prefix_end)
 

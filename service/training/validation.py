@@ -7,7 +7,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.domain import HEAD_NAME_PATTERN, LabeledExample, Modality, TrainingConfig
+from service.domain import (
+    HEAD_NAME_PATTERN,
+    MAX_LABEL_CHARS,
+    LabeledExample,
+    Modality,
+    TrainingConfig,
+)
 from service.errors import InvalidArgumentError, ResourceExhaustedError
 from service.heads import HEAD_TYPES
 
@@ -238,10 +244,24 @@ def check_head_name(head_name: str, backbone: str) -> str:
     return name
 
 
+def check_label(label: str, where: str) -> None:
+    """A label is not empty and at most MAX_LABEL_CHARS characters."""
+    if not label.strip():
+        raise InvalidArgumentError(f"{where}.label: label is empty")
+    if len(label) > MAX_LABEL_CHARS:
+        raise InvalidArgumentError(
+            f"{where}.label: {len(label)} characters is over the limit of {MAX_LABEL_CHARS}"
+        )
+
+
 def check_examples(
-    examples: Sequence[LabeledExample], modality: Modality, max_examples: int, field: str
+    examples: Sequence[LabeledExample],
+    modality: Modality,
+    max_examples: int,
+    field: str,
+    max_classes: int,
 ) -> None:
-    """Structure checks that need no decoding: count, labels, modality, empty text."""
+    """Structure checks that need no decoding: count, labels, classes, modality, empty text."""
     if not examples:
         raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
     if len(examples) > max_examples:
@@ -250,8 +270,7 @@ def check_examples(
         )
     for position, example in enumerate(examples):
         where = f"{field}[{position}]"
-        if not example.label.strip():
-            raise InvalidArgumentError(f"{where}.label: label is empty")
+        check_label(example.label, where)
         if example.input.modality is not modality:
             raise InvalidArgumentError(
                 f"{where}: {example.input.modality.value} input for a {modality.value} backbone"
@@ -262,6 +281,11 @@ def check_examples(
     if len(counts) < 2:
         raise InvalidArgumentError(
             f"{field}: labels name {len(counts)} class(es); a classifier needs at least 2"
+        )
+    if len(counts) > max_classes:
+        raise ResourceExhaustedError(
+            f"{field}: labels name {len(counts)} classes, over the limit of {max_classes} "
+            "per head (TRANSFER_MAX_CLASSES)"
         )
 
 
