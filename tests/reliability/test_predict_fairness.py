@@ -1,0 +1,117 @@
+"""Issue 15: one Predict of 512 large inputs held the compute thread for its whole batch and
+every other caller waited behind it (167 s). Large requests now run in chunks of one compute
+slice, whole requests go first and tenants take turns."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from client._proto.transfer.v1 import transfer_service_pb2 as pb
+from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from service.domain import HeadRecord
+from service.heads import LoadedHead
+from service.inference import MAX_CHUNK_SKIPS, _FairQueue, _Pending
+from tests.datasets import fashion_mnist
+
+
+def pending(tenant: str, chunk_of: int | None = None, name: str = "") -> _Pending:
+    record = HeadRecord.__new__(HeadRecord)
+    object.__setattr__(record, "tenant", tenant)
+    object.__setattr__(record, "head_id", name)
+    head = LoadedHead(record, None)  # type: ignore[arg-type]
+    future: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
+    return _Pending(head, [], 1, False, future, 0, chunk_of=chunk_of)  # type: ignore[arg-type]
+
+
+def test_tenants_take_turns_and_whole_requests_go_before_chunks() -> None:
+    async def run() -> list[str]:
+        queue = _FairQueue()
+        for index in range(3):
+            queue.put(pending("alice", name=f"a{index}"))
+        queue.put(pending("bob", name="b0"))
+        queue.put(pending("carol", chunk_of=7, name="c-chunk"))
+        queue.put(pending("bob", name="b1"))
+        order = []
+        while (item := queue.take(lambda item: True)) is not None:
+            order.append(item.head.record.head_id)
+        assert queue.empty()
+        return order
+
+    assert asyncio.run(run()) == ["a0", "b0", "a1", "b1", "a2", "c-chunk"]
+
+
+def test_a_chunk_waits_only_when_allowed() -> None:
+    async def run() -> tuple[object, object]:
+        queue = _FairQueue()
+        queue.put(pending("alice", chunk_of=1))
+        refused = queue.take(lambda item: False)
+        taken = queue.take(lambda item: item.chunk_of == 1)
+        return refused, taken
+
+    refused, taken = asyncio.run(run())
+    assert refused is None and taken is not None
+    assert MAX_CHUNK_SKIPS >= 1
+
+
+def test_a_small_predict_is_not_stuck_behind_a_large_one(
+    stub: pb_grpc.TransferServiceStub, image_head: str
+) -> None:
+    """The small request is answered while the large one is still running, not after it."""
+    images = [image for image, _ in fashion_mnist(64, split="test", classes=4, seed=81)]
+    large = pb.PredictRequest(
+        head_id=image_head, inputs=[pb.Input(image=images[i % len(images)]) for i in range(512)]
+    )
+    small = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=images[0])])
+    stub.Predict(small, timeout=60)  # warm: the batcher knows its time per input
+    large_done = threading.Event()
+    large_started = threading.Event()
+
+    def run_large() -> float:
+        started = time.monotonic()
+        large_started.set()
+        response = stub.Predict(large, timeout=300)
+        large_done.set()
+        assert len(response.predictions) == 512
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(1) as pool:
+        large_call = pool.submit(run_large)
+        large_started.wait()
+        time.sleep(0.3)  # the large request is decoding and computing its first chunks
+        small_latencies = []
+        finished_before_large = 0
+        for _ in range(3):
+            started = time.monotonic()
+            stub.Predict(small, timeout=60)
+            small_latencies.append(time.monotonic() - started)
+            finished_before_large += not large_done.is_set()
+        large_seconds = large_call.result()
+    assert finished_before_large == 3, (small_latencies, large_seconds)
+    assert max(small_latencies) < large_seconds / 3, (small_latencies, large_seconds)
+
+
+def test_a_large_predict_past_its_deadline_stops(
+    stub: pb_grpc.TransferServiceStub, image_head: str
+) -> None:
+    """A caller that gives up frees the compute thread: its queued chunks are dropped."""
+    images = [image for image, _ in fashion_mnist(16, split="test", classes=4, seed=82)]
+    large = pb.PredictRequest(
+        head_id=image_head, inputs=[pb.Input(image=images[i % len(images)]) for i in range(512)]
+    )
+    small = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=images[0])])
+    started = time.monotonic()
+    stub.Predict(large, timeout=300)
+    whole = time.monotonic() - started
+    try:
+        stub.Predict(large, timeout=whole / 10)
+    except grpc.RpcError as error:
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # Right after, a small request does not wait out the rest of the abandoned one.
+    started = time.monotonic()
+    stub.Predict(small, timeout=60)
+    assert time.monotonic() - started < whole / 2
