@@ -1,8 +1,14 @@
-"""Any common image format, size and colour mode becomes what the backbone expects."""
+"""Any common image format, size and colour mode becomes what the backbone expects; a text's
+token ids are those of the whole text, however long, at the cost of a prefix."""
 
 from __future__ import annotations
 
 import io
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from PIL import Image
 
 from service.backbones.preprocess import (
     ImagePreprocessor,
+    TextPreprocessor,
     augment_image,
     check_image,
     decode_image,
@@ -122,3 +129,129 @@ def test_the_cheapest_check_still_refuses_a_truncated_jpeg() -> None:
     photo = _photo(2000, 1500)
     with pytest.raises(InvalidArgumentError, match=r"examples\[0\]\.image"):
         check_image(photo[: len(photo) * 2 // 3], "examples[0].image", 10**7)
+
+
+# --- texts: tokenised from a prefix, with the whole text's ids ----------------------------------
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the characters it is given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.characters = 0
+
+    def __call__(self, text: str, **options: Any) -> Any:
+        self.characters += len(text)
+        return self.tokenizer(text, **options)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from service.backbones.catalog import MiniLmSpec
+
+    weights = MiniLmSpec().locate_weights(Path("/unused"))
+    return AutoTokenizer.from_pretrained(weights, local_files_only=True)
+
+
+# Words whose pieces change when cut short, punctuation that splits words, accents and combining
+# marks (stripped), CJK (one token a character), a final-sigma word, a ligature, emoji, control
+# and zero-width characters (dropped), and every kind of whitespace.
+VOCABULARY = [
+    "the", "unbelievable", "tokenisation", "don't", "e-mail", "U.S.A.", "(x)", "[1]", "...",
+    "naïve", "Ünïcode", "cafe\u0301", "\u0301", "東京", "日本語の", "ΟΔΟΣ", "ﬁne", "😀", "🇫🇷",
+    "\x00", "\x01", "\u200b", "\ufeff", "\u00a0", "\u3000", "\t", "\n\n", "\r\n", "\u2028",
+    "\x1c", "a" * 101, "x" * 99, "12,345.67", "$", "¿qué?", "«»", "—", "‿",
+]  # fmt: skip
+
+
+def _random_text(rng: random.Random, words: int) -> str:
+    picked = []
+    for _ in range(words):
+        word = rng.choice(VOCABULARY)
+        picked.append(word + rng.choice(["", " ", " ", " ", "  ", ",", "\n"]))
+    return "".join(picked)
+
+
+def _cut_mid_word(max_tokens: int, word: str, into: int) -> str:
+    """A text whose first prefix (8 characters a token) ends `into` characters into `word`,
+    just where the tokens reach the limit: the cut word's pieces ("un", "##bel" for "unbel",
+    not "unbelievable"; "xx", "##xx" for a long word that is [UNK] whole) would land in the
+    kept window if the cut word were trusted. Dropped control characters pad the gap."""
+    head = "a " * (max_tokens - 3)
+    pad = "\x01" * (8 * max_tokens - into - len(head))
+    return head + pad + word + " " + "tail " * (4 * max_tokens)
+
+
+def _expected(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
+    return list(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"])
+
+
+@pytest.mark.parametrize("max_tokens", [8, 64, 256, 512])
+def test_a_cut_text_has_exactly_the_whole_texts_ids(tokenizer: Any, max_tokens: int) -> None:
+    rng = random.Random(max_tokens)
+    texts = [_random_text(rng, rng.randint(4 * max_tokens, 20 * max_tokens)) for _ in range(40)]
+    texts += [
+        "z" * 5000 + " " + _random_text(rng, 3000),  # one 5,000-character word first
+        _random_text(rng, 2000) + "y" * 5000,  # ... and last
+        _random_text(rng, 2000) + "w" * 5000 + _random_text(rng, 2000),  # ... in the middle
+        "word " + " " * 60_000,  # a whitespace-only tail
+        _random_text(rng, 500) + " \t\n\r\u00a0\u3000" * 20_000,
+        "unbelievable" * 8000,  # no break anywhere: every cut lands mid-word
+        "unbelievable " * 8000,
+        "東" * 40_000,
+        "!" * 40_000,
+        "😀" * 40_000,
+        "\x01" * 40_000 + " the end",
+        "e\u0301" * 20_000 + " tail",
+    ]
+    texts += [_cut_mid_word(max_tokens, "unbelievable", into) for into in range(1, 12)]
+    texts += [_cut_mid_word(max_tokens, "x" * 150, into) for into in (1, 50, 99, 100, 101, 149)]
+    for text in texts:
+        assert len(text) >= 2 * 8 * max_tokens  # long enough that a prefix is tried first
+        preprocessor = TextPreprocessor(tokenizer, max_tokens)
+        assert preprocessor.token_ids(text) == _expected(tokenizer, text, max_tokens), text[:80]
+
+
+def test_load_returns_the_ids_as_a_text_state(tokenizer: Any) -> None:
+    text = _random_text(random.Random(5), 20_000)
+    state = TextPreprocessor(tokenizer, 256).load(ModelInput(text=text), "inputs[0]")
+    assert state.values.tolist() == _expected(tokenizer, text, 256)
+    assert state.mask.tolist() == [1] * 256
+    with pytest.raises(InvalidArgumentError, match=r"inputs\[2\]: text is empty"):
+        TextPreprocessor(tokenizer, 256).load(ModelInput(text=" \n\t "), "inputs[2]")
+
+
+def test_a_long_text_costs_a_prefix_not_the_whole_text(tokenizer: Any) -> None:
+    text = _random_text(random.Random(7), 40_000)[:120_000]
+    assert len(text) == 120_000
+    counting = CountingTokenizer(tokenizer)
+    preprocessor = TextPreprocessor(counting, 256)
+    assert preprocessor.token_ids(text) == _expected(tokenizer, text, 256)
+    assert counting.characters <= 8 * 256 * 2  # the first prefix, or at most one doubling
+
+    def best_of_three(work: Callable[[], object]) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    whole = best_of_three(lambda: tokenizer(text, truncation=True, max_length=256))
+    cut = best_of_three(lambda: TextPreprocessor(tokenizer, 256).token_ids(text))
+    assert whole > 5 * cut, f"whole {whole * 1000:.1f} ms, cut {cut * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a" * 120_000, "😀" * 120_000, "hi" + " " * 120_000, "\x01" * 120_000 + " x"],
+)
+def test_a_text_with_few_tokens_costs_at_most_twice_its_whole_tokenisation(
+    tokenizer: Any, text: str
+) -> None:
+    counting = CountingTokenizer(tokenizer)
+    assert TextPreprocessor(counting, 256).token_ids(text) == _expected(tokenizer, text, 256)
+    assert counting.characters < 2 * len(text)
