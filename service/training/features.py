@@ -123,6 +123,18 @@ def extract(
     return ExtractedData(states, raw if any_raw else None, torch.cat(pooled_chunks))
 
 
+def check_pooled_features_fit(count: int, feature_dim: int, budget_bytes: int, field: str) -> None:
+    """Refuses up front (ResourceExhaustedError), before a job queues, a dataset whose pooled
+    features alone (float32, the least any job keeps) are over the feature cache budget."""
+    needed = count * feature_dim * 4
+    if needed > budget_bytes:
+        raise ResourceExhaustedError(
+            f"{field}: {count} examples need {needed} bytes of pooled features, over the "
+            f"feature cache budget of {budget_bytes} (TRANSFER_FEATURE_CACHE_BYTES); "
+            f"send at most {budget_bytes // (feature_dim * 4)} examples"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class FeaturePlan:
     """What a job keeps between epochs, decided before extraction."""

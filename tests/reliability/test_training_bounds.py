@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ from service.training.jobs import JobManager
 from service.training.regularised_probe import HISTORY_BYTES, RegularisedProbe, history_size
 from service.training.trainer import Trainer
 from service.training.validation import check_examples
+from tests.conftest import make_settings, start_server
 from tests.datasets import fashion_mnist
 from tests.devices import backbone_cache
 
@@ -254,3 +256,49 @@ def test_a_huge_label_is_refused_over_grpc(stub: pb_grpc.TransferServiceStub) ->
         list(stub.FineTune(request, timeout=60))
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "examples[1].label" in (raised.value.details() or "")
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.TransferServiceStub]:
+    """A server whose feature budget holds the pooled features of 10 lite0 examples and
+    whose heads may have at most 3 classes."""
+    running = start_server(
+        make_settings(
+            tmp_path_factory.mktemp("tight"),
+            preload_backbones=[],
+            feature_cache_bytes=10 * 1280 * 4,
+            max_classes=3,
+        )
+    )
+    with grpc.insecure_channel(running.address) as channel:
+        yield pb_grpc.TransferServiceStub(channel)
+    running.stop()
+
+
+def fine_tune_error(stub: pb_grpc.TransferServiceStub, count: int, classes: int) -> grpc.RpcError:
+    images = [image for image, _ in fashion_mnist(count, classes=1, seed=73)]
+    request = pb.FineTuneRequest(
+        backbone="efficientnet_lite0",
+        head_name="bounded",
+        examples=[
+            pb.Example(image=image, label=f"c{i % classes}") for i, image in enumerate(images)
+        ],
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.FineTune(request, timeout=60))
+    return raised.value
+
+
+def test_a_dataset_whose_features_cannot_fit_is_refused_before_it_queues(
+    tight: pb_grpc.TransferServiceStub,
+) -> None:
+    error = fine_tune_error(tight, 11, 2)
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "TRANSFER_FEATURE_CACHE_BYTES" in (error.details() or "")
+    assert "at most 10 examples" in (error.details() or "")
+
+
+def test_more_classes_than_the_limit_are_refused(tight: pb_grpc.TransferServiceStub) -> None:
+    error = fine_tune_error(tight, 8, 4)
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "TRANSFER_MAX_CLASSES" in (error.details() or "")
