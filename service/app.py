@@ -142,6 +142,7 @@ def build_application(settings: Settings) -> Application:
         settings.head_cache_entries,
         on_event=metrics.cache_event,
         on_load=metrics.cache_load.labels(cache="head").observe,
+        max_bytes=settings.head_cache_bytes,
     )
     metrics.watch_caches(backbones.resident_bytes, lambda: len(heads))
     if device.type == "cuda":

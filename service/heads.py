@@ -8,6 +8,7 @@ classifier. It never holds the backbone itself: many heads share one resident tr
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from torch import nn
 from service.backbones.cache import BackboneCache
 from service.backbones.trunks import Trunk
 from service.domain import HeadRecord
+from service.errors import FailedPreconditionError
 
 HEAD_TYPES = ("linear", "mlp", "prototype")
 
@@ -153,14 +155,40 @@ def head_weights(head: TaskHead) -> dict[str, torch.Tensor]:
     }
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: what keeping it loaded costs."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedHead:
     record: HeadRecord
     module: TaskHead
 
 
+@dataclass(slots=True)
+class _Entry:
+    loaded: LoadedHead
+    size: int
+
+
+@dataclass(eq=False, slots=True)  # identity equality: list.remove must find this very load
+class _Load:
+    """One load in progress; `discarded` is set when its head is discarded meanwhile."""
+
+    discarded: bool = False
+
+
 class HeadCache:
-    """Bounded LRU of heads loaded onto the backbone's device, keyed by head id."""
+    """LRU of heads loaded onto the backbone's device, keyed by head id, bounded both by a
+    count (`max_entries`) and by resident bytes (`max_bytes`, parameters and buffers; None:
+    the count alone). A head larger than the whole byte budget is still served, by the call
+    that loaded it, but not kept (counted as an eviction): every call loads it again.
+
+    `discard` is final for loads in flight: a `get` that started loading before a discard
+    returns what it read to its own caller but does not cache it, so once a DeleteHead has
+    discarded the head (after removing its files) no later call is served from memory."""
 
     def __init__(
         self,
@@ -170,25 +198,45 @@ class HeadCache:
         max_entries: int,
         on_event: Callable[[str, str], None] | None = None,
         on_load: Callable[[float], None] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._on_load = on_load or (lambda seconds: None)
         self._backbones = backbones
         self._load_record = load_record
         self._load_weights = load_weights
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
         self._on_event = on_event or (lambda event, name: None)
-        self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
+        self._heads: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._loading: dict[str, list[_Load]] = {}
         self._lock = threading.Lock()
 
     def get(self, head_id: str) -> LoadedHead:
         """Blocking: may load the head and its backbone. Call off the event loop."""
+        ticket = _Load()
         with self._lock:
-            loaded = self._heads.get(head_id)
-            if loaded is not None:
+            entry = self._heads.get(head_id)
+            if entry is not None:
                 self._heads.move_to_end(head_id)
                 self._on_event("hit", "head")
-                return loaded
+                return entry.loaded
+            self._loading.setdefault(head_id, []).append(ticket)
         self._on_event("miss", "head")
+        try:
+            loaded = self._load(head_id)
+            size = module_bytes(loaded.module)
+        except BaseException:
+            with self._lock:
+                self._end_load(head_id, ticket)
+            raise
+        with self._lock:
+            self._end_load(head_id, ticket)
+            if not ticket.discarded:
+                self._insert(head_id, _Entry(loaded, size))
+        return loaded
+
+    def _load(self, head_id: str) -> LoadedHead:
         load_started = time.perf_counter()
         record = self._load_record(head_id)
         backbone = self._backbones.get(record.backbone)
@@ -199,30 +247,68 @@ class HeadCache:
             record.head_type,
             record.hidden_dim,
         )
-        module.load_state_dict(self._load_weights(head_id), strict=True)
+        weights = self._load_weights(head_id)
+        try:
+            module.load_state_dict(weights, strict=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # missing, unexpected or misshapen tensors
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights do not fit its metadata; the head is "
+                "corrupt: delete it and train again"
+            ) from exc
         module.requires_grad_(False)
         module.eval()
         self._on_load(time.perf_counter() - load_started)
-        loaded = LoadedHead(record, module)
-        with self._lock:
-            self._heads[head_id] = loaded
-            while len(self._heads) > self._max_entries:
-                self._heads.popitem(last=False)
-                self._on_event("evict", "head")
-        return loaded
+        return LoadedHead(record, module)
 
     def peek(self, head_id: str) -> LoadedHead | None:
         with self._lock:
-            return self._heads.get(head_id)
+            entry = self._heads.get(head_id)
+            return entry.loaded if entry is not None else None
 
     def put(self, loaded: LoadedHead) -> None:
+        """Caches a head built elsewhere (a job's freshly trained one), within the bounds."""
+        entry = _Entry(loaded, module_bytes(loaded.module))
         with self._lock:
-            self._heads[loaded.record.head_id] = loaded
+            self._insert(loaded.record.head_id, entry)
 
     def discard(self, head_id: str) -> None:
         with self._lock:
-            self._heads.pop(head_id, None)
+            entry = self._heads.pop(head_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+            for ticket in self._loading.get(head_id, ()):
+                ticket.discarded = True
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._heads)
+
+    def _end_load(self, head_id: str, ticket: _Load) -> None:
+        tickets = self._loading[head_id]
+        tickets.remove(ticket)
+        if not tickets:
+            del self._loading[head_id]
+
+    def _insert(self, head_id: str, entry: _Entry) -> None:
+        """Under the lock: adds `entry` as the newest, then evicts the oldest until both
+        bounds hold again (never `entry` itself: it fits, or it is not kept at all)."""
+        replaced = self._heads.pop(head_id, None)
+        if replaced is not None:
+            self._bytes -= replaced.size
+        if self._max_bytes is not None and entry.size > self._max_bytes:
+            self._on_event("evict", "head")
+            return
+        self._heads[head_id] = entry
+        self._bytes += entry.size
+        while len(self._heads) > self._max_entries or (
+            self._max_bytes is not None and self._bytes > self._max_bytes
+        ):
+            _, evicted = self._heads.popitem(last=False)
+            self._bytes -= evicted.size
+            self._on_event("evict", "head")

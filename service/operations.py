@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from service.backbones.cache import BackboneCache, BackboneStatus
 from service.backbones.preprocess import check_image
 from service.domain import (
+    DEFAULT_TENANT,
     DatasetInfo,
     FineTuneSpec,
     HeadRecord,
@@ -36,7 +37,7 @@ from service.errors import (
 from service.heads import HeadCache
 from service.inference import Predictor
 from service.store.interface import Store
-from service.store.local import check_id
+from service.store.local import UnreadableHeadError, check_id
 from service.training.jobs import JobManager
 from service.training.validation import (
     TrainingConfigRequest,
@@ -295,7 +296,17 @@ class TransferOperations:
         return record
 
     async def delete_head(self, tenant: str, head_id: str) -> None:
-        await self.get_head(tenant, head_id)
+        """Deletes a head, damaged or not. A head whose metadata cannot be read is deleted by
+        its owner as the store still knows it (UnreadableHeadError.owner), or, where even
+        that is unknown, by DEFAULT_TENANT: never by just any tenant."""
+        try:
+            await self.get_head(tenant, head_id)
+        except UnreadableHeadError as exc:
+            owner = exc.owner if exc.owner is not None else DEFAULT_TENANT
+            _check_owner(owner, tenant, f"head_id: no head {head_id!r}")
+        # Out of the cache before the files go (no more hits meanwhile) and again after: the
+        # second discard also stops a Predict that was loading it from caching it.
+        self._heads.discard(head_id)
         try:
             await self._blocking(self._store.delete_head, head_id)
         finally:

@@ -56,7 +56,16 @@ class Settings(BaseSettings):
     backbone_cache_bytes: int = Field(
         4 * 1024**3, gt=0, description="Resident-bytes budget of the backbone cache (LRU)."
     )
-    head_cache_entries: int = Field(256, gt=0, description="Heads kept loaded (LRU).")
+    head_cache_entries: int = Field(
+        256, gt=0, description="Most heads kept loaded (LRU), a bound besides head_cache_bytes."
+    )
+    head_cache_bytes: int = Field(
+        1024**3,
+        gt=0,
+        description="Resident-bytes budget of the head cache (LRU; each head's parameters and "
+        "buffers on its device). A head larger than the whole budget is still served, just "
+        "not kept.",
+    )
     image_size: int | None = Field(
         None,
         ge=32,

@@ -2,6 +2,7 @@
 
 Layout under the root:
   heads/<head_id>/head.json, weights.safetensors   (a head exists iff its directory does)
+  heads/<head_id>/tenant                           (its owner again, see UnreadableHeadError)
   heads/.partial-*/                                (saves in progress; removed at start)
   store.sqlite3                                    (jobs, job events, datasets)
 Every head, job and dataset records its tenant; the store keeps them all and the operations
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -27,11 +30,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from service.domain import (
     DEFAULT_TENANT,
     ID_PATTERN,
+    TENANT_PATTERN,
     DatasetInfo,
     HeadRecord,
     JobEvent,
@@ -43,8 +48,9 @@ from service.domain import (
 )
 from service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from service.store.codec import (
+    HeadFormatError,
+    decode_head,
     event_kind,
-    head_from_json,
     head_to_json,
     payload_from_json,
     payload_to_json,
@@ -78,6 +84,9 @@ _JOB_COLUMNS = (
 
 _HEAD_META = "head.json"
 _HEAD_WEIGHTS = "weights.safetensors"
+_HEAD_OWNER = "tenant"
+
+log = logging.getLogger(__name__)
 
 
 def check_id(kind: str, value: str) -> str:
@@ -88,11 +97,27 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+class UnreadableHeadError(FailedPreconditionError):
+    """A head whose metadata cannot be read. Get and Predict answer FAILED_PRECONDITION; the
+    head can still be deleted, by its owner: `owner` is the tenant from the head's `tenant`
+    file, or None when that is missing too (heads saved before the file existed) or damaged.
+    The operations layer takes an unknown owner to be DEFAULT_TENANT, as it does for head
+    files written before tenancy, so with authentication on no other tenant can delete it
+    (the operator can, by removing its directory)."""
+
+    def __init__(self, head_id: str, problem: str, owner: str | None) -> None:
+        super().__init__(
+            f"head {head_id!r}: {problem}; the head is corrupt: delete it and train again"
+        )
+        self.owner = owner
+
+
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self._root = root.resolve()
         self._heads_dir = self._root / "heads"
         self._heads_dir.mkdir(parents=True, exist_ok=True)
+        self._unlisted_heads: set[str] = set()  # damaged heads already warned about
         for partial in self._heads_dir.glob(".partial-*"):
             shutil.rmtree(partial, ignore_errors=True)
         for deleted in self._heads_dir.glob(".deleted-*"):
@@ -126,13 +151,21 @@ class LocalStore:
         return path
 
     def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        """Writes the weights, head.json (with the weights' SHA-256) and the `tenant` file
+        (the owner alone, so ownership stays readable if head.json is ever damaged) into a
+        partial directory, then renames it into place."""
         final = self._head_dir(record.head_id)
         partial = self._heads_dir / f".partial-{record.head_id}-{secrets.token_hex(4)}"
         partial.mkdir()
         try:
-            save_file(weights, str(partial / _HEAD_WEIGHTS))
-            (partial / _HEAD_META).write_text(head_to_json(record), encoding="utf-8")
-            for name in (_HEAD_WEIGHTS, _HEAD_META):
+            # Serialised in memory so the checksum is of exactly the bytes that are written.
+            data = safetensors_save(weights)
+            (partial / _HEAD_WEIGHTS).write_bytes(data)
+            (partial / _HEAD_META).write_text(
+                head_to_json(record, hashlib.sha256(data).hexdigest()), encoding="utf-8"
+            )
+            (partial / _HEAD_OWNER).write_text(record.tenant, encoding="utf-8")
+            for name in (_HEAD_WEIGHTS, _HEAD_META, _HEAD_OWNER):
                 _fsync_file(partial / name)
             _fsync_dir(partial)
             os.rename(partial, final)
@@ -142,29 +175,68 @@ class LocalStore:
             raise
 
     def get_head(self, head_id: str) -> HeadRecord:
-        path = self._head_dir(head_id) / _HEAD_META
+        """Raises UnreadableHeadError (a FailedPreconditionError) for a head whose metadata
+        is damaged in any way, never anything else."""
+        return self._read_head(head_id)[0]
+
+    def _read_head(self, head_id: str) -> tuple[HeadRecord, str | None]:
+        """The record and its weights' SHA-256 (None for heads saved before checksums)."""
+        head_dir = self._head_dir(head_id)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = (head_dir / _HEAD_META).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"head_id: no head {head_id!r}") from None
+        except OSError as exc:  # a directory in its place, no permission, an I/O error
+            raise UnreadableHeadError(
+                head_id, f"metadata unreadable ({exc.strerror})", _read_owner(head_dir)
+            ) from exc
         try:
-            return head_from_json(text)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FailedPreconditionError(f"head {head_id!r}: metadata unreadable ({exc})") from exc
+            record, checksum = decode_head(data)
+        except HeadFormatError as exc:
+            raise UnreadableHeadError(
+                head_id, f"metadata unreadable ({exc})", _read_owner(head_dir)
+            ) from exc
+        if record.head_id != head_id:
+            # Caches and tenancy checks key on the id: a record filed under another id is
+            # as unusable as a damaged one.
+            raise UnreadableHeadError(
+                head_id, f"metadata names another head ({record.head_id!r})", _read_owner(head_dir)
+            )
+        return record, checksum
 
     def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]:
+        """Checks the weights against the SHA-256 that head.json holds: a damaged file must
+        fail loudly here rather than predict wrongly. Heads saved before checksums existed
+        have none and load unchecked, as they always did."""
         path = self._head_dir(head_id) / _HEAD_WEIGHTS
-        if not path.is_file():
-            raise NotFoundError(f"head_id: no head {head_id!r}")
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFoundError(f"head_id: no head {head_id!r}") from None
+        except OSError as exc:
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights unreadable ({exc.strerror})"
+            ) from exc
+        _, checksum = self._read_head(head_id)
         try:
             # safetensors parses a header and raw buffers; it never unpickles.
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
+            weights = safetensors_load(data)
+        except (SafetensorError, ValueError) as exc:
             raise FailedPreconditionError(
-                f"head {head_id!r}: stored weights are not a valid safetensors file"
+                f"head {head_id!r}: stored weights are not a valid safetensors file; the head "
+                "is corrupt: delete it and train again"
             ) from exc
+        if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights fail their checksum; the head is corrupt: "
+                "delete it and train again"
+            )
+        return weights
 
     def list_heads(self) -> list[HeadRecord]:
+        """Every readable head. A damaged one is left out (with a warning, once per head and
+        process) rather than failing the listing: one caller's broken head must not take
+        ListHeads away from every other caller."""
         records = []
         for path in sorted(self._heads_dir.iterdir()):
             # Both files or it is not a head: the rename makes that so for a save; this keeps
@@ -175,12 +247,17 @@ class LocalStore:
                 continue
             try:
                 records.append(self.get_head(path.name))
-            except (FailedPreconditionError, InvalidArgumentError, NotFoundError):
-                continue
+            except (InvalidArgumentError, NotFoundError):
+                continue  # not a head id, or deleted since the directory was listed
+            except FailedPreconditionError as exc:
+                if path.name not in self._unlisted_heads:
+                    self._unlisted_heads.add(path.name)
+                    log.warning("head %r left out of listings: %s", path.name, exc.message)
         records.sort(key=lambda record: record.created_time)
         return records
 
     def delete_head(self, head_id: str) -> None:
+        """Works whatever state the head's files are in (the caller checks ownership)."""
         path = self._head_dir(head_id)
         if not path.is_dir():
             raise NotFoundError(f"head_id: no head {head_id!r}")
@@ -189,6 +266,7 @@ class LocalStore:
         os.rename(path, doomed)
         _fsync_dir(self._heads_dir)
         shutil.rmtree(doomed, ignore_errors=True)
+        self._unlisted_heads.discard(head_id)
 
     # ---- jobs ----
 
@@ -412,6 +490,15 @@ def _migrate(db: sqlite3.Connection) -> None:
                     f"DEFAULT '{DEFAULT_TENANT}'"
                 )
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
+def _read_owner(head_dir: Path) -> str | None:
+    """The tenant in a head's `tenant` file, or None if it is missing or not a tenant."""
+    try:
+        owner = (head_dir / _HEAD_OWNER).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    return owner if TENANT_PATTERN.fullmatch(owner) else None
 
 
 def _fsync_file(path: Path) -> None:
