@@ -5,7 +5,6 @@ and the head cache keeps to its bounds."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -32,9 +31,8 @@ from service.domain import (
 )
 from service.errors import FailedPreconditionError, NotFoundError
 from service.heads import HeadCache, LoadedHead, TaskHead, module_bytes
-from service.operations import TransferOperations
 from service.store.local import LocalStore, UnreadableHeadError
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, make_settings, start_server
 from tests.reliability.conftest import assert_serving, probe_images
 
 WEIGHTS = {"classifier.weight": torch.randn(2, 3), "classifier.bias": torch.zeros(2)}
@@ -433,35 +431,56 @@ def test_damaged_metadata_over_grpc(
     assert_serving(server.address, stub, image_head)
 
 
-def test_only_the_owner_deletes_a_head_with_unreadable_metadata(
-    server: RunningServer, stored_head: tuple[HeadRecord, dict[str, torch.Tensor]]
-) -> None:
-    app = server.app
-    operations = TransferOperations(
-        store=app.store,
-        backbones=app.backbones,
-        heads=HeadCache(app.backbones, app.store.get_head, app.store.load_head_weights, 2),
-        jobs=app.jobs,
-        predictor=app.predictor,
-        blocking_pool=app.pools[0],
-        max_dataset_examples=10,
-        max_image_pixels=10**6,
-        max_classes=10,
+TOKENS = {
+    "alice": "alice-5e0c1f2a9b7d4e36",
+    "bob": "bob-8a1d3c5e7f9b2d4a",
+    DEFAULT_TENANT: "default-4c6e8a0b2d",
+}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with authentication on (no backbones loaded: only DeleteHead is called)."""
+    running = start_server(
+        make_settings(
+            tmp_path_factory.mktemp("secured"),
+            preload_backbones=[],
+            auth_tokens=",".join(f"{token}={tenant}" for tenant, token in TOKENS.items()),
+        )
     )
-    owned = copy_head(server, stored_head, "owned-1", tenant="alice")
+    yield running
+    running.stop()
+
+
+def delete_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            pb_grpc.TransferServiceStub(channel).DeleteHead(
+                pb.DeleteHeadRequest(head_id=head_id),
+                metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
+                timeout=30,
+            )
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined, no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_only_the_owner_deletes_a_head_with_unreadable_metadata(
+    secured: RunningServer, stored_head: tuple[HeadRecord, dict[str, torch.Tensor]]
+) -> None:
+    owned = copy_head(secured, stored_head, "owned-1", tenant="alice")
     (owned / "head.json").write_text("{")
-    with pytest.raises(NotFoundError):
-        asyncio.run(operations.delete_head("bob", "owned-1"))
-    asyncio.run(operations.delete_head("alice", "owned-1"))
+    assert delete_as(secured, "bob", "owned-1") is grpc.StatusCode.NOT_FOUND
+    assert owned.exists()
+    assert delete_as(secured, "alice", "owned-1") is grpc.StatusCode.OK
     assert not owned.exists()
     # Saved before the tenant file existed and damaged since: nobody but the default tenant.
-    legacy = copy_head(server, stored_head, "legacy-1", tenant="alice")
+    legacy = copy_head(secured, stored_head, "legacy-1", tenant="alice")
     (legacy / "head.json").write_text("{")
     (legacy / "tenant").unlink()
     for tenant in ("alice", "bob"):
-        with pytest.raises(NotFoundError):
-            asyncio.run(operations.delete_head(tenant, "legacy-1"))
-    asyncio.run(operations.delete_head(DEFAULT_TENANT, "legacy-1"))
+        assert delete_as(secured, tenant, "legacy-1") is grpc.StatusCode.NOT_FOUND
+    assert delete_as(secured, DEFAULT_TENANT, "legacy-1") is grpc.StatusCode.OK
     assert not legacy.exists()
 
 
