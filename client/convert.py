@@ -26,6 +26,7 @@ from client.types import (
     JobCompleted,
     JobFailed,
     JobProgress,
+    JobQueued,
     JobStarted,
     JobState,
     JobWarning,
@@ -277,6 +278,14 @@ def event_from_pb(message: pb.FineTuneEvent) -> FineTuneEvent | None:
                 time=time,
                 reason=message.failed.reason,
                 code=message.failed.code,
+            )
+        case "queued":
+            return JobQueued(
+                job_id=job_id,
+                sequence=sequence,
+                time=time,
+                backbone=message.queued.backbone,
+                head_name=message.queued.head_name,
             )
         case "cancelled":
             return JobCancelled(

@@ -13,6 +13,7 @@ from client.types import (
     JobCompleted,
     JobFailed,
     JobProgress,
+    JobQueued,
     JobStarted,
     JobWarning,
     TrainingProgress,
@@ -39,6 +40,10 @@ class ProgressDisplay:
     def __call__(self, event: FineTuneEvent) -> None:
         self.job_id = event.job_id
         match event:
+            case JobQueued():
+                self._write_line(
+                    f"job {event.job_id} queued: {event.head_name} on {event.backbone}"
+                )
             case JobStarted():
                 self._write_line(_started_line(event))
             case JobProgress(progress=progress):

@@ -198,6 +198,17 @@ class JobProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class JobQueued:
+    """A job's first event, as soon as it is accepted: it may wait for a training slot."""
+
+    job_id: str
+    sequence: int
+    time: datetime
+    backbone: str
+    head_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobCompleted:
     job_id: str
     sequence: int
@@ -251,7 +262,8 @@ class CandidateResult:
 
 
 FineTuneEvent: TypeAlias = (
-    JobStarted
+    JobQueued
+    | JobStarted
     | JobProgress
     | JobCompleted
     | JobFailed

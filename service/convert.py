@@ -17,6 +17,7 @@ from service.domain import (
     JobCompleted,
     JobEvent,
     JobFailed,
+    JobQueued,
     JobRecord,
     JobStarted,
     JobState,
@@ -253,6 +254,10 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
         message.failed.CopyFrom(pb.JobFailed(reason=payload.reason, code=payload.code))
     elif isinstance(payload, JobCancelled):
         message.cancelled.CopyFrom(pb.JobCancelled(reason=payload.reason))
+    elif isinstance(payload, JobQueued):
+        message.queued.CopyFrom(
+            pb.JobQueued(backbone=payload.backbone, head_name=payload.head_name)
+        )
     elif isinstance(payload, JobWarning):
         message.warning.CopyFrom(pb.JobWarning(code=payload.code, message=payload.message))
     elif isinstance(payload, CandidateResult):

@@ -227,6 +227,14 @@ class TrainingProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class JobQueued:
+    """A job's first event, stored and sent as it is accepted (before a slot is free)."""
+
+    backbone: str
+    head_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobCompleted:
     head_id: str
     metrics: TrainingMetrics
@@ -260,7 +268,8 @@ class CandidateResult:
 
 
 EventPayload = (
-    JobStarted
+    JobQueued
+    | JobStarted
     | TrainingProgress
     | JobCompleted
     | JobFailed

@@ -110,6 +110,12 @@ class _FairQueue:
     def has_chunks(self) -> bool:
         return bool(self._chunks)
 
+    def holds_only(self, chunk_of: int) -> bool:
+        """Whether every queued item is a chunk of that one request."""
+        return not self._whole and all(
+            item.chunk_of == chunk_of for queue in self._chunks.values() for item in queue
+        )
+
     def take(self, chunk_allowed: Callable[[_Pending], bool]) -> _Pending | None:
         """The next whole request by tenant rotation, else the next allowed chunk."""
         item = _rotate(self._whole, lambda item: True) or _rotate(self._chunks, chunk_allowed)
@@ -303,8 +309,12 @@ class _BackboneBatcher:
         has_whole = first.chunk_of is None
 
         def chunk_allowed(item: _Pending) -> bool:
-            # One chunk of a large request per batch, and none beside whole requests unless
-            # chunks have given way MAX_CHUNK_SKIPS batches in a row.
+            # A request alone (nothing else queued or on its way) batches as it would whole.
+            # Otherwise one chunk of a large request per batch, and none beside whole
+            # requests unless chunks have given way MAX_CHUNK_SKIPS batches in a row.
+            assert item.chunk_of is not None
+            if self._on_the_way <= 0 and self._queue.holds_only(item.chunk_of):
+                return True
             return item.chunk_of not in chunked and (
                 not has_whole or self._chunk_skips >= MAX_CHUNK_SKIPS
             )

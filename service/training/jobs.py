@@ -10,6 +10,7 @@ recovery (recovery.py) settles what a previous process left unfinished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -32,6 +33,7 @@ from service.domain import (
     JobCompleted,
     JobEvent,
     JobFailed,
+    JobQueued,
     JobRecord,
     JobState,
     TrainingProgress,
@@ -167,9 +169,19 @@ class JobManager:
             created_time=now,
             updated_time=now,
             tenant=spec.tenant,
+            last_sequence=1,
         )
+        # The first event names the job at once, before it waits for a slot: a caller whose
+        # stream breaks meanwhile can still watch or cancel it.
+        queued = JobEvent(record.job_id, 1, now, JobQueued(spec.backbone, spec.head_name))
         self._store.save_job(record)
-        live = _LiveJob(record, spec)
+        try:
+            self._store.append_event(queued)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the store is failing; recovery settles it
+                self._store.save_job(replace(record, state=JobState.FAILED, error="not stored"))
+            raise
+        live = _LiveJob(record, spec, events=[queued])
         self._live[record.job_id] = live
         self._prune_finished()
         self._hooks.on_state(JobState.QUEUED, None)

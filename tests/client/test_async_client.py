@@ -20,6 +20,7 @@ from client import (
     JobCancelled,
     JobCompleted,
     JobProgress,
+    JobQueued,
     JobStarted,
     JobState,
     Modality,
@@ -102,7 +103,8 @@ async def test_fine_tune_streams_one_job_to_completion(streamed_head: TrainedHea
     events = streamed_head.events
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert {e.job_id for e in events} == {streamed_head.job_id}
-    started = events[0]
+    assert isinstance(events[0], JobQueued)
+    started = events[1]
     assert isinstance(started, JobStarted)
     assert started.backbone == "efficientnet_lite0" and started.head_name == "async-stream"
     assert started.class_names == FASHION_LABELS
@@ -252,7 +254,7 @@ async def test_train_raises_cancelled_when_another_task_cancels(
     with pytest.raises(CancelledError) as raised:
         await asyncio.wait_for(training, timeout=60)
     assert raised.value.code == "CANCELLED"
-    assert isinstance(events[0], JobStarted)
+    assert isinstance(events[0], JobQueued)
     assert isinstance(events[-1], JobCancelled)
     assert all(e.job_id == job_id for e in events)
     job = await aclient.get_job(job_id)
@@ -279,7 +281,8 @@ async def test_train_returns_completed_and_calls_a_plain_callback(
         on_event=events.append,
     )
     assert isinstance(done, JobCompleted)
-    assert events[-1] == done and isinstance(events[0], JobStarted)
+    assert events[-1] == done and isinstance(events[0], JobQueued)
+    assert isinstance(events[1], JobStarted)
     head = await aclient.get_head(done.head_id)
     assert head.modality is Modality.TEXT
     assert head.class_names == tuple(sorted(info.class_counts))
@@ -298,8 +301,9 @@ async def test_leaving_the_stream_early_detaches_without_stopping_the_job(
     )
     async with contextlib.aclosing(stream) as events:  # type: ignore[type-var]
         first = await anext(events)
-    assert isinstance(first, JobStarted)
+    assert isinstance(first, JobQueued)  # a job id at once, before the job starts
     rest = [e async for e in aclient.watch_job(first.job_id, after_sequence=first.sequence)]
+    assert isinstance(rest[0], JobStarted)
     assert isinstance(rest[-1], JobCompleted)
     assert rest[0].sequence == first.sequence + 1
     assert (await aclient.get_job(first.job_id)).state is JobState.SUCCEEDED

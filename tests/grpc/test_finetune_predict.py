@@ -11,6 +11,7 @@ from client import (
     JobCancelled,
     JobCompleted,
     JobProgress,
+    JobQueued,
     JobStarted,
     JobState,
     NotFoundError,
@@ -39,7 +40,8 @@ def test_fine_tune_streams_ordered_events_and_predicts(
     )
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert len({e.job_id for e in events}) == 1
-    started = events[0]
+    queued, started = events[:2]
+    assert isinstance(queued, JobQueued) and queued.head_name == "events-check"
     assert isinstance(started, JobStarted)
     assert started.class_names == ("dress", "pullover", "t-shirt", "trouser")
     assert started.train_examples + started.validation_examples == len(train)
@@ -162,7 +164,8 @@ def test_upload_dataset_then_fine_tune_by_id(
 def test_watch_job_replays_after_a_sequence(client: TransferClient, image_head: str) -> None:
     job_id = client.get_head(image_head).job_id
     everything = list(client.watch_job(job_id))
-    assert isinstance(everything[0], JobStarted) and isinstance(everything[-1], JobCompleted)
+    assert isinstance(everything[0], JobQueued) and isinstance(everything[1], JobStarted)
+    assert isinstance(everything[-1], JobCompleted)
     tail = list(client.watch_job(job_id, after_sequence=3))
     assert [e.sequence for e in tail] == [e.sequence for e in everything[3:]]
 

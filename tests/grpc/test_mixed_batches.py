@@ -44,7 +44,7 @@ def test_image_heads_at_three_split_points_batch_together(batching_server: Runni
                     config=TrainingConfig(epochs=3, trainable_blocks=blocks, augment=augment),
                 )
             )
-            started = events[0]
+            started = events[1]  # after the queued event
             assert isinstance(started, JobStarted)
             assert started.plan.trainable_blocks == blocks
             assert started.plan.cached_features is (not augment)

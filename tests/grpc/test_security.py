@@ -203,13 +203,13 @@ def test_jobs_per_tenant_are_limited(secured: RunningServer, alice_head: str) ->
         ThreadPoolExecutor(1) as reader,
     ):
         first = alice.fine_tune("efficientnet_lite0", train, head_name="endless", config=ENDLESS)
-        first_job = next(first).job_id  # started: it holds the one training slot
+        first_job = next(first).job_id  # queued at once; it takes the one training slot
         bob_stream = None
         try:
             with pytest.raises(ResourceExhaustedError, match="jobs"):
                 next(alice.fine_tune("efficientnet_lite0", train, config=ENDLESS))
             # The limit is per tenant: bob's job is accepted and queues behind alice's (its
-            # stream stays silent until it starts, so it is read on a thread).
+            # stream waits after its queued event until it starts, so it is read on a thread).
             bob_stream = reader.submit(
                 lambda: list(bob.fine_tune("efficientnet_lite0", train, config=ENDLESS))
             )

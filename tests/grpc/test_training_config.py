@@ -11,6 +11,7 @@ from client import (
     InvalidArgumentError,
     JobCompleted,
     JobProgress,
+    JobQueued,
     JobStarted,
     JobWarning,
     TrainingConfig,
@@ -47,7 +48,8 @@ def test_plan_reflects_the_config(
         seed=9,
     )
     events = events_of(client, train, config)
-    started = events[0]
+    assert isinstance(events[0], JobQueued)
+    started = events[1]
     assert isinstance(started, JobStarted)
     plan = started.plan
     assert (plan.epochs, plan.batch_size, plan.trainable_blocks) == (3, 8, 2)
@@ -170,7 +172,8 @@ def test_caller_validation_set_is_used_as_given(
             validation_examples=validation,
         )
     )
-    started = events[0]
+    assert isinstance(events[0], JobQueued)
+    started = events[1]
     assert isinstance(started, JobStarted)
     assert started.train_examples == len(train)
     assert started.validation_examples == len(validation)
@@ -242,7 +245,8 @@ def test_default_linear_probe_is_cross_validated_lbfgs(
     an event, and the completed metrics name the C with the lowest held-out loss."""
     train, test = fashion_small
     events = events_of(client, train, TrainingConfig(cv_folds=4))
-    started = events[0]
+    assert isinstance(events[0], JobQueued)
+    started = events[1]
     assert isinstance(started, JobStarted)
     assert started.plan.solver == "lbfgs_cv" and started.plan.cv_folds == 4
     assert started.validation_examples == 0 and started.train_examples == len(train)
@@ -266,7 +270,8 @@ def test_gradient_options_select_adamw(
     client: TransferClient, fashion_small: tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]
 ) -> None:
     events = events_of(client, fashion_small[0][:24], TrainingConfig(epochs=2))
-    started = events[0]
+    assert isinstance(events[0], JobQueued)
+    started = events[1]
     assert isinstance(started, JobStarted)
     assert started.plan.solver == "adamw" and started.plan.epochs == 2
     completed = events[-1]

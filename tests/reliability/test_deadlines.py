@@ -131,6 +131,7 @@ def test_cancel_job_during_feature_extraction(
     server: RunningServer, stub: pb_grpc.TransferServiceStub, image_head: str
 ) -> None:
     events = _long_job(stub, "cancel-early")
+    assert next(events).WhichOneof("event") == "queued"
     started = next(events)
     assert started.WhichOneof("event") == "started"
     stub.CancelJob(pb.CancelJobRequest(job_id=started.job_id), timeout=30)

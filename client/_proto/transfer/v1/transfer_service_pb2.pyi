@@ -891,6 +891,7 @@ class FineTuneEvent(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     CANDIDATE_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     sequence: _builtins.int
     """Strictly increasing per job, starting at 1."""
@@ -910,6 +911,8 @@ class FineTuneEvent(_message.Message):
     def warning(self) -> Global___JobWarning: ...
     @_builtins.property
     def candidate(self) -> Global___CandidateResult: ...
+    @_builtins.property
+    def queued(self) -> Global___JobQueued: ...
     def __init__(
         self,
         *,
@@ -923,16 +926,43 @@ class FineTuneEvent(_message.Message):
         cancelled: Global___JobCancelled | None = ...,
         warning: Global___JobWarning | None = ...,
         candidate: Global___CandidateResult | None = ...,
+        queued: Global___JobQueued | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "progress", b"progress", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "progress", b"progress", "queued", b"queued", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "job_id", b"job_id", "progress", b"progress", "sequence", b"sequence", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "candidate", b"candidate", "completed", b"completed", "event", b"event", "failed", b"failed", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "sequence", b"sequence", "started", b"started", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "completed", "failed", "cancelled", "warning", "candidate"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "completed", "failed", "cancelled", "warning", "candidate", "queued"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___FineTuneEvent: _TypeAlias = FineTuneEvent  # noqa: Y015
+
+@_typing.final
+class JobQueued(_message.Message):
+    """The first event of every job, sent as soon as it is accepted: a caller whose stream breaks
+    while the job waits for a training slot still has its job_id, to WatchJob or CancelJob.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKBONE_FIELD_NUMBER: _builtins.int
+    HEAD_NAME_FIELD_NUMBER: _builtins.int
+    backbone: _builtins.str
+    head_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        backbone: _builtins.str = ...,
+        head_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "head_name", b"head_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobQueued: _TypeAlias = JobQueued  # noqa: Y015
 
 @_typing.final
 class UploadDatasetRequest(_message.Message):
@@ -984,6 +1014,40 @@ class UploadDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadDatasetResponse: _TypeAlias = UploadDatasetResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetRequest: _TypeAlias = DeleteDatasetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):

@@ -54,6 +54,11 @@ class TransferServiceStub:
                 request_serializer=transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetResponse.FromString,
                 _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/transfer.v1.TransferService/DeleteDataset',
+                request_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/transfer.v1.TransferService/GetJob',
                 request_serializer=transfer_dot_v1_dot_transfer__service__pb2.GetJobRequest.SerializeToString,
@@ -118,6 +123,15 @@ class TransferServiceServicer:
 
     def UploadDataset(self, request_iterator, context):
         """Streams a labelled dataset too large for one message; returns its id for FineTune.
+        A tenant's stored datasets have a byte quota (RESOURCE_EXHAUSTED past it; the upload is
+        discarded): DeleteDataset frees space.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes an uploaded dataset (jobs already started from it are not affected).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +202,11 @@ def add_TransferServiceServicer_to_server(servicer, server):
                     servicer.UploadDataset,
                     request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetRequest.FromString,
                     response_serializer=transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -333,6 +352,33 @@ class TransferService:
             '/transfer.v1.TransferService/UploadDataset',
             transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetRequest.SerializeToString,
             transfer_dot_v1_dot_transfer__service__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transfer.v1.TransferService/DeleteDataset',
+            transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetRequest.SerializeToString,
+            transfer_dot_v1_dot_transfer__service__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,12 @@ class TransferServiceStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.PredictRequest, _transfer_service_pb2.PredictResponse]
     """Classifies inputs with a trained head. Results come back in request order."""
     UploadDataset: _grpc.StreamUnaryMultiCallable[_transfer_service_pb2.UploadDatasetRequest, _transfer_service_pb2.UploadDatasetResponse]
-    """Streams a labelled dataset too large for one message; returns its id for FineTune."""
+    """Streams a labelled dataset too large for one message; returns its id for FineTune.
+    A tenant's stored datasets have a byte quota (RESOURCE_EXHAUSTED past it; the upload is
+    discarded): DeleteDataset frees space.
+    """
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteDatasetRequest, _transfer_service_pb2.DeleteDatasetResponse]
+    """Deletes an uploaded dataset (jobs already started from it are not affected)."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.GetJobRequest, _transfer_service_pb2.Job]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.ListJobsRequest, _transfer_service_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.CancelJobRequest, _transfer_service_pb2.Job]
@@ -64,7 +69,12 @@ class TransferServiceAsyncStub(TransferServiceStub):
     Predict: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.PredictRequest, _transfer_service_pb2.PredictResponse]  # type: ignore[assignment]
     """Classifies inputs with a trained head. Results come back in request order."""
     UploadDataset: _aio.StreamUnaryMultiCallable[_transfer_service_pb2.UploadDatasetRequest, _transfer_service_pb2.UploadDatasetResponse]  # type: ignore[assignment]
-    """Streams a labelled dataset too large for one message; returns its id for FineTune."""
+    """Streams a labelled dataset too large for one message; returns its id for FineTune.
+    A tenant's stored datasets have a byte quota (RESOURCE_EXHAUSTED past it; the upload is
+    discarded): DeleteDataset frees space.
+    """
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteDatasetRequest, _transfer_service_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes an uploaded dataset (jobs already started from it are not affected)."""
     GetJob: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.GetJobRequest, _transfer_service_pb2.Job]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.ListJobsRequest, _transfer_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.CancelJobRequest, _transfer_service_pb2.Job]  # type: ignore[assignment]
@@ -107,7 +117,18 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_transfer_service_pb2.UploadDatasetRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_transfer_service_pb2.UploadDatasetResponse, _abc.Awaitable[_transfer_service_pb2.UploadDatasetResponse]]:
-        """Streams a labelled dataset too large for one message; returns its id for FineTune."""
+        """Streams a labelled dataset too large for one message; returns its id for FineTune.
+        A tenant's stored datasets have a byte quota (RESOURCE_EXHAUSTED past it; the upload is
+        discarded): DeleteDataset frees space.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _transfer_service_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_service_pb2.DeleteDatasetResponse, _abc.Awaitable[_transfer_service_pb2.DeleteDatasetResponse]]:
+        """Deletes an uploaded dataset (jobs already started from it are not affected)."""
 
     @_abc_1.abstractmethod
     def GetJob(
