@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.preprocess import Preprocessor
+from service.backbones.preprocess import Preprocessor, declared_pixels
 from service.batched_heads import run_heads
 from service.domain import Modality, ModelInput, PredictionResult
 from service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
@@ -53,6 +53,9 @@ SLICE_SECONDS = 0.05
 # Chunks of large requests give way to small requests, but never for more than this many
 # batches in a row, so a steady stream of small requests cannot starve them.
 MAX_CHUNK_SKIPS = 2
+# A lone request's images are decoded on the compute thread only while they declare at most
+# this many pixels in all (a 12-megapixel photo decodes in the pool).
+LONE_DECODE_PIXELS = 4_000_000
 # A large request's inputs are decoded in the shared preprocessing pool at most this many at
 # a time, so another caller's decoding is queued behind two of them, not behind 512.
 DECODES_IN_FLIGHT = 2
@@ -674,10 +677,16 @@ def _decodes_on_compute_thread(
     inputs: Sequence[ModelInput], modality: Modality, device: torch.device
 ) -> bool:
     """Whether a lone request is decoded on the compute thread rather than in the pool. On a
-    CPU always: right after a batch the trunk's OpenMP workers spin on every core for a few
+    CPU yes: right after a batch the trunk's OpenMP workers spin on every core for a few
     milliseconds, so pool threads decoding in parallel share what is left (4 images: 6.5 ms
     in the pool against 3.6 ms one after another on the compute thread, 2-CPU VM). With an
-    accelerator the cores are free and a multi-image request decodes faster in parallel."""
+    accelerator the cores are free and a multi-image request decodes faster in parallel.
+    Never for images declaring more than LONE_DECODE_PIXELS in all: decoding them could hold
+    the compute thread far longer than a compute slice (a 40-megapixel PNG takes a second)."""
+    if modality is Modality.IMAGE:
+        pixels = sum(declared_pixels(item.image or b"") for item in inputs)
+        if pixels > LONE_DECODE_PIXELS:
+            return False
     return device.type == "cpu" or len(inputs) == 1 or modality is Modality.TEXT
 
 

@@ -245,6 +245,19 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(eight_bit)  # uint8 [H, W] -> mode "L"
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height from an accepted image's header, without decoding a pixel (tens of
+    microseconds); 0 when the header cannot be read (decoding then reports why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as image:
+                width, height = image.size
+    except Exception:  # any failure here is decode_image's to report, with its message
+        return 0
+    return width * height
+
+
 def check_image(data: bytes, field: str, max_pixels: int) -> None:
     """Raises what `decode_image` would for this image, at the least cost: a complete decode
     at the smallest scale (1/8 for a JPEG), for checks made before a job decodes it again."""

@@ -5,17 +5,25 @@ slice, whole requests go first and tenants take turns."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
+from PIL import Image
 
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.domain import HeadRecord
+from service.domain import HeadRecord, Modality, ModelInput
 from service.heads import LoadedHead
-from service.inference import MAX_CHUNK_SKIPS, _FairQueue, _Pending
+from service.inference import (
+    MAX_CHUNK_SKIPS,
+    _decodes_on_compute_thread,
+    _FairQueue,
+    _Pending,
+)
 from tests.datasets import fashion_mnist
 
 
@@ -115,3 +123,19 @@ def test_a_large_predict_past_its_deadline_stops(
     started = time.monotonic()
     stub.Predict(small, timeout=60)
     assert time.monotonic() - started < whole / 2
+
+
+def test_a_lone_huge_image_is_decoded_off_the_compute_thread() -> None:
+    """A lone request is decoded on the compute thread (one hop fewer), but not one whose
+    image declares more pixels than a compute slice can decode: a 40-megapixel 1-bit PNG is
+    a few KB on the wire and a second of decoding."""
+
+    def png(side: int) -> ModelInput:
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG")
+        return ModelInput(image=buffer.getvalue())
+
+    cpu = torch.device("cpu")
+    assert _decodes_on_compute_thread([png(64)], Modality.IMAGE, cpu)
+    assert not _decodes_on_compute_thread([png(6000)], Modality.IMAGE, cpu)
+    assert not _decodes_on_compute_thread([png(1500)] * 2, Modality.IMAGE, cpu)
