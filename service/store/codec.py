@@ -77,7 +77,7 @@ def decode_head(text: str | bytes) -> tuple[HeadRecord, str | None]:
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise HeadFormatError(f"not JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise HeadFormatError(f"a JSON {type(data).__name__}, not an object")
+        raise HeadFormatError(f"JSON {json.dumps(data)[:20]}, not an object")
     version = data.get("format_version")
     if type(version) is not int or version != HEAD_FORMAT_VERSION:
         raise HeadFormatError(f"unsupported head format version {version!r}")
