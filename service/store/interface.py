@@ -1,10 +1,11 @@
 """The store seen by the rest of the server. The embedded backend is LocalStore (a directory
 plus SQLite); a PostgreSQL + object-store backend for multi-replica deployments implements
-the same protocols."""
+the same protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedError."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 import torch
@@ -30,7 +31,12 @@ class JobStore(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord: ...
 
-    def list_jobs(self) -> list[JobRecord]: ...
+    def list_jobs(self, tenant: str | None = None) -> list[JobRecord]:
+        """Oldest first; only `tenant`'s when given."""
+
+    def delete_finished_jobs(self, finished_before: datetime) -> int:
+        """Retention: deletes jobs that finished before `finished_before` and their events
+        (never queued or running ones, never heads); returns how many."""
 
     def append_event(self, event: JobEvent) -> None: ...
 
@@ -54,9 +60,18 @@ class DatasetWriter(Protocol):
 
 
 class DatasetStore(Protocol):
-    def begin_dataset(self, tenant: str) -> DatasetWriter: ...
+    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> DatasetWriter:
+        """With `quota_bytes`, `add` refuses (ResourceExhaustedError) examples that would take
+        the tenant's stored datasets, uploads in progress included, past it."""
+
+    def dataset_info(self, dataset_id: str) -> DatasetInfo:
+        """A complete dataset's description and tenant, without reading its examples."""
 
     def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]: ...
+
+    def dataset_bytes(self, tenant: str) -> int: ...
+
+    def delete_dataset(self, dataset_id: str) -> None: ...
 
 
 class Store(HeadStore, JobStore, DatasetStore, Protocol):

@@ -9,12 +9,16 @@ Every head, job and dataset records its tenant; the store keeps them all and the
 layer decides who sees what. Ids are unique across tenants.
 A head is written into a partial directory, fsynced, then renamed into place: a crash at any
 point leaves either the whole head or nothing under its id.
+A write the disk refuses (full, over quota, read-only) is ResourceExhaustedError, saying so,
+wherever it happens (`disk_faults`); opening a store that cannot be used is ConfigurationError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -24,9 +28,10 @@ import shutil
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -46,7 +51,13 @@ from service.domain import (
     Modality,
     ModelInput,
 )
-from service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from service.errors import (
+    ConfigurationError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from service.store.codec import (
     HeadFormatError,
     decode_head,
@@ -69,14 +80,26 @@ CREATE TABLE IF NOT EXISTS job_events (
 CREATE TABLE IF NOT EXISTS datasets (
   dataset_id TEXT PRIMARY KEY, complete INTEGER NOT NULL, modality TEXT NOT NULL,
   example_count INTEGER NOT NULL, class_counts TEXT NOT NULL, created TEXT NOT NULL,
-  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}');
+  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}', bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
 """
 
-# PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns).
-_SCHEMA_VERSION = 1
+# On columns the migration may only just have added, so created after it.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created);
+CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant);
+"""
+
+# PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns);
+# 1: before dataset sizes (no datasets.bytes).
+_SCHEMA_VERSION = 2
+_DATABASE = "store.sqlite3"
+_FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
+# Finished jobs deleted per transaction by the retention sweep: the store's lock is released
+# between batches, so a large sweep never holds up a training job's writes for long.
+_RETENTION_BATCH = 500
 _JOB_COLUMNS = (
     "job_id, state, backbone, head_name, head_id, error, created, updated, last_sequence, "
     "progress, tenant"
@@ -87,6 +110,70 @@ _HEAD_WEIGHTS = "weights.safetensors"
 _HEAD_OWNER = "tenant"
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# Errnos of a write the filesystem refuses for space (ENOSPC, EDQUOT) or for good (EROFS).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# SQLite reports some writes on a full disk (growing its shared-memory index, say) only as a
+# generic I/O error: with less than this left on the volume, that error means "full".
+_NEARLY_FULL_BYTES = 1024**2
+
+
+def disk_fault(error: BaseException, root: Path) -> str | None:
+    """'full' or 'read-only' when `error` is the store's disk refusing a write, else None."""
+    if isinstance(error, OSError) and not isinstance(error, sqlite3.Error):
+        if error.errno in _FULL_ERRNOS:
+            return "full"
+        return "read-only" if error.errno == errno.EROFS else None
+    if not isinstance(error, sqlite3.OperationalError):
+        return None
+    name = getattr(error, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or "database or disk is full" in str(error):
+        return "full"
+    if name.startswith("SQLITE_READONLY") or "readonly database" in str(error):
+        return "read-only"
+    if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) or "disk I/O error" in str(error):
+        return _volume_state(root)
+    return None
+
+
+def _volume_state(root: Path) -> str | None:
+    try:
+        volume = os.statvfs(root)
+    except OSError:
+        return None
+    if volume.f_flag & os.ST_RDONLY:
+        return "read-only"
+    return "full" if volume.f_bavail * volume.f_frsize < _NEARLY_FULL_BYTES else None
+
+
+def _free_bytes(root: Path) -> int:
+    volume = os.statvfs(root)
+    return volume.f_bavail * volume.f_frsize
+
+
+def disk_faults(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Store methods (of an object with a `_root`) raise ResourceExhaustedError when the disk
+    refuses a write: a caller then reads RESOURCE_EXHAUSTED with the reason, not INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except (sqlite3.OperationalError, OSError) as exc:
+            root: Path = getattr(args[0], "_root", Path("."))
+            fault = disk_fault(exc, root)
+            if fault is None:
+                raise
+            log.error("store write refused: the disk under %s is %s: %s", root, fault, exc)
+            raise ResourceExhaustedError(
+                f"the store's disk is {fault}: {exc}; nothing was written (the operator must "
+                "free space on the store's volume or make it writable)"
+            ) from exc
+
+    return wrapper
 
 
 def check_id(kind: str, value: str) -> str:
@@ -113,30 +200,72 @@ class UnreadableHeadError(FailedPreconditionError):
 
 
 class LocalStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, recreate_database: bool = False) -> None:
+        """Opens the store under `root`, creating it when the directory is new.
+
+        Raises ConfigurationError, saying what is wrong, when the store cannot be used: its
+        disk is full or read-only, its database is not a readable SQLite file, or the database
+        is missing or empty while heads are stored (their jobs and datasets would vanish
+        without a word): that one opens with `recreate_database` (an empty database)."""
         self._root = root.resolve()
         self._heads_dir = self._root / "heads"
-        self._heads_dir.mkdir(parents=True, exist_ok=True)
-        self._unlisted_heads: set[str] = set()  # damaged heads already warned about
-        for partial in self._heads_dir.glob(".partial-*"):
-            shutil.rmtree(partial, ignore_errors=True)
-        for deleted in self._heads_dir.glob(".deleted-*"):
-            shutil.rmtree(deleted, ignore_errors=True)
-        self._db = sqlite3.connect(
-            self._root / "store.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        _migrate(self._db)
         self._lock = threading.Lock()
-        with self._lock, _transaction(self._db):
-            # Uploads cut off by a crash never became datasets: drop them.
-            self._db.execute(
-                "DELETE FROM dataset_examples WHERE dataset_id IN "
-                "(SELECT dataset_id FROM datasets WHERE complete = 0)"
-            )
-            self._db.execute("DELETE FROM datasets WHERE complete = 0")
+        database = self._root / _DATABASE
+        db: sqlite3.Connection | None = None
+        self._unlisted_heads: set[str] = set()  # damaged heads already warned about
+        try:
+            self._heads_dir.mkdir(parents=True, exist_ok=True)
+            for partial in self._heads_dir.glob(".partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            for deleted in self._heads_dir.glob(".deleted-*"):
+                shutil.rmtree(deleted, ignore_errors=True)
+            # Refused up front, by name: on a full volume SQLite fails later and vaguely
+            # ("disk I/O error" while growing its shared-memory index), or not at all until
+            # the first job's write.
+            volume = _volume_state(self._root)
+            if volume is not None:
+                raise ConfigurationError(
+                    f"the store's disk is {volume} (TRANSFER_STORE_DIR={self._root}, "
+                    f"{_free_bytes(self._root)} bytes free): free space on that volume or make "
+                    "it writable, then start again"
+                )
+            heads = [path for path in self._heads_dir.iterdir() if not path.name.startswith(".")]
+            if heads and not recreate_database and not database.exists():
+                raise ConfigurationError(_lost_database_message(database, len(heads), "missing"))
+            db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+            has_schema = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+            ).fetchone()[0]
+            if heads and not has_schema:
+                if not recreate_database:
+                    raise ConfigurationError(_lost_database_message(database, len(heads), "empty"))
+                log.warning(
+                    "%s was missing or empty beside %d stored heads; started with an empty one "
+                    "(TRANSFER_RECREATE_DATABASE): earlier jobs and datasets are gone",
+                    database,
+                    len(heads),
+                )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            _migrate(db)
+            db.executescript(_INDEXES)
+            with _transaction(db):
+                # Uploads cut off by a crash never became datasets: drop them.
+                db.execute(
+                    "DELETE FROM dataset_examples WHERE dataset_id IN "
+                    "(SELECT dataset_id FROM datasets WHERE complete = 0)"
+                )
+                db.execute("DELETE FROM datasets WHERE complete = 0")
+        except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            raise ConfigurationError(_open_failure(self._root, database, exc)) from exc
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
+        self._db = db
 
     def close(self) -> None:
         with self._lock:
@@ -270,10 +399,12 @@ class LocalStore:
 
     # ---- jobs ----
 
+    @disk_faults
     def save_job(self, job: JobRecord) -> None:
         with self._lock:
             self._write_job(job)
 
+    @disk_faults
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
         """The job's final row and its terminal event in one transaction: a crash leaves
         both or neither, never a finished job whose event log has no end."""
@@ -310,15 +441,52 @@ class LocalStore:
             raise NotFoundError(f"job_id: no job {job_id!r}")
         return _job_from_row(row)
 
-    def list_jobs(self) -> list[JobRecord]:
+    def list_jobs(self, tenant: str | None = None) -> list[JobRecord]:
+        """Every job, oldest first; only `tenant`'s when given (read through an index, so
+        one tenant's listing does not scan everyone's jobs)."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created").fetchall()
+            if tenant is None:
+                rows = self._db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created"
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? ORDER BY created",
+                    (tenant,),
+                ).fetchall()
         return [_job_from_row(row) for row in rows]
 
+    @disk_faults
+    def delete_finished_jobs(self, finished_before: datetime) -> int:
+        """Deletes jobs that finished (last updated) before `finished_before`, with their
+        events; queued and running jobs, and heads, are never touched. Returns how many."""
+        cutoff = finished_before.isoformat()
+        states = ",".join("?" * len(_FINISHED_STATES))
+        deleted = 0
+        while True:
+            with self._lock, _transaction(self._db):
+                # julianday() compares the stored ISO times across UTC offsets.
+                doomed = [
+                    str(row[0])
+                    for row in self._db.execute(
+                        f"SELECT job_id FROM jobs WHERE state IN ({states}) "
+                        "AND julianday(updated) < julianday(?) LIMIT ?",
+                        (*_FINISHED_STATES, cutoff, _RETENTION_BATCH),
+                    )
+                ]
+                for job_id in doomed:
+                    self._db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+                    self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            deleted += len(doomed)
+            if len(doomed) < _RETENTION_BATCH:
+                return deleted
+
+    @disk_faults
     def append_event(self, event: JobEvent) -> None:
         with self._lock:
             self._write_event(event)
 
+    @disk_faults
     def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
         # WAL with synchronous=NORMAL: the commit reaches the OS (so a killed process keeps
         # it) but is not fsynced; the next FULL commit syncs it with its own. 2 ms -> 0.07 ms
@@ -363,10 +531,17 @@ class LocalStore:
 
     # ---- datasets ----
 
-    def begin_dataset(self, tenant: str) -> LocalDatasetWriter:
-        return LocalDatasetWriter(self._db, self._lock, "ds-" + secrets.token_hex(8), tenant)
+    @disk_faults
+    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> LocalDatasetWriter:
+        """A new upload of `tenant`'s. With `quota_bytes`, adding examples that would take the
+        tenant's stored datasets (uploads in progress included) past it raises
+        ResourceExhaustedError."""
+        return LocalDatasetWriter(
+            self._db, self._lock, self._root, "ds-" + secrets.token_hex(8), tenant, quota_bytes
+        )
 
-    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]:
+    def dataset_info(self, dataset_id: str) -> DatasetInfo:
+        """A complete dataset's description (its tenant included) without its examples."""
         check_id("dataset_id", dataset_id)
         with self._lock:
             row = self._db.execute(
@@ -374,19 +549,41 @@ class LocalStore:
                 "WHERE dataset_id = ? AND complete = 1",
                 (dataset_id,),
             ).fetchone()
-            if row is None:
-                raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
-            rows = self._db.execute(
-                "SELECT label, image, text FROM dataset_examples WHERE dataset_id = ? ORDER BY idx",
-                (dataset_id,),
-            ).fetchall()
-        info = DatasetInfo(
+        if row is None:
+            raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
+        return DatasetInfo(
             dataset_id,
             row[1],
             tuple((k, v) for k, v in json.loads(row[2])),
             Modality(row[0]),
             tenant=row[3],
         )
+
+    def dataset_bytes(self, tenant: str) -> int:
+        """Bytes of `tenant`'s stored datasets, uploads in progress included."""
+        with self._lock:
+            return _tenant_dataset_bytes(self._db, tenant)
+
+    @disk_faults
+    def delete_dataset(self, dataset_id: str) -> None:
+        check_id("dataset_id", dataset_id)
+        with self._lock, _transaction(self._db):
+            deleted = self._db.execute(
+                "DELETE FROM datasets WHERE dataset_id = ? AND complete = 1", (dataset_id,)
+            ).rowcount
+            if not deleted:
+                raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
+            self._db.execute("DELETE FROM dataset_examples WHERE dataset_id = ?", (dataset_id,))
+
+    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]:
+        info = self.dataset_info(dataset_id)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT label, image, text FROM dataset_examples WHERE dataset_id = ? ORDER BY idx",
+                (dataset_id,),
+            ).fetchall()
+        if not rows and info.example_count:  # deleted since dataset_info read it
+            raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
         examples = [
             LabeledExample(
                 ModelInput(image=bytes(image) if image is not None else None, text=text), label
@@ -400,12 +597,21 @@ class LocalDatasetWriter:
     """Rows go in as chunks arrive; the dataset becomes visible only on commit."""
 
     def __init__(
-        self, db: sqlite3.Connection, lock: threading.Lock, dataset_id: str, tenant: str
+        self,
+        db: sqlite3.Connection,
+        lock: threading.Lock,
+        root: Path,
+        dataset_id: str,
+        tenant: str,
+        quota_bytes: int | None = None,
     ) -> None:
         self._db = db
         self._lock = lock
+        self._root = root
         self.dataset_id = dataset_id
         self.tenant = tenant
+        self._quota_bytes = quota_bytes
+        self._bytes = 0
         self._count = 0
         self._labels: Counter[str] = Counter()
         self._modality: Modality | None = None
@@ -417,25 +623,47 @@ class LocalDatasetWriter:
                 (dataset_id, datetime.now().astimezone().isoformat(), tenant),
             )
 
+    @disk_faults
     def add(self, examples: Sequence[LabeledExample]) -> None:
-        rows = []
+        rows: list[tuple[str, int, str, bytes | None, str | None]] = []
+        size = 0
         for example in examples:
             if self._modality is None:
                 self._modality = example.input.modality
             rows.append(
                 (
                     self.dataset_id,
-                    self._count,
+                    self._count + len(rows),
                     example.label,
                     example.input.image,
                     example.input.text,
                 )
             )
-            self._labels[example.label] += 1
-            self._count += 1
-        with self._lock:
+            size += _example_bytes(example)
+        with self._lock, _transaction(self._db):
+            if self._quota_bytes is not None:
+                # Counted and recorded under the store's lock, so two uploads of one tenant
+                # cannot both fit in the room left for one.
+                used = _tenant_dataset_bytes(self._db, self.tenant)
+                if used + size > self._quota_bytes:
+                    raise ResourceExhaustedError(
+                        f"examples: this upload would take the tenant's stored datasets past "
+                        f"their quota of {self._quota_bytes} bytes ({used} in use, this chunk "
+                        f"{size}); free space with DeleteDataset, or upload fewer or smaller "
+                        "examples"
+                    )
             self._db.executemany("INSERT INTO dataset_examples VALUES (?,?,?,?,?)", rows)
+            self._db.execute(
+                "UPDATE datasets SET bytes = bytes + ? WHERE dataset_id = ?",
+                (size, self.dataset_id),
+            )
+        # Only once stored: a refused chunk leaves the writer as it was.
+        for example in examples:
+            self._labels[example.label] += 1
+        self._count += len(rows)
+        self._bytes += size
 
+    @disk_faults
     def commit(self) -> DatasetInfo:
         if self._modality is None:
             raise InvalidArgumentError("examples: the uploaded dataset is empty")
@@ -449,11 +677,20 @@ class LocalDatasetWriter:
         return DatasetInfo(self.dataset_id, self._count, counts, self._modality, self.tenant)
 
     def abort(self) -> None:
-        with self._lock, _transaction(self._db):
-            self._db.execute(
-                "DELETE FROM dataset_examples WHERE dataset_id = ?", (self.dataset_id,)
+        """Removes the upload's rows. When the disk refuses even that (a delete must write,
+        too) the rows stay marked incomplete, invisible, and the next start removes them."""
+        try:
+            with self._lock, _transaction(self._db):
+                self._db.execute(
+                    "DELETE FROM dataset_examples WHERE dataset_id = ?", (self.dataset_id,)
+                )
+                self._db.execute("DELETE FROM datasets WHERE dataset_id = ?", (self.dataset_id,))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning(
+                "could not remove the partial upload %s now (%s); the next start removes it",
+                self.dataset_id,
+                exc,
             )
-            self._db.execute("DELETE FROM datasets WHERE dataset_id = ?", (self.dataset_id,))
 
 
 def _job_from_row(row: tuple[object, ...]) -> JobRecord:
@@ -476,7 +713,9 @@ def _migrate(db: sqlite3.Connection) -> None:
     """Brings a database written by older code up to _SCHEMA_VERSION, explicitly and once.
 
     0 -> 1: jobs and datasets gain a tenant column; existing rows belong to DEFAULT_TENANT.
-    (The CREATE statements above already carry it, so a new database only gets its version.)
+    1 -> 2: datasets gain `bytes` (what the per-tenant quota counts), computed from the rows.
+    (The CREATE statements above already carry the columns, so a new database only gets its
+    version.) One transaction: a crash mid-migration leaves the old version to migrate again.
     """
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version >= _SCHEMA_VERSION:
@@ -489,7 +728,69 @@ def _migrate(db: sqlite3.Connection) -> None:
                     f"ALTER TABLE {table} ADD COLUMN tenant TEXT NOT NULL "
                     f"DEFAULT '{DEFAULT_TENANT}'"
                 )
+        columns = {str(row[1]) for row in db.execute("PRAGMA table_info(datasets)")}
+        if "bytes" not in columns:
+            db.execute("ALTER TABLE datasets ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+        if version < 2:
+            db.execute(
+                "UPDATE datasets SET bytes = (SELECT COALESCE(SUM("
+                f"{_SQL_EXAMPLE_BYTES}), 0) FROM dataset_examples AS e "
+                "WHERE e.dataset_id = datasets.dataset_id)"
+            )
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
+# A stored example's bytes, as _example_bytes counts them (CAST: length() of TEXT counts
+# characters, of a BLOB bytes).
+_SQL_EXAMPLE_BYTES = (
+    "length(CAST(e.label AS BLOB)) + COALESCE(length(e.image), 0) "
+    "+ COALESCE(length(CAST(e.text AS BLOB)), 0)"
+)
+
+
+def _example_bytes(example: LabeledExample) -> int:
+    """What an example costs the tenant's dataset quota: its label, image and text bytes."""
+    size = len(example.label.encode())
+    if example.input.image is not None:
+        size += len(example.input.image)
+    if example.input.text is not None:
+        size += len(example.input.text.encode())
+    return size
+
+
+def _tenant_dataset_bytes(db: sqlite3.Connection, tenant: str) -> int:
+    row = db.execute(
+        "SELECT COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant = ?", (tenant,)
+    ).fetchone()
+    return int(row[0])
+
+
+def _lost_database_message(database: Path, heads: int, how: str) -> str:
+    return (
+        f"the store database {database} is {how}, but {heads} heads are stored beside it: "
+        "the jobs and datasets they refer to would be gone without a word. Restore the "
+        "database from a backup, or set TRANSFER_RECREATE_DATABASE=true to start with an "
+        "empty one (the heads stay usable)"
+    )
+
+
+def _open_failure(root: Path, database: Path, error: BaseException) -> str:
+    """Why the store under `root` cannot be opened, for the operator (start-up refusal)."""
+    fault = disk_fault(error, root)
+    if fault is None and isinstance(error, sqlite3.OperationalError):
+        fault = _volume_state(root)  # a full or read-only volume fails opens in many ways
+    if fault is not None:
+        return (
+            f"the store's disk is {fault} (TRANSFER_STORE_DIR={root}): {error}; free space on "
+            "that volume or make it writable, then start again"
+        )
+    if isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+        return (
+            f"the store database {database} is damaged ({error}): restore it from a backup, "
+            "or move it aside (keep it for recovery) and start with "
+            "TRANSFER_RECREATE_DATABASE=true to begin with an empty one (the heads stay usable)"
+        )
+    return f"cannot open the store under {root} (TRANSFER_STORE_DIR): {error}"
 
 
 def _read_owner(head_dir: Path) -> str | None:
@@ -521,7 +822,10 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may already have rolled back (a full disk or an I/O error can do that, even
+        # at COMMIT): a second ROLLBACK would raise and hide the error that matters.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")

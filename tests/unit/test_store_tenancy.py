@@ -63,14 +63,14 @@ def test_a_version_0_database_is_migrated_once(tmp_path: Path) -> None:
     store.save_job(JobRecord("job-new", JobState.QUEUED, "minilm_l6", "x", now, now, tenant="bob"))
     store.close()
 
-    reopened = LocalStore(tmp_path)  # already at version 1: nothing to do
+    reopened = LocalStore(tmp_path)  # already at the current version: nothing to do
     assert {job.job_id: job.tenant for job in reopened.list_jobs()} == {
         "job-old": DEFAULT_TENANT,
         "job-new": "bob",
     }
     reopened.close()
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
 
 
