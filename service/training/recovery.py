@@ -7,7 +7,8 @@ power loss).
     is renamed into place before the job is finished, and a kill can land between). It is
     adopted: SUCCEEDED with that head and a `completed` event carrying the metrics stored
     with the head. Without that a listed, serving head would belong to a FAILED job.
-  * Any other job left QUEUED or RUNNING reads FAILED (ABORTED), with a `failed` event.
+  * Any other job left QUEUED or RUNNING reads FAILED (ABORTED), with a `failed` event
+    whose reason says which: a queued job never started, a running one was cut off.
     A head directory of it that does not read back whole is removed, so it is never listed.
     (Half-written saves, `.partial-*` directories, are removed when the store opens.)
   * A job in a final state whose log has no terminal event gets the one its state implies.
@@ -43,6 +44,9 @@ from service.store.interface import Store
 log = logging.getLogger(__name__)
 
 INTERRUPTED_REASON = "the server stopped while this job was running; its head was not saved"
+NEVER_STARTED_REASON = (
+    "the server stopped while this job was queued; it never started (submit it again)"
+)
 
 
 def recover_jobs(store: Store) -> None:
@@ -93,9 +97,14 @@ def _adopt(store: Store, job: JobRecord, head: HeadRecord) -> None:
 
 
 def _fail_interrupted(store: Store, job: JobRecord) -> None:
-    payload = JobFailed(INTERRUPTED_REASON, "ABORTED")
+    queued = job.state is JobState.QUEUED
+    payload = JobFailed(NEVER_STARTED_REASON if queued else INTERRUPTED_REASON, "ABORTED")
     _finish(store, job, JobState.FAILED, payload, _last_sequence(store, job))
-    log.warning("job %s was interrupted by a restart; marked failed", job.job_id)
+    log.warning(
+        "job %s was %s when the server stopped; marked failed",
+        job.job_id,
+        "queued" if queued else "running",
+    )
 
 
 def _end_event_log(store: Store, job: JobRecord) -> None:
