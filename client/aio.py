@@ -246,6 +246,17 @@ class AsyncTransferClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
+        try:
+            await self._stub.DeleteDataset(
+                pb.DeleteDatasetRequest(dataset_id=dataset_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
     # --- inference -----------------------------------------------------------------------
 
     async def predict(

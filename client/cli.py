@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -130,6 +131,11 @@ def _finetune(client: TransferClient, args: argparse.Namespace) -> int:
         return _detached(progress)
     finally:
         progress.finish()
+        if dataset_id:
+            # The job took its own copy when it was queued; the upload would only hold the
+            # tenant's dataset quota from now on.
+            with contextlib.suppress(TransferError):
+                client.delete_dataset(dataset_id)
     _print_completed(completed, args)
     return 0
 
@@ -316,6 +322,13 @@ def _delete_head(client: TransferClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete_dataset(client: TransferClient, args: argparse.Namespace) -> int:
+    client.delete_dataset(args.dataset_id)
+    if not args.json:
+        print(f"deleted {args.dataset_id}")
+    return 0
+
+
 # --- arguments ---------------------------------------------------------------------------
 
 
@@ -387,6 +400,9 @@ def _parser() -> argparse.ArgumentParser:
     add("head", _head, "show a trained head").add_argument("head_id", metavar="HEAD_ID")
     add("delete-head", _delete_head, "delete a trained head").add_argument(
         "head_id", metavar="HEAD_ID"
+    )
+    add("delete-dataset", _delete_dataset, "delete an uploaded dataset (frees quota)").add_argument(
+        "dataset_id", metavar="DATASET_ID"
     )
     return parser
 

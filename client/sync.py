@@ -241,6 +241,17 @@ class TransferClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
+        try:
+            self._stub.DeleteDataset(
+                pb.DeleteDatasetRequest(dataset_id=dataset_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
     # --- inference -----------------------------------------------------------------------
 
     def predict(

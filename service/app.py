@@ -7,7 +7,8 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import torch
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from service.backbones.cache import BackboneCache
 from service.backbones.catalog import PreprocessingOptions, default_catalog
-from service.errors import ConfigurationError
+from service.errors import ConfigurationError, ResourceExhaustedError
 from service.heads import HeadCache
 from service.inference import Predictor, PredictTimings
 from service.metrics import Metrics
@@ -62,6 +63,7 @@ class Application:
     port: int
     metrics_port: int | None
     pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute)
+    retention: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
     def compute_pool(self) -> ThreadPoolExecutor:
@@ -72,6 +74,8 @@ class Application:
         """Listens at once (health NOT_SERVING), loads and warms start-up backbones, then
         reports SERVING."""
         self.jobs.start()
+        if self.settings.job_retention_seconds > 0:
+            self.retention = asyncio.create_task(self._apply_job_retention())
         await self.health.set_serving(False)
         await self.server.start()
         loop = asyncio.get_running_loop()
@@ -79,6 +83,27 @@ class Application:
             backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
             await self.predictor.warm_up(backbone)
         await self.health.set_serving(True)
+
+    async def _apply_job_retention(self) -> None:
+        """Deletes finished jobs (and their events) older than TRANSFER_JOB_RETENTION_SECONDS:
+        now, then hourly or every retention period if that is shorter. Without it the job
+        table only grew (200,000 jobs made a listing take seconds). In the blocking pool: a
+        large sweep must not hold up the loop."""
+        retention = self.settings.job_retention_seconds
+        interval = min(max(retention, 1.0), 3600.0)
+        loop = asyncio.get_running_loop()
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(seconds=retention)
+            try:
+                deleted = await loop.run_in_executor(
+                    self.pools[0], self.store.delete_finished_jobs, cutoff
+                )
+            except Exception:
+                log.exception("job retention sweep failed; trying again in %.0f s", interval)
+            else:
+                if deleted:
+                    log.info("job retention: deleted %d jobs finished before %s", deleted, cutoff)
+            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         """New calls are refused UNAVAILABLE and health goes NOT_SERVING; for the drain
@@ -105,6 +130,8 @@ class Application:
         except TimeoutError:
             log.warning("training jobs did not stop within the grace period")
         await self.predictor.close()
+        if self.retention is not None:
+            self.retention.cancel()
         for pool in self.pools:
             pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
@@ -121,7 +148,7 @@ def build_application(settings: Settings) -> Application:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     device = choose_device(settings.device)
-    store = LocalStore(settings.store_dir)
+    store = LocalStore(settings.store_dir, recreate_database=settings.recreate_database)
     backbones = BackboneCache(
         default_catalog(),
         weights_dir=settings.weights_dir,
@@ -211,7 +238,10 @@ def build_application(settings: Settings) -> Application:
         predictor=predictor,
         blocking_pool=blocking_pool,
         max_dataset_examples=settings.max_dataset_examples,
+        max_classes=settings.max_classes,
+        feature_cache_bytes=settings.feature_cache_bytes,
         max_image_pixels=settings.max_image_pixels,
+        max_dataset_bytes_per_tenant=settings.max_dataset_bytes_per_tenant,
         on_predicted=lambda backbone, seconds: metrics.predict_duration.labels(
             backbone=backbone
         ).observe(seconds),
@@ -307,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except ConfigurationError as exc:
+    except (ConfigurationError, ResourceExhaustedError) as exc:
+        # A store refused at start (full or read-only disk, damaged or missing database) is
+        # the operator's to fix: one line saying what, no traceback, and status 2 as for any
+        # unusable setting. (Raised later, ResourceExhaustedError only fails the call.)
         log.critical("cannot start: %s", exc)
         return 2
     return 0

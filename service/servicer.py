@@ -158,17 +158,24 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
         return convert.dataset_info(await self._ops.upload_dataset(current_tenant(), chunks()))
 
     @unary
+    async def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: Context
+    ) -> pb.DeleteDatasetResponse:
+        await self._ops.delete_dataset(current_tenant(), request.dataset_id)
+        return pb.DeleteDatasetResponse()
+
+    @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        return convert.job(self._ops.get_job(current_tenant(), request.job_id))
+        return convert.job(await self._ops.get_job(current_tenant(), request.job_id))
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        jobs = self._ops.list_jobs(current_tenant())
+        jobs = await self._ops.list_jobs(current_tenant())
         return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
-        return convert.job(self._ops.cancel_job(current_tenant(), request.job_id))
+        return convert.job(await self._ops.cancel_job(current_tenant(), request.job_id))
 
     @unary
     async def ListHeads(

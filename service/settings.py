@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     store_dir: Path = Field(
         Path("var/store"), description="Directory of the durable store (heads, jobs, datasets)."
     )
+    recreate_database: bool = Field(
+        False,
+        description="Start with an empty database when store.sqlite3 is missing or empty while "
+        "heads are stored (the server refuses to start otherwise: their jobs and datasets "
+        "would be gone without a word). The heads stay usable.",
+    )
+    job_retention_seconds: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="Finished jobs and their events are deleted this long after they finished "
+        "(checked at start, then hourly or every retention period if shorter); 0 keeps them "
+        "forever. Queued and running jobs, and heads, are never deleted.",
+    )
     device: str = Field(
         "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
     )
@@ -81,6 +94,18 @@ class Settings(BaseSettings):
     )
     max_dataset_examples: int = Field(
         100_000, gt=0, description="Most examples in one dataset or FineTune request."
+    )
+    max_classes: int = Field(
+        1000,
+        ge=2,
+        description="Most classes (distinct labels) one head may have; a FineTune naming more "
+        "is RESOURCE_EXHAUSTED before it queues.",
+    )
+    max_dataset_bytes_per_tenant: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="Most bytes (images, texts, labels) one tenant's uploaded datasets may "
+        "hold; an upload past it is RESOURCE_EXHAUSTED and removed. DeleteDataset frees space.",
     )
     max_predict_inputs: int = Field(512, gt=0, description="Most inputs in one Predict call.")
     batch_max_size: int = Field(
