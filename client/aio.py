@@ -192,13 +192,22 @@ class AsyncTransferClient:
         return convert.job_from_pb(response)
 
     async def list_jobs(self) -> list[Job]:
-        try:
-            response = await self._stub.ListJobs(
-                pb.ListJobsRequest(), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.job_from_pb(job) for job in response.jobs]
+        """Every job of the caller, oldest first (read a page of up to 1000 at a time)."""
+        jobs: list[Job] = []
+        page_token = ""
+        while True:
+            try:
+                response = await self._stub.ListJobs(
+                    pb.ListJobsRequest(page_token=page_token),
+                    timeout=self._timeout,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from err
+            jobs.extend(convert.job_from_pb(job) for job in response.jobs)
+            if not response.next_page_token:
+                return jobs
+            page_token = response.next_page_token
 
     async def cancel_job(self, job_id: str) -> Job:
         try:

@@ -7,11 +7,14 @@ exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across t
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from service.backbones.cache import BackboneCache, BackboneStatus
@@ -51,6 +54,9 @@ from service.training.validation import (
 
 T = TypeVar("T")
 AUTO_BACKBONE = "auto"
+# ListJobs pages: a tenant can hold hundreds of thousands of jobs, and answering them in one
+# message cost seconds of the event loop (converting 200,000 jobs to protobuf took 2.7 s).
+MAX_JOBS_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,9 +318,21 @@ class TransferOperations:
         _check_owner(record.tenant, tenant, f"job_id: no job {job_id!r}")
         return record
 
-    async def list_jobs(self, tenant: str) -> list[JobRecord]:
-        jobs: list[JobRecord] = await self._blocking(self._store.list_jobs, tenant)
-        return jobs
+    async def list_jobs(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[JobRecord], str]:
+        """One page of the tenant's jobs, oldest first, and the token of the next page ("" on
+        the last). `page_size` 0 or over MAX_JOBS_PAGE reads as MAX_JOBS_PAGE."""
+        size = min(page_size, MAX_JOBS_PAGE) if page_size > 0 else MAX_JOBS_PAGE
+        after = _read_page_token(page_token) if page_token else None
+        # One more than the page: whether another page follows, without a count query.
+        jobs: list[JobRecord] = await self._blocking(
+            functools.partial(self._store.list_jobs, tenant, after=after, limit=size + 1)
+        )
+        if len(jobs) <= size:
+            return jobs, ""
+        jobs = jobs[:size]
+        return jobs, _page_token(jobs[-1])
 
     async def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
         record = await self.get_job(tenant, job_id)
@@ -360,6 +378,22 @@ class TransferOperations:
             await self._blocking(self._store.delete_head, head_id)
         finally:
             self._heads.discard(head_id)
+
+
+def _page_token(last: JobRecord) -> str:
+    """Opaque to callers: the last job's created time and id, where the next page starts."""
+    text = f"{last.created_time.isoformat()}|{last.job_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _read_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.fromisoformat(created), check_id("page_token", job_id)
+    except (ValueError, UnicodeError, InvalidArgumentError):
+        raise InvalidArgumentError(
+            "page_token: not a token from ListJobs (send the last next_page_token as it came)"
+        ) from None
 
 
 def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:

@@ -170,8 +170,10 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        jobs = await self._ops.list_jobs(current_tenant())
-        return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
+        jobs, next_page = await self._ops.list_jobs(
+            current_tenant(), request.page_size, request.page_token
+        )
+        return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=next_page)
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:

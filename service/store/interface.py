@@ -31,8 +31,15 @@ class JobStore(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord: ...
 
-    def list_jobs(self, tenant: str | None = None) -> list[JobRecord]:
-        """Oldest first; only `tenant`'s when given."""
+    def list_jobs(
+        self,
+        tenant: str | None = None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[JobRecord]:
+        """Oldest first, ties by id; only `tenant`'s when given; with `after` (created time,
+        job id) only the jobs past that one, at most `limit`."""
 
     def delete_finished_jobs(self, finished_before: datetime) -> int:
         """Retention: deletes jobs that finished before `finished_before` and their events

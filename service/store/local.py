@@ -441,19 +441,34 @@ class LocalStore:
             raise NotFoundError(f"job_id: no job {job_id!r}")
         return _job_from_row(row)
 
-    def list_jobs(self, tenant: str | None = None) -> list[JobRecord]:
-        """Every job, oldest first; only `tenant`'s when given (read through an index, so
-        one tenant's listing does not scan everyone's jobs)."""
+    def list_jobs(
+        self,
+        tenant: str | None = None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[JobRecord]:
+        """Every job, oldest first (ties by id); only `tenant`'s when given, read through an
+        index so one tenant's listing does not scan everyone's jobs. `after` (a job's created
+        time and id) and `limit` read one page."""
+        where: list[str] = []
+        parameters: list[object] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            parameters.append(tenant)
+        if after is not None:
+            created = after[0].isoformat()  # as _write_job stored it
+            where.append("(created > ? OR (created = ? AND job_id > ?))")
+            parameters += [created, created, after[1]]
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created, job_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
         with self._lock:
-            if tenant is None:
-                rows = self._db.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created"
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? ORDER BY created",
-                    (tenant,),
-                ).fetchall()
+            rows = self._db.execute(sql, parameters).fetchall()
         return [_job_from_row(row) for row in rows]
 
     @disk_faults

@@ -349,6 +349,41 @@ def test_list_jobs_of_one_tenant_reads_through_an_index(tmp_path: Path) -> None:
     store.close()
 
 
+def test_list_jobs_reads_pages_in_order_across_equal_created_times(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    for number in range(7):  # pairs created at the same instant: the id breaks the tie
+        store.save_job(job(f"job-{number}", JobState.QUEUED, tenant="alice", age=-(number // 2)))
+    store.save_job(job("job-other", JobState.QUEUED, tenant="bob"))
+    pages: list[list[str]] = []
+    after = None
+    while True:
+        page = store.list_jobs("alice", after=after, limit=3)
+        pages.append([j.job_id for j in page])
+        if len(page) < 3:
+            break
+        after = (page[-1].created_time, page[-1].job_id)
+    assert pages == [["job-0", "job-1", "job-2"], ["job-3", "job-4", "job-5"], ["job-6"]]
+    store.close()
+
+
+def bulk_jobs(store: LocalStore, tenant: str, count: int) -> list[str]:
+    """`count` finished jobs of `tenant`, written in one transaction (one by one, each commit
+    waits for its fsync)."""
+    ids = [f"job-{tenant}-{number:06d}" for number in range(count)]
+    created = [(NOW + timedelta(microseconds=number)).isoformat() for number in range(count)]
+    with store._lock:
+        store._db.execute("BEGIN")
+        store._db.executemany(
+            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (job_id, "failed", "minilm_l6", "news", "", "x", when, when, 1, "", tenant)
+                for job_id, when in zip(ids, created, strict=True)
+            ],
+        )
+        store._db.execute("COMMIT")
+    return ids
+
+
 def test_migration_to_version_2_computes_the_size_of_existing_datasets(tmp_path: Path) -> None:
     write_version_0_store(tmp_path)  # one dataset: label "a", text "hello"
     store = LocalStore(tmp_path)
@@ -486,9 +521,9 @@ def test_job_calls_read_the_store_off_the_event_loop(
     for name in ("get_job", "list_jobs", "events_after"):
         original = getattr(store, name)
 
-        def spy(*args: Any, _original: Any = original) -> Any:
+        def spy(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
             threads.append(threading.current_thread())
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(store, name, spy)
     with grpc.insecure_channel(secured.address) as channel:
@@ -546,3 +581,29 @@ def test_an_upload_on_a_full_disk_is_resource_exhausted_not_internal(volume: Pat
             client.delete_dataset(info.dataset_id)
     finally:
         running.stop()
+
+
+def test_list_jobs_answers_a_page_at_a_time(secured: RunningServer) -> None:
+    """200,000 jobs in one answer took 2.7 s of the event loop to convert to protobuf alone."""
+    ids = bulk_jobs(secured.app.store, "bob", 2500)
+    metadata = (("authorization", f"Bearer {BOB}"),)
+    with grpc.insecure_channel(secured.address) as channel:
+        stub = pb_grpc.TransferServiceStub(channel)
+        first = stub.ListJobs(pb.ListJobsRequest(), metadata=metadata)
+        assert len(first.jobs) == 1000 and first.next_page_token
+        seen = [j.job_id for j in first.jobs]
+        token = first.next_page_token
+        while token:
+            page = stub.ListJobs(
+                pb.ListJobsRequest(page_size=700, page_token=token), metadata=metadata
+            )
+            assert len(page.jobs) <= 700
+            seen += [j.job_id for j in page.jobs]
+            token = page.next_page_token
+        assert seen == ids
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListJobs(pb.ListJobsRequest(page_token="not-a-token"), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (caught.value.details() or "")
+    with as_tenant(secured, BOB) as bob:
+        assert [j.job_id for j in bob.list_jobs()] == ids  # the SDK reads every page
