@@ -41,6 +41,10 @@ class JobStore(Protocol):
         """Oldest first, ties by id; only `tenant`'s when given; with `after` (created time,
         job id) only the jobs past that one, at most `limit`."""
 
+    def unsettled_jobs(self) -> list[JobRecord]:
+        """Jobs not finished, and finished ones whose event log does not end in a terminal
+        event: all that start-up recovery has to settle."""
+
     def delete_finished_jobs(self, finished_before: datetime) -> int:
         """Retention: deletes jobs that finished before `finished_before` and their events
         (never queued or running ones, never heads); returns how many."""

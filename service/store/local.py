@@ -97,6 +97,8 @@ CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant);
 _SCHEMA_VERSION = 2
 _DATABASE = "store.sqlite3"
 _FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
+# job_events.kind of the events that end a job's log (service.store.codec.event_kind).
+_TERMINAL_KINDS = ("completed", "failed", "cancelled")
 # Finished jobs deleted per transaction by the retention sweep: the store's lock is released
 # between batches, so a large sweep never holds up a training job's writes for long.
 _RETENTION_BATCH = 500
@@ -469,6 +471,23 @@ class LocalStore:
             parameters.append(limit)
         with self._lock:
             rows = self._db.execute(sql, parameters).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def unsettled_jobs(self) -> list[JobRecord]:
+        """What start-up recovery must look at, found by SQLite rather than by reading every
+        job's log (200,000 jobs took 3.4 s that way): jobs not finished, and finished jobs
+        whose newest event is not a terminal one at or past the row's last sequence."""
+        finished = ",".join("?" * len(_FINISHED_STATES))
+        terminal = ",".join("?" * len(_TERMINAL_KINDS))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE j.state NOT IN ({finished}) "
+                "OR NOT EXISTS (SELECT 1 FROM job_events AS e WHERE e.job_id = j.job_id "
+                "AND e.sequence = (SELECT MAX(sequence) FROM job_events WHERE job_id = j.job_id) "
+                f"AND e.sequence >= j.last_sequence AND e.kind IN ({terminal})) "
+                "ORDER BY created, job_id",
+                (*_FINISHED_STATES, *_TERMINAL_KINDS),
+            ).fetchall()
         return [_job_from_row(row) for row in rows]
 
     @disk_faults

@@ -51,7 +51,7 @@ NEVER_STARTED_REASON = (
 
 def recover_jobs(store: Store) -> None:
     """Settles every job a previous process left inconsistent (see the module docstring)."""
-    jobs = store.list_jobs()
+    jobs = store.unsettled_jobs()
     # Reading every head's metadata is only worth it when some job was cut off.
     unfinished = {job.job_id for job in jobs if not job.state.finished}
     heads = {
