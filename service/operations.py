@@ -159,7 +159,7 @@ class TransferOperations:
             [await self._blocking(self._backbones.unfreezable_blocks, c) for c in candidates]
         )
         resolved = resolve_config(call.config, modality, stages)
-        job = self._jobs.submit(
+        job = await self._jobs.submit(
             FineTuneSpec(
                 call.backbone,
                 name,
@@ -356,10 +356,17 @@ class TransferOperations:
         ]
 
     async def get_head(self, tenant: str, head_id: str) -> HeadRecord:
-        record: HeadRecord = await self._blocking(
-            self._store.get_head, check_id("head_id", head_id)
-        )
-        _check_owner(record.tenant, tenant, f"head_id: no head {head_id!r}")
+        """The head's record. A damaged head is FAILED_PRECONDITION to its owner (as in
+        delete_head) and NOT_FOUND to every other tenant, like any head of theirs."""
+        not_found = f"head_id: no head {head_id!r}"
+        try:
+            record: HeadRecord = await self._blocking(
+                self._store.get_head, check_id("head_id", head_id)
+            )
+        except UnreadableHeadError as exc:
+            _check_owner(exc.owner if exc.owner is not None else DEFAULT_TENANT, tenant, not_found)
+            raise
+        _check_owner(record.tenant, tenant, not_found)
         return record
 
     async def delete_head(self, tenant: str, head_id: str) -> None:

@@ -281,6 +281,7 @@ class LocalStore:
             raise InvalidArgumentError(f"head_id: {head_id!r} escapes the store")
         return path
 
+    @disk_faults
     def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
         """Writes the weights, head.json (with the weights' SHA-256) and the `tenant` file
         (the owner alone, so ownership stays readable if head.json is ever damaged) into a
@@ -387,6 +388,7 @@ class LocalStore:
         records.sort(key=lambda record: record.created_time)
         return records
 
+    @disk_faults
     def delete_head(self, head_id: str) -> None:
         """Works whatever state the head's files are in (the caller checks ownership)."""
         path = self._head_dir(head_id)

@@ -149,10 +149,12 @@ class JobManager:
 
     # ---- commands ----
 
-    def submit(self, spec: FineTuneSpec) -> JobRecord:
+    async def submit(self, spec: FineTuneSpec) -> JobRecord:
         """Queues a job for `spec.tenant`, who may have at most `max_jobs_per_tenant` queued or
-        running at once (RESOURCE_EXHAUSTED beyond). Runs on the event loop, so counting and
-        adding cannot interleave with another submit."""
+        running at once (RESOURCE_EXHAUSTED beyond). The slot is counted and taken on the
+        event loop, so two submits cannot both take the last one; the job's row and its
+        queued event are written off the loop (fsynced commits, which may wait behind a
+        dataset upload), and a failed write gives the slot back."""
         if not self._accepting:
             raise UnavailableError("the server is shutting down; no new jobs")
         if self.unfinished_count(spec.tenant) >= self._max_jobs_per_tenant:
@@ -174,6 +176,20 @@ class JobManager:
         # The first event names the job at once, before it waits for a slot: a caller whose
         # stream breaks meanwhile can still watch or cancel it.
         queued = JobEvent(record.job_id, 1, now, JobQueued(spec.backbone, spec.head_name))
+        live = _LiveJob(record, spec, events=[queued])
+        self._live[record.job_id] = live
+        try:
+            await asyncio.to_thread(self._store_queued, record, queued)
+        except BaseException:
+            del self._live[record.job_id]
+            raise
+        self._prune_finished()
+        self._hooks.on_state(JobState.QUEUED, None)
+        assert self._loop is not None, "JobManager.start() was not called"
+        self._loop.run_in_executor(self._executor, self._run_on_job_thread, live)
+        return replace(record)
+
+    def _store_queued(self, record: JobRecord, queued: JobEvent) -> None:
         self._store.save_job(record)
         try:
             self._store.append_event(queued)
@@ -181,13 +197,6 @@ class JobManager:
             with contextlib.suppress(Exception):  # the store is failing; recovery settles it
                 self._store.save_job(replace(record, state=JobState.FAILED, error="not stored"))
             raise
-        live = _LiveJob(record, spec, events=[queued])
-        self._live[record.job_id] = live
-        self._prune_finished()
-        self._hooks.on_state(JobState.QUEUED, None)
-        assert self._loop is not None, "JobManager.start() was not called"
-        self._loop.run_in_executor(self._executor, self._run_on_job_thread, live)
-        return replace(record)
 
     def unfinished_count(self, tenant: str) -> int:
         """Jobs of `tenant` queued or running in this process."""

@@ -465,11 +465,27 @@ def delete_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCo
     return grpc.StatusCode.OK
 
 
+def get_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(server.address) as channel:
+        try:
+            pb_grpc.TransferServiceStub(channel).GetHead(
+                pb.GetHeadRequest(head_id=head_id),
+                metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
+                timeout=30,
+            )
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined, no-any-return]
+    return grpc.StatusCode.OK
+
+
 def test_only_the_owner_deletes_a_head_with_unreadable_metadata(
     secured: RunningServer, stored_head: tuple[HeadRecord, dict[str, torch.Tensor]]
 ) -> None:
     owned = copy_head(secured, stored_head, "owned-1", tenant="alice")
     (owned / "head.json").write_text("{")
+    # Damaged, it is FAILED_PRECONDITION to its owner and unknown to everyone else.
+    assert get_as(secured, "alice", "owned-1") is grpc.StatusCode.FAILED_PRECONDITION
+    assert get_as(secured, "bob", "owned-1") is grpc.StatusCode.NOT_FOUND
     assert delete_as(secured, "bob", "owned-1") is grpc.StatusCode.NOT_FOUND
     assert owned.exists()
     assert delete_as(secured, "alice", "owned-1") is grpc.StatusCode.OK

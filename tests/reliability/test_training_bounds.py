@@ -117,7 +117,7 @@ def test_a_finished_job_keeps_no_example_bytes(tmp_path: Path) -> None:
         )
         jobs.start()
         spec = FineTuneSpec("efficientnet_lite0", "h", image_examples(4), TrainingConfig())
-        job_id = jobs.submit(spec).job_id
+        job_id = (await jobs.submit(spec)).job_id
         async for _ in jobs.watch(job_id):
             pass
         assert jobs.get(job_id).state is JobState.SUCCEEDED
@@ -153,7 +153,7 @@ def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path
         )
         jobs.start()
         spec = FineTuneSpec("efficientnet_lite0", "h", image_examples(4), TrainingConfig())
-        job_id = jobs.submit(spec).job_id
+        job_id = (await jobs.submit(spec)).job_id
         last = ""
         async with asyncio.timeout(120):
             async for event in jobs.watch(job_id):
@@ -173,24 +173,29 @@ def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path
 
 
 class _FullAfterQueued:
-    """A store whose disk fills up right after a job's QUEUED row: every later job write
-    fails as the real store reports a full disk."""
+    """A store whose disk fills up right after a job's QUEUED row and queued event: every
+    later job write fails as the real store reports a full disk."""
 
     def __init__(self, store: LocalStore) -> None:
         self._store = store
-        self._saved = 0
+        self._writes = 0
 
     def _full(self, *args: object) -> None:
         raise ResourceExhaustedError("the store's disk is full (test)")
 
-    def save_job(self, job: object) -> None:
-        self._saved += 1
-        if self._saved > 1:
-            self._full()
-        self._store.save_job(job)  # type: ignore[arg-type]
+    def _first_two(self, write: str) -> object:
+        def write_or_fail(*args: object) -> None:
+            self._writes += 1
+            if self._writes > 2:
+                self._full()
+            getattr(self._store, write)(*args)
+
+        return write_or_fail
 
     def __getattr__(self, name: str) -> object:
-        if name in ("finish_job", "append_event", "append_progress", "save_head"):
+        if name in ("save_job", "append_event"):
+            return self._first_two(name)
+        if name in ("finish_job", "append_progress", "save_head"):
             return self._full
         return getattr(self._store, name)
 

@@ -72,7 +72,7 @@ def _run_two_jobs(
         job_ids = []
         for index in range(2):
             spec = FineTuneSpec("efficientnet_lite0", f"h{index}", examples, TrainingConfig())
-            job_id = jobs.submit(spec).job_id
+            job_id = (await jobs.submit(spec)).job_id
             async for _ in jobs.watch(job_id):
                 pass
             assert jobs.get(job_id).state is JobState.SUCCEEDED, jobs.get(job_id).error

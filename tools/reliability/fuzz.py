@@ -82,6 +82,7 @@ ORDER = (
     "ListJobs",
     "ListHeads",
     "GetHead",
+    "DeleteDataset",
     "DeleteHead",
 )
 BACKBONES = ("efficientnet_lite0", "minilm_l6", "resnet18", "efficientnet_lite2")
@@ -382,6 +383,9 @@ def request_strategies(pools: Pools) -> dict[str, st.SearchStrategy[Any]]:
             backbone=st.one_of(st.just(""), st.sampled_from(BACKBONES), _hostile_strings()),
         ),
         "GetHead": st.builds(pb.GetHeadRequest, head_id=heads),
+        "DeleteDataset": st.builds(
+            pb.DeleteDatasetRequest, dataset_id=_id(lambda: list(pools.datasets))
+        ),
         "DeleteHead": st.builds(pb.DeleteHeadRequest, head_id=_id(lambda: list(pools.heads))),
     }
 
@@ -529,6 +533,8 @@ class Fuzzer:
                 self.pools.datasets.append(response.dataset_id)
             elif method == "DeleteHead" and request.head_id in self.pools.heads:
                 self.pools.heads.remove(request.head_id)
+            elif method == "DeleteDataset" and request.dataset_id in self.pools.datasets:
+                self.pools.datasets.remove(request.dataset_id)
 
     def fuzz(
         self,
