@@ -171,7 +171,7 @@ def build_application(settings: Settings) -> Application:
         on_load=metrics.cache_load.labels(cache="head").observe,
         max_bytes=settings.head_cache_bytes,
     )
-    metrics.watch_caches(backbones.resident_bytes, lambda: len(heads))
+    metrics.watch_caches(backbones.resident_bytes, lambda: len(heads), heads.resident_bytes)
     if device.type == "cuda":
         metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))
     jobs = JobManager(

@@ -124,10 +124,14 @@ class Metrics:
         self,
         backbone_resident_bytes: Callable[[], Mapping[str, int]],
         head_entries: Callable[[], int],
+        head_resident_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
-        """Exports, read at each scrape: `transfer_backbone_resident_bytes{backbone}` and
-        `transfer_cache_entries{cache}` for the backbone and head caches."""
-        self.registry.register(_CacheResidency(backbone_resident_bytes, head_entries))
+        """Exports, read at each scrape: `transfer_backbone_resident_bytes{backbone}`,
+        `transfer_cache_entries{cache}` for the backbone and head caches and
+        `transfer_head_cache_resident_bytes` (against TRANSFER_HEAD_CACHE_BYTES)."""
+        self.registry.register(
+            _CacheResidency(backbone_resident_bytes, head_entries, head_resident_bytes)
+        )
 
     def watch_device_memory(self, allocated_bytes: Callable[[], int]) -> None:
         """Exports `transfer_device_memory_allocated_bytes`, read at each scrape (CUDA only:
@@ -149,9 +153,11 @@ class _CacheResidency(Collector):
         self,
         backbone_resident_bytes: Callable[[], Mapping[str, int]],
         head_entries: Callable[[], int],
+        head_resident_bytes: Callable[[], int],
     ) -> None:
         self._backbone_resident_bytes = backbone_resident_bytes
         self._head_entries = head_entries
+        self._head_resident_bytes = head_resident_bytes
 
     def collect(self) -> Iterator[Metric]:
         resident = self._backbone_resident_bytes()
@@ -169,3 +175,8 @@ class _CacheResidency(Collector):
         entries.add_metric(["backbone"], len(resident))
         entries.add_metric(["head"], self._head_entries())
         yield entries
+        yield GaugeMetricFamily(
+            "transfer_head_cache_resident_bytes",
+            "Bytes of the heads resident in the head cache (parameters and buffers).",
+            value=self._head_resident_bytes(),
+        )

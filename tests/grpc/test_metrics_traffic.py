@@ -86,6 +86,7 @@ def test_predict_traffic_moves_rpc_inference_and_cache_metrics(
     before = Scrape(cold_server)
     assert before.value("transfer_cache_entries", cache="backbone") == 0
     assert before.value("transfer_cache_entries", cache="head") == 0
+    assert before.value("transfer_head_cache_resident_bytes") == 0
 
     with TransferClient(cold_server.address, timeout=120) as client:
         assert len(client.predict(head_id, images)) == len(images)  # loads head and backbone
@@ -109,6 +110,8 @@ def test_predict_traffic_moves_rpc_inference_and_cache_metrics(
     backbone_load = cold.value("transfer_cache_load_seconds_sum", cache="backbone")
     assert cold.value("transfer_cache_load_seconds_sum", cache="head") >= backbone_load
     assert after.value("transfer_backbone_resident_bytes", backbone=BACKBONE) > 1_000_000
+    # The head's classifier (1280 x 3 weights, its biases) and its standardisation buffers.
+    assert after.value("transfer_head_cache_resident_bytes") >= (1280 * 3 + 3 + 2 * 1280) * 4
 
     assert moved("transfer_rpc_requests_total", method="Predict", code="OK") == 2
     assert moved("transfer_rpc_requests_total", method="Predict", code="NOT_FOUND") == 1
