@@ -367,6 +367,11 @@ def main() -> None:
     print()
     print(environment.markdown("cpu"))
     print()
+    print(
+        "(The servers run as child processes of their own, killed after each attack, so "
+        '"CPU used by other processes" above counts them too.)'
+    )
+    print()
     print(table(headers, [_row(outcome) for outcome in outcomes]))
     met = [
         o

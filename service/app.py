@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -228,7 +229,12 @@ def build_application(settings: Settings) -> Application:
             if pads_predict_batches(settings.predict_batch_padding, device)
             else ()
         ),
-        before_batch=cpu_share.fit_compute_thread if cpu_share.splits else lambda: None,
+        # On a CPU the compute thread sizes its team before each batch: for running jobs
+        # (when split) and for large requests' decoding threads, one at a time there.
+        before_batch=cpu_share.fit_compute_thread if device.type == "cpu" else lambda: None,
+        bulk_decodes=1 if device.type == "cpu" else max(1, default_intra_op_threads() // 2),
+        while_decoding=cpu_share.decoding if device.type == "cpu" else nullcontext,
+        slice_seconds=settings.predict_slice_ms / 1000.0,
     )
     operations = TransferOperations(
         store=store,

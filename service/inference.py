@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,19 +47,12 @@ log = logging.getLogger(__name__)
 HOLD_FRACTION = 0.1
 HOLD_CAP_FRACTION = 0.3
 OUT_OF_MEMORY = "inputs: out of accelerator memory for this request"
-# A request with more inputs than fit in this much compute (at the last batch's time per
-# input) is split into chunks that size, so no caller holds the compute thread for longer:
-# another tenant's request runs between two chunks (see _FairQueue).
-SLICE_SECONDS = 0.05
 # Chunks of large requests give way to small requests, but never for more than this many
 # batches in a row, so a steady stream of small requests cannot starve them.
 MAX_CHUNK_SKIPS = 2
 # A lone request's images are decoded on the compute thread only while they declare at most
 # this many pixels in all (a 12-megapixel photo decodes in the pool).
 LONE_DECODE_PIXELS = 4_000_000
-# A large request's inputs are decoded in the shared preprocessing pool at most this many at
-# a time, so another caller's decoding is queued behind two of them, not behind 512.
-DECODES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +106,6 @@ class _FairQueue:
 
     def has_chunks(self) -> bool:
         return bool(self._chunks)
-
-    def holds_only(self, chunk_of: int) -> bool:
-        """Whether every queued item is a chunk of that one request."""
-        return not self._whole and all(
-            item.chunk_of == chunk_of for queue in self._chunks.values() for item in queue
-        )
 
     def take(self, chunk_allowed: Callable[[_Pending], bool]) -> _Pending | None:
         """The next whole request by tenant rotation, else the next allowed chunk."""
@@ -174,10 +162,15 @@ class _BackboneBatcher:
         on_batch: Callable[[PredictTimings], None],
         padded_sizes: tuple[int, ...] = (),
         before_batch: Callable[[], None] = lambda: None,
+        slice_seconds: float = 0.05,
     ) -> None:
         """`padded_sizes`: the row counts every trunk and head pass is padded up to
         (service.predict_padding); empty: no padding. `before_batch` runs on the compute
-        thread before each batch (service.torch_threads.CpuShare.fit_compute_thread)."""
+        thread before each batch (service.torch_threads.CpuShare.fit_compute_thread). A
+        request with more inputs than fit in `slice_seconds` of compute (at the last batch's
+        time per input) is split into chunks that size, so no caller holds the compute thread
+        for longer: other callers' requests run between two chunks (see _FairQueue)."""
+        self._slice_seconds = slice_seconds
         self._before_batch = before_batch
         self._backbone = backbone
         self._padded_sizes = padded_sizes
@@ -188,7 +181,7 @@ class _BackboneBatcher:
         self._on_batch = on_batch
         self._queue = _FairQueue()
         self._chunk_skips = 0  # batches in a row formed without a waiting chunk
-        self._seconds_per_input = 0.0  # of the last batch; sizes chunks (SLICE_SECONDS)
+        self._seconds_per_input = 0.0  # of the last batch; sizes chunks (slice_inputs)
         # Requests admitted for this batcher and still being decoded/preprocessed.
         self._on_the_way = 0
         # Callers of the last batch, whose next requests may be on the wire: under
@@ -272,11 +265,12 @@ class _BackboneBatcher:
         self._queue.put(pending)
 
     def slice_inputs(self) -> int:
-        """Inputs that fill SLICE_SECONDS of compute at the last batch's time per input (the
-        batch size limit before any batch ran); at least 1."""
+        """Inputs that fill one compute slice at the last batch's time per input; 1 before
+        any batch ran (a large request's first chunk then measures it)."""
         if self._seconds_per_input <= 0:
-            return self._max_inputs
-        return max(1, min(self._max_inputs, int(SLICE_SECONDS / self._seconds_per_input)))
+            return 1
+        fitting = int(self._slice_seconds / self._seconds_per_input)
+        return max(1, min(self._max_inputs, fitting))
 
     async def close(self) -> None:
         self._worker.cancel()
@@ -312,12 +306,10 @@ class _BackboneBatcher:
         has_whole = first.chunk_of is None
 
         def chunk_allowed(item: _Pending) -> bool:
-            # A request alone (nothing else queued or on its way) batches as it would whole.
-            # Otherwise one chunk of a large request per batch, and none beside whole
-            # requests unless chunks have given way MAX_CHUNK_SKIPS batches in a row.
-            assert item.chunk_of is not None
-            if self._on_the_way <= 0 and self._queue.holds_only(item.chunk_of):
-                return True
+            # One chunk of a large request per batch, even alone: a caller arriving a moment
+            # later (on this backbone or another, which shares the compute thread) waits for
+            # one slice at most. None beside whole requests unless chunks have given way
+            # MAX_CHUNK_SKIPS batches in a row.
             return item.chunk_of not in chunked and (
                 not has_whole or self._chunk_skips >= MAX_CHUNK_SKIPS
             )
@@ -445,9 +437,18 @@ class Predictor:
         on_batch: Callable[[PredictTimings], None] | None = None,
         padded_sizes: tuple[int, ...] = (),
         before_batch: Callable[[], None] = lambda: None,
+        bulk_decodes: int = 1,
+        while_decoding: Callable[[], AbstractContextManager[None]] = nullcontext,
+        slice_seconds: float = 0.05,
     ) -> None:
-        """`padded_sizes`, `before_batch`: see `_BackboneBatcher`."""
+        """`padded_sizes`, `before_batch`: see `_BackboneBatcher`. Large requests decode at
+        most `bulk_decodes` inputs at a time in all (see _predict_in_chunks), each inside
+        `while_decoding()` (service.torch_threads.CpuShare.decoding: on a CPU the compute
+        thread then leaves that core to the decoding thread)."""
         self._before_batch = before_batch
+        self._bulk_decode_gate = asyncio.Semaphore(bulk_decodes)
+        self._slice_seconds = slice_seconds
+        self._while_decoding = while_decoding
         self._max_batch_input_bytes = max_batch_input_bytes
         self._padded_sizes = padded_sizes
         self._backbones = backbones
@@ -504,7 +505,7 @@ class Predictor:
         slice_inputs = expecting.slice_inputs()
         if len(inputs) > slice_inputs:
             return await self._predict_in_chunks(
-                backbone, head, preprocessor, inputs, slice_inputs, top_k, return_embedding
+                backbone, head, preprocessor, inputs, top_k, return_embedding
             )
         expecting.expect()
         if expecting.alone() and _decodes_on_compute_thread(inputs, modality, backbone.device):
@@ -529,21 +530,25 @@ class Predictor:
         head: LoadedHead,
         preprocessor: Preprocessor,
         inputs: Sequence[ModelInput],
-        chunk_size: int,
         top_k: int,
         return_embedding: bool,
     ) -> list[PredictionResult]:
         """A request larger than one compute slice: decoded chunk by chunk in the pool (at
-        most DECODES_IN_FLIGHT inputs at a time), each chunk queued for the batcher as soon
-        as it is ready, so decoding overlaps compute and other callers' work runs between
-        chunks. A caller that goes away (deadline, cancel) stops the decoding and drops its
-        queued chunks."""
+        most `bulk_decodes` inputs at a time, across all large requests), each chunk queued
+        for the batcher as soon as it is ready, so decoding overlaps compute and other
+        callers' work runs between chunks. Each chunk is one slice at the batcher's latest
+        time per input. A caller that goes away (deadline, cancel) stops the decoding and
+        drops its queued chunks."""
         loop = asyncio.get_running_loop()
         request_key = id(object())
         futures: list[asyncio.Future[list[PredictionResult]]] = []
         try:
-            for start in range(0, len(inputs), chunk_size):
+            start = 0
+            while start < len(inputs):
+                batcher = self._batcher(backbone, head.record.input_size)
+                chunk_size = batcher.slice_inputs()
                 examples = await self._prepare_bounded(preprocessor, inputs, start, chunk_size)
+                start += chunk_size
                 batcher = self._batcher(backbone, head.record.input_size)
                 input_bytes = batcher.checked_input_bytes(examples)
                 future: asyncio.Future[list[PredictionResult]] = loop.create_future()
@@ -570,16 +575,17 @@ class Predictor:
     async def _prepare_bounded(
         self, preprocessor: Preprocessor, inputs: Sequence[ModelInput], start: int, count: int
     ) -> list[Any]:
-        """inputs[start : start + count] decoded and preprocessed in the pool, at most
-        DECODES_IN_FLIGHT at a time; the first failing input by position is reported."""
+        """inputs[start : start + count] decoded and preprocessed in the pool, behind the
+        bulk-decode gate; the first failing input by position is reported."""
         loop = asyncio.get_running_loop()
-        gate = asyncio.Semaphore(DECODES_IN_FLIGHT)
+
+        def decode(position: int) -> list[Any]:
+            with self._while_decoding():
+                return _prepare(preprocessor, [inputs[position]], position)
 
         async def one(position: int) -> list[Any]:
-            async with gate:
-                return await loop.run_in_executor(
-                    self._preprocess_pool, _prepare, preprocessor, [inputs[position]], position
-                )
+            async with self._bulk_decode_gate:
+                return await loop.run_in_executor(self._preprocess_pool, decode, position)
 
         tasks = [
             asyncio.ensure_future(one(position))
@@ -645,6 +651,7 @@ class Predictor:
                 self._on_batch,
                 self._padded_sizes,
                 self._before_batch,
+                self._slice_seconds,
             )
             self._batchers[key] = batcher
         return batcher

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
         "where each new batch size costs cuDNN plan building, off on a CPU, where padding "
         "costs full compute.",
     )
+    predict_slice_ms: float = Field(
+        50.0,
+        gt=0,
+        description="A Predict with more inputs than fit in this much compute (at the last "
+        "batch's time per input) runs in chunks that size, one per batch while others wait, "
+        "so no caller holds the compute thread longer; larger: faster large requests, slower "
+        "small ones beside them.",
+    )
     batch_max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -130,6 +130,7 @@ def test_padded_batches_answer_as_unpadded_and_count_their_copies(tmp_path: Path
             tmp_path,
             predict_batch_padding="on",
             batch_max_size=8,
+            predict_slice_ms=60_000,  # the 3-image call runs whole, as one batch
             preload_backbones=["efficientnet_lite0"],
         )
     )
