@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 HOLD_FRACTION = 0.1
 HOLD_CAP_FRACTION = 0.3
 OUT_OF_MEMORY = "inputs: out of accelerator memory for this request"
+# A request runs whole up to this many compute slices (its batch then holds the compute thread
+# for at most that long), in slice-sized chunks past it: chunking a 4-input request at a
+# 2-input slice cost text Predict throughput at one caller 0.93 -> 0.79 of the raw loop.
+WHOLE_REQUEST_SLICES = 2
 # Chunks of large requests give way to small requests, but never for more than this many
 # batches in a row, so a steady stream of small requests cannot starve them.
 MAX_CHUNK_SKIPS = 2
@@ -502,8 +506,7 @@ class Predictor:
         if preprocessor.input_size != head.record.input_size:
             preprocessor = preprocessor.resized(head.record.input_size)
         expecting = self._batcher(backbone, head.record.input_size)
-        slice_inputs = expecting.slice_inputs()
-        if len(inputs) > slice_inputs:
+        if len(inputs) > WHOLE_REQUEST_SLICES * expecting.slice_inputs():
             return await self._predict_in_chunks(
                 backbone, head, preprocessor, inputs, top_k, return_embedding
             )
