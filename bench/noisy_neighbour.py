@@ -102,10 +102,7 @@ Attack = Callable[[pb_grpc.TransferServiceStub, Heads, float], str]
 
 def attack_eps(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
     request = pb.PredictRequest(head_id=heads.attacker_image, inputs=[pb.Input(image=EPS)])
-    return _repeat(
-        lambda timeout: stub.Predict(request, timeout=timeout, metadata=_auth(ATTACKER_TOKEN)),
-        seconds,
-    )
+    return _predicts(stub, request, seconds)
 
 
 def attack_large_images(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
@@ -114,10 +111,7 @@ def attack_large_images(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds
     request = pb.PredictRequest(
         head_id=heads.attacker_image, inputs=[pb.Input(image=image) for _ in range(512)]
     )
-    return _repeat(
-        lambda timeout: stub.Predict(request, timeout=timeout, metadata=_auth(ATTACKER_TOKEN)),
-        seconds,
-    )
+    return _predicts(stub, request, seconds)
 
 
 def attack_long_texts(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
@@ -127,10 +121,7 @@ def attack_long_texts(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: 
     request = pb.PredictRequest(
         head_id=heads.attacker_text, inputs=[pb.Input(text=text) for _ in range(512)]
     )
-    return _repeat(
-        lambda timeout: stub.Predict(request, timeout=timeout, metadata=_auth(ATTACKER_TOKEN)),
-        seconds,
-    )
+    return _predicts(stub, request, seconds)
 
 
 def attack_many_tiny_images(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
@@ -172,6 +163,14 @@ def _fine_tune(
             return f"still running at {seconds:.0f} s; cancel: {error.code().name}"
         return f"still running at {seconds:.0f} s; cancelled"
     return f"still running at {seconds:.0f} s"
+
+
+def _predicts(stub: pb_grpc.TransferServiceStub, request: pb.PredictRequest, seconds: float) -> str:
+    """The attacker's Predict, again and again for `seconds`."""
+    return _repeat(
+        lambda timeout: stub.Predict(request, timeout=timeout, metadata=_auth(ATTACKER_TOKEN)),
+        seconds,
+    )
 
 
 def _repeat(call: Callable[[float], object], seconds: float) -> str:

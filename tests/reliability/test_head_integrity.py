@@ -452,30 +452,25 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]
     running.stop()
 
 
-def delete_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCode:
+def call_as(server: RunningServer, tenant: str, method: str, request: object) -> grpc.StatusCode:
+    """The status of one call as `tenant`."""
     with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TransferServiceStub(channel)
         try:
-            pb_grpc.TransferServiceStub(channel).DeleteHead(
-                pb.DeleteHeadRequest(head_id=head_id),
-                metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
-                timeout=30,
+            getattr(stub, method)(
+                request, metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),), timeout=30
             )
         except grpc.RpcError as error:
             return error.code()  # type: ignore[attr-defined, no-any-return]
     return grpc.StatusCode.OK
+
+
+def delete_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCode:
+    return call_as(server, tenant, "DeleteHead", pb.DeleteHeadRequest(head_id=head_id))
 
 
 def get_as(server: RunningServer, tenant: str, head_id: str) -> grpc.StatusCode:
-    with grpc.insecure_channel(server.address) as channel:
-        try:
-            pb_grpc.TransferServiceStub(channel).GetHead(
-                pb.GetHeadRequest(head_id=head_id),
-                metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
-                timeout=30,
-            )
-        except grpc.RpcError as error:
-            return error.code()  # type: ignore[attr-defined, no-any-return]
-    return grpc.StatusCode.OK
+    return call_as(server, tenant, "GetHead", pb.GetHeadRequest(head_id=head_id))
 
 
 def test_only_the_owner_deletes_a_head_with_unreadable_metadata(

@@ -17,6 +17,7 @@ import torch
 
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from service.backbones.cache import BackboneCache
 from service.domain import (
     MAX_LABEL_CHARS,
     FineTuneSpec,
@@ -97,6 +98,20 @@ def test_a_job_over_the_feature_budget_is_refused_before_extracting() -> None:
         run_trainer(TrainingConfig(epochs=1, trainable_blocks=1), examples, budget=1000)
 
 
+def job_manager(store: LocalStore, backbones: BackboneCache, heads: HeadCache) -> JobManager:
+    """One job at a time on a long-lived thread (one torch thread), features never short."""
+    return JobManager(
+        store,
+        backbones,
+        heads,
+        max_concurrent_jobs=1,
+        max_jobs_per_tenant=1,
+        feature_cache_bytes=10**9,
+        intra_op_threads=1,
+        fresh_thread_per_job=False,
+    )
+
+
 def test_a_finished_job_keeps_no_example_bytes(tmp_path: Path) -> None:
     """Up to 256 finished jobs stay live for their streams: 12 FineTunes of 35 MB each kept
     every byte of their examples (RSS 916 -> 1,617 MB)."""
@@ -105,16 +120,7 @@ def test_a_finished_job_keeps_no_example_bytes(tmp_path: Path) -> None:
     heads = HeadCache(backbones, store.get_head, store.load_head_weights, 4)
 
     async def run() -> JobManager:
-        jobs = JobManager(
-            store,
-            backbones,
-            heads,
-            max_concurrent_jobs=1,
-            max_jobs_per_tenant=4,
-            feature_cache_bytes=10**9,
-            intra_op_threads=1,
-            fresh_thread_per_job=False,
-        )
+        jobs = job_manager(store, backbones, heads)
         jobs.start()
         spec = FineTuneSpec("efficientnet_lite0", "h", image_examples(4), TrainingConfig())
         job_id = (await jobs.submit(spec)).job_id
@@ -141,16 +147,7 @@ def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path
     heads = HeadCache(backbones, store.get_head, store.load_head_weights, 4)
 
     async def run() -> tuple[JobState, int, str]:
-        jobs = JobManager(
-            _FullAfterQueued(store),  # type: ignore[arg-type]
-            backbones,
-            heads,
-            max_concurrent_jobs=1,
-            max_jobs_per_tenant=1,
-            feature_cache_bytes=10**9,
-            intra_op_threads=1,
-            fresh_thread_per_job=False,
-        )
+        jobs = job_manager(_FullAfterQueued(store), backbones, heads)  # type: ignore[arg-type]
         jobs.start()
         spec = FineTuneSpec("efficientnet_lite0", "h", image_examples(4), TrainingConfig())
         job_id = (await jobs.submit(spec)).job_id
