@@ -47,10 +47,14 @@ log = logging.getLogger(__name__)
 HOLD_FRACTION = 0.1
 HOLD_CAP_FRACTION = 0.3
 OUT_OF_MEMORY = "inputs: out of accelerator memory for this request"
-# A request runs whole up to this many compute slices (its batch then holds the compute thread
-# for at most that long), in slice-sized chunks past it: chunking a 4-input request at a
-# 2-input slice cost text Predict throughput at one caller 0.93 -> 0.79 of the raw loop.
+# A request runs whole up to this many compute slices, or WHOLE_REQUEST_INPUTS inputs if
+# more (its batch then holds the compute thread for at most that long), in slice-sized
+# chunks past it. Chunking a 4-input request at a 2-input slice cost text Predict throughput
+# at one caller 0.93 -> 0.79 of the raw loop; under a training job, whose CPU inflates the
+# time per input, 1-8-input requests chunked one input at a time cost the soak's Predict
+# throughput 16.9 -> 10.4 calls/s (tools/reliability/soak.py).
 WHOLE_REQUEST_SLICES = 2
+WHOLE_REQUEST_INPUTS = 8
 # Chunks of large requests give way to small requests, but never for more than this many
 # batches in a row, so a steady stream of small requests cannot starve them.
 MAX_CHUNK_SKIPS = 2
@@ -506,7 +510,8 @@ class Predictor:
         if preprocessor.input_size != head.record.input_size:
             preprocessor = preprocessor.resized(head.record.input_size)
         expecting = self._batcher(backbone, head.record.input_size)
-        if len(inputs) > WHOLE_REQUEST_SLICES * expecting.slice_inputs():
+        whole = max(WHOLE_REQUEST_INPUTS, WHOLE_REQUEST_SLICES * expecting.slice_inputs())
+        if len(inputs) > whole:
             return await self._predict_in_chunks(
                 backbone, head, preprocessor, inputs, top_k, return_embedding
             )
