@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -174,10 +175,10 @@ class _BackboneBatcher:
     ) -> None:
         """`padded_sizes`: the row counts every trunk and head pass is padded up to
         (service.predict_padding); empty: no padding. `before_batch` runs on the compute
-        thread before each batch (service.torch_threads.CpuShare.fit_compute_thread). A
-        request with more inputs than fit in `slice_seconds` of compute (at the last batch's
-        time per input) is split into chunks that size, so no caller holds the compute thread
-        for longer: other callers' requests run between two chunks (see _FairQueue)."""
+        thread before each batch (service.torch_threads.CpuShare.fit_compute_thread).
+        `slice_seconds`: the compute one chunk of a large request may take, at the last
+        batch's time per input (slice_inputs; the Predictor decides which requests are
+        chunked); other callers' requests run between two chunks (see _FairQueue)."""
         self._slice_seconds = slice_seconds
         self._before_batch = before_batch
         self._backbone = backbone
@@ -343,9 +344,8 @@ class _BackboneBatcher:
                 chunked.add(item.chunk_of)
             else:
                 has_whole = True
-        any_chunk = any(item.chunk_of is not None for item in batch)
-        if carried is not None and carried.chunk_of is not None:
-            any_chunk = True  # it starts the next batch
+        # A carried chunk starts the next batch: the chunks did not give way.
+        any_chunk = bool(chunked) or (carried is not None and carried.chunk_of is not None)
         gave_way = not any_chunk and self._queue.has_chunks()
         self._chunk_skips = self._chunk_skips + 1 if gave_way else 0
         # Callers gone (deadline passed, cancelled): their work is dropped, not computed.
@@ -455,6 +455,9 @@ class Predictor:
         thread then leaves that core to the decoding thread)."""
         self._before_batch = before_batch
         self._bulk_decode_gate = asyncio.Semaphore(bulk_decodes)
+        # Keys the chunks of one large request apart from another's (a counter: the id of a
+        # freed object is soon another object's).
+        self._request_keys = itertools.count()
         self._slice_seconds = slice_seconds
         self._while_decoding = while_decoding
         self._max_batch_input_bytes = max_batch_input_bytes
@@ -541,14 +544,14 @@ class Predictor:
         top_k: int,
         return_embedding: bool,
     ) -> list[PredictionResult]:
-        """A request larger than one compute slice: decoded chunk by chunk in the pool (at
-        most `bulk_decodes` inputs at a time, across all large requests), each chunk queued
-        for the batcher as soon as it is ready, so decoding overlaps compute and other
-        callers' work runs between chunks. Each chunk is one slice at the batcher's latest
-        time per input. A caller that goes away (deadline, cancel) stops the decoding and
-        drops its queued chunks."""
+        """A request too large to run whole (see WHOLE_REQUEST_SLICES): decoded chunk by
+        chunk in the pool (at most `bulk_decodes` inputs at a time, across all large
+        requests), each chunk queued for the batcher as soon as it is ready, so decoding
+        overlaps compute and other callers' work runs between chunks. Each chunk is one
+        slice at the batcher's latest time per input. A caller that goes away (deadline,
+        cancel) stops the decoding and drops its queued chunks."""
         loop = asyncio.get_running_loop()
-        request_key = id(object())
+        request_key = next(self._request_keys)
         futures: list[asyncio.Future[list[PredictionResult]]] = []
         try:
             start = 0

@@ -127,10 +127,10 @@ class Settings(BaseSettings):
     predict_slice_ms: float = Field(
         50.0,
         gt=0,
-        description="A Predict with more inputs than fit in this much compute (at the last "
-        "batch's time per input) runs in chunks that size, one per batch while others wait, "
-        "so no caller holds the compute thread longer; larger: faster large requests, slower "
-        "small ones beside them.",
+        description="A Predict of more than 8 inputs and more than two slices of compute (at "
+        "the last batch's time per input) runs in one-slice chunks, one per batch, so no caller "
+        "holds the compute thread much longer; larger: faster large requests, slower small "
+        "ones beside them.",
     )
     batch_max_wait_ms: float = Field(
         2.0,
