@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import time
@@ -142,7 +143,7 @@ class TransferOperations:
             candidates = [call.backbone]
         name = check_head_name(call.head_name, call.backbone)
         check_examples(examples, modality, self._max_examples, field, self._max_classes)
-        feature_dim = max(self._backbones.spec(name).feature_dim for name in candidates)
+        feature_dim = max(self._backbones.spec(c).feature_dim for c in candidates)
         check_pooled_features_fit(
             len(examples) + len(validation), feature_dim, self._feature_cache_bytes, field
         )
@@ -199,7 +200,7 @@ class TransferOperations:
         # was wasted work, and its duration told whether the id existed).
         info: DatasetInfo = await self._blocking(self._store.dataset_info, dataset_id)
         _check_owner(info.tenant, tenant, f"{dataset_field}: no dataset {dataset_id!r}")
-        _, loaded = await self._blocking(self._store.load_dataset, dataset_id)
+        loaded: list[LabeledExample] = await self._blocking(self._store.dataset_examples, info)
         return loaded, f"dataset {dataset_id}"
 
     def _candidates(
@@ -373,11 +374,10 @@ class TransferOperations:
         """Deletes a head, damaged or not. A head whose metadata cannot be read is deleted by
         its owner as the store still knows it (UnreadableHeadError.owner), or, where even
         that is unknown, by DEFAULT_TENANT: never by just any tenant."""
-        try:
+        # get_head answers NOT_FOUND to everyone but the owner, damaged head or not; an
+        # UnreadableHeadError that comes through is the owner's, who may delete it.
+        with contextlib.suppress(UnreadableHeadError):
             await self.get_head(tenant, head_id)
-        except UnreadableHeadError as exc:
-            owner = exc.owner if exc.owner is not None else DEFAULT_TENANT
-            _check_owner(owner, tenant, f"head_id: no head {head_id!r}")
         # Out of the cache before the files go (no more hits meanwhile) and again after: the
         # second discard also stops a Predict that was loading it from caching it.
         self._heads.discard(head_id)

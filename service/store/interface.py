@@ -78,7 +78,9 @@ class DatasetStore(Protocol):
     def dataset_info(self, dataset_id: str) -> DatasetInfo:
         """A complete dataset's description and tenant, without reading its examples."""
 
-    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]: ...
+    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
+        """The examples of the dataset `info` describes (read first, so its owner is checked
+        before any example is); NOT_FOUND if it was deleted since."""
 
     def dataset_bytes(self, tenant: str) -> int: ...
 

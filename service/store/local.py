@@ -611,8 +611,8 @@ class LocalStore:
                 raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
             self._db.execute("DELETE FROM dataset_examples WHERE dataset_id = ?", (dataset_id,))
 
-    def load_dataset(self, dataset_id: str) -> tuple[DatasetInfo, list[LabeledExample]]:
-        info = self.dataset_info(dataset_id)
+    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
+        dataset_id = info.dataset_id
         with self._lock:
             rows = self._db.execute(
                 "SELECT label, image, text FROM dataset_examples WHERE dataset_id = ? ORDER BY idx",
@@ -626,7 +626,7 @@ class LocalStore:
             )
             for label, image, text in rows
         ]
-        return info, examples
+        return examples
 
 
 class LocalDatasetWriter:
@@ -647,7 +647,6 @@ class LocalDatasetWriter:
         self.dataset_id = dataset_id
         self.tenant = tenant
         self._quota_bytes = quota_bytes
-        self._bytes = 0
         self._count = 0
         self._labels: Counter[str] = Counter()
         self._modality: Modality | None = None
@@ -697,7 +696,6 @@ class LocalDatasetWriter:
         for example in examples:
             self._labels[example.label] += 1
         self._count += len(rows)
-        self._bytes += size
 
     @disk_faults
     def commit(self) -> DatasetInfo:

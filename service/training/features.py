@@ -66,10 +66,10 @@ def extract(
     """`keep_states(position)` says which examples keep prefix states; of the rest,
     `keep_raw(position)` says which keep their encoded input (default: all of them), to be
     decoded and run through the trunk in each epoch. `pad_short_batch`:
-    pads_extraction_batches(backbone.device) unless given. With `budget_bytes`, what is
-    kept (pooled features, states, encoded inputs) is
-    counted as it grows, and past the budget the job stops with ResourceExhaustedError:
-    the up-front estimate (plan_feature_memory) saw one example, a text's length varies."""
+    pads_extraction_batches(backbone.device) unless given. With `budget_bytes`, what is kept
+    (pooled features, states, encoded inputs) is counted as it grows, and past the budget the
+    job stops with ResourceExhaustedError: the up-front estimate (plan_feature_memory) saw one
+    example, and a text's length varies."""
     batch_size = extraction_batch_size(backbone.device)
     if pad_short_batch is None:
         pad_short_batch = pads_extraction_batches(backbone.device)
@@ -126,13 +126,18 @@ def extract(
 def check_pooled_features_fit(count: int, feature_dim: int, budget_bytes: int, field: str) -> None:
     """Refuses up front (ResourceExhaustedError), before a job queues, a dataset whose pooled
     features alone (float32, the least any job keeps) are over the feature cache budget."""
-    needed = count * feature_dim * 4
+    needed = pooled_bytes(count, feature_dim)
     if needed > budget_bytes:
         raise ResourceExhaustedError(
             f"{field}: {count} examples need {needed} bytes of pooled features, over the "
             f"feature cache budget of {budget_bytes} (TRANSFER_FEATURE_CACHE_BYTES); "
-            f"send at most {budget_bytes // (feature_dim * 4)} examples"
+            f"send at most {budget_bytes // pooled_bytes(1, feature_dim)} examples"
         )
+
+
+def pooled_bytes(count: int, feature_dim: int) -> int:
+    """What `count` examples' pooled features take: float32 [count, feature_dim]."""
+    return count * feature_dim * 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +175,7 @@ def plan_feature_memory(
         loaded = backbone.preprocessor.load(example.input, "examples[0]")
         state = backbone.run_prefix(backbone.stack([loaded]), 0, prefix_end)
         state_bytes = trunk.example_bytes(trunk.split(state)[0])
-    fixed = (train_count + validation_count) * trunk.feature_dim * 4 + (
+    fixed = pooled_bytes(train_count + validation_count, trunk.feature_dim) + (
         validation_count * state_bytes
     )
     if probe and not augment:

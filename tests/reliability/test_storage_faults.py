@@ -29,6 +29,7 @@ from client import TransferClient
 from client._proto.transfer.v1 import transfer_service_pb2 as pb
 from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from service.domain import (
+    DatasetInfo,
     JobEvent,
     JobFailed,
     JobRecord,
@@ -514,13 +515,13 @@ def test_fine_tune_checks_the_dataset_owner_before_reading_examples(
     with as_tenant(secured, ALICE) as alice:
         dataset = alice.upload_dataset(text_examples(6))
     loads: list[str] = []
-    original = secured.app.store.load_dataset
+    original = secured.app.store.dataset_examples
 
-    def counting(dataset_id: str) -> Any:
-        loads.append(dataset_id)
-        return original(dataset_id)
+    def counting(info: DatasetInfo) -> Any:
+        loads.append(info.dataset_id)
+        return original(info)
 
-    monkeypatch.setattr(secured.app.store, "load_dataset", counting)
+    monkeypatch.setattr(secured.app.store, "dataset_examples", counting)
     try:
         with as_tenant(secured, BOB) as bob, pytest.raises(ClientNotFoundError, match="no dataset"):
             bob.train("minilm_l6", None, dataset_id=dataset.dataset_id, head_name="stolen")

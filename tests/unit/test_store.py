@@ -87,7 +87,7 @@ def test_ids_cannot_escape_the_store(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgumentError, match="head_id"):
             store.get_head(bad)
     with pytest.raises(InvalidArgumentError):
-        store.load_dataset("../../etc")
+        store.dataset_info("../../etc")
 
 
 def test_a_planted_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
@@ -133,11 +133,12 @@ def test_dataset_visible_only_after_commit(tmp_path: Path) -> None:
     writer = store.begin_dataset("default")
     writer.add([LabeledExample(ModelInput(text="hello"), "a")])
     with pytest.raises(NotFoundError):
-        store.load_dataset(writer.dataset_id)
+        store.dataset_info(writer.dataset_id)
     writer.add([LabeledExample(ModelInput(text="bye"), "b")])
     info = writer.commit()
     assert info.example_count == 2 and dict(info.class_counts) == {"a": 1, "b": 1}
-    loaded_info, examples = store.load_dataset(writer.dataset_id)
+    loaded_info = store.dataset_info(writer.dataset_id)
+    examples = store.dataset_examples(loaded_info)
     assert loaded_info == info
     assert [e.input.text for e in examples] == ["hello", "bye"]
 
@@ -149,4 +150,4 @@ def test_an_interrupted_upload_is_dropped_on_restart(tmp_path: Path) -> None:
     store.close()  # the process dies before commit
     reopened = LocalStore(tmp_path)
     with pytest.raises(NotFoundError):
-        reopened.load_dataset(writer.dataset_id)
+        reopened.dataset_info(writer.dataset_id)

@@ -57,7 +57,8 @@ def test_a_version_0_database_is_migrated_once(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     old_job = store.get_job("job-old")
     assert old_job.tenant == DEFAULT_TENANT and old_job.head_id == "news-1234"
-    info, examples = store.load_dataset("ds-old")
+    info = store.dataset_info("ds-old")
+    examples = store.dataset_examples(info)
     assert info.tenant == DEFAULT_TENANT and examples[0].input.text == "hello"
     now = datetime.now(UTC)
     store.save_job(JobRecord("job-new", JobState.QUEUED, "minilm_l6", "x", now, now, tenant="bob"))
@@ -82,7 +83,7 @@ def test_tenants_round_trip(tmp_path: Path) -> None:
     writer.add([LabeledExample(ModelInput(text="hi"), "a")])
     info = writer.commit()
     assert info.tenant == "alice"
-    assert store.load_dataset(info.dataset_id)[0].tenant == "alice"
+    assert store.dataset_info(info.dataset_id).tenant == "alice"
     store.close()
 
 
