@@ -68,15 +68,22 @@ def test_a_chunk_waits_only_when_allowed() -> None:
     assert MAX_CHUNK_SKIPS >= 1
 
 
+def large_and_small(
+    head_id: str, distinct: int, seed: int
+) -> tuple[pb.PredictRequest, pb.PredictRequest]:
+    """A 512-image Predict (`distinct` test images over and over) and a one-image one."""
+    images = [image for image, _ in fashion_mnist(distinct, split="test", classes=4, seed=seed)]
+    large = pb.PredictRequest(
+        head_id=head_id, inputs=[pb.Input(image=images[i % len(images)]) for i in range(512)]
+    )
+    return large, pb.PredictRequest(head_id=head_id, inputs=[pb.Input(image=images[0])])
+
+
 def test_a_small_predict_is_not_stuck_behind_a_large_one(
     stub: pb_grpc.TransferServiceStub, image_head: str
 ) -> None:
     """The small request is answered while the large one is still running, not after it."""
-    images = [image for image, _ in fashion_mnist(64, split="test", classes=4, seed=81)]
-    large = pb.PredictRequest(
-        head_id=image_head, inputs=[pb.Input(image=images[i % len(images)]) for i in range(512)]
-    )
-    small = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=images[0])])
+    large, small = large_and_small(image_head, distinct=64, seed=81)
     stub.Predict(small, timeout=60)  # warm: the batcher knows its time per input
     large_done = threading.Event()
     large_started = threading.Event()
@@ -109,11 +116,7 @@ def test_a_large_predict_past_its_deadline_stops(
     stub: pb_grpc.TransferServiceStub, image_head: str
 ) -> None:
     """A caller that gives up frees the compute thread: its queued chunks are dropped."""
-    images = [image for image, _ in fashion_mnist(16, split="test", classes=4, seed=82)]
-    large = pb.PredictRequest(
-        head_id=image_head, inputs=[pb.Input(image=images[i % len(images)]) for i in range(512)]
-    )
-    small = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=images[0])])
+    large, small = large_and_small(image_head, distinct=16, seed=82)
     started = time.monotonic()
     stub.Predict(large, timeout=300)
     whole = time.monotonic() - started
