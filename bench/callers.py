@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bench.common import CLIENT_TIMEOUT_S, Call, Environment, run_callers
 
 if TYPE_CHECKING:
-    from client import AsyncTransferClient
+    from transfer_client import AsyncTransferClient
 
 
 Outcome = TypeVar("Outcome")
@@ -96,7 +96,7 @@ class CallerProcess:
 
 def _serve(conn: Connection, address: str) -> None:
     """The child: one event loop and one channel for its whole life."""
-    from client import AsyncTransferClient
+    from transfer_client import AsyncTransferClient
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

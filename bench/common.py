@@ -38,13 +38,14 @@ import torch
 # The service, client and test-data modules are imported where used, so that this module
 # (and bench.resnet50) imports without them.
 if TYPE_CHECKING:
-    from client import AsyncTransferClient
-    from client.types import InputData
-    from service.app import Application
-    from service.backbones.cache import LoadedBackbone
-    from service.backbones.preprocess import Preprocessor
-    from service.domain import ModelInput
-    from service.heads import TaskHead
+    from transfer_client import AsyncTransferClient
+    from transfer_client.types import InputData
+    from transfer_service.app import Application
+    from transfer_service.backbones.cache import LoadedBackbone
+    from transfer_service.backbones.preprocess import Preprocessor
+    from transfer_service.domain import ModelInput
+    from transfer_service.heads import TaskHead
+
     from tests.conftest import RunningServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def bench_server(
 
 def connect(running: RunningServer) -> AsyncTransferClient:
     """An asyncio client on one channel (create it inside the running loop)."""
-    from client import AsyncTransferClient
+    from transfer_client import AsyncTransferClient
 
     return AsyncTransferClient(running.address, timeout=CLIENT_TIMEOUT_S)
 
@@ -198,7 +199,7 @@ class RawModel:
 
 
 def _to_float(state: Any) -> Any:
-    from service.backbones.trunks import TextState
+    from transfer_service.backbones.trunks import TextState
 
     if isinstance(state, TextState):
         values = state.values.float() if state.values.is_floating_point() else state.values
@@ -210,14 +211,14 @@ def on_compute_thread(app: Application, work: Callable[..., Result], *args: Any)
     """Runs `work(*args)` on the server's Predict compute thread (between server rounds, while it is
     idle) and returns its result. The raw baseline runs there so that it uses the same torch
     thread team as the server's batches: a second thread running torch on every core would
-    slow both of them (service.torch_threads), which no single-threaded user script sees."""
+    slow both of them (see torch_threads), which no single-threaded user script sees."""
     return app.compute_pool.submit(work, *args).result()
 
 
 def single_threaded_torch_here() -> None:
     """This (the benchmark's main) thread prepares data only: torch on one thread here, for
     the same reason as `on_compute_thread`."""
-    from service.torch_threads import use_intra_op_threads
+    from transfer_service.torch_threads import use_intra_op_threads
 
     use_intra_op_threads(1)
 
@@ -225,7 +226,7 @@ def single_threaded_torch_here() -> None:
 def raw_model(app: Application, head_id: str) -> RawModel:
     """Builds the baseline from the server's loaded backbone and the head's stored weights
     (loaded by a private HeadCache: the service's own head-building code, not a copy)."""
-    from service.heads import HeadCache
+    from transfer_service.heads import HeadCache
 
     loaded = HeadCache(app.backbones, app.store.get_head, app.store.load_head_weights, 1).get(
         head_id
@@ -246,7 +247,7 @@ def trunk_precision(app: Application, backbone: str) -> str:
 
 
 def model_inputs(values: Sequence[InputData]) -> list[ModelInput]:
-    from service.domain import ModelInput
+    from transfer_service.domain import ModelInput
 
     out = []
     for value in values:
@@ -269,7 +270,7 @@ async def train_probe(
     seed: int = 0,
 ) -> str:
     """A linear-probe head trained through FineTune; returns its head id."""
-    from client import TrainingConfig
+    from transfer_client import TrainingConfig
 
     done = await client.train(
         backbone,

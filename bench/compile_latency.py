@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
+from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.domain import ModelInput
+from transfer_service.settings import Settings
 
 from bench.common import Environment, fashion_pngs, median, parser, spread, table
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.catalog import PreprocessingOptions, default_catalog
-from service.domain import ModelInput
-from service.settings import Settings
 
 BACKBONE = "efficientnet_lite0"
 BATCH_SIZES = (1, 16)

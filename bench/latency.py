@@ -18,6 +18,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from transfer_client.types import InputData
+from transfer_service.app import Application
+
 from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (
     IMAGE_BACKBONE,
@@ -39,8 +42,6 @@ from bench.common import (
     table,
     trunk_precision,
 )
-from client.types import InputData
-from service.app import Application
 
 PERCENTILES = (50.0, 90.0, 99.0)
 

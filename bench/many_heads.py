@@ -20,6 +20,9 @@ import random
 import time
 from dataclasses import dataclass
 
+from transfer_client import AsyncTransferClient
+from transfer_client.types import InputData
+
 from bench.callers import add_callers_option, open_callers
 from bench.common import (
     Call,
@@ -38,8 +41,6 @@ from bench.common import (
     train_probe,
     verdict,
 )
-from client import AsyncTransferClient
-from client.types import InputData
 
 BACKBONE = "efficientnet_lite0"
 THROUGHPUT_TARGET = 0.95

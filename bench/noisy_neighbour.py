@@ -30,10 +30,10 @@ from pathlib import Path
 
 import grpc
 from PIL import Image
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
 from bench.common import Environment, median, percentile, table
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.datasets import bbc_news, fashion_mnist
 from tools.reliability.common import (
     BIG_MESSAGES,

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from transfer_client import AsyncTransferClient, TrainingConfig
+from transfer_client.types import InputData
+
 from bench.callers import CallerProcess
 from bench.common import (
     IMAGE_BACKBONE,
@@ -40,8 +43,6 @@ from bench.common import (
     table,
     train_probe,
 )
-from client import AsyncTransferClient, TrainingConfig
-from client.types import InputData
 from tests.conftest import RunningServer
 
 MODES = {"default": 0, "split": 1}  # mode -> training_torch_threads

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from transfer_client.types import InputData
+from transfer_service.app import Application
+
 from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (
     Call,
@@ -53,8 +56,6 @@ from bench.common import (
     table,
     verdict,
 )
-from client.types import InputData
-from service.app import Application
 
 TARGET = 0.90
 MIN_BATCHES_PER_ROUND = 4

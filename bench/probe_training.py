@@ -30,6 +30,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transfer_client import AsyncTransferClient, TrainingConfig
+from transfer_service.app import Application
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.backbones.trunks import Trunk
+from transfer_service.domain import ModelInput
 
 from bench.common import (
     Environment,
@@ -46,11 +51,6 @@ from bench.common import (
     trunk_precision,
     verdict,
 )
-from client import AsyncTransferClient, TrainingConfig
-from service.app import Application
-from service.backbones.cache import LoadedBackbone
-from service.backbones.trunks import Trunk
-from service.domain import ModelInput
 
 BACKBONE = "efficientnet_lite0"
 EPOCHS = 10
@@ -192,7 +192,7 @@ async def run(quick: bool, overrides: dict[str, object]) -> None:
             # Service runs spread over the naive loop's epochs (before, between, after), so
             # both sides sample the same stretches of a shared machine's load.
             # On the server's compute thread, the one thread with a multi-threaded torch team
-            # (service.torch_threads): the loop then runs as in a script of its own.
+            # (transfer_service.torch_threads): the loop then runs as in a script of its own.
             naive = on_compute_thread(app, NaiveRun, backbone, train, classes)
             service_after = {
                 round(i * EPOCHS / max(plan.service_runs - 1, 1)) for i in range(plan.service_runs)

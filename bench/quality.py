@@ -61,6 +61,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transfer_client import InputData, TrainingConfig, TransferClient
+from transfer_service.app import Application
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.backbones.trunks import Trunk
 
 from bench.common import (
     CLIENT_TIMEOUT_S,
@@ -75,10 +79,6 @@ from bench.common import (
     table,
     trunk_precision,
 )
-from client import InputData, TrainingConfig, TransferClient
-from service.app import Application
-from service.backbones.cache import LoadedBackbone
-from service.backbones.trunks import Trunk
 
 IMAGE_BACKBONE = "efficientnet_lite0"
 TEXT_BACKBONE = "minilm_l6"

@@ -25,6 +25,15 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from transfer_client import (
+    AsyncTransferClient,
+    FineTuneEvent,
+    JobCompleted,
+    JobProgress,
+    TrainingConfig,
+)
+from transfer_client.types import InputData
+
 from bench.callers import CallerProcess
 from bench.common import (
     Environment,
@@ -39,14 +48,6 @@ from bench.common import (
     trunk_precision,
     verdict,
 )
-from client import (
-    AsyncTransferClient,
-    FineTuneEvent,
-    JobCompleted,
-    JobProgress,
-    TrainingConfig,
-)
-from client.types import InputData
 
 BACKBONE = "efficientnet_lite0"
 TARGET = 0.98

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from transfer_client import TrainingConfig, TransferClient
+from transfer_service.app import Application, build_application
+from transfer_service.settings import Settings
 
-from client import TrainingConfig, TransferClient
-from service.app import Application, build_application
-from service.settings import Settings
 from tests.datasets import bbc_news, fashion_mnist
 
 # Small images keep the suite fast on 2 CPUs; transfer still works at this size.

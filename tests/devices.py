@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-from service.backbones.cache import BackboneCache
-from service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.backbones.cache import BackboneCache
+from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
 
 
 def backbone_device() -> torch.device:

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Regenerates the checked-in protobuf/gRPC Python code from protos/ into OUT_DIR
-# (default client/_proto). Generated imports are rewritten to live under client._proto,
-# so the SDK needs no top-level `transfer` package on sys.path.
+# (default client/transfer_client/proto). protoc writes transfer/v1/*; the files are moved
+# up into OUT_DIR and their imports rewritten to transfer_client.proto, so the SDK needs
+# no top-level `transfer` package on sys.path.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-OUT_DIR=${1:-client/_proto}
+OUT_DIR=${1:-client/transfer_client/proto}
 # protoc finds the mypy-protobuf plugins (protoc-gen-mypy*) on PATH, beside the interpreter.
 PATH="$(dirname "$PY"):$PATH"
-mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 "$PY" -m grpc_tools.protoc -I protos \
-  --python_out="$OUT_DIR" --grpc_python_out="$OUT_DIR" --mypy_out="$OUT_DIR" --mypy_grpc_out="$OUT_DIR" \
+  --python_out="$WORK" --grpc_python_out="$WORK" --mypy_out="$WORK" --mypy_grpc_out="$WORK" \
   protos/transfer/v1/*.proto
-for f in "$OUT_DIR"/transfer/v1/*.py "$OUT_DIR"/transfer/v1/*.pyi; do
-  sed -i 's/^from transfer\.v1 import/from client._proto.transfer.v1 import/; s/^import transfer\.v1\./import client._proto.transfer.v1./' "$f"
+mkdir -p "$OUT_DIR"
+for f in "$WORK"/transfer/v1/*.py "$WORK"/transfer/v1/*.pyi; do
+  sed -i 's/^from transfer\.v1 import/from transfer_client.proto import/; s/^import transfer\.v1\./import transfer_client.proto./' "$f"
+  mv "$f" "$OUT_DIR/"
 done
-touch "$OUT_DIR/__init__.py" "$OUT_DIR/transfer/__init__.py" "$OUT_DIR/transfer/v1/__init__.py"
+touch "$OUT_DIR/__init__.py"

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-
-from client import (
+from transfer_client import (
     AsyncTransferClient,
     BackboneState,
     CancelledError,
@@ -28,6 +27,7 @@ from client import (
     TrainingConfig,
     TransferError,
 )
+
 from tests.conftest import TEST_IMAGE_SIZE, RunningServer
 
 ImageExamples = list[tuple[bytes, str]]

@@ -1,4 +1,4 @@
-"""The `transfer` command, driven through `client.cli.main` against the real server."""
+"""The `transfer` command, driven through `transfer_client._cli.main` against the real server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from transfer_client._cli import main
 
-from client.cli import main
 from tests.conftest import RunningServer
 
 FashionSmall = tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]

@@ -7,21 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import client
+import transfer_client
 
-CLIENT_DIR = Path(client.__file__).parent
-REPO_ROOT = CLIENT_DIR.parent
+CLIENT_DIR = Path(transfer_client.__file__).parent
+REPO_ROOT = CLIENT_DIR.parents[1]
 
 # `sys.modules[name] = None` makes any later `import name` raise ImportError.
 WITHOUT_SERVER_STACK = """
 import sys
-for name in ("torch", "torchvision", "timm", "transformers", "numpy", "PIL", "service"):
+for name in ("torch", "torchvision", "timm", "transformers", "numpy", "PIL", "transfer_service"):
     sys.modules[name] = None
-import client
-from client import TransferClient, AsyncTransferClient, TrainingConfig, TransferError
-import client.cli
-assert client.cli.main is not None
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("service", "torch"))
+import transfer_client
+from transfer_client import TransferClient, AsyncTransferClient, TrainingConfig, TransferError
+import transfer_client._cli
+assert transfer_client._cli.main is not None
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transfer_service", "torch"))
 assert all(sys.modules[m] is None for m in loaded), loaded
 print("ok")
 """
@@ -60,7 +60,7 @@ def _imported_modules(path: Path) -> set[str]:
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules.add(node.module)
-        elif (  # importlib.import_module("service...") / __import__("service...")
+        elif (  # importlib.import_module("transfer_service...") / __import__(...)
             isinstance(node, ast.Call)
             and node.args
             and isinstance(node.args[0], ast.Constant)
@@ -77,7 +77,9 @@ def test_client_sources_never_import_the_service() -> None:
     assert len(sources) >= 10  # the package's modules and its generated protobuf code
     offenders = {
         str(path.relative_to(REPO_ROOT)): sorted(
-            m for m in _imported_modules(path) if m == "service" or m.startswith("service.")
+            m
+            for m in _imported_modules(path)
+            if m == "transfer_service" or m.startswith("transfer_service.")
         )
         for path in sources
     }
@@ -95,13 +97,14 @@ def test_client_sources_never_import_the_service() -> None:
 def test_the_import_scan_finds_service_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import os, service.errors\n"
-        "from service.app import main\n"
+        "import os, transfer_service.errors\n"
+        "from transfer_service.app import main\n"
         "from . import sibling\n"
         "def f():\n"
         "    import importlib\n"
-        "    return importlib.import_module('service.settings')\n"
+        "    return importlib.import_module('transfer_service.settings')\n"
     )
     assert _imported_modules(sample) == {
-        "os", "service.errors", "service.app", "importlib", "service.settings",
+        "os", "importlib",
+        "transfer_service.errors", "transfer_service.app", "transfer_service.settings",
     }  # fmt: skip

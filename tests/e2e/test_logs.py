@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.e2e.test_server_process import REPO, free_port
 
 TOKEN = "logs-token-5e1f0c2a9b7d"
@@ -39,7 +39,7 @@ def run_server(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Popen
     environment.pop("TRANSFER_LOG_FORMAT", None)
     environment.update(env)
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", *args],
+        [sys.executable, "-m", "transfer_service", *args],
         cwd=REPO,
         env=environment,
         stdout=open(tmp_path / "stdout.txt", "wb"),  # noqa: SIM115 - the child owns it
@@ -104,7 +104,7 @@ def test_json_lines_carry_the_request_id(tmp_path: Path) -> None:
         by_id.setdefault(record.get("request_id", ""), []).append(record)
 
     serving = [r for r in by_id[""] if r["message"].startswith("SERVING")]
-    assert serving and serving[0]["level"] == "INFO" and serving[0]["logger"] == "service"
+    assert serving and serving[0]["level"] == "INFO" and serving[0]["logger"] == "transfer_service"
     ok = by_id["req-ok"]
     assert any("ListJobs OK" in r["message"] and r["level"] == "DEBUG" for r in ok), ok
     assert all(r["tenant"] == "acme" for r in ok)
@@ -124,8 +124,11 @@ def test_text_format_for_humans(tmp_path: Path) -> None:
         assert stop(process) == 0
     lines = (tmp_path / "stderr.txt").read_text().splitlines()
     assert not any(line.startswith("{") for line in lines)
-    assert any(" INFO service: SERVING" in line for line in lines), lines
-    assert any("WARNING service.request_interceptor [req-refused]: refused" in x for x in lines)
+    assert any(" INFO transfer_service: SERVING" in line for line in lines), lines
+    assert any(
+        "WARNING transfer_service.edge.request_interceptor [req-refused]: refused" in x
+        for x in lines
+    )
 
 
 def test_a_bad_setting_is_one_logged_line_and_exit_status_2(tmp_path: Path) -> None:

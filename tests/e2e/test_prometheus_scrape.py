@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transfer_client import TransferClient
 
-from client import TransferClient
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.e2e.test_server_process import free_port
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transfer_client import JobState, TrainingConfig, TransferClient
 
-from client import JobState, TrainingConfig, TransferClient
 from tests.datasets import fashion_mnist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,11 @@ class ServerProcess:
         self.port = int(env["TRANSFER_PORT"])
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=self._log, stderr=self._log
+            [sys.executable, "-m", "transfer_service"],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=self._log,
         )
         self.log_path = log_path
 

@@ -3,7 +3,8 @@ scored on held-out examples the head never saw."""
 
 from __future__ import annotations
 
-from client import JobCompleted, TrainingConfig, TransferClient
+from transfer_client import JobCompleted, TrainingConfig, TransferClient
+
 from tests.conftest import make_settings, start_server
 from tests.datasets import bbc_news, fashion_mnist
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
-from client import (
+from transfer_client import (
     BackboneState,
     FailedPreconditionError,
     Modality,
     TrainingConfig,
     TransferClient,
 )
+
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
 from tests.datasets import png_bytes
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from client import (
+from transfer_client import (
     FailedPreconditionError,
     JobCancelled,
     JobCompleted,
@@ -18,6 +17,7 @@ from client import (
     TrainingConfig,
     TransferClient,
 )
+
 from tests.conftest import TEST_IMAGE_SIZE, RunningServer
 
 

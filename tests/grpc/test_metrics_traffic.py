@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from transfer_client import JobCancelled, NotFoundError, TrainingConfig, TransferClient
 
-from client import JobCancelled, NotFoundError, TrainingConfig, TransferClient
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 

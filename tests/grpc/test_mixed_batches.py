@@ -8,8 +8,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from transfer_client import AsyncTransferClient, JobStarted, TrainingConfig, TransferClient
 
-from client import AsyncTransferClient, JobStarted, TrainingConfig, TransferClient
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import bbc_news, fashion_mnist
 

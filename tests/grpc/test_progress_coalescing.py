@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from transfer_client import JobCompleted, JobProgress, TrainingConfig, TransferClient
 
-from client import JobCompleted, JobProgress, TrainingConfig, TransferClient
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 

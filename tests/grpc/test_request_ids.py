@@ -5,9 +5,9 @@ handler runs, so the failure's status must wait for it)."""
 from __future__ import annotations
 
 import grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
 
 # (request, expected status): a prediction, a failure in preprocessing (after a thread hop),

@@ -15,8 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-
-from client import (
+from transfer_client import (
     AuthenticationError,
     Job,
     JobCancelled,
@@ -27,8 +26,9 @@ from client import (
     TransferClient,
     TransferError,
 )
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 from tests.grpc.test_metrics_traffic import Scrape

@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transfer_client import TransferClient, UnavailableError, tls_credentials
+from transfer_client._cli import main as transfer_cli
+from transfer_service.edge.server import server_credentials
+from transfer_service.errors import ConfigurationError
 
-from client import TransferClient, UnavailableError, tls_credentials
-from client.cli import main as transfer_cli
-from service.errors import ConfigurationError
-from service.server import server_credentials
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.tls_material import PkiFiles, issue_test_pki
 

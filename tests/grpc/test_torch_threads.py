@@ -1,4 +1,4 @@
-"""A serving process follows the torch thread policy (service.torch_threads): only the Predict
+"""A serving process follows the torch thread policy (torch_threads): only the Predict
 compute thread (and a running job's own thread) runs torch on several cores."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transfer_client import JobCancelled, JobProgress, TrainingConfig, TransferClient
+from transfer_service.torch_threads import default_intra_op_threads
 
-from client import JobCancelled, JobProgress, TrainingConfig, TransferClient
-from service.torch_threads import default_intra_op_threads
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
-from client import (
+from transfer_client import (
     CandidateResult,
     InvalidArgumentError,
     JobCompleted,
@@ -17,8 +16,9 @@ from client import (
     TrainingConfig,
     TransferClient,
 )
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+
 from tests.conftest import RunningServer
 
 

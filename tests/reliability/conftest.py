@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
 from tests.datasets import fashion_mnist
 from tools.reliability.common import BIG_MESSAGES, SERVING, health_status

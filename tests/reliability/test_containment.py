@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import pytest
 import torch
+import transfer_service.predict.batcher as inference
+import transfer_service.training.jobs as jobs_module
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.settings import Settings
 
-import service.inference as inference
-import service.training.jobs as jobs_module
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.settings import Settings
 from tests.conftest import TEST_IMAGE_SIZE, RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
 from tests.reliability.conftest import assert_serving, probe_images

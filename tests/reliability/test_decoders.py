@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.backbones.preprocess import ImagePreprocessor, decode_image
+from transfer_service.domain import ModelInput
+from transfer_service.errors import InvalidArgumentError
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.backbones.preprocess import ImagePreprocessor, decode_image
-from service.domain import ModelInput
-from service.errors import InvalidArgumentError
 from tests.conftest import RunningServer
 from tests.reliability.conftest import assert_serving, probe_images
 

@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="the fuzzer needs `hypothesis` (dev extra)")
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+
 from tests.conftest import RunningServer
 from tests.datasets import fashion_mnist
 from tests.reliability.conftest import assert_serving

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transfer_client import TrainingConfig, TransferClient
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.edge.request_interceptor import DRAINING_DETAILS
 
-from client import TrainingConfig, TransferClient
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.request_interceptor import DRAINING_DETAILS
 from tests.datasets import fashion_mnist
 from tools.reliability.common import NOT_SERVING, ServerProcess, server_env
 

@@ -17,21 +17,21 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import transfer_service.heads as heads_module
 from torch import nn
-
-import service.heads as heads_module
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.domain import (
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.domain import (
     DEFAULT_TENANT,
     HeadRecord,
     Modality,
     TrainingConfig,
     TrainingMetrics,
 )
-from service.errors import FailedPreconditionError, NotFoundError
-from service.heads import HeadCache, LoadedHead, TaskHead, module_bytes
-from service.store.local import LocalStore, UnreadableHeadError
+from transfer_service.errors import FailedPreconditionError, NotFoundError
+from transfer_service.heads import HeadCache, LoadedHead, TaskHead, module_bytes
+from transfer_service.store.local import LocalStore, UnreadableHeadError
+
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.reliability.conftest import assert_serving, probe_images
 
@@ -160,7 +160,7 @@ def test_damaged_metadata_is_failed_precondition_and_left_out_of_listings(
         store.get_head("bad-1")
     with pytest.raises(FailedPreconditionError):
         store.load_head_weights("bad-1")
-    with caplog.at_level(logging.WARNING, logger="service.store.local"):
+    with caplog.at_level(logging.WARNING, logger="transfer_service.store.local"):
         assert [head.head_id for head in store.list_heads()] == ["good-1"]
         assert [head.head_id for head in store.list_heads()] == ["good-1"]
     warnings = [r for r in caplog.records if "bad-1" in r.getMessage()]

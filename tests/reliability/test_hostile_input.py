@@ -24,10 +24,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.domain import MAX_LABEL_CHARS
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.domain import MAX_LABEL_CHARS
 from tests.conftest import TEST_IMAGE_SIZE, RunningServer, make_settings, start_server
 from tests.datasets import bbc_news, fashion_mnist
 from tests.reliability.conftest import assert_serving

@@ -14,18 +14,18 @@ import grpc
 import pytest
 import torch
 from PIL import Image
-
-from client import TransferClient
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.domain import HeadRecord, Modality, ModelInput
-from service.heads import LoadedHead
-from service.inference import (
+from transfer_client import TransferClient
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.domain import HeadRecord, Modality, ModelInput
+from transfer_service.heads import LoadedHead
+from transfer_service.predict.batcher import (
     MAX_CHUNK_SKIPS,
     _decodes_on_compute_thread,
     _FairQueue,
     _Pending,
 )
+
 from tests.datasets import bbc_news, fashion_mnist
 
 

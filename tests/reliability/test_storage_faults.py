@@ -22,13 +22,12 @@ from typing import Any
 
 import grpc
 import pytest
-
-from client import NotFoundError as ClientNotFoundError
-from client import ResourceExhaustedError as ClientResourceExhaustedError
-from client import TransferClient
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.domain import (
+from transfer_client import NotFoundError as ClientNotFoundError
+from transfer_client import ResourceExhaustedError as ClientResourceExhaustedError
+from transfer_client import TransferClient
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.domain import (
     DatasetInfo,
     JobEvent,
     JobFailed,
@@ -38,9 +37,10 @@ from service.domain import (
     ModelInput,
     TrainingProgress,
 )
-from service.errors import ConfigurationError, NotFoundError, ResourceExhaustedError
-from service.store.local import LocalStore
-from service.training.recovery import INTERRUPTED_REASON, recover_jobs
+from transfer_service.errors import ConfigurationError, NotFoundError, ResourceExhaustedError
+from transfer_service.store.local import LocalStore
+from transfer_service.training.recovery import INTERRUPTED_REASON, recover_jobs
+
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.e2e.test_server_process import REPO, ServerProcess, free_port
 from tests.unit.test_store import WEIGHTS, record
@@ -148,7 +148,7 @@ def start_process(store_dir: Path, **env: str) -> subprocess.CompletedProcess[st
         **env,
     )
     return subprocess.run(
-        [sys.executable, "-m", "service"],
+        [sys.executable, "-m", "transfer_service"],
         cwd=REPO,
         env=environment,
         capture_output=True,

@@ -14,11 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
-from service.backbones.cache import BackboneCache
-from service.domain import (
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.backbones.cache import BackboneCache
+from transfer_service.domain import (
     MAX_LABEL_CHARS,
     FineTuneSpec,
     JobState,
@@ -27,15 +26,20 @@ from service.domain import (
     ModelInput,
     TrainingConfig,
 )
-from service.errors import InvalidArgumentError, JobCancelledError, ResourceExhaustedError
-from service.heads import HeadCache
-from service.store.local import LocalStore
-from service.training import trainer as trainer_module
-from service.training.features import ExtractedData
-from service.training.jobs import JobManager
-from service.training.regularised_probe import HISTORY_BYTES, RegularisedProbe, history_size
-from service.training.trainer import Trainer
-from service.training.validation import check_examples
+from transfer_service.errors import InvalidArgumentError, JobCancelledError, ResourceExhaustedError
+from transfer_service.heads import HeadCache
+from transfer_service.store.local import LocalStore
+from transfer_service.training import trainer as trainer_module
+from transfer_service.training.features import ExtractedData
+from transfer_service.training.jobs import JobManager
+from transfer_service.training.regularised_probe import (
+    HISTORY_BYTES,
+    RegularisedProbe,
+    history_size,
+)
+from transfer_service.training.trainer import Trainer
+from transfer_service.training.validation import check_examples
+
 from tests.conftest import make_settings, start_server
 from tests.datasets import fashion_mnist
 from tests.devices import backbone_cache

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from transfer_service.backbones.cache import LoadedBackbone
 
-from service.backbones.cache import LoadedBackbone
 from tests.devices import backbone_cache
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.domain import ModelInput, PredictionResult
+from transfer_service.heads import LoadedHead, build_head
+from transfer_service.predict.batcher import _BackboneBatcher, _Pending
+from transfer_service.predict.padding import padded_batch_sizes
 
-from service.backbones.cache import LoadedBackbone
-from service.domain import ModelInput, PredictionResult
-from service.heads import LoadedHead, build_head
-from service.inference import _BackboneBatcher, _Pending
-from service.predict_padding import padded_batch_sizes
 from tests.datasets import fashion_mnist
 from tests.unit.test_store import record
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
+from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.domain import ModelInput
+from transfer_service.errors import FailedPreconditionError
+from transfer_service.heads import build_head
 
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.backbones.catalog import PreprocessingOptions, default_catalog
-from service.domain import ModelInput
-from service.errors import FailedPreconditionError
-from service.heads import build_head
 from tests.datasets import bbc_news, fashion_mnist
 
 pytestmark = pytest.mark.slow

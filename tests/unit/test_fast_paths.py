@@ -7,17 +7,17 @@ import threading
 
 import pytest
 import torch
-
-from service.backbones.cache import LoadedBackbone, choose_compute_dtype
-from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
-from service.heads import TaskHead, build_head
-from service.training.features import (
+from transfer_service.backbones.cache import LoadedBackbone, choose_compute_dtype
+from transfer_service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
+from transfer_service.heads import TaskHead, build_head
+from transfer_service.training.features import (
     ExtractedData,
     extract,
     extraction_batch_size,
     plan_feature_memory,
 )
-from service.training.trainer import Trainer
+from transfer_service.training.trainer import Trainer
+
 from tests.datasets import bbc_news, fashion_mnist
 from tests.devices import backbone_cache, full_precision_cuda
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from service.domain import (
+from transfer_service.domain import (
     HeadRecord,
     JobCancelled,
     JobCompleted,
@@ -27,8 +26,9 @@ from service.domain import (
     TrainingMetrics,
     TrainingProgress,
 )
-from service.store.local import LocalStore
-from service.training.recovery import INTERRUPTED_REASON, recover_jobs
+from transfer_service.store.local import LocalStore
+from transfer_service.training.recovery import INTERRUPTED_REASON, recover_jobs
+
 from tests.unit.test_store import record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,8 +109,8 @@ def test_a_kill_between_the_event_and_the_row_write_loses_both(tmp_path: Path) -
         import os
         from datetime import UTC, datetime
         from pathlib import Path
-        from service.domain import JobCompleted, JobEvent, JobState, TrainingMetrics
-        from service.store.local import LocalStore
+        from transfer_service.domain import JobCompleted, JobEvent, JobState, TrainingMetrics
+        from transfer_service.store.local import LocalStore
 
         store = LocalStore(Path({str(tmp_path)!r}))
         job = store.get_job("job-1")

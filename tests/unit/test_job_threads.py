@@ -1,4 +1,4 @@
-"""Which thread a training job runs on (service.torch_threads.jobs_train_on_fresh_threads): on
+"""Which thread a training job runs on (torch_threads.jobs_train_on_fresh_threads): on
 a CPU a fresh one per job, whose OpenMP team ends with it; with an accelerator a long-lived
 one, so what torch caches per thread (cuDNN's execution plans) serves the next job too.
 Either way the job's thread runs torch on the configured number of CPU threads."""
@@ -11,12 +11,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from transfer_service.domain import (
+    FineTuneSpec,
+    JobState,
+    LabeledExample,
+    ModelInput,
+    TrainingConfig,
+)
+from transfer_service.heads import HeadCache
+from transfer_service.store.local import LocalStore
+from transfer_service.torch_threads import CpuShare, jobs_train_on_fresh_threads
+from transfer_service.training.jobs import JobHooks, JobManager
 
-from service.domain import FineTuneSpec, JobState, LabeledExample, ModelInput, TrainingConfig
-from service.heads import HeadCache
-from service.store.local import LocalStore
-from service.torch_threads import CpuShare, jobs_train_on_fresh_threads
-from service.training.jobs import JobHooks, JobManager
 from tests.datasets import fashion_mnist
 from tests.devices import backbone_cache
 

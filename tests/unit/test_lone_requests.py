@@ -11,12 +11,11 @@ from typing import Any, TypeVar, cast
 
 import pytest
 import torch
-
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.domain import Modality, ModelInput, PredictionResult
-from service.errors import InvalidArgumentError, ResourceExhaustedError
-from service.heads import HeadCache
-from service.inference import (
+from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
+from transfer_service.domain import Modality, ModelInput, PredictionResult
+from transfer_service.errors import InvalidArgumentError, ResourceExhaustedError
+from transfer_service.heads import HeadCache
+from transfer_service.predict.batcher import (
     OUT_OF_MEMORY,
     Predictor,
     PredictTimings,
@@ -25,6 +24,7 @@ from service.inference import (
     _Pending,
     _prepare,
 )
+
 from tests.datasets import fashion_mnist
 from tests.unit.test_batched_heads import counting_head
 

@@ -11,11 +11,10 @@ from typing import cast
 
 import pytest
 import torch
-
-from service.backbones.cache import BackboneCache, LoadedBackbone
-from service.heads import HeadCache
-from service.inference import Predictor
-from service.predict_padding import (
+from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
+from transfer_service.heads import HeadCache
+from transfer_service.predict.batcher import Predictor
+from transfer_service.predict.padding import (
     padded_batch_sizes,
     padded_index,
     padded_row_count,

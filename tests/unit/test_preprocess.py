@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from service.backbones.preprocess import (
+from transfer_service.backbones.preprocess import (
     ImagePreprocessor,
     TextPreprocessor,
     augment_image,
     check_image,
     decode_image,
 )
-from service.domain import ModelInput
-from service.errors import InvalidArgumentError, ResourceExhaustedError
+from transfer_service.domain import ModelInput
+from transfer_service.errors import InvalidArgumentError, ResourceExhaustedError
 
 PREPROCESSOR = ImagePreprocessor(48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 10**7)
 
@@ -148,9 +147,8 @@ class CountingTokenizer:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
+    from transfer_service.backbones.catalog import MiniLmSpec
     from transformers import AutoTokenizer
-
-    from service.backbones.catalog import MiniLmSpec
 
     weights = MiniLmSpec().locate_weights(Path("/unused"))
     return AutoTokenizer.from_pretrained(weights, local_files_only=True)

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-
-from service.backbones.cache import LoadedBackbone
-from service.domain import (
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.domain import (
     EventPayload,
     FineTuneSpec,
     JobStarted,
@@ -21,16 +20,17 @@ from service.domain import (
     TrainingConfig,
     TrainingProgress,
 )
-from service.errors import JobCancelledError
-from service.training.features import extract
-from service.training.regularised_probe import (
+from transfer_service.errors import JobCancelledError
+from transfer_service.training.features import extract
+from transfer_service.training.regularised_probe import (
     C_DECADES,
     RegularisedProbe,
     default_folds,
     fit_cross_validated,
     stratified_folds,
 )
-from service.training.trainer import Trainer
+from transfer_service.training.trainer import Trainer
+
 from tests.datasets import fashion_mnist
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from service.domain import (
+from transfer_service.domain import (
     HeadRecord,
     JobEvent,
     JobFailed,
@@ -22,8 +21,8 @@ from service.domain import (
     TrainingConfig,
     TrainingMetrics,
 )
-from service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from service.store.local import LocalStore
+from transfer_service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from transfer_service.store.local import LocalStore
 
 
 def record(head_id: str = "cats-1234") -> HeadRecord:

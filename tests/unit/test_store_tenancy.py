@@ -9,14 +9,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.domain import (
+from transfer_service.domain import (
     DEFAULT_TENANT,
     JobRecord,
     JobState,
     LabeledExample,
     ModelInput,
 )
-from service.store.local import LocalStore
+from transfer_service.store.local import LocalStore
+
 from tests.unit.test_store import WEIGHTS, record
 
 # What the store created before tenants existed (PRAGMA user_version 0).

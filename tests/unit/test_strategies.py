@@ -9,9 +9,8 @@ import threading
 import pytest
 import torch
 from torch import nn
-
-from service.backbones.cache import LoadedBackbone
-from service.domain import (
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.domain import (
     EventPayload,
     FineTuneSpec,
     JobStarted,
@@ -21,9 +20,10 @@ from service.domain import (
     TrainingConfig,
     TrainingProgress,
 )
-from service.heads import PrototypeClassifier, build_head
-from service.training.selection import CandidateScore, choose, sample_examples
-from service.training.trainer import BLOCK_LR_FACTOR, Trainer, TrainingResult
+from transfer_service.heads import PrototypeClassifier, build_head
+from transfer_service.training.selection import CandidateScore, choose, sample_examples
+from transfer_service.training.trainer import BLOCK_LR_FACTOR, Trainer, TrainingResult
+
 from tests.datasets import fashion_mnist
 
 
@@ -148,7 +148,7 @@ def test_prototype_head_is_the_class_means(lite0: LoadedBackbone, examples) -> N
     trunk = lite0.trunk
     pre = lite0.preprocessor
     train_examples = [examples[i] for i in range(len(examples))]
-    from service.training.split import stratified_split
+    from transfer_service.training.split import stratified_split
 
     split = stratified_split([e.label for e in train_examples], 0.2, 0)
     inputs = pre.finish([pre.load(train_examples[i].input, "x") for i in split.train], None)

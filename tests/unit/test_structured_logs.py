@@ -9,23 +9,22 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-
-from service import request_scope
-from service.structured_logs import configure_logging
+from transfer_service import request_scope
+from transfer_service.structured_logs import configure_logging
 
 
 @pytest.fixture()
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    service_level = logging.getLogger("service").level
+    service_level = logging.getLogger("transfer_service").level
     yield
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("service").setLevel(service_level)
+    logging.getLogger("transfer_service").setLevel(service_level)
     logging.captureWarnings(False)
 
 
@@ -41,7 +40,7 @@ def in_request(function: object, request_id: str, tenant: str) -> None:
 def test_json_lines(restore_logging: None) -> None:
     stream = io.StringIO()
     configure_logging("INFO", "json", stream)
-    log = logging.getLogger("service.example")
+    log = logging.getLogger("transfer_service.example")
     log.info("outside %s", "a call")
 
     def failing() -> None:
@@ -56,7 +55,7 @@ def test_json_lines(restore_logging: None) -> None:
     assert first.keys() == {"time", "level", "logger", "message"}
     assert first["message"] == "outside a call" and first["level"] == "INFO"
     assert second["request_id"] == "req-1" and second["tenant"] == "acme"
-    assert second["level"] == "ERROR" and second["logger"] == "service.example"
+    assert second["level"] == "ERROR" and second["logger"] == "transfer_service.example"
     assert second["message"] == "it failed with 42"
     assert second["exception"].startswith("Traceback") and "ValueError: boom" in second["exception"]
 
@@ -64,10 +63,12 @@ def test_json_lines(restore_logging: None) -> None:
 def test_text_lines_and_levels(restore_logging: None) -> None:
     stream = io.StringIO()
     configure_logging("DEBUG", "text", stream)
-    in_request(lambda: logging.getLogger("service.example").debug("detail"), "req-2", "acme")
+    in_request(
+        lambda: logging.getLogger("transfer_service.example").debug("detail"), "req-2", "acme"
+    )
     logging.getLogger("some.library").debug("library noise")
     logging.getLogger("some.library").info("library news")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].endswith(" DEBUG service.example [req-2]: detail")
+    assert lines[0].endswith(" DEBUG transfer_service.example [req-2]: detail")
     assert lines[1].endswith(" INFO some.library: library news")

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from service.errors import ConfigurationError
-from service.tenant_tokens import TenantTokens, load_tenant_tokens
+from transfer_service.edge.tenant_tokens import TenantTokens, load_tenant_tokens
+from transfer_service.errors import ConfigurationError
 
 
 def test_no_tokens_means_auth_off() -> None:

@@ -1,4 +1,4 @@
-"""The torch thread policy (service.torch_threads): counts set per thread stay set, and a
+"""The torch thread policy (transfer_service.torch_threads): counts set per thread stay set, and a
 job's thread is gone when the job returns."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import threading
 
 import pytest
 import torch
-
-from service.torch_threads import CpuShare, run_in_fresh_thread, use_intra_op_threads
+from transfer_service.torch_threads import CpuShare, run_in_fresh_thread, use_intra_op_threads
 
 
 def test_a_thread_keeps_its_count_when_another_thread_sets_a_different_one_later() -> None:

@@ -9,11 +9,10 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
-
-from service.backbones.catalog import EfficientNetLiteSpec
-from service.heads import build_head
-from service.training.split import stratified_split
-from service.training.trainer import _warmup_cosine
+from transfer_service.backbones.catalog import EfficientNetLiteSpec
+from transfer_service.heads import build_head
+from transfer_service.training.split import stratified_split
+from transfer_service.training.trainer import _warmup_cosine
 
 
 def test_split_is_stratified_and_seeded() -> None:
@@ -59,11 +58,12 @@ def test_warmup_then_cosine() -> None:
 
 
 def test_cancel_event_is_honoured_at_the_next_step() -> None:
-    from service.backbones.cache import BackboneCache
-    from service.backbones.catalog import PreprocessingOptions, default_catalog
-    from service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
-    from service.errors import JobCancelledError
-    from service.training.trainer import Trainer
+    from transfer_service.backbones.cache import BackboneCache
+    from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+    from transfer_service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
+    from transfer_service.errors import JobCancelledError
+    from transfer_service.training.trainer import Trainer
+
     from tests.datasets import fashion_mnist
 
     cache = BackboneCache(

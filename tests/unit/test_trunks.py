@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from transformers import AutoModel, AutoTokenizer
-
-from service.backbones.catalog import (
+from transfer_service.backbones.catalog import (
     EfficientNetLiteSpec,
     MiniLmSpec,
     PreprocessingOptions,
     TorchvisionCnnSpec,
     default_catalog,
 )
-from service.backbones.trunks import TextState
+from transfer_service.backbones.trunks import TextState
+from transformers import AutoModel, AutoTokenizer
 
 OPTIONS = PreprocessingOptions(image_size=None, max_text_tokens=64, max_image_pixels=10**8)
 

@@ -27,9 +27,8 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "transfer.v1.TransferService"
@@ -101,7 +100,7 @@ class ServerProcess:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            [sys.executable, "-m", "transfer_service"],
             cwd=REPO,
             env=env,
             stdout=self._log,

@@ -39,9 +39,9 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, Phase, Verbosity, given, reject, seed, settings
 from hypothesis import strategies as st
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
-from client._proto.transfer.v1 import transfer_service_pb2 as pb
-from client._proto.transfer.v1 import transfer_service_pb2_grpc as pb_grpc
 from tests.datasets import bbc_news, fashion_mnist
 from tools.reliability.common import (
     ACCEPTABLE,

@@ -1,0 +1,306 @@
+"""The asyncio client: `TransferClient`'s API over `grpc.aio`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import grpc.aio
+
+from transfer_client import _convert as convert
+from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
+from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_error
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_client.types import (
+    Backbone,
+    DatasetInfo,
+    FineTuneEvent,
+    Head,
+    InputData,
+    Job,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    LabelledExample,
+    Prediction,
+    TrainingConfig,
+)
+
+
+class AsyncTransferClient:
+    """A connection to the transfer service, for asyncio code. Create it inside the loop.
+
+    `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
+    (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.TransferServiceStub(self._channel)
+        self._metadata = call_metadata(token)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    # --- backbones -----------------------------------------------------------------------
+
+    async def list_backbones(self) -> list[Backbone]:
+        try:
+            response = await self._stub.ListBackbones(
+                pb.ListBackbonesRequest(), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [convert.backbone_from_pb(backbone) for backbone in response.backbones]
+
+    # --- training ------------------------------------------------------------------------
+
+    async def upload_dataset(
+        self, examples: Iterable[LabelledExample], *, chunk_size: int = 64
+    ) -> DatasetInfo:
+        """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
+        chunks = convert.upload_requests(examples, chunk_size)
+        call = self._stub.UploadDataset(request_iterator=None, metadata=self._metadata)
+        try:
+            # Chunks are built in a worker thread: building one reads image files.
+            while (request := await asyncio.to_thread(next, chunks, None)) is not None:
+                await call.write(request)
+            await call.done_writing()
+            response = await call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        except BaseException:
+            # Ending the stream would commit a truncated dataset; cancelling discards it.
+            call.cancel()
+            raise
+        return convert.dataset_info_from_pb(response)
+
+    def fine_tune(
+        self,
+        backbone: str,
+        examples: Iterable[LabelledExample] | None = None,
+        *,
+        dataset_id: str | None = None,
+        head_name: str = "",
+        config: TrainingConfig | None = None,
+        validation_examples: Iterable[LabelledExample] | None = None,
+        validation_dataset_id: str | None = None,
+        candidate_backbones: Iterable[str] = (),
+    ) -> AsyncIterator[FineTuneEvent]:
+        """Starts a training job; `async for` its events until it ends.
+
+        Stopping the iteration early detaches from the job; it keeps running on the server
+        (`watch_job` re-attaches, `cancel_job` stops it).
+        """
+        request = convert.fine_tune_request(
+            backbone,
+            examples,
+            dataset_id=dataset_id,
+            head_name=head_name,
+            config=config,
+            validation_examples=validation_examples,
+            validation_dataset_id=validation_dataset_id,
+            candidate_backbones=candidate_backbones,
+        )
+        return self._events(self._stub.FineTune(request, metadata=self._metadata))
+
+    async def train(
+        self,
+        backbone: str,
+        examples: Iterable[LabelledExample] | None = None,
+        *,
+        dataset_id: str | None = None,
+        head_name: str = "",
+        config: TrainingConfig | None = None,
+        validation_examples: Iterable[LabelledExample] | None = None,
+        validation_dataset_id: str | None = None,
+        candidate_backbones: Iterable[str] = (),
+        on_event: Callable[[FineTuneEvent], object] | None = None,
+    ) -> JobCompleted:
+        """Runs `fine_tune` to the end; a failed or cancelled job raises its `TransferError`.
+
+        `on_event` may be a plain function or a coroutine function.
+        """
+        request = convert.fine_tune_request(
+            backbone,
+            examples,
+            dataset_id=dataset_id,
+            head_name=head_name,
+            config=config,
+            validation_examples=validation_examples,
+            validation_dataset_id=validation_dataset_id,
+            candidate_backbones=candidate_backbones,
+        )
+        job_id = ""
+        async with contextlib.aclosing(
+            self._events(self._stub.FineTune(request, metadata=self._metadata))
+        ) as events:
+            async for event in events:
+                job_id = event.job_id
+                if on_event is not None:
+                    outcome = on_event(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                if isinstance(event, JobCompleted):
+                    return event
+                if isinstance(event, JobFailed | JobCancelled):
+                    raise from_job_outcome(event)
+        raise UnavailableError(
+            f"the event stream of job {job_id or '?'} ended before the job did; "
+            "re-attach with watch_job"
+        )
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job:
+        try:
+            response = await self._stub.GetJob(
+                pb.GetJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return convert.job_from_pb(response)
+
+    async def list_jobs(self) -> list[Job]:
+        """Every job of the caller, oldest first (read a page of up to 1000 at a time)."""
+        jobs: list[Job] = []
+        page_token = ""
+        while True:
+            try:
+                response = await self._stub.ListJobs(
+                    pb.ListJobsRequest(page_token=page_token),
+                    timeout=self._timeout,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from err
+            jobs.extend(convert.job_from_pb(job) for job in response.jobs)
+            if not response.next_page_token:
+                return jobs
+            page_token = response.next_page_token
+
+    async def cancel_job(self, job_id: str) -> Job:
+        try:
+            response = await self._stub.CancelJob(
+                pb.CancelJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return convert.job_from_pb(response)
+
+    def watch_job(self, job_id: str, *, after_sequence: int = 0) -> AsyncIterator[FineTuneEvent]:
+        """Replays the job's events after `after_sequence`, then follows it until it ends."""
+        request = pb.WatchJobRequest(job_id=job_id, after_sequence=after_sequence)
+        return self._events(self._stub.WatchJob(request, metadata=self._metadata))
+
+    # --- heads ---------------------------------------------------------------------------
+
+    async def list_heads(self, *, backbone: str = "") -> list[Head]:
+        try:
+            response = await self._stub.ListHeads(
+                pb.ListHeadsRequest(backbone=backbone),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [convert.head_from_pb(head) for head in response.heads]
+
+    async def get_head(self, head_id: str) -> Head:
+        try:
+            response = await self._stub.GetHead(
+                pb.GetHeadRequest(head_id=head_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return convert.head_from_pb(response)
+
+    async def delete_head(self, head_id: str) -> None:
+        try:
+            await self._stub.DeleteHead(
+                pb.DeleteHeadRequest(head_id=head_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
+        try:
+            await self._stub.DeleteDataset(
+                pb.DeleteDatasetRequest(dataset_id=dataset_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def predict(
+        self,
+        head_id: str,
+        inputs: InputData | Iterable[InputData],
+        *,
+        top_k: int = 1,
+        return_embedding: bool = False,
+    ) -> list[Prediction]:
+        """Classifies `inputs` (one, or several in one request); results in input order."""
+        request = convert.predict_request(
+            head_id, inputs, top_k=top_k, return_embedding=return_embedding
+        )
+        try:
+            response = await self._stub.Predict(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [convert.prediction_from_pb(prediction) for prediction in response.predictions]
+
+    # --- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    async def _events(
+        call: grpc.aio.UnaryStreamCall[Any, pb.FineTuneEvent],
+    ) -> AsyncGenerator[FineTuneEvent]:
+        try:
+            async for message in call:
+                event = convert.event_from_pb(message)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            # Ends the stream when the caller stops early; the job itself keeps running.
+            call.cancel()

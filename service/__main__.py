@@ -1,3 +1,0 @@
-from service.app import main
-
-raise SystemExit(main())

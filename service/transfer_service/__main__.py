@@ -1,0 +1,3 @@
+from transfer_service.app import main
+
+raise SystemExit(main())

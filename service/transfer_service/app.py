@@ -1,0 +1,352 @@
+"""Composition root: builds every part from Settings, starts, serves, stops gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, start_http_server
+
+from transfer_service.backbones.cache import BackboneCache
+from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.edge.request_interceptor import RequestInterceptor
+from transfer_service.edge.server import HealthReporter, create_server
+from transfer_service.edge.servicer import TransferServicer
+from transfer_service.edge.tenant_tokens import load_tenant_tokens
+from transfer_service.errors import ConfigurationError, ResourceExhaustedError
+from transfer_service.heads import HeadCache
+from transfer_service.metrics import Metrics
+from transfer_service.operations import TransferOperations
+from transfer_service.predict.batcher import Predictor, PredictTimings
+from transfer_service.predict.padding import padded_batch_sizes, pads_predict_batches
+from transfer_service.settings import Settings
+from transfer_service.store.local import LocalStore
+from transfer_service.structured_logs import configure_logging
+from transfer_service.torch_threads import (
+    CpuShare,
+    default_intra_op_threads,
+    jobs_train_on_fresh_threads,
+    use_intra_op_threads,
+)
+from transfer_service.training.jobs import JobHooks, JobManager
+
+log = logging.getLogger("transfer_service")
+
+
+def choose_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"TRANSFER_DEVICE={setting} but CUDA is not available")
+    return device
+
+
+@dataclass
+class Application:
+    settings: Settings
+    store: LocalStore
+    backbones: BackboneCache
+    jobs: JobManager
+    predictor: Predictor
+    health: HealthReporter
+    interceptor: RequestInterceptor
+    metrics: Metrics
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute)
+    retention: asyncio.Task[None] | None = field(default=None, init=False)
+
+    @property
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """The one thread that runs Predict batches."""
+        return self.pools[1]
+
+    async def start(self) -> None:
+        """Listens at once (health NOT_SERVING), loads and warms start-up backbones, then
+        reports SERVING."""
+        self.jobs.start()
+        if self.settings.job_retention_seconds > 0:
+            self.retention = asyncio.create_task(self._apply_job_retention())
+        await self.health.set_serving(False)
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        for name in self.settings.preload_backbones:
+            backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
+            await self.predictor.warm_up(backbone)
+        await self.health.set_serving(True)
+
+    async def _apply_job_retention(self) -> None:
+        """Deletes finished jobs (and their events) older than TRANSFER_JOB_RETENTION_SECONDS:
+        now, then hourly or every retention period if that is shorter. Without it the job
+        table only grew (200,000 jobs made a listing take seconds). In the blocking pool: a
+        large sweep must not hold up the loop."""
+        retention = self.settings.job_retention_seconds
+        interval = min(max(retention, 1.0), 3600.0)
+        loop = asyncio.get_running_loop()
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(seconds=retention)
+            try:
+                deleted = await loop.run_in_executor(
+                    self.pools[0], self.store.delete_finished_jobs, cutoff
+                )
+            except Exception:
+                log.exception("job retention sweep failed; trying again in %.0f s", interval)
+            else:
+                if deleted:
+                    log.info("job retention: deleted %d jobs finished before %s", deleted, cutoff)
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        """New calls are refused UNAVAILABLE and health goes NOT_SERVING; for the drain
+        window the server still takes calls in (and refuses them) while in-flight ones run on;
+        then it stops, giving those the rest of the grace period. Running jobs are cancelled
+        (they end CANCELLED, their state saved). One deadline covers the whole stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace_seconds
+        # Refusing first: no call is answered after a client could have read NOT_SERVING.
+        self.interceptor.begin_draining()
+        await self.health.servicer.enter_graceful_shutdown()
+        # Jobs first: their FineTune/WatchJob streams then end promptly instead of holding
+        # the server's grace period open.
+        self.jobs.begin_shutdown()
+        # server.stop() cancels every call the core has received but Python has not picked
+        # up yet: a call sent just before SIGTERM would read CANCELLED, which a client cannot
+        # tell from its own cancellation. Draining first lets those calls be picked up and
+        # refused UNAVAILABLE (retryable), while clients and load balancers see NOT_SERVING.
+        drain = min(self.settings.drain_seconds, self.settings.grace_seconds / 2)
+        await asyncio.sleep(drain)
+        await self.server.stop(max(deadline - loop.time(), 0.0))
+        try:
+            await self.jobs.shutdown(max(deadline - loop.time(), 0.1))
+        except TimeoutError:
+            log.warning("training jobs did not stop within the grace period")
+        await self.predictor.close()
+        if self.retention is not None:
+            self.retention.cancel()
+        for pool in self.pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+
+def build_application(settings: Settings) -> Application:
+    """Raises ConfigurationError when a setting points at something unusable."""
+    # The building thread runs the event loop: one torch thread there (see torch_threads).
+    cpu_share = CpuShare(
+        settings.torch_threads or default_intra_op_threads(), settings.training_torch_threads
+    )
+    use_intra_op_threads(1)
+    tokens = load_tenant_tokens(settings.auth_tokens_file, settings.auth_tokens.get_secret_value())
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    device = choose_device(settings.device)
+    store = LocalStore(settings.store_dir, recreate_database=settings.recreate_database)
+    backbones = BackboneCache(
+        default_catalog(),
+        weights_dir=settings.weights_dir,
+        device=device,
+        options=PreprocessingOptions(
+            settings.image_size, settings.max_text_tokens, settings.max_image_pixels
+        ),
+        budget_bytes=settings.backbone_cache_bytes,
+        precision=settings.precision,
+        compile=settings.compile,
+        on_event=lambda event, name: metrics.cache_event(event, "backbone"),
+        on_load=metrics.cache_load.labels(cache="backbone").observe,
+    )
+    heads = HeadCache(
+        backbones,
+        store.get_head,
+        store.load_head_weights,
+        settings.head_cache_entries,
+        on_event=metrics.cache_event,
+        on_load=metrics.cache_load.labels(cache="head").observe,
+        max_bytes=settings.head_cache_bytes,
+    )
+    metrics.watch_caches(backbones.resident_bytes, lambda: len(heads), heads.resident_bytes)
+    if device.type == "cuda":
+        metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))
+    jobs = JobManager(
+        store,
+        backbones,
+        heads,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        max_jobs_per_tenant=settings.max_jobs_per_tenant,
+        feature_cache_bytes=settings.feature_cache_bytes,
+        intra_op_threads=cpu_share.training_threads,
+        fresh_thread_per_job=jobs_train_on_fresh_threads(device.type),
+        progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
+        while_training=cpu_share.training,
+        hooks=JobHooks(
+            on_state=lambda new, old: _count_job_state(
+                metrics, new.value, old.value if old else None
+            ),
+            on_step=metrics.training_step.observe,
+            on_epoch=lambda seconds, rate: _record_epoch(metrics, seconds, rate),
+            on_finished=lambda outcome, head: _job_finished(metrics, outcome, head),
+        ),
+    )
+    blocking_pool = ThreadPoolExecutor(
+        4, thread_name_prefix="blocking", initializer=use_intra_op_threads, initargs=(1,)
+    )
+    # One compute thread: torch already parallelises inside an op; two batches at once would
+    # only fight over the same cores. It alone (and a running training job) gets them all.
+    compute_pool = ThreadPoolExecutor(
+        1,
+        thread_name_prefix="predict",
+        initializer=use_intra_op_threads,
+        initargs=(cpu_share.predict_threads,),
+    )
+
+    def on_batch(timings: PredictTimings) -> None:
+        metrics.predict_batch_size.labels(backbone=timings.backbone).observe(timings.batch_inputs)
+        metrics.predict_queue.labels(backbone=timings.backbone).observe(timings.queue_seconds)
+        metrics.predict_compute.labels(backbone=timings.backbone).observe(timings.compute_seconds)
+        metrics.predict_inputs.labels(backbone=timings.backbone).inc(timings.batch_inputs)
+        metrics.predict_padding_inputs.labels(backbone=timings.backbone).inc(timings.padding_inputs)
+
+    predictor = Predictor(
+        backbones,
+        heads,
+        preprocess_pool=blocking_pool,
+        compute_pool=compute_pool,
+        max_inputs=settings.max_predict_inputs,
+        batch_max_size=settings.batch_max_size,
+        batch_max_wait_ms=settings.batch_max_wait_ms,
+        max_batch_input_bytes=settings.max_batch_input_bytes,
+        on_batch=on_batch,
+        padded_sizes=(
+            padded_batch_sizes(settings.batch_max_size)
+            if pads_predict_batches(settings.predict_batch_padding, device)
+            else ()
+        ),
+        # On a CPU the compute thread sizes its team before each batch: for running jobs
+        # (when split) and for large requests' decoding threads, one at a time there.
+        before_batch=cpu_share.fit_compute_thread if device.type == "cpu" else lambda: None,
+        bulk_decodes=1 if device.type == "cpu" else max(1, default_intra_op_threads() // 2),
+        while_decoding=cpu_share.decoding if device.type == "cpu" else nullcontext,
+        slice_seconds=settings.predict_slice_ms / 1000.0,
+    )
+    operations = TransferOperations(
+        store=store,
+        backbones=backbones,
+        heads=heads,
+        jobs=jobs,
+        predictor=predictor,
+        blocking_pool=blocking_pool,
+        max_dataset_examples=settings.max_dataset_examples,
+        max_classes=settings.max_classes,
+        feature_cache_bytes=settings.feature_cache_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_dataset_bytes_per_tenant=settings.max_dataset_bytes_per_tenant,
+        on_predicted=lambda backbone, seconds: metrics.predict_duration.labels(
+            backbone=backbone
+        ).observe(seconds),
+    )
+    health = HealthReporter()
+    interceptor = RequestInterceptor(
+        tokens,
+        on_rejected=lambda method, code: metrics.rpc_requests.labels(
+            method=method, code=code
+        ).inc(),
+    )
+    server, port = create_server(
+        settings, TransferServicer(operations, metrics), health, interceptor
+    )
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        http_server, _ = start_http_server(settings.metrics_port, settings.host, registry)
+        metrics_port = http_server.server_port
+    return Application(
+        settings=settings,
+        store=store,
+        backbones=backbones,
+        jobs=jobs,
+        predictor=predictor,
+        health=health,
+        interceptor=interceptor,
+        metrics=metrics,
+        server=server,
+        port=port,
+        metrics_port=metrics_port,
+        pools=(blocking_pool, compute_pool),
+    )
+
+
+def _record_epoch(metrics: Metrics, seconds: float, examples_per_second: float) -> None:
+    metrics.training_epoch.observe(seconds)
+    metrics.training_throughput.set(examples_per_second)
+
+
+def _count_job_state(metrics: Metrics, new: str, old: str | None) -> None:
+    metrics.jobs.labels(state=new).inc()
+    if old is not None:
+        metrics.jobs.labels(state=old).dec()
+
+
+def _job_finished(metrics: Metrics, outcome: str, head: object) -> None:
+    metrics.jobs_finished.labels(outcome=outcome).inc()
+    accuracy = getattr(getattr(head, "metrics", None), "validation_accuracy", None)
+    if accuracy is not None:
+        metrics.validation_accuracy.labels(backbone=getattr(head, "backbone", "")).set(accuracy)
+
+
+async def serve(settings: Settings) -> None:
+    app = build_application(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    metrics_url = f"http://{settings.host}:{app.metrics_port}/metrics"
+    if app.metrics_port is None:
+        metrics_url = "off"
+    security = "TLS" if settings.tls_cert_file else "plaintext"
+    if settings.tls_client_ca_file:
+        security = "mutual TLS"
+    print(
+        f"transfer-service listening on {settings.host}:{app.port} ({security}; "
+        f"metrics: {metrics_url}; store: {settings.store_dir.resolve()}; "
+        f"device: {app.backbones.device})",
+        flush=True,
+    )
+    await app.start()
+    log.info(
+        "SERVING: start-up backbones loaded: %s", ", ".join(settings.preload_backbones) or "none"
+    )
+    await stop.wait()
+    log.info("stopping (grace %.1fs)", settings.grace_seconds)
+    await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service [--log-format json|text]`; every setting is a TRANSFER_* variable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="The transfer-learning gRPC server."
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        help="log lines as JSON objects (default, env TRANSFER_LOG_FORMAT) or text for humans",
+    )
+    args = parser.parse_args(argv)
+    overrides = {"log_format": args.log_format} if args.log_format else {}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigurationError, ResourceExhaustedError) as exc:
+        # A store refused at start (full or read-only disk, damaged or missing database) is
+        # the operator's to fix: one line saying what, no traceback, and status 2 as for any
+        # unusable setting. (Raised later, ResourceExhaustedError only fails the call.)
+        log.critical("cannot start: %s", exc)
+        return 2
+    return 0

@@ -1,0 +1,284 @@
+"""Device-resident backbone cache: each backbone is loaded once, frozen, in eval mode.
+
+Concurrent first requests for one backbone wait on a single load. When the resident bytes
+pass the budget, the least recently used backbones are dropped (a job or batch still
+holding one keeps it alive until it finishes; only the cache's reference goes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfer_service.backbones.catalog import (
+    BackboneSpec,
+    PreprocessingOptions,
+    WeightsUnavailableError,
+)
+from transfer_service.backbones.compiled import WARM_UP_BATCH_SIZES, CompiledStages, warm_up_inputs
+from transfer_service.backbones.preprocess import Preprocessor
+from transfer_service.backbones.trunks import Trunk
+from transfer_service.errors import FailedPreconditionError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedBackbone:
+    spec: BackboneSpec
+    trunk: Trunk
+    preprocessor: Preprocessor
+    device: torch.device
+    resident_bytes: int
+    compute_dtype: torch.dtype  # of the frozen trunk's matmuls/convs (autocast)
+    compiled: CompiledStages | None = None  # TRANSFER_COMPILE: run_prefix runs these
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def stack(self, loaded: Sequence[Any]) -> Any:
+        """Loaded examples (from `preprocessor.load`) -> one first-stage batch on the device,
+        without augmentation."""
+        trunk = self.trunk
+        return trunk.to_device(trunk.collate(self.preprocessor.finish(loaded, None)), self.device)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Runs every frozen stage and the pooling once at each batch size, on synthetic
+        inputs, on the calling thread: lazily compiled stages compile here, and on an
+        accelerator this thread builds each batch shape's cuDNN plans (which torch keeps per
+        thread)."""
+        for batch_size in batch_sizes:
+            inputs = warm_up_inputs(self.spec.modality, batch_size)
+            state = self.stack([self.preprocessor.load(x, "warm-up") for x in inputs])
+            self.trunk.pool(self.run_prefix(state, 0, self.trunk.num_stages))
+
+    def run_prefix(self, state: Any, start: int, stop: int) -> Any:
+        """Frozen stages [start, stop) without autograd, in the compute precision; the output
+        is fp32 so heads (and their training) always see full-precision inputs."""
+        if start == stop:
+            return state
+        # no_grad, not inference_mode: training feeds these outputs into trainable blocks.
+        run = self.trunk.run_stages if self.compiled is None else self.compiled.run
+        with torch.no_grad():
+            if self.compute_dtype == torch.float32:
+                return run(state, start, stop)
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                out = run(state, start, stop)
+            return self.trunk.to_float(out)
+
+
+def choose_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' picks reduced precision only where it is fast: CUDA, or CPUs with AMX tiles
+    (on AVX-512-only CPUs bf16 autocast measured slower than fp32 here)."""
+    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in explicit:
+        return explicit[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneStatus:
+    spec: BackboneSpec
+    parameter_count: int
+    input_size: int
+    unfreezable_blocks: int
+    available: bool
+    unavailable_reason: str
+    loaded: LoadedBackbone | None
+
+
+CacheEvent = Callable[[str, str], None]  # (event: hit|miss|evict, backbone name)
+
+
+class BackboneCache:
+    def __init__(
+        self,
+        catalog: list[BackboneSpec],
+        *,
+        weights_dir: Path,
+        device: torch.device,
+        options: PreprocessingOptions,
+        budget_bytes: int,
+        precision: str = "auto",
+        compile: bool = False,
+        on_event: CacheEvent | None = None,
+        on_load: Callable[[float], None] | None = None,
+    ) -> None:
+        self._on_load = on_load or (lambda seconds: None)
+        self._compute_dtype = choose_compute_dtype(precision, device)
+        self._compile = compile
+        self._specs = {spec.name: spec for spec in catalog}
+        self._weights_dir = weights_dir
+        self._device = device
+        self._options = options
+        self._budget_bytes = budget_bytes
+        self._on_event = on_event or (lambda event, name: None)
+        self._loaded: OrderedDict[str, LoadedBackbone] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks = {name: threading.Lock() for name in self._specs}
+        self._parameter_counts: dict[str, int] = {}
+        self._stage_counts: dict[str, int] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def spec(self, name: str) -> BackboneSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self._specs))
+            raise NotFoundError(f"backbone: unknown backbone {name!r} (known: {known})")
+        return spec
+
+    def check_available(self, name: str) -> BackboneSpec:
+        """The spec, or FAILED_PRECONDITION saying why its weights cannot be loaded."""
+        spec = self.spec(name)
+        with self._lock:
+            if name in self._loaded:
+                return spec
+        try:
+            spec.locate_weights(self._weights_dir)
+        except WeightsUnavailableError as exc:
+            raise FailedPreconditionError(f"backbone {name!r} is unavailable: {exc}") from exc
+        return spec
+
+    def peek(self, name: str) -> LoadedBackbone | None:
+        """The backbone if resident (counted as a hit), else None; never blocks on a load,
+        so the event loop may call it."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+                self._on_event("hit", name)
+            return loaded
+
+    def get(self, name: str) -> LoadedBackbone:
+        """The loaded backbone, loading it first if needed (blocking; call off the event loop)."""
+        spec = self.spec(name)
+        loaded = self.peek(name)
+        if loaded is not None:
+            return loaded
+        with self._load_locks[name]:
+            with self._lock:
+                loaded = self._loaded.get(name)
+                if loaded is not None:
+                    self._on_event("hit", name)
+                    return loaded
+            self._on_event("miss", name)
+            load_started = time.perf_counter()
+            loaded = self._load(spec)
+            self._on_load(time.perf_counter() - load_started)
+            with self._lock:
+                self._loaded[name] = loaded
+                self._evict_over_budget(keep=name)
+            return loaded
+
+    def _load(self, spec: BackboneSpec) -> LoadedBackbone:
+        try:
+            weights = spec.locate_weights(self._weights_dir)
+        except WeightsUnavailableError as exc:
+            raise FailedPreconditionError(f"backbone {spec.name!r} is unavailable: {exc}") from exc
+        started = time.perf_counter()
+        trunk = spec.build_trunk(weights)
+        trunk.requires_grad_(False)
+        trunk.eval()
+        trunk.to(self._device)
+        if spec.modality.value == "image":
+            trunk.to(memory_format=torch.channels_last)
+        preprocessor = spec.build_preprocessor(weights, self._options)
+        resident = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
+        loaded = LoadedBackbone(
+            spec, trunk, preprocessor, self._device, resident, self._compute_dtype
+        )
+        if self._compile:
+            loaded = self._compiled(loaded)
+        log.info(
+            "loaded backbone %s on %s, %s compute%s (%.1f MB) in %.2fs",
+            spec.name,
+            self._device,
+            self._compute_dtype,
+            ", compiled" if self._compile else "",
+            resident / 1e6,
+            time.perf_counter() - started,
+        )
+        return loaded
+
+    def _compiled(self, eager: LoadedBackbone) -> LoadedBackbone:
+        """The backbone with compiled stages, compiled now: torch.compile is lazy, so a batch
+        of each size range runs through every stage before the first request can pay for it.
+        A failure fails the load; serving eagerly instead would hide a setting not taking."""
+        loaded = replace(eager, compiled=CompiledStages(eager.trunk, self._device))
+        try:
+            loaded.warm_up(WARM_UP_BATCH_SIZES)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [""])[0]  # torch appends debug hints
+            raise FailedPreconditionError(
+                f"backbone {eager.name!r} failed to compile (TRANSFER_COMPILE=true; set it to "
+                f"false to run eagerly): {type(exc).__name__}: {reason}"
+            ) from exc
+        return loaded
+
+    def _evict_over_budget(self, keep: str) -> None:
+        total = sum(b.resident_bytes for b in self._loaded.values())
+        for name in list(self._loaded):
+            if total <= self._budget_bytes:
+                break
+            if name == keep:
+                continue
+            total -= self._loaded.pop(name).resident_bytes
+            self._on_event("evict", name)
+            log.info("evicted backbone %s (cache budget %d bytes)", name, self._budget_bytes)
+
+    def resident_bytes(self) -> dict[str, int]:
+        with self._lock:
+            return {name: b.resident_bytes for name, b in self._loaded.items()}
+
+    def statuses(self) -> list[BackboneStatus]:
+        statuses = []
+        for spec in self._specs.values():
+            with self._lock:
+                loaded = self._loaded.get(spec.name)
+            try:
+                spec.locate_weights(self._weights_dir)
+                available, reason = True, ""
+            except WeightsUnavailableError as exc:
+                available, reason = False, str(exc)
+            statuses.append(
+                BackboneStatus(
+                    spec=spec,
+                    parameter_count=self._parameter_count(spec),
+                    input_size=spec.input_size(self._options),
+                    unfreezable_blocks=self._stage_counts[spec.name],
+                    available=available,
+                    unavailable_reason=reason,
+                    loaded=loaded,
+                )
+            )
+        return statuses
+
+    def unfreezable_blocks(self, name: str) -> int:
+        """Stages `trainable_blocks` can unfreeze (built on the meta device once, cached)."""
+        spec = self.spec(name)
+        self._parameter_count(spec)
+        return self._stage_counts[spec.name]
+
+    def _parameter_count(self, spec: BackboneSpec) -> int:
+        if spec.name not in self._parameter_counts:
+            with torch.device("meta"):
+                trunk = spec.build_trunk(None)
+            self._parameter_counts[spec.name] = sum(p.numel() for p in trunk.parameters())
+            self._stage_counts[spec.name] = trunk.num_stages
+        return self._parameter_counts[spec.name]

@@ -1,0 +1,331 @@
+"""Pure protobuf <-> domain conversions. No validation beyond what the wire format implies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from transfer_client.proto import transfer_service_pb2 as pb
+
+from transfer_service.backbones.cache import BackboneStatus
+from transfer_service.domain import (
+    CandidateResult,
+    DatasetInfo,
+    HeadRecord,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobQueued,
+    JobRecord,
+    JobStarted,
+    JobState,
+    JobWarning,
+    LabeledExample,
+    Modality,
+    ModelInput,
+    PredictionResult,
+    TrainingConfig,
+    TrainingMetrics,
+    TrainingProgress,
+)
+from transfer_service.errors import InvalidArgumentError
+from transfer_service.operations import FineTuneCall
+from transfer_service.training.validation import TrainingConfigRequest
+
+_MODALITY = {Modality.IMAGE: pb.MODALITY_IMAGE, Modality.TEXT: pb.MODALITY_TEXT}
+_JOB_STATE = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def model_input(message: pb.Input | pb.Example, field: str) -> ModelInput:
+    kind = message.WhichOneof("input")
+    if kind == "image":
+        return ModelInput(image=message.image)
+    if kind == "text":
+        return ModelInput(text=message.text)
+    raise InvalidArgumentError(f"{field}: neither image nor text is set")
+
+
+def model_inputs(messages: Iterable[pb.Input]) -> list[ModelInput]:
+    return [model_input(message, f"inputs[{i}]") for i, message in enumerate(messages)]
+
+
+def labeled_examples(
+    messages: Iterable[pb.Example], field: str = "examples"
+) -> list[LabeledExample]:
+    return [
+        LabeledExample(model_input(message, f"{field}[{i}]"), message.label)
+        for i, message in enumerate(messages)
+    ]
+
+
+def training_config_request(config: pb.TrainingConfig) -> TrainingConfigRequest:
+    return TrainingConfigRequest(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        trainable_blocks=config.trainable_blocks,
+        validation_fraction=(
+            config.validation_fraction if config.HasField("validation_fraction") else None
+        ),
+        early_stopping_patience=(
+            config.early_stopping_patience if config.HasField("early_stopping_patience") else None
+        ),
+        augment=config.augment if config.HasField("augment") else None,
+        seed=config.seed,
+        progress_every_steps=config.progress_every_steps,
+        head_type=config.head_type,
+        hidden_dim=config.hidden_dim,
+        dropout=config.dropout if config.HasField("dropout") else None,
+        label_smoothing=config.label_smoothing if config.HasField("label_smoothing") else None,
+        weight_decay=config.weight_decay if config.HasField("weight_decay") else None,
+        unfreeze_every_epochs=config.unfreeze_every_epochs,
+        layer_lr_decay=config.layer_lr_decay if config.HasField("layer_lr_decay") else None,
+        class_balance=config.class_balance,
+        prototype_temperature=config.prototype_temperature,
+        max_grad_norm=config.max_grad_norm if config.HasField("max_grad_norm") else None,
+        solver=config.solver,
+        cv_folds=config.cv_folds,
+    )
+
+
+def training_config(config: TrainingConfig) -> pb.TrainingConfig:
+    return pb.TrainingConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        trainable_blocks=config.trainable_blocks,
+        validation_fraction=config.validation_fraction,
+        early_stopping_patience=config.early_stopping_patience,
+        augment=config.augment,
+        seed=config.seed,
+        progress_every_steps=config.progress_every_steps,
+        head_type=config.head_type,
+        hidden_dim=config.hidden_dim,
+        dropout=config.dropout,
+        label_smoothing=config.label_smoothing,
+        weight_decay=config.weight_decay,
+        unfreeze_every_epochs=config.unfreeze_every_epochs,
+        layer_lr_decay=config.layer_lr_decay,
+        class_balance=config.class_balance,
+        prototype_temperature=config.prototype_temperature,
+        max_grad_norm=config.max_grad_norm,
+        solver=config.solver,
+        cv_folds=config.cv_folds,
+    )
+
+
+def backbone(status: BackboneStatus) -> pb.Backbone:
+    spec = status.spec
+    message = pb.Backbone(
+        name=spec.name,
+        modality=_MODALITY[spec.modality],
+        architecture=spec.architecture,
+        pretrained_on=spec.pretrained_on,
+        parameter_count=status.parameter_count,
+        feature_dim=spec.feature_dim,
+        input_size=status.input_size,
+        unfreezable_blocks=status.unfreezable_blocks,
+        unavailable_reason=status.unavailable_reason,
+    )
+    if status.loaded is not None:
+        message.state = pb.BACKBONE_STATE_LOADED
+        message.device = str(status.loaded.device)
+        message.resident_bytes = status.loaded.resident_bytes
+    elif status.available:
+        message.state = pb.BACKBONE_STATE_AVAILABLE
+    else:
+        message.state = pb.BACKBONE_STATE_UNAVAILABLE
+    return message
+
+
+def prediction(result: PredictionResult) -> pb.Prediction:
+    return pb.Prediction(
+        label=result.label,
+        score=result.score,
+        top_k=[pb.ClassScore(label=s.label, score=s.score) for s in result.top_k],
+        embedding=result.embedding,
+    )
+
+
+def metrics(values: TrainingMetrics) -> pb.TrainingMetrics:
+    message = pb.TrainingMetrics(
+        train_loss=values.train_loss,
+        train_accuracy=values.train_accuracy,
+        best_epoch=values.best_epoch,
+        epochs_run=values.epochs_run,
+        stopped_early=values.stopped_early,
+        training_seconds=values.training_seconds,
+    )
+    if values.validation_loss is not None:
+        message.validation_loss = values.validation_loss
+    if values.validation_accuracy is not None:
+        message.validation_accuracy = values.validation_accuracy
+    if values.train_validation_gap is not None:
+        message.train_validation_gap = values.train_validation_gap
+    if values.majority_baseline_accuracy is not None:
+        message.majority_baseline_accuracy = values.majority_baseline_accuracy
+    message.beats_baseline = values.beats_baseline
+    if values.regularization_c is not None:
+        message.regularization_c = values.regularization_c
+    return message
+
+
+def progress(values: TrainingProgress) -> pb.TrainingProgress:
+    message = pb.TrainingProgress(
+        phase=values.phase,
+        epoch=values.epoch,
+        epochs=values.epochs,
+        step=values.step,
+        total_steps=values.total_steps,
+        train_loss=values.train_loss,
+        train_accuracy=values.train_accuracy,
+        learning_rate=values.learning_rate,
+        examples_per_second=values.examples_per_second,
+        elapsed_seconds=values.elapsed_seconds,
+        eta_seconds=values.eta_seconds,
+        epoch_end=values.epoch_end,
+    )
+    if values.validation_loss is not None:
+        message.validation_loss = values.validation_loss
+    if values.validation_accuracy is not None:
+        message.validation_accuracy = values.validation_accuracy
+    if values.regularization_c is not None:
+        message.regularization_c = values.regularization_c
+    return message
+
+
+def event(value: JobEvent) -> pb.FineTuneEvent:
+    message = pb.FineTuneEvent(
+        job_id=value.job_id, sequence=value.sequence, time=timestamp(value.time)
+    )
+    payload = value.payload
+    if isinstance(payload, JobStarted):
+        plan = payload.plan
+        message.started.CopyFrom(
+            pb.JobStarted(
+                backbone=payload.backbone,
+                head_name=payload.head_name,
+                class_names=payload.class_names,
+                train_examples=payload.train_examples,
+                validation_examples=payload.validation_examples,
+                plan=pb.TrainingPlan(
+                    epochs=plan.epochs,
+                    batch_size=plan.batch_size,
+                    learning_rate=plan.learning_rate,
+                    trainable_blocks=plan.trainable_blocks,
+                    augment=plan.augment,
+                    cached_features=plan.cached_features,
+                    steps_per_epoch=plan.steps_per_epoch,
+                    device=plan.device,
+                    early_stopping_patience=plan.early_stopping_patience,
+                    head_type=plan.head_type,
+                    unfreeze_every_epochs=plan.unfreeze_every_epochs,
+                    layer_lr_decay=plan.layer_lr_decay,
+                    label_smoothing=plan.label_smoothing,
+                    solver=plan.solver,
+                    cv_folds=plan.cv_folds,
+                ),
+                class_counts=[pb.ClassCount(label=k, count=v) for k, v in payload.class_counts],
+                imbalance_ratio=payload.imbalance_ratio,
+                class_balance=payload.class_balance,
+            )
+        )
+    elif isinstance(payload, TrainingProgress):
+        message.progress.CopyFrom(progress(payload))
+    elif isinstance(payload, JobCompleted):
+        message.completed.CopyFrom(
+            pb.JobCompleted(head_id=payload.head_id, metrics=metrics(payload.metrics))
+        )
+    elif isinstance(payload, JobFailed):
+        message.failed.CopyFrom(pb.JobFailed(reason=payload.reason, code=payload.code))
+    elif isinstance(payload, JobCancelled):
+        message.cancelled.CopyFrom(pb.JobCancelled(reason=payload.reason))
+    elif isinstance(payload, JobQueued):
+        message.queued.CopyFrom(
+            pb.JobQueued(backbone=payload.backbone, head_name=payload.head_name)
+        )
+    elif isinstance(payload, JobWarning):
+        message.warning.CopyFrom(pb.JobWarning(code=payload.code, message=payload.message))
+    elif isinstance(payload, CandidateResult):
+        message.candidate.CopyFrom(
+            pb.CandidateResult(
+                backbone=payload.backbone,
+                validation_accuracy=payload.validation_accuracy,
+                gflops=payload.gflops,
+                accuracy_per_gflop=payload.accuracy_per_gflop,
+                latency_ms=payload.latency_ms,
+                selected=payload.selected,
+            )
+        )
+    return message
+
+
+def job(record: JobRecord) -> pb.Job:
+    message = pb.Job(
+        job_id=record.job_id,
+        state=_JOB_STATE[record.state],
+        backbone=record.backbone,
+        head_name=record.head_name,
+        head_id=record.head_id,
+        error=record.error,
+        created_time=timestamp(record.created_time),
+        updated_time=timestamp(record.updated_time),
+        last_sequence=record.last_sequence,
+    )
+    if record.progress is not None:
+        message.progress.CopyFrom(progress(record.progress))
+    return message
+
+
+def head(record: HeadRecord) -> pb.Head:
+    return pb.Head(
+        head_id=record.head_id,
+        name=record.name,
+        backbone=record.backbone,
+        modality=_MODALITY[record.modality],
+        class_names=record.class_names,
+        trainable_blocks=record.trainable_blocks,
+        input_size=record.input_size,
+        metrics=metrics(record.metrics),
+        config=training_config(record.config),
+        created_time=timestamp(record.created_time),
+        size_bytes=record.size_bytes,
+        job_id=record.job_id,
+        head_type=record.head_type,
+    )
+
+
+def dataset_info(info: DatasetInfo) -> pb.UploadDatasetResponse:
+    return pb.UploadDatasetResponse(
+        dataset_id=info.dataset_id,
+        example_count=info.example_count,
+        class_counts=[pb.ClassCount(label=k, count=v) for k, v in info.class_counts],
+        modality=_MODALITY[info.modality],
+    )
+
+
+def fine_tune_call(request: pb.FineTuneRequest) -> FineTuneCall:
+    return FineTuneCall(
+        backbone=request.backbone,
+        head_name=request.head_name,
+        examples=labeled_examples(request.examples),
+        dataset_id=request.dataset_id,
+        config=training_config_request(request.config),
+        validation_examples=labeled_examples(request.validation_examples, "validation_examples"),
+        validation_dataset_id=request.validation_dataset_id,
+        candidate_backbones=tuple(request.candidate_backbones),
+    )

@@ -1,0 +1,409 @@
+"""What each RPC does, on domain types: the servicer only converts around these calls.
+
+Every call names the caller's tenant. Heads, jobs and datasets of another tenant are reported
+exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across tenants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from transfer_service.backbones.cache import BackboneCache, BackboneStatus
+from transfer_service.backbones.preprocess import check_image
+from transfer_service.domain import (
+    DEFAULT_TENANT,
+    DatasetInfo,
+    FineTuneSpec,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    LabeledExample,
+    Modality,
+    ModelInput,
+    PredictionResult,
+)
+from transfer_service.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from transfer_service.heads import HeadCache
+from transfer_service.predict.batcher import Predictor
+from transfer_service.store.interface import Store
+from transfer_service.store.local import UnreadableHeadError, check_id
+from transfer_service.training.features import check_pooled_features_fit
+from transfer_service.training.jobs import JobManager
+from transfer_service.training.validation import (
+    TrainingConfigRequest,
+    check_examples,
+    check_head_name,
+    check_label,
+    check_validation_examples,
+    resolve_config,
+)
+
+T = TypeVar("T")
+AUTO_BACKBONE = "auto"
+# ListJobs pages: a tenant can hold hundreds of thousands of jobs, and answering them in one
+# message cost seconds of the event loop (converting 200,000 jobs to protobuf took 2.7 s).
+MAX_JOBS_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FineTuneCall:
+    """A FineTune request in domain terms."""
+
+    backbone: str
+    head_name: str
+    examples: Sequence[LabeledExample]
+    dataset_id: str
+    config: TrainingConfigRequest
+    validation_examples: Sequence[LabeledExample] = ()
+    validation_dataset_id: str = ""
+    candidate_backbones: Sequence[str] = ()
+
+
+log = logging.getLogger(__name__)
+
+
+class TransferOperations:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        backbones: BackboneCache,
+        heads: HeadCache,
+        jobs: JobManager,
+        predictor: Predictor,
+        blocking_pool: Executor,
+        max_dataset_examples: int,
+        max_image_pixels: int,
+        max_classes: int,
+        feature_cache_bytes: int,
+        on_predicted: Callable[[str, float], None] = lambda backbone, seconds: None,
+        max_dataset_bytes_per_tenant: int | None = None,
+    ) -> None:
+        """`on_predicted(backbone, seconds)` observes each successful Predict end to end.
+        `max_dataset_bytes_per_tenant`: the quota on one tenant's stored dataset bytes."""
+        self._store = store
+        self._backbones = backbones
+        self._heads = heads
+        self._jobs = jobs
+        self._predictor = predictor
+        self._pool = blocking_pool
+        self._max_examples = max_dataset_examples
+        self._max_pixels = max_image_pixels
+        self._max_classes = max_classes
+        self._feature_cache_bytes = feature_cache_bytes
+        self._on_predicted = on_predicted
+        self._max_dataset_bytes = max_dataset_bytes_per_tenant
+
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+    async def list_backbones(self) -> list[BackboneStatus]:
+        statuses: list[BackboneStatus] = await self._blocking(self._backbones.statuses)
+        return statuses
+
+    async def start_fine_tune(self, tenant: str, call: FineTuneCall) -> JobRecord:
+        """Validates everything that can be checked up front, then queues the job."""
+        examples, field = await self._examples(
+            tenant, call.examples, call.dataset_id, "examples", "dataset_id"
+        )
+        validation, validation_field = await self._examples(
+            tenant,
+            call.validation_examples,
+            call.validation_dataset_id,
+            "validation_examples",
+            "validation_dataset_id",
+        )
+        if call.backbone == AUTO_BACKBONE:
+            if not examples:
+                raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
+            modality = examples[0].input.modality
+            statuses = await self.list_backbones()
+            candidates = self._candidates(call.candidate_backbones, modality, statuses)
+        else:
+            if call.candidate_backbones:
+                raise InvalidArgumentError(
+                    f"candidate_backbones: only with backbone {AUTO_BACKBONE!r}"
+                )
+            modality = self._backbones.check_available(call.backbone).modality
+            candidates = [call.backbone]
+        name = check_head_name(call.head_name, call.backbone)
+        check_examples(examples, modality, self._max_examples, field, self._max_classes)
+        feature_dim = max(self._backbones.spec(c).feature_dim for c in candidates)
+        check_pooled_features_fit(
+            len(examples) + len(validation), feature_dim, self._feature_cache_bytes, field
+        )
+        labels = {example.label for example in examples}
+        check_validation_examples(validation, labels, modality, validation_field)
+        if modality is Modality.IMAGE:
+            # Uploaded datasets were checked at upload; inline images are checked here.
+            if not call.dataset_id:
+                await self._blocking(self._check_images, examples, field)
+            if not call.validation_dataset_id:
+                await self._blocking(self._check_images, validation, validation_field)
+        # Only the candidates' architectures are built (on the meta device, once each).
+        stages = min(
+            [await self._blocking(self._backbones.unfreezable_blocks, c) for c in candidates]
+        )
+        resolved = resolve_config(call.config, modality, stages)
+        job = await self._jobs.submit(
+            FineTuneSpec(
+                call.backbone,
+                name,
+                tuple(examples),
+                resolved,
+                tenant=tenant,
+                validation_examples=tuple(validation),
+                candidate_backbones=tuple(candidates) if call.backbone == AUTO_BACKBONE else (),
+            )
+        )
+        log.info(
+            "job %s queued: backbone %s, head name %s, %d examples",
+            job.job_id,
+            call.backbone,
+            name,
+            len(examples),
+        )
+        return job
+
+    async def _examples(
+        self,
+        tenant: str,
+        inline: Sequence[LabeledExample],
+        dataset_id: str,
+        inline_field: str,
+        dataset_field: str,
+    ) -> tuple[Sequence[LabeledExample], str]:
+        """Inline examples or a stored dataset's (never both), and the field to blame."""
+        if inline and dataset_id:
+            raise InvalidArgumentError(
+                f"{dataset_field}: send either {inline_field} or a {dataset_field}, not both"
+            )
+        if not dataset_id:
+            return inline, inline_field
+        check_id(dataset_field, dataset_id)
+        # Ownership from the info row first: another tenant's examples are never read (that
+        # was wasted work, and its duration told whether the id existed).
+        info: DatasetInfo = await self._blocking(self._store.dataset_info, dataset_id)
+        _check_owner(info.tenant, tenant, f"{dataset_field}: no dataset {dataset_id!r}")
+        loaded: list[LabeledExample] = await self._blocking(self._store.dataset_examples, info)
+        return loaded, f"dataset {dataset_id}"
+
+    def _candidates(
+        self, requested: Sequence[str], modality: Modality, statuses: list[BackboneStatus]
+    ) -> list[str]:
+        """Backbone auto-selection candidates: the requested ones (each must exist, be
+        available and take this modality), or every available backbone of the modality."""
+        if requested:
+            for position, name in enumerate(requested):
+                spec = self._backbones.check_available(name)
+                if spec.modality is not modality:
+                    raise InvalidArgumentError(
+                        f"candidate_backbones[{position}]: {name} takes "
+                        f"{spec.modality.value}, the examples are {modality.value}"
+                    )
+            return list(dict.fromkeys(requested))
+        names = [s.spec.name for s in statuses if s.available and s.spec.modality is modality]
+        if not names:
+            raise FailedPreconditionError(f"backbone: no {modality.value} backbone is available")
+        return names
+
+    def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
+        for position, example in enumerate(examples):
+            assert example.input.image is not None
+            check_image(example.input.image, f"{field}[{position}].image", self._max_pixels)
+
+    async def watch_job(
+        self, tenant: str, job_id: str, after_sequence: int = 0
+    ) -> AsyncIterator[JobEvent]:
+        record = await self.get_job(tenant, job_id)
+        if record.state.finished:
+            # Its whole log is stored (the terminal event is written before it is published):
+            # replay it from the blocking pool. A large log read on the loop stalled every
+            # other call.
+            events: list[JobEvent] = await self._blocking(
+                self._store.events_after, job_id, after_sequence
+            )
+            for event in events:
+                yield event
+            return
+        # Unfinished: live in this process (recovery settled those of earlier ones), so the
+        # job manager replays its in-memory events and follows, without the store.
+        async for event in self._jobs.watch(job_id, after_sequence):
+            yield event
+
+    async def predict(
+        self,
+        tenant: str,
+        head_id: str,
+        inputs: Sequence[ModelInput],
+        top_k: int,
+        return_embedding: bool,
+    ) -> list[PredictionResult]:
+        started = time.perf_counter()
+        check_id("head_id", head_id)
+        loaded = self._heads.peek(head_id)
+        record = loaded.record if loaded is not None else await self.get_head(tenant, head_id)
+        _check_owner(record.tenant, tenant, f"head_id: no head {head_id!r}")
+        results = await self._predictor.predict(
+            head_id, inputs, top_k=top_k, return_embedding=return_embedding
+        )
+        self._on_predicted(record.backbone, time.perf_counter() - started)
+        return results
+
+    async def upload_dataset(
+        self, tenant: str, chunks: AsyncIterator[list[LabeledExample]]
+    ) -> DatasetInfo:
+        """Stores the chunks as they come; a refused upload (bad example, over the example
+        count or the tenant's byte quota, disk full) is removed whole."""
+        writer = await self._blocking(self._store.begin_dataset, tenant, self._max_dataset_bytes)
+        modality: Modality | None = None
+        count = 0
+        try:
+            async for chunk in chunks:
+                for example in chunk:
+                    where = f"examples[{count}]"
+                    modality = modality or example.input.modality
+                    if example.input.modality is not modality:
+                        raise InvalidArgumentError(
+                            f"{where}: {example.input.modality.value} input in a "
+                            f"{modality.value} dataset"
+                        )
+                    check_label(example.label, where)
+                    if example.input.text is not None and not example.input.text.strip():
+                        raise InvalidArgumentError(f"{where}.text: text is empty")
+                    if example.input.image is not None:
+                        await self._blocking(
+                            check_image, example.input.image, f"{where}.image", self._max_pixels
+                        )
+                    count += 1
+                if count > self._max_examples:
+                    raise ResourceExhaustedError(
+                        f"examples: more than {self._max_examples} examples in one dataset"
+                    )
+                await self._blocking(writer.add, chunk)
+            info: DatasetInfo = await self._blocking(writer.commit)
+            return info
+        except BaseException:
+            await asyncio.shield(self._blocking(writer.abort))
+            raise
+
+    async def delete_dataset(self, tenant: str, dataset_id: str) -> None:
+        check_id("dataset_id", dataset_id)
+        info: DatasetInfo = await self._blocking(self._store.dataset_info, dataset_id)
+        _check_owner(info.tenant, tenant, f"dataset_id: no dataset {dataset_id!r}")
+        # Jobs already queued from it hold their own copy of the examples.
+        await self._blocking(self._store.delete_dataset, dataset_id)
+        log.info("dataset %s deleted (%d examples)", dataset_id, info.example_count)
+
+    # Job calls read the store (a finished job's row, or every job of the tenant) in the
+    # blocking pool: with 200,000 stored jobs a listing on the event loop took 4 s, and every
+    # other tenant's Predict waited behind it.
+
+    async def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        record: JobRecord = await self._blocking(self._jobs.get, check_id("job_id", job_id))
+        _check_owner(record.tenant, tenant, f"job_id: no job {job_id!r}")
+        return record
+
+    async def list_jobs(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[JobRecord], str]:
+        """One page of the tenant's jobs, oldest first, and the token of the next page ("" on
+        the last). `page_size` 0 or over MAX_JOBS_PAGE reads as MAX_JOBS_PAGE."""
+        size = min(page_size, MAX_JOBS_PAGE) if page_size > 0 else MAX_JOBS_PAGE
+        after = _read_page_token(page_token) if page_token else None
+        # One more than the page: whether another page follows, without a count query.
+        jobs: list[JobRecord] = await self._blocking(
+            functools.partial(self._store.list_jobs, tenant, after=after, limit=size + 1)
+        )
+        if len(jobs) <= size:
+            return jobs, ""
+        jobs = jobs[:size]
+        return jobs, _page_token(jobs[-1])
+
+    async def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
+        record = await self.get_job(tenant, job_id)
+        if record.state.finished:
+            # Said here, from the row read in the pool: the job manager would read the store
+            # again, on the loop, for a job that is no longer live.
+            raise FailedPreconditionError(
+                f"job_id: job {job_id} is {record.state.value}; not cancellable"
+            )
+        # Unfinished, so live in this process: cancelling touches no store.
+        return self._jobs.cancel(job_id)
+
+    async def list_heads(self, tenant: str, backbone: str) -> list[HeadRecord]:
+        if backbone:
+            self._backbones.spec(backbone)
+        heads: list[HeadRecord] = await self._blocking(self._store.list_heads)
+        return [
+            head
+            for head in heads
+            if head.tenant == tenant and (not backbone or head.backbone == backbone)
+        ]
+
+    async def get_head(self, tenant: str, head_id: str) -> HeadRecord:
+        """The head's record. A damaged head is FAILED_PRECONDITION to its owner (as in
+        delete_head) and NOT_FOUND to every other tenant, like any head of theirs."""
+        not_found = f"head_id: no head {head_id!r}"
+        try:
+            record: HeadRecord = await self._blocking(
+                self._store.get_head, check_id("head_id", head_id)
+            )
+        except UnreadableHeadError as exc:
+            _check_owner(exc.owner if exc.owner is not None else DEFAULT_TENANT, tenant, not_found)
+            raise
+        _check_owner(record.tenant, tenant, not_found)
+        return record
+
+    async def delete_head(self, tenant: str, head_id: str) -> None:
+        """Deletes a head, damaged or not. A head whose metadata cannot be read is deleted by
+        its owner as the store still knows it (UnreadableHeadError.owner), or, where even
+        that is unknown, by DEFAULT_TENANT: never by just any tenant."""
+        # get_head answers NOT_FOUND to everyone but the owner, damaged head or not; an
+        # UnreadableHeadError that comes through is the owner's, who may delete it.
+        with contextlib.suppress(UnreadableHeadError):
+            await self.get_head(tenant, head_id)
+        # Out of the cache before the files go (no more hits meanwhile) and again after: the
+        # second discard also stops a Predict that was loading it from caching it.
+        self._heads.discard(head_id)
+        try:
+            await self._blocking(self._store.delete_head, head_id)
+        finally:
+            self._heads.discard(head_id)
+
+
+def _page_token(last: JobRecord) -> str:
+    """Opaque to callers: the last job's created time and id, where the next page starts."""
+    text = f"{last.created_time.isoformat()}|{last.job_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _read_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.fromisoformat(created), check_id("page_token", job_id)
+    except (ValueError, UnicodeError, InvalidArgumentError):
+        raise InvalidArgumentError(
+            "page_token: not a token from ListJobs (send the last next_page_token as it came)"
+        ) from None
+
+
+def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:
+    """Another tenant's record is reported exactly as a missing one."""
+    if owner != tenant:
+        raise NotFoundError(not_found_message)

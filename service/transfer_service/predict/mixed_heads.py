@@ -1,0 +1,129 @@
+"""One Predict batch on the compute thread: the frozen trunk advances stage by stage over the
+rows of every request, and each head runs once, over the rows of all of its requests, where it
+branches off (its split point: its own unfrozen blocks, pooling, classifier). Pure tensors;
+the batcher that forms batches and answers callers is transfer_service.predict.batcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.domain import ClassScore, PredictionResult
+from transfer_service.heads import LoadedHead
+from transfer_service.predict.padding import padded_index, padding_count
+
+
+class HeadRequest(Protocol):
+    """One caller's share of a batch."""
+
+    head: LoadedHead
+    examples: list[Any]  # first-stage inputs, CPU
+    top_k: int
+    return_embedding: bool
+
+
+def run_heads(
+    backbone: LoadedBackbone, batch: Sequence[HeadRequest], padded_sizes: Sequence[int]
+) -> list[list[PredictionResult]]:
+    """Each request's results, in batch order. `padded_sizes` (predict.padding): every
+    trunk and head pass is padded up to one of these row counts; empty: no padding."""
+    trunk = backbone.trunk
+    device = backbone.device
+    # Rows are stacked request by request: request i owns rows [starts[i], starts[i+1]).
+    starts = [0]
+    for item in batch:
+        starts.append(starts[-1] + len(item.examples))
+    examples = [row for item in batch for row in item.examples]
+    # Padding rows (copies of the last) go after every real row: real row r is row r of
+    # `state`, and each head's results are read from its first rows.
+    examples += examples[-1:] * padding_count(len(examples), padded_sizes)
+    state = trunk.to_device(trunk.collate(examples), device)
+    # Requests grouped by head (each head runs once, over all of its rows) and heads by
+    # where they attach; the trunk advances stage by stage over the rows still needed
+    # and each group branches off at its split point.
+    by_head: dict[int, list[int]] = {}
+    for position, item in enumerate(batch):
+        by_head.setdefault(id(item.head), []).append(position)
+    groups_at: dict[int, list[list[int]]] = {}
+    for positions in by_head.values():
+        split = trunk.prefix_end(batch[positions[0]].head.record.trainable_blocks)
+        groups_at.setdefault(split, []).append(positions)
+    split_points = sorted(groups_at)
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    total_rows = starts[-1]
+    active = torch.arange(total_rows)  # batch rows still inside `state`, in order
+    stage = 0
+    with torch.inference_mode():
+        for split in split_points:
+            state = backbone.run_prefix(state, stage, split)
+            stage = split
+            # where_in_state[r]: the position of batch row r inside `state` (-1: dropped)
+            where_in_state = torch.full((total_rows,), -1, dtype=torch.long)
+            where_in_state[active] = torch.arange(len(active))
+            for positions in groups_at[split]:
+                head = batch[positions[0]].head
+                rows = torch.cat([torch.arange(starts[p], starts[p + 1]) for p in positions])
+                head_state = (
+                    state
+                    if len(rows) == len(active)
+                    else trunk.select(
+                        state, padded_index(where_in_state[rows], padded_sizes).to(device)
+                    )
+                )
+                features = head.module.features(head_state)  # [rows + padding, D]
+                logits = head.module.classify(features).float().cpu()  # [rows + padding, C]
+                wanted = any(batch[p].return_embedding for p in positions)
+                group_features = features.float().cpu() if wanted else None
+                offset = 0
+                for p in positions:
+                    count = starts[p + 1] - starts[p]
+                    outputs[p] = (
+                        logits[offset : offset + count],
+                        group_features[offset : offset + count]
+                        if group_features is not None and batch[p].return_embedding
+                        else None,
+                    )
+                    offset += count
+            if split == split_points[-1]:
+                break
+            # Keep only the rows of heads that attach further up.
+            keep = (
+                torch.cat(
+                    [
+                        torch.arange(starts[p], starts[p + 1])
+                        for later in split_points
+                        if later > split
+                        for positions in groups_at[later]
+                        for p in positions
+                    ]
+                )
+                .sort()
+                .values
+            )
+            state = trunk.select(state, padded_index(where_in_state[keep], padded_sizes).to(device))
+            active = keep
+    return [
+        _results(item.head, *outputs[position], item.top_k) for position, item in enumerate(batch)
+    ]
+
+
+def _results(
+    head: LoadedHead, logits: torch.Tensor, features: torch.Tensor | None, top_k: int
+) -> list[PredictionResult]:
+    classes = head.record.class_names
+    probabilities = logits.softmax(dim=1)  # [n, C]
+    k = min(max(top_k, 1), len(classes))
+    scores, indices = probabilities.topk(k, dim=1)
+    results = []
+    for row in range(probabilities.shape[0]):
+        ranked = tuple(
+            ClassScore(classes[int(i)], float(s))
+            for s, i in zip(scores[row].tolist(), indices[row].tolist(), strict=True)
+        )
+        embedding = tuple(features[row].tolist()) if features is not None else ()
+        results.append(PredictionResult(ranked[0].label, ranked[0].score, ranked, embedding))
+    return results

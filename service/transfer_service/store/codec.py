@@ -1,0 +1,198 @@
+"""JSON encoding of records and events for the store (no pickle anywhere)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from transfer_service.domain import (
+    DEFAULT_TENANT,
+    CandidateResult,
+    EventPayload,
+    HeadRecord,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    JobWarning,
+    Modality,
+    TrainingConfig,
+    TrainingMetrics,
+    TrainingPlan,
+    TrainingProgress,
+)
+
+# Version 1 files written before tenancy have no "tenant" key: they belong to DEFAULT_TENANT.
+HEAD_FORMAT_VERSION = 1
+# An optional key of version 1 (absent from files written before it): see head_to_json.
+_WEIGHTS_SHA256 = "weights_sha256"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_MISSING = object()
+_T = TypeVar("_T")
+
+_EVENT_KINDS: dict[str, type[Any]] = {
+    "queued": JobQueued,
+    "started": JobStarted,
+    "progress": TrainingProgress,
+    "completed": JobCompleted,
+    "failed": JobFailed,
+    "cancelled": JobCancelled,
+    "warning": JobWarning,
+    "candidate": CandidateResult,
+}
+
+
+class HeadFormatError(ValueError):
+    """A head.json that is not a head record this code can read: not JSON, not an object, a
+    missing or mistyped field, a bad date. Whatever damaged the file, this is the one error."""
+
+
+def head_to_json(record: HeadRecord, weights_sha256: str | None = None) -> str:
+    """`weights_sha256`: the hex SHA-256 of the weights file's bytes, stored so a load can
+    tell damaged weights from good ones (the key is optional: files written before it have
+    none, and readers ignore keys they do not know)."""
+    data = dataclasses.asdict(record)
+    data["modality"] = record.modality.value
+    data["created_time"] = record.created_time.isoformat()
+    data["format_version"] = HEAD_FORMAT_VERSION
+    if weights_sha256 is not None:
+        data[_WEIGHTS_SHA256] = weights_sha256
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def decode_head(text: str | bytes) -> tuple[HeadRecord, str | None]:
+    """The record and its weights' SHA-256 (None for a file written before checksums).
+
+    Every field is type-checked here, not just parsed: a record with a number for a name or
+    a string for a metric would pass construction and then fail far away (a listing that
+    serialises every head fails for every caller). Raises HeadFormatError, only."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise HeadFormatError(f"not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise HeadFormatError(f"JSON {json.dumps(data)[:20]}, not an object")
+    version = data.get("format_version")
+    if type(version) is not int or version != HEAD_FORMAT_VERSION:
+        raise HeadFormatError(f"unsupported head format version {version!r}")
+    checksum = data.get(_WEIGHTS_SHA256)
+    if checksum is not None and not (isinstance(checksum, str) and _SHA256_HEX.fullmatch(checksum)):
+        raise HeadFormatError(f"{_WEIGHTS_SHA256} is not a hex SHA-256")
+    class_names = _field(data, "class_names", list)
+    if not class_names or not all(isinstance(name, str) for name in class_names):
+        raise HeadFormatError("class_names is not a non-empty list of strings")
+    try:
+        modality = Modality(_field(data, "modality", str))
+        created_time = datetime.fromisoformat(_field(data, "created_time", str))
+    except ValueError as exc:
+        raise HeadFormatError(str(exc)) from exc
+    if created_time.tzinfo is None:
+        # Listings sort by this; one naive time among aware ones would make that raise.
+        created_time = created_time.replace(tzinfo=UTC)
+    record = HeadRecord(
+        head_id=_field(data, "head_id", str),
+        name=_field(data, "name", str),
+        backbone=_field(data, "backbone", str),
+        modality=modality,
+        class_names=tuple(class_names),
+        trainable_blocks=_count(data, "trainable_blocks"),
+        input_size=_count(data, "input_size"),
+        hidden_dim=_count(data, "hidden_dim"),
+        metrics=_dataclass_from(TrainingMetrics, _field(data, "metrics", dict), "metrics"),
+        config=_dataclass_from(TrainingConfig, _field(data, "config", dict), "config"),
+        created_time=created_time,
+        size_bytes=_count(data, "size_bytes"),
+        job_id=_field(data, "job_id", str),
+        tenant=_field(data, "tenant", str, DEFAULT_TENANT),
+        head_type=_field(data, "head_type", str, "linear"),
+    )
+    return record, checksum
+
+
+def _field(data: dict[str, Any], name: str, kind: type[_T], default: Any = _MISSING) -> _T:
+    value = data.get(name, default)
+    if value is _MISSING:
+        raise HeadFormatError(f"{name} is missing")
+    # bool is an int to isinstance; a true/false where a number belongs is damage too.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise HeadFormatError(f"{name} is not a {kind.__name__}")
+    return value
+
+
+def _count(data: dict[str, Any], name: str) -> int:
+    value = _field(data, name, int)
+    if value < 0:
+        raise HeadFormatError(f"{name} is negative")
+    return value
+
+
+def _dataclass_from(cls: type[_T], data: dict[str, Any], where: str) -> _T:
+    """`cls(**data)` once every value has its field's type (bool is not taken for a number,
+    an int is taken for a float)."""
+    hints = _FIELD_TYPES[cls]
+    for name, value in data.items():
+        if name not in hints:
+            raise HeadFormatError(f"{where}.{name} is not a field this server knows")
+        if not _conforms(value, hints[name]):
+            raise HeadFormatError(f"{where}.{name} has the wrong type")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required field is missing
+        raise HeadFormatError(f"{where}: {exc}") from exc
+
+
+# Resolved once: the records' annotations are strings (postponed evaluation).
+_FIELD_TYPES: dict[type[Any], dict[str, Any]] = {
+    cls: typing.get_type_hints(cls) for cls in (TrainingMetrics, TrainingConfig)
+}
+
+
+def _conforms(value: object, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_conforms(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    if hint in (int, str):
+        return isinstance(value, hint)
+    return False  # no other field types in these records: refuse rather than guess
+
+
+def event_kind(payload: EventPayload) -> str:
+    for kind, payload_type in _EVENT_KINDS.items():
+        if isinstance(payload, payload_type):
+            return kind
+    raise TypeError(f"unknown event payload {type(payload).__name__}")
+
+
+def payload_to_json(payload: EventPayload) -> str:
+    return json.dumps(dataclasses.asdict(payload))
+
+
+def payload_from_json(kind: str, text: str) -> EventPayload:
+    data = json.loads(text)
+    if kind == "started":
+        data["class_names"] = tuple(data["class_names"])
+        data["class_counts"] = tuple((label, count) for label, count in data["class_counts"])
+        data["plan"] = TrainingPlan(**data["plan"])
+    elif kind == "completed":
+        data["metrics"] = TrainingMetrics(**data["metrics"])
+    payload: EventPayload = _EVENT_KINDS[kind](**data)
+    return payload
+
+
+def progress_from_json(text: str) -> TrainingProgress | None:
+    if not text:
+        return None
+    return TrainingProgress(**json.loads(text))

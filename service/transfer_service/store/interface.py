@@ -1,0 +1,91 @@
+"""The store seen by the rest of the server. The embedded backend is LocalStore (a directory
+plus SQLite); a PostgreSQL + object-store backend for multi-replica deployments implements
+the same protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedError."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import torch
+
+from transfer_service.domain import DatasetInfo, HeadRecord, JobEvent, JobRecord, LabeledExample
+
+
+class HeadStore(Protocol):
+    def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        """Atomically: afterwards the head is complete and listed, or absent."""
+
+    def get_head(self, head_id: str) -> HeadRecord: ...
+
+    def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]: ...
+
+    def list_heads(self) -> list[HeadRecord]: ...
+
+    def delete_head(self, head_id: str) -> None: ...
+
+
+class JobStore(Protocol):
+    def save_job(self, job: JobRecord) -> None: ...
+
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    def list_jobs(
+        self,
+        tenant: str | None = None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[JobRecord]:
+        """Oldest first, ties by id; only `tenant`'s when given; with `after` (created time,
+        job id) only the jobs past that one, at most `limit`."""
+
+    def unsettled_jobs(self) -> list[JobRecord]:
+        """Jobs not finished, and finished ones whose event log does not end in a terminal
+        event: all that start-up recovery has to settle."""
+
+    def delete_finished_jobs(self, finished_before: datetime) -> int:
+        """Retention: deletes jobs that finished before `finished_before` and their events
+        (never queued or running ones, never heads); returns how many."""
+
+    def append_event(self, event: JobEvent) -> None: ...
+
+    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+        """A progress event (and the job row carrying it), in one transaction that may skip
+        the disk flush: it survives the process dying, and losing the newest of them to a
+        power cut costs nothing a restart would not redo (the job fails over anyway)."""
+
+    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
+        """Atomically: saves the job's final row and appends its terminal event, or neither."""
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]: ...
+
+
+class DatasetWriter(Protocol):
+    def add(self, examples: Sequence[LabeledExample]) -> None: ...
+
+    def commit(self) -> DatasetInfo: ...
+
+    def abort(self) -> None: ...
+
+
+class DatasetStore(Protocol):
+    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> DatasetWriter:
+        """With `quota_bytes`, `add` refuses (ResourceExhaustedError) examples that would take
+        the tenant's stored datasets, uploads in progress included, past it."""
+
+    def dataset_info(self, dataset_id: str) -> DatasetInfo:
+        """A complete dataset's description and tenant, without reading its examples."""
+
+    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
+        """The examples of the dataset `info` describes (read first, so its owner is checked
+        before any example is); NOT_FOUND if it was deleted since."""
+
+    def dataset_bytes(self, tenant: str) -> int: ...
+
+    def delete_dataset(self, dataset_id: str) -> None: ...
+
+
+class Store(HeadStore, JobStore, DatasetStore, Protocol):
+    def close(self) -> None: ...
