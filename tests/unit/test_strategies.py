@@ -21,8 +21,13 @@ from transfer_service.domain import (
     TrainingProgress,
 )
 from transfer_service.heads import PrototypeClassifier, build_head
+from transfer_service.training.fine_tune_loop import (
+    BLOCK_LR_FACTOR,
+    build_optimizer,
+    unfrozen_blocks,
+)
 from transfer_service.training.selection import CandidateScore, choose, sample_examples
-from transfer_service.training.trainer import BLOCK_LR_FACTOR, Trainer, TrainingResult
+from transfer_service.training.trainer import Trainer, TrainingResult
 
 from tests.datasets import fashion_mnist
 
@@ -55,14 +60,7 @@ def run(
 def test_discriminative_learning_rates_per_block(lite0: LoadedBackbone) -> None:
     head = build_head(lite0.trunk, trainable_blocks=3, num_classes=2)
     config = TrainingConfig(learning_rate=1e-2, trainable_blocks=3, layer_lr_decay=0.5)
-    trainer = Trainer(
-        lite0,
-        FineTuneSpec("efficientnet_lite0", "t", (), config),
-        feature_cache_bytes=1,
-        emit=lambda p: None,
-        cancelled=threading.Event(),
-    )
-    optimizer = trainer._optimizer(head)
+    optimizer = build_optimizer(head, config)
     rates = [group["lr"] for group in optimizer.param_groups]
     top = 1e-2 * BLOCK_LR_FACTOR
     assert rates == pytest.approx([1e-2, top, top * 0.5, top * 0.25])
@@ -72,22 +70,10 @@ def test_discriminative_learning_rates_per_block(lite0: LoadedBackbone) -> None:
 
 def test_progressive_unfreezing_opens_one_block_every_k_epochs(lite0: LoadedBackbone) -> None:
     head = build_head(lite0.trunk, trainable_blocks=2, num_classes=2)
-    trainer = Trainer(
-        lite0,
-        FineTuneSpec(
-            "efficientnet_lite0",
-            "t",
-            (),
-            TrainingConfig(trainable_blocks=2, unfreeze_every_epochs=2),
-        ),
-        feature_cache_bytes=1,
-        emit=lambda p: None,
-        cancelled=threading.Event(),
-    )
     opened = []
     for epoch in range(1, 8):
         head.train()
-        head.set_unfrozen_blocks(trainer._unfrozen_blocks(head, epoch))
+        head.set_unfrozen_blocks(unfrozen_blocks(head, epoch, unfreeze_every_epochs=2))
         opened.append([all(p.requires_grad for p in block.parameters()) for block in head.suffix])
     assert opened == [
         [False, False], [False, False],  # epochs 1-2: classifier only

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transfer_service.backbones.catalog import EfficientNetLiteSpec
 from transfer_service.heads import build_head
+from transfer_service.training.fine_tune_loop import warmup_cosine
 from transfer_service.training.split import stratified_split
-from transfer_service.training.trainer import _warmup_cosine
 
 
 def test_split_is_stratified_and_seeded() -> None:
@@ -50,7 +50,7 @@ def test_probe_head_has_no_blocks() -> None:
 
 
 def test_warmup_then_cosine() -> None:
-    values = [_warmup_cosine(step, 10, 100) for step in range(100)]
+    values = [warmup_cosine(step, 10, 100) for step in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))
