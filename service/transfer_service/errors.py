@@ -34,6 +34,21 @@ class FailedPreconditionError(ServiceError):
     status_name = "FAILED_PRECONDITION"
 
 
+class UnreadableHeadError(FailedPreconditionError):
+    """A head whose metadata cannot be read. Get and Predict answer FAILED_PRECONDITION; the
+    head can still be deleted, by its owner: `owner` is the tenant from the head's `tenant`
+    file, or None when that is missing too (heads saved before the file existed) or damaged.
+    The operations layer takes an unknown owner to be DEFAULT_TENANT, as it does for head
+    files written before tenancy, so with authentication on no other tenant can delete it
+    (the operator can, by removing its directory)."""
+
+    def __init__(self, head_id: str, problem: str, owner: str | None) -> None:
+        super().__init__(
+            f"head {head_id!r}: {problem}; the head is corrupt: delete it and train again"
+        )
+        self.owner = owner
+
+
 class ResourceExhaustedError(ServiceError):
     """Too large, too many, or out of accelerator memory."""
 

@@ -37,11 +37,12 @@ from transfer_service.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnreadableHeadError,
 )
 from transfer_service.heads import HeadCache
 from transfer_service.predict.batcher import Predictor
+from transfer_service.store.ids import check_id
 from transfer_service.store.interface import Store
-from transfer_service.store.local import UnreadableHeadError, check_id
 from transfer_service.training.features import check_pooled_features_fit
 from transfer_service.training.jobs import JobManager
 from transfer_service.training.validation import (

@@ -28,9 +28,9 @@ from transfer_service.domain import (
     TrainingConfig,
     TrainingMetrics,
 )
-from transfer_service.errors import FailedPreconditionError, NotFoundError
+from transfer_service.errors import FailedPreconditionError, NotFoundError, UnreadableHeadError
 from transfer_service.heads import HeadCache, LoadedHead, TaskHead, module_bytes
-from transfer_service.store.local import LocalStore, UnreadableHeadError
+from transfer_service.store.local import LocalStore
 
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.reliability.conftest import assert_serving, probe_images
@@ -160,7 +160,7 @@ def test_damaged_metadata_is_failed_precondition_and_left_out_of_listings(
         store.get_head("bad-1")
     with pytest.raises(FailedPreconditionError):
         store.load_head_weights("bad-1")
-    with caplog.at_level(logging.WARNING, logger="transfer_service.store.local"):
+    with caplog.at_level(logging.WARNING, logger="transfer_service.store.head_files"):
         assert [head.head_id for head in store.list_heads()] == ["good-1"]
         assert [head.head_id for head in store.list_heads()] == ["good-1"]
     warnings = [r for r in caplog.records if "bad-1" in r.getMessage()]

@@ -27,6 +27,7 @@ from transfer_service.domain import (
     TrainingProgress,
 )
 from transfer_service.store.local import LocalStore
+from transfer_service.store.sqlite_jobs import SqliteJobs
 from transfer_service.training.recovery import INTERRUPTED_REASON, recover_jobs
 
 from tests.unit.test_store import record
@@ -82,13 +83,13 @@ def test_a_failure_after_either_write_of_finish_job_undoes_both(
 ) -> None:
     store = LocalStore(tmp_path)
     job = running_job(store, "job-1", events=2)
-    real = getattr(LocalStore, failing)
+    real = getattr(SqliteJobs, failing)
 
-    def write_then_fail(self: LocalStore, value: object) -> None:
+    def write_then_fail(self: SqliteJobs, value: object) -> None:
         real(self, value)
         raise OSError("simulated: disk gone after the write")
 
-    monkeypatch.setattr(LocalStore, failing, write_then_fail)
+    monkeypatch.setattr(SqliteJobs, failing, write_then_fail)
     job.state, job.last_sequence = JobState.SUCCEEDED, 3
     with pytest.raises(OSError, match="simulated"):
         store.finish_job(job, JobEvent("job-1", 3, NOW, JobCancelled("done")))
@@ -111,11 +112,12 @@ def test_a_kill_between_the_event_and_the_row_write_loses_both(tmp_path: Path) -
         from pathlib import Path
         from transfer_service.domain import JobCompleted, JobEvent, JobState, TrainingMetrics
         from transfer_service.store.local import LocalStore
+        from transfer_service.store.sqlite_jobs import SqliteJobs
 
         store = LocalStore(Path({str(tmp_path)!r}))
         job = store.get_job("job-1")
         job.state, job.head_id, job.last_sequence = JobState.SUCCEEDED, "cats-1", 4
-        LocalStore._write_job = lambda self, job: os._exit(9)  # the kill, between the writes
+        SqliteJobs._write_job = lambda self, job: os._exit(9)  # the kill, between the writes
         metrics = TrainingMetrics(0.1, 0.9, 0.2, 0.8, 3, 3, False, 1.0)
         event = JobEvent("job-1", 4, datetime.now(UTC), JobCompleted("cats-1", metrics))
         store.finish_job(job, event)

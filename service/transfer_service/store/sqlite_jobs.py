@@ -1,0 +1,221 @@
+"""The job store in SQLite: job rows and their event logs (tables in sqlite_schema)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from transfer_service.domain import JobEvent, JobRecord, JobState
+from transfer_service.errors import NotFoundError
+from transfer_service.store.codec import (
+    event_kind,
+    payload_from_json,
+    payload_to_json,
+    progress_from_json,
+)
+from transfer_service.store.disk_faults import disk_faults
+from transfer_service.store.ids import check_id
+from transfer_service.store.sqlite_schema import transaction
+
+_FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
+# job_events.kind of the events that end a job's log (transfer_service.store.codec.event_kind).
+_TERMINAL_KINDS = ("completed", "failed", "cancelled")
+# Finished jobs deleted per transaction by the retention sweep: the store's lock is released
+# between batches, so a large sweep never holds up a training job's writes for long.
+_RETENTION_BATCH = 500
+_JOB_COLUMNS = (
+    "job_id, state, backbone, head_name, head_id, error, created, updated, last_sequence, "
+    "progress, tenant"
+)
+
+
+class SqliteJobs:
+    """Jobs and job events (a JobStore) in `db`, used under `lock`, which the store's other
+    users of the connection share; `root` is the store's directory (for disk faults)."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, root: Path) -> None:
+        self._db = db
+        self._lock = lock
+        self._root = root
+
+    @disk_faults
+    def save_job(self, job: JobRecord) -> None:
+        with self._lock:
+            self._write_job(job)
+
+    @disk_faults
+    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
+        """The job's final row and its terminal event in one transaction: a crash leaves
+        both or neither, never a finished job whose event log has no end."""
+        with self._lock, transaction(self._db):
+            self._write_event(event)
+            self._write_job(job)
+
+    def _write_job(self, job: JobRecord) -> None:
+        progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else ""
+        self._db.execute(
+            f"INSERT OR REPLACE INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                job.job_id,
+                job.state.value,
+                job.backbone,
+                job.head_name,
+                job.head_id,
+                job.error,
+                job.created_time.isoformat(),
+                job.updated_time.isoformat(),
+                job.last_sequence,
+                progress,
+                job.tenant,
+            ),
+        )
+
+    def get_job(self, job_id: str) -> JobRecord:
+        check_id("job_id", job_id)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"job_id: no job {job_id!r}")
+        return _job_from_row(row)
+
+    def list_jobs(
+        self,
+        tenant: str | None = None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[JobRecord]:
+        """Every job, oldest first (ties by id); only `tenant`'s when given, read through an
+        index so one tenant's listing does not scan everyone's jobs. `after` (a job's created
+        time and id) and `limit` read one page."""
+        where: list[str] = []
+        parameters: list[object] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            parameters.append(tenant)
+        if after is not None:
+            created = after[0].isoformat()  # as _write_job stored it
+            where.append("(created > ? OR (created = ? AND job_id > ?))")
+            parameters += [created, created, after[1]]
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created, job_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            parameters.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, parameters).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def unsettled_jobs(self) -> list[JobRecord]:
+        """What start-up recovery must look at, found by SQLite rather than by reading every
+        job's log (200,000 jobs took 3.4 s that way): jobs not finished, and finished jobs
+        whose newest event is not a terminal one at or past the row's last sequence."""
+        finished = ",".join("?" * len(_FINISHED_STATES))
+        terminal = ",".join("?" * len(_TERMINAL_KINDS))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE j.state NOT IN ({finished}) "
+                "OR NOT EXISTS (SELECT 1 FROM job_events AS e WHERE e.job_id = j.job_id "
+                "AND e.sequence = (SELECT MAX(sequence) FROM job_events WHERE job_id = j.job_id) "
+                f"AND e.sequence >= j.last_sequence AND e.kind IN ({terminal})) "
+                "ORDER BY created, job_id",
+                (*_FINISHED_STATES, *_TERMINAL_KINDS),
+            ).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    @disk_faults
+    def delete_finished_jobs(self, finished_before: datetime) -> int:
+        """Deletes jobs that finished (last updated) before `finished_before`, with their
+        events; queued and running jobs, and heads, are never touched. Returns how many."""
+        cutoff = finished_before.isoformat()
+        states = ",".join("?" * len(_FINISHED_STATES))
+        deleted = 0
+        while True:
+            with self._lock, transaction(self._db):
+                # julianday() compares the stored ISO times across UTC offsets.
+                doomed = [
+                    str(row[0])
+                    for row in self._db.execute(
+                        f"SELECT job_id FROM jobs WHERE state IN ({states}) "
+                        "AND julianday(updated) < julianday(?) LIMIT ?",
+                        (*_FINISHED_STATES, cutoff, _RETENTION_BATCH),
+                    )
+                ]
+                for job_id in doomed:
+                    self._db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+                    self._db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            deleted += len(doomed)
+            if len(doomed) < _RETENTION_BATCH:
+                return deleted
+
+    @disk_faults
+    def append_event(self, event: JobEvent) -> None:
+        with self._lock:
+            self._write_event(event)
+
+    @disk_faults
+    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+        # WAL with synchronous=NORMAL: the commit reaches the OS (so a killed process keeps
+        # it) but is not fsynced; the next FULL commit syncs it with its own. 2 ms -> 0.07 ms
+        # per event here, which is what progress streamed every step costs training.
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with transaction(self._db):
+                    self._write_event(event)
+                    if job is not None:
+                        self._write_job(job)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def _write_event(self, event: JobEvent) -> None:
+        self._db.execute(
+            "INSERT INTO job_events VALUES (?,?,?,?,?)",
+            (
+                event.job_id,
+                event.sequence,
+                event.time.isoformat(),
+                event_kind(event.payload),
+                payload_to_json(event.payload),
+            ),
+        )
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        # SQLite integers are signed 64-bit; a uint64 sequence past that means "nothing".
+        after_sequence = min(after_sequence, 2**63 - 1)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, sequence, time, kind, payload FROM job_events "
+                "WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, after_sequence),
+            ).fetchall()
+        return [
+            JobEvent(
+                row[0], row[1], datetime.fromisoformat(row[2]), payload_from_json(row[3], row[4])
+            )
+            for row in rows
+        ]
+
+
+def _job_from_row(row: tuple[object, ...]) -> JobRecord:
+    return JobRecord(
+        job_id=str(row[0]),
+        state=JobState(row[1]),
+        backbone=str(row[2]),
+        head_name=str(row[3]),
+        head_id=str(row[4]),
+        error=str(row[5]),
+        created_time=datetime.fromisoformat(str(row[6])),
+        updated_time=datetime.fromisoformat(str(row[7])),
+        last_sequence=int(str(row[8])),
+        progress=progress_from_json(str(row[9])),
+        tenant=str(row[10]),
+    )
