@@ -12,9 +12,9 @@ from typing import Any, Self
 import grpc
 import grpc.aio
 
-from transfer_client import _convert as convert
+from transfer_client import _core as core
 from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
-from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_error
+from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
@@ -24,9 +24,7 @@ from transfer_client.types import (
     Head,
     InputData,
     Job,
-    JobCancelled,
     JobCompleted,
-    JobFailed,
     LabelledExample,
     Prediction,
     TrainingConfig,
@@ -75,13 +73,7 @@ class AsyncTransferClient:
     # --- backbones -----------------------------------------------------------------------
 
     async def list_backbones(self) -> list[Backbone]:
-        try:
-            response = await self._stub.ListBackbones(
-                pb.ListBackbonesRequest(), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.backbone_from_pb(backbone) for backbone in response.backbones]
+        return await self._unary(self._stub.ListBackbones, core.list_backbones())
 
     # --- training ------------------------------------------------------------------------
 
@@ -89,21 +81,22 @@ class AsyncTransferClient:
         self, examples: Iterable[LabelledExample], *, chunk_size: int = 64
     ) -> DatasetInfo:
         """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
-        chunks = convert.upload_requests(examples, chunk_size)
+        chunks = core.upload_requests(examples, chunk_size)
         call = self._stub.UploadDataset(request_iterator=None, metadata=self._metadata)
-        try:
-            # Chunks are built in a worker thread: building one reads image files.
-            while (request := await asyncio.to_thread(next, chunks, None)) is not None:
-                await call.write(request)
-            await call.done_writing()
-            response = await call
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        except BaseException:
-            # Ending the stream would commit a truncated dataset; cancelling discards it.
-            call.cancel()
-            raise
-        return convert.dataset_info_from_pb(response)
+        with translated_errors():
+            try:
+                # Chunks are built in a worker thread: building one reads image files.
+                while (request := await asyncio.to_thread(next, chunks, None)) is not None:
+                    await call.write(request)
+                await call.done_writing()
+                response = await call
+            except grpc.RpcError:
+                raise  # the call has ended: nothing to cancel
+            except BaseException:
+                # Ending the stream would commit a truncated dataset; cancelling discards it.
+                call.cancel()
+                raise
+        return core.dataset_info_from_pb(response)
 
     def fine_tune(
         self,
@@ -122,7 +115,7 @@ class AsyncTransferClient:
         Stopping the iteration early detaches from the job; it keeps running on the server
         (`watch_job` re-attaches, `cancel_job` stops it).
         """
-        request = convert.fine_tune_request(
+        request = core.fine_tune_request(
             backbone,
             examples,
             dataset_id=dataset_id,
@@ -132,7 +125,7 @@ class AsyncTransferClient:
             validation_dataset_id=validation_dataset_id,
             candidate_backbones=candidate_backbones,
         )
-        return self._events(self._stub.FineTune(request, metadata=self._metadata))
+        return self._fine_tune(request)
 
     async def train(
         self,
@@ -151,7 +144,7 @@ class AsyncTransferClient:
 
         `on_event` may be a plain function or a coroutine function.
         """
-        request = convert.fine_tune_request(
+        request = core.fine_tune_request(
             backbone,
             examples,
             dataset_id=dataset_id,
@@ -162,109 +155,51 @@ class AsyncTransferClient:
             candidate_backbones=candidate_backbones,
         )
         job_id = ""
-        async with contextlib.aclosing(
-            self._events(self._stub.FineTune(request, metadata=self._metadata))
-        ) as events:
+        async with contextlib.aclosing(self._fine_tune(request)) as events:
             async for event in events:
                 job_id = event.job_id
                 if on_event is not None:
                     outcome = on_event(event)
                     if inspect.isawaitable(outcome):
                         await outcome
-                if isinstance(event, JobCompleted):
-                    return event
-                if isinstance(event, JobFailed | JobCancelled):
-                    raise from_job_outcome(event)
-        raise UnavailableError(
-            f"the event stream of job {job_id or '?'} ended before the job did; "
-            "re-attach with watch_job"
-        )
+                if (completed := core.train_outcome(event)) is not None:
+                    return completed
+        raise core.stream_ended(job_id)
 
     # --- jobs ----------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job:
-        try:
-            response = await self._stub.GetJob(
-                pb.GetJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.job_from_pb(response)
+        return await self._unary(self._stub.GetJob, core.get_job(job_id))
 
     async def list_jobs(self) -> list[Job]:
         """Every job of the caller, oldest first (read a page of up to 1000 at a time)."""
-        jobs: list[Job] = []
-        page_token = ""
-        while True:
-            try:
-                response = await self._stub.ListJobs(
-                    pb.ListJobsRequest(page_token=page_token),
-                    timeout=self._timeout,
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-            jobs.extend(convert.job_from_pb(job) for job in response.jobs)
-            if not response.next_page_token:
-                return jobs
-            page_token = response.next_page_token
+        pages = core.JobPages()
+        while (page := pages.next_page()) is not None:
+            await self._unary(self._stub.ListJobs, page)
+        return pages.jobs
 
     async def cancel_job(self, job_id: str) -> Job:
-        try:
-            response = await self._stub.CancelJob(
-                pb.CancelJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.job_from_pb(response)
+        return await self._unary(self._stub.CancelJob, core.cancel_job(job_id))
 
     def watch_job(self, job_id: str, *, after_sequence: int = 0) -> AsyncIterator[FineTuneEvent]:
         """Replays the job's events after `after_sequence`, then follows it until it ends."""
-        request = pb.WatchJobRequest(job_id=job_id, after_sequence=after_sequence)
+        request = core.watch_job_request(job_id, after_sequence)
         return self._events(self._stub.WatchJob(request, metadata=self._metadata))
 
     # --- heads ---------------------------------------------------------------------------
 
     async def list_heads(self, *, backbone: str = "") -> list[Head]:
-        try:
-            response = await self._stub.ListHeads(
-                pb.ListHeadsRequest(backbone=backbone),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.head_from_pb(head) for head in response.heads]
+        return await self._unary(self._stub.ListHeads, core.list_heads(backbone))
 
     async def get_head(self, head_id: str) -> Head:
-        try:
-            response = await self._stub.GetHead(
-                pb.GetHeadRequest(head_id=head_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.head_from_pb(response)
+        return await self._unary(self._stub.GetHead, core.get_head(head_id))
 
     async def delete_head(self, head_id: str) -> None:
-        try:
-            await self._stub.DeleteHead(
-                pb.DeleteHeadRequest(head_id=head_id),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        await self._unary(self._stub.DeleteHead, core.delete_head(head_id))
 
     async def delete_dataset(self, dataset_id: str) -> None:
         """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
-        try:
-            await self._stub.DeleteDataset(
-                pb.DeleteDatasetRequest(dataset_id=dataset_id),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        await self._unary(self._stub.DeleteDataset, core.delete_dataset(dataset_id))
 
     # --- inference -----------------------------------------------------------------------
 
@@ -277,30 +212,33 @@ class AsyncTransferClient:
         return_embedding: bool = False,
     ) -> list[Prediction]:
         """Classifies `inputs` (one, or several in one request); results in input order."""
-        request = convert.predict_request(
-            head_id, inputs, top_k=top_k, return_embedding=return_embedding
-        )
-        try:
-            response = await self._stub.Predict(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.prediction_from_pb(prediction) for prediction in response.predictions]
+        call = core.predict(head_id, inputs, top_k=top_k, return_embedding=return_embedding)
+        return await self._unary(self._stub.Predict, call)
 
     # --- internals -----------------------------------------------------------------------
+
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        call: core.Unary[RequestT, ResponseT, ResultT],
+    ) -> ResultT:
+        with translated_errors():
+            response = await method(call.request, timeout=self._timeout, metadata=self._metadata)
+        return call.result(response)
+
+    def _fine_tune(self, request: pb.FineTuneRequest) -> AsyncGenerator[FineTuneEvent]:
+        return self._events(self._stub.FineTune(request, metadata=self._metadata))
 
     @staticmethod
     async def _events(
         call: grpc.aio.UnaryStreamCall[Any, pb.FineTuneEvent],
     ) -> AsyncGenerator[FineTuneEvent]:
         try:
-            async for message in call:
-                event = convert.event_from_pb(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            with translated_errors():
+                async for message in call:
+                    event = core.event_from_pb(message)
+                    if event is not None:
+                        yield event
         finally:
             # Ends the stream when the caller stops early; the job itself keeps running.
             call.cancel()

@@ -10,9 +10,9 @@ from typing import Protocol, Self
 
 import grpc
 
-from transfer_client import _convert as convert
+from transfer_client import _core as core
 from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
-from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_error
+from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
@@ -22,9 +22,7 @@ from transfer_client.types import (
     Head,
     InputData,
     Job,
-    JobCancelled,
     JobCompleted,
-    JobFailed,
     LabelledExample,
     Prediction,
     TrainingConfig,
@@ -73,13 +71,7 @@ class TransferClient:
     # --- backbones -----------------------------------------------------------------------
 
     def list_backbones(self) -> list[Backbone]:
-        try:
-            response = self._stub.ListBackbones(
-                pb.ListBackbonesRequest(), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.backbone_from_pb(backbone) for backbone in response.backbones]
+        return self._unary(self._stub.ListBackbones, core.list_backbones())
 
     # --- training ------------------------------------------------------------------------
 
@@ -87,23 +79,22 @@ class TransferClient:
         self, examples: Iterable[LabelledExample], *, chunk_size: int = 64
     ) -> DatasetInfo:
         """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
-        requests = _GuardedRequests(convert.upload_requests(examples, chunk_size))
+        requests = _GuardedRequests(core.upload_requests(examples, chunk_size))
         call: grpc.Future[pb.UploadDatasetResponse] = self._stub.UploadDataset.future(
             requests, metadata=self._metadata
         )
         requests.attach(call)
-        try:
-            response = call.result()
-        except (grpc.RpcError, grpc.FutureCancelledError) as err:
-            if requests.error is not None:
-                raise requests.error from None
-            if isinstance(err, grpc.RpcError):
-                raise from_rpc_error(err) from err
-            raise
-        except BaseException:
-            call.cancel()  # e.g. Ctrl-C: stop sending rather than finish in the background
-            raise
-        return convert.dataset_info_from_pb(response)
+        with translated_errors():
+            try:
+                response = call.result()
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                if requests.error is not None:
+                    raise requests.error from None
+                raise
+            except BaseException:
+                call.cancel()  # e.g. Ctrl-C: stop sending rather than finish in the background
+                raise
+        return core.dataset_info_from_pb(response)
 
     def fine_tune(
         self,
@@ -122,7 +113,7 @@ class TransferClient:
         Stopping the iteration early detaches from the job; it keeps running on the server
         (`watch_job` re-attaches, `cancel_job` stops it).
         """
-        request = convert.fine_tune_request(
+        request = core.fine_tune_request(
             backbone,
             examples,
             dataset_id=dataset_id,
@@ -132,7 +123,7 @@ class TransferClient:
             validation_dataset_id=validation_dataset_id,
             candidate_backbones=candidate_backbones,
         )
-        return self._events(self._stub.FineTune(request, metadata=self._metadata))
+        return self._fine_tune(request)
 
     def train(
         self,
@@ -148,7 +139,7 @@ class TransferClient:
         on_event: Callable[[FineTuneEvent], object] | None = None,
     ) -> JobCompleted:
         """Runs `fine_tune` to the end; a failed or cancelled job raises its `TransferError`."""
-        request = convert.fine_tune_request(
+        request = core.fine_tune_request(
             backbone,
             examples,
             dataset_id=dataset_id,
@@ -159,107 +150,49 @@ class TransferClient:
             candidate_backbones=candidate_backbones,
         )
         job_id = ""
-        with contextlib.closing(
-            self._events(self._stub.FineTune(request, metadata=self._metadata))
-        ) as events:
+        with contextlib.closing(self._fine_tune(request)) as events:
             for event in events:
                 job_id = event.job_id
                 if on_event is not None:
                     on_event(event)
-                if isinstance(event, JobCompleted):
-                    return event
-                if isinstance(event, JobFailed | JobCancelled):
-                    raise from_job_outcome(event)
-        raise UnavailableError(
-            f"the event stream of job {job_id or '?'} ended before the job did; "
-            "re-attach with watch_job"
-        )
+                if (completed := core.train_outcome(event)) is not None:
+                    return completed
+        raise core.stream_ended(job_id)
 
     # --- jobs ----------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> Job:
-        try:
-            response = self._stub.GetJob(
-                pb.GetJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.job_from_pb(response)
+        return self._unary(self._stub.GetJob, core.get_job(job_id))
 
     def list_jobs(self) -> list[Job]:
         """Every job of the caller, oldest first (read a page of up to 1000 at a time)."""
-        jobs: list[Job] = []
-        page_token = ""
-        while True:
-            try:
-                response = self._stub.ListJobs(
-                    pb.ListJobsRequest(page_token=page_token),
-                    timeout=self._timeout,
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-            jobs.extend(convert.job_from_pb(job) for job in response.jobs)
-            if not response.next_page_token:
-                return jobs
-            page_token = response.next_page_token
+        pages = core.JobPages()
+        while (page := pages.next_page()) is not None:
+            self._unary(self._stub.ListJobs, page)
+        return pages.jobs
 
     def cancel_job(self, job_id: str) -> Job:
-        try:
-            response = self._stub.CancelJob(
-                pb.CancelJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.job_from_pb(response)
+        return self._unary(self._stub.CancelJob, core.cancel_job(job_id))
 
     def watch_job(self, job_id: str, *, after_sequence: int = 0) -> Iterator[FineTuneEvent]:
         """Replays the job's events after `after_sequence`, then follows it until it ends."""
-        request = pb.WatchJobRequest(job_id=job_id, after_sequence=after_sequence)
+        request = core.watch_job_request(job_id, after_sequence)
         return self._events(self._stub.WatchJob(request, metadata=self._metadata))
 
     # --- heads ---------------------------------------------------------------------------
 
     def list_heads(self, *, backbone: str = "") -> list[Head]:
-        try:
-            response = self._stub.ListHeads(
-                pb.ListHeadsRequest(backbone=backbone),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.head_from_pb(head) for head in response.heads]
+        return self._unary(self._stub.ListHeads, core.list_heads(backbone))
 
     def get_head(self, head_id: str) -> Head:
-        try:
-            response = self._stub.GetHead(
-                pb.GetHeadRequest(head_id=head_id), timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return convert.head_from_pb(response)
+        return self._unary(self._stub.GetHead, core.get_head(head_id))
 
     def delete_head(self, head_id: str) -> None:
-        try:
-            self._stub.DeleteHead(
-                pb.DeleteHeadRequest(head_id=head_id),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        self._unary(self._stub.DeleteHead, core.delete_head(head_id))
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
-        try:
-            self._stub.DeleteDataset(
-                pb.DeleteDatasetRequest(dataset_id=dataset_id),
-                timeout=self._timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        self._unary(self._stub.DeleteDataset, core.delete_dataset(dataset_id))
 
     # --- inference -----------------------------------------------------------------------
 
@@ -272,26 +205,31 @@ class TransferClient:
         return_embedding: bool = False,
     ) -> list[Prediction]:
         """Classifies `inputs` (one, or several in one request); results in input order."""
-        request = convert.predict_request(
-            head_id, inputs, top_k=top_k, return_embedding=return_embedding
-        )
-        try:
-            response = self._stub.Predict(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return [convert.prediction_from_pb(prediction) for prediction in response.predictions]
+        call = core.predict(head_id, inputs, top_k=top_k, return_embedding=return_embedding)
+        return self._unary(self._stub.Predict, call)
 
     # --- internals -----------------------------------------------------------------------
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        call: core.Unary[RequestT, ResponseT, ResultT],
+    ) -> ResultT:
+        with translated_errors():
+            response = method(call.request, timeout=self._timeout, metadata=self._metadata)
+        return call.result(response)
+
+    def _fine_tune(self, request: pb.FineTuneRequest) -> Generator[FineTuneEvent]:
+        return self._events(self._stub.FineTune(request, metadata=self._metadata))
 
     @staticmethod
     def _events(call: _EventStream) -> Generator[FineTuneEvent]:
         try:
-            for message in call:
-                event = convert.event_from_pb(message)
-                if event is not None:
-                    yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            with translated_errors():
+                for message in call:
+                    event = core.event_from_pb(message)
+                    if event is not None:
+                        yield event
         finally:
             # Ends the stream when the caller stops early; the job itself keeps running.
             call.cancel()

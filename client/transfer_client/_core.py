@@ -1,0 +1,162 @@
+"""What the two clients share: every call's request, its result, and its errors.
+
+`TransferClient` and `AsyncTransferClient` keep only the transport (which stub method to call,
+blocking or awaited, and the streaming loops); the rest is written once, here:
+
+- `Unary` plans of the unary calls: the request message, and what its response means;
+- `JobPages`, the paging of `list_jobs`;
+- `train_outcome` and `stream_ended`, how `train` reads a job's events;
+- `translated_errors`, the one place a failed call's `grpc.RpcError` becomes a `TransferError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Generic, TypeVar
+
+import grpc
+
+from transfer_client import _convert as convert
+
+# Re-exported for the clients' streaming calls, so that they read the protocol from one module.
+from transfer_client._convert import dataset_info_from_pb as dataset_info_from_pb
+from transfer_client._convert import event_from_pb as event_from_pb
+from transfer_client._convert import fine_tune_request as fine_tune_request
+from transfer_client._convert import upload_requests as upload_requests
+from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_error
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.types import (
+    Backbone,
+    FineTuneEvent,
+    Head,
+    InputData,
+    Job,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    Prediction,
+)
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
+
+
+class translated_errors:  # lower case, like `contextlib.suppress`: used as a function
+    """`with translated_errors(): ...` re-raises a failed call's `grpc.RpcError` as the matching
+    `TransferError`, chained to it; anything else passes through untouched.
+
+    It is a plain (synchronous) context manager, so it serves awaited calls as well:
+    `with translated_errors(): await stub.GetJob(...)`.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, grpc.RpcError):
+            raise from_rpc_error(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Unary(Generic[RequestT, ResponseT, ResultT]):
+    """A unary call but for its transport: the request to send, and what the response means."""
+
+    request: RequestT
+    result: Callable[[ResponseT], ResultT]
+
+
+def _nothing(response: object) -> None:
+    return None
+
+
+def list_backbones() -> Unary[pb.ListBackbonesRequest, pb.ListBackbonesResponse, list[Backbone]]:
+    return Unary(
+        pb.ListBackbonesRequest(),
+        lambda response: [convert.backbone_from_pb(backbone) for backbone in response.backbones],
+    )
+
+
+def get_job(job_id: str) -> Unary[pb.GetJobRequest, pb.Job, Job]:
+    return Unary(pb.GetJobRequest(job_id=job_id), convert.job_from_pb)
+
+
+def cancel_job(job_id: str) -> Unary[pb.CancelJobRequest, pb.Job, Job]:
+    return Unary(pb.CancelJobRequest(job_id=job_id), convert.job_from_pb)
+
+
+def list_heads(backbone: str) -> Unary[pb.ListHeadsRequest, pb.ListHeadsResponse, list[Head]]:
+    return Unary(
+        pb.ListHeadsRequest(backbone=backbone),
+        lambda response: [convert.head_from_pb(head) for head in response.heads],
+    )
+
+
+def get_head(head_id: str) -> Unary[pb.GetHeadRequest, pb.Head, Head]:
+    return Unary(pb.GetHeadRequest(head_id=head_id), convert.head_from_pb)
+
+
+def delete_head(head_id: str) -> Unary[pb.DeleteHeadRequest, pb.DeleteHeadResponse, None]:
+    return Unary(pb.DeleteHeadRequest(head_id=head_id), _nothing)
+
+
+def delete_dataset(
+    dataset_id: str,
+) -> Unary[pb.DeleteDatasetRequest, pb.DeleteDatasetResponse, None]:
+    return Unary(pb.DeleteDatasetRequest(dataset_id=dataset_id), _nothing)
+
+
+def predict(
+    head_id: str, inputs: InputData | Iterable[InputData], *, top_k: int, return_embedding: bool
+) -> Unary[pb.PredictRequest, pb.PredictResponse, list[Prediction]]:
+    return Unary(
+        convert.predict_request(head_id, inputs, top_k=top_k, return_embedding=return_embedding),
+        lambda response: [convert.prediction_from_pb(p) for p in response.predictions],
+    )
+
+
+class JobPages:
+    """`list_jobs` a page at a time: send each plan `next_page()` gives until it gives None;
+    `jobs` then holds every job, oldest first."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self._page_token: str | None = ""  # None once the last page is read
+
+    def next_page(self) -> Unary[pb.ListJobsRequest, pb.ListJobsResponse, None] | None:
+        if self._page_token is None:
+            return None
+        return Unary(pb.ListJobsRequest(page_token=self._page_token), self._read)
+
+    def _read(self, response: pb.ListJobsResponse) -> None:
+        self.jobs.extend(convert.job_from_pb(job) for job in response.jobs)
+        self._page_token = response.next_page_token or None
+
+
+def watch_job_request(job_id: str, after_sequence: int) -> pb.WatchJobRequest:
+    return pb.WatchJobRequest(job_id=job_id, after_sequence=after_sequence)
+
+
+def train_outcome(event: FineTuneEvent) -> JobCompleted | None:
+    """How `train` reads one event: the completed job's event ends it, a failed or cancelled
+    job raises its `TransferError`, and anything else (None) means read on."""
+    if isinstance(event, JobCompleted):
+        return event
+    if isinstance(event, JobFailed | JobCancelled):
+        raise from_job_outcome(event)
+    return None
+
+
+def stream_ended(job_id: str) -> UnavailableError:
+    """What `train` raises when the event stream ends before the job did."""
+    return UnavailableError(
+        f"the event stream of job {job_id or '?'} ended before the job did; "
+        "re-attach with watch_job"
+    )
