@@ -22,6 +22,8 @@ from transfer_client.errors import (
     ResourceExhaustedError,
     TransferError,
     UnavailableError,
+    error_for_code,
+    from_job_outcome,
     from_rpc_error,
 )
 from transfer_client.types import (
@@ -89,6 +91,8 @@ __all__ = [
     "TransferClient",
     "TransferError",
     "UnavailableError",
+    "error_for_code",
+    "from_job_outcome",
     "from_rpc_error",
     "tls_credentials",
 ]
