@@ -25,8 +25,9 @@ from transfer_service.errors import ConfigurationError, ResourceExhaustedError
 from transfer_service.heads import HeadCache
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
-from transfer_service.predict.batcher import Predictor, PredictTimings
+from transfer_service.predict.batcher import PredictTimings
 from transfer_service.predict.padding import padded_batch_sizes, pads_predict_batches
+from transfer_service.predict.predictor import Predictor
 from transfer_service.settings import Settings
 from transfer_service.store.local import LocalStore
 from transfer_service.structured_logs import configure_logging
@@ -55,6 +56,7 @@ class Application:
     settings: Settings
     store: LocalStore
     backbones: BackboneCache
+    heads: HeadCache
     jobs: JobManager
     predictor: Predictor
     health: HealthReporter
@@ -216,7 +218,6 @@ def build_application(settings: Settings) -> Application:
 
     predictor = Predictor(
         backbones,
-        heads,
         preprocess_pool=blocking_pool,
         compute_pool=compute_pool,
         max_inputs=settings.max_predict_inputs,
@@ -270,6 +271,7 @@ def build_application(settings: Settings) -> Application:
         settings=settings,
         store=store,
         backbones=backbones,
+        heads=heads,
         jobs=jobs,
         predictor=predictor,
         health=health,

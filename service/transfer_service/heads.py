@@ -167,6 +167,10 @@ class LoadedHead:
     module: TaskHead
 
 
+def _admit_any(record: HeadRecord) -> None:
+    """HeadCache.get's default: no check."""
+
+
 @dataclass(slots=True)
 class _Entry:
     loaded: LoadedHead
@@ -212,19 +216,24 @@ class HeadCache:
         self._loading: dict[str, list[_Load]] = {}
         self._lock = threading.Lock()
 
-    def get(self, head_id: str) -> LoadedHead:
-        """Blocking: may load the head and its backbone. Call off the event loop."""
+    def get(self, head_id: str, admit: Callable[[HeadRecord], None] = _admit_any) -> LoadedHead:
+        """Blocking: may load the head and its backbone. Call off the event loop. `admit`
+        sees the head's record before the head is served, or its backbone and weights are
+        read, and raises to refuse it (the caller's ownership check)."""
         ticket = _Load()
         with self._lock:
             entry = self._heads.get(head_id)
             if entry is not None:
                 self._heads.move_to_end(head_id)
-                self._on_event("hit", "head")
-                return entry.loaded
+        if entry is not None:
+            admit(entry.loaded.record)
+            self._on_event("hit", "head")
+            return entry.loaded
+        with self._lock:
             self._loading.setdefault(head_id, []).append(ticket)
         self._on_event("miss", "head")
         try:
-            loaded = self._load(head_id)
+            loaded = self._load(head_id, admit)
             size = module_bytes(loaded.module)
         except BaseException:
             with self._lock:
@@ -236,9 +245,10 @@ class HeadCache:
                 self._insert(head_id, _Entry(loaded, size))
         return loaded
 
-    def _load(self, head_id: str) -> LoadedHead:
+    def _load(self, head_id: str, admit: Callable[[HeadRecord], None]) -> LoadedHead:
         load_started = time.perf_counter()
         record = self._load_record(head_id)
+        admit(record)
         backbone = self._backbones.get(record.backbone)
         module = build_head(
             backbone.trunk,

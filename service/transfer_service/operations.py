@@ -7,7 +7,6 @@ exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across t
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import logging
@@ -15,11 +14,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 from transfer_service.backbones.cache import BackboneCache, BackboneStatus
 from transfer_service.backbones.preprocess import check_image
+from transfer_service.dataset_upload import store_upload
 from transfer_service.domain import (
     DEFAULT_TENANT,
     DatasetInfo,
@@ -36,11 +35,11 @@ from transfer_service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
     UnreadableHeadError,
 )
-from transfer_service.heads import HeadCache
-from transfer_service.predict.batcher import Predictor
+from transfer_service.heads import HeadCache, LoadedHead
+from transfer_service.job_pages import page_token_after, read_page_token
+from transfer_service.predict.predictor import Predictor
 from transfer_service.store.ids import check_id
 from transfer_service.store.interface import Store
 from transfer_service.training.features import check_pooled_features_fit
@@ -49,7 +48,6 @@ from transfer_service.training.validation import (
     TrainingConfigRequest,
     check_examples,
     check_head_name,
-    check_label,
     check_validation_examples,
     resolve_config,
 )
@@ -256,52 +254,25 @@ class TransferOperations:
         return_embedding: bool,
     ) -> list[PredictionResult]:
         started = time.perf_counter()
-        check_id("head_id", head_id)
-        loaded = self._heads.peek(head_id)
-        record = loaded.record if loaded is not None else await self.get_head(tenant, head_id)
-        _check_owner(record.tenant, tenant, f"head_id: no head {head_id!r}")
+        head = await self._resolve_head(tenant, check_id("head_id", head_id))
         results = await self._predictor.predict(
-            head_id, inputs, top_k=top_k, return_embedding=return_embedding
+            head, inputs, top_k=top_k, return_embedding=return_embedding
         )
-        self._on_predicted(record.backbone, time.perf_counter() - started)
+        self._on_predicted(head.record.backbone, time.perf_counter() - started)
         return results
 
     async def upload_dataset(
         self, tenant: str, chunks: AsyncIterator[list[LabeledExample]]
     ) -> DatasetInfo:
-        """Stores the chunks as they come; a refused upload (bad example, over the example
-        count or the tenant's byte quota, disk full) is removed whole."""
+        """Stores a dataset as it streams in (see dataset_upload.store_upload)."""
         writer = await self._blocking(self._store.begin_dataset, tenant, self._max_dataset_bytes)
-        modality: Modality | None = None
-        count = 0
-        try:
-            async for chunk in chunks:
-                for example in chunk:
-                    where = f"examples[{count}]"
-                    modality = modality or example.input.modality
-                    if example.input.modality is not modality:
-                        raise InvalidArgumentError(
-                            f"{where}: {example.input.modality.value} input in a "
-                            f"{modality.value} dataset"
-                        )
-                    check_label(example.label, where)
-                    if example.input.text is not None and not example.input.text.strip():
-                        raise InvalidArgumentError(f"{where}.text: text is empty")
-                    if example.input.image is not None:
-                        await self._blocking(
-                            check_image, example.input.image, f"{where}.image", self._max_pixels
-                        )
-                    count += 1
-                if count > self._max_examples:
-                    raise ResourceExhaustedError(
-                        f"examples: more than {self._max_examples} examples in one dataset"
-                    )
-                await self._blocking(writer.add, chunk)
-            info: DatasetInfo = await self._blocking(writer.commit)
-            return info
-        except BaseException:
-            await asyncio.shield(self._blocking(writer.abort))
-            raise
+        return await store_upload(
+            writer,
+            chunks,
+            max_examples=self._max_examples,
+            max_pixels=self._max_pixels,
+            blocking=self._blocking,
+        )
 
     async def delete_dataset(self, tenant: str, dataset_id: str) -> None:
         check_id("dataset_id", dataset_id)
@@ -326,7 +297,7 @@ class TransferOperations:
         """One page of the tenant's jobs, oldest first, and the token of the next page ("" on
         the last). `page_size` 0 or over MAX_JOBS_PAGE reads as MAX_JOBS_PAGE."""
         size = min(page_size, MAX_JOBS_PAGE) if page_size > 0 else MAX_JOBS_PAGE
-        after = _read_page_token(page_token) if page_token else None
+        after = read_page_token(page_token) if page_token else None
         # One more than the page: whether another page follows, without a count query.
         jobs: list[JobRecord] = await self._blocking(
             functools.partial(self._store.list_jobs, tenant, after=after, limit=size + 1)
@@ -334,7 +305,7 @@ class TransferOperations:
         if len(jobs) <= size:
             return jobs, ""
         jobs = jobs[:size]
-        return jobs, _page_token(jobs[-1])
+        return jobs, page_token_after(jobs[-1])
 
     async def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
         record = await self.get_job(tenant, job_id)
@@ -356,6 +327,26 @@ class TransferOperations:
             for head in heads
             if head.tenant == tenant and (not backbone or head.backbone == backbone)
         ]
+
+    async def _resolve_head(self, tenant: str, head_id: str) -> LoadedHead:
+        """The loaded head for a Predict, its record read once: from the cache, or from the
+        store by the load itself, owner-checked before its weights are read. Answers as
+        get_head does to every tenant but the owner."""
+        not_found = f"head_id: no head {head_id!r}"
+
+        def admit(record: HeadRecord) -> None:
+            _check_owner(record.tenant, tenant, not_found)
+
+        resident = self._heads.peek(head_id)
+        if resident is not None:
+            admit(resident.record)
+            return resident
+        try:
+            loaded: LoadedHead = await self._blocking(self._heads.get, head_id, admit)
+        except UnreadableHeadError as exc:
+            _check_owner(exc.owner if exc.owner is not None else DEFAULT_TENANT, tenant, not_found)
+            raise
+        return loaded
 
     async def get_head(self, tenant: str, head_id: str) -> HeadRecord:
         """The head's record. A damaged head is FAILED_PRECONDITION to its owner (as in
@@ -386,22 +377,6 @@ class TransferOperations:
             await self._blocking(self._store.delete_head, head_id)
         finally:
             self._heads.discard(head_id)
-
-
-def _page_token(last: JobRecord) -> str:
-    """Opaque to callers: the last job's created time and id, where the next page starts."""
-    text = f"{last.created_time.isoformat()}|{last.job_id}"
-    return base64.urlsafe_b64encode(text.encode()).decode()
-
-
-def _read_page_token(token: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.fromisoformat(created), check_id("page_token", job_id)
-    except (ValueError, UnicodeError, InvalidArgumentError):
-        raise InvalidArgumentError(
-            "page_token: not a token from ListJobs (send the last next_page_token as it came)"
-        ) from None
 
 
 def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:

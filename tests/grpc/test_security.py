@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -174,6 +176,45 @@ def test_another_tenants_head_is_not_found(secured: RunningServer, alice_head: s
         assert alice.get_head(alice_head).head_id == alice_head
         assert alice_head in {head.head_id for head in alice.list_heads()}
         assert len(alice.predict(alice_head, [image])) == 1
+
+
+def test_a_cold_predict_reads_the_head_once_and_checks_its_owner_first(
+    secured: RunningServer, alice_head: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Predict resolves its head once: a head out of the cache costs one read of its record
+    and one of its weights, and another tenant's call is refused after the record alone."""
+    heads, store = secured.app.heads, secured.app.store
+    reads: Counter[str] = Counter()
+    # Records are read by the head cache's loader and by anything asking the store directly.
+    read_record, read_store_record = heads._load_record, store.get_head
+    read_weights = heads._load_weights
+
+    def counted_record(head_id: str) -> Any:
+        reads["record"] += 1
+        return read_record(head_id)
+
+    def counted_store_record(head_id: str) -> Any:
+        reads["record"] += 1
+        return read_store_record(head_id)
+
+    def counted_weights(head_id: str) -> Any:
+        reads["weights"] += 1
+        return read_weights(head_id)
+
+    monkeypatch.setattr(heads, "_load_record", counted_record)
+    monkeypatch.setattr(store, "get_head", counted_store_record)
+    monkeypatch.setattr(heads, "_load_weights", counted_weights)
+    image = fashion_mnist(1, classes=2, seed=5)[0][0]
+    heads.discard(alice_head)
+    with as_tenant(secured, BOB_TOKEN) as bob, pytest.raises(NotFoundError):
+        bob.predict(alice_head, [image])
+    assert reads == {"record": 1}, "bob's call read alice's weights"
+    assert heads.peek(alice_head) is None
+    with as_tenant(secured, ALICE_TOKEN) as alice:
+        assert len(alice.predict(alice_head, [image])) == 1
+        assert reads == {"record": 2, "weights": 1}
+        assert len(alice.predict(alice_head, [image])) == 1  # resident: no read at all
+    assert reads == {"record": 2, "weights": 1}
 
 
 def test_another_tenants_jobs_and_datasets_are_not_found(

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-import transfer_service.predict.batcher as inference
+import transfer_service.predict.batcher as batcher_module
 import transfer_service.training.jobs as jobs_module
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -220,7 +220,7 @@ def test_an_out_of_memory_batch_fails_only_the_request_that_caused_it(
     16-input request (marked by return_embedding, since a large request may be chunked when
     the machine is slow) raises torch.OutOfMemoryError, as CUDA would. Small requests queued
     into the same batch (behind a busy compute thread) must still succeed."""
-    batcher = inference._BackboneBatcher
+    batcher = batcher_module.BackboneBatcher
     real = batcher._run_batch
 
     def run_batch(self: Any, batch: list[Any]) -> Any:

@@ -19,28 +19,25 @@ from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_service.domain import HeadRecord, Modality, ModelInput
 from transfer_service.heads import LoadedHead
-from transfer_service.predict.batcher import (
-    MAX_CHUNK_SKIPS,
-    _decodes_on_compute_thread,
-    _FairQueue,
-    _Pending,
-)
+from transfer_service.predict.batcher import MAX_CHUNK_SKIPS
+from transfer_service.predict.fair_queue import FairQueue, PendingRequest
+from transfer_service.predict.predictor import _decodes_on_compute_thread
 
 from tests.datasets import bbc_news, fashion_mnist
 
 
-def pending(tenant: str, chunk_of: int | None = None, name: str = "") -> _Pending:
+def pending(tenant: str, chunk_of: int | None = None, name: str = "") -> PendingRequest:
     record = HeadRecord.__new__(HeadRecord)
     object.__setattr__(record, "tenant", tenant)
     object.__setattr__(record, "head_id", name)
     head = LoadedHead(record, None)  # type: ignore[arg-type]
     future: asyncio.Future[list[object]] = asyncio.get_running_loop().create_future()
-    return _Pending(head, [], 1, False, future, 0, chunk_of=chunk_of)  # type: ignore[arg-type]
+    return PendingRequest(head, [], 1, False, future, 0, chunk_of=chunk_of)  # type: ignore[arg-type]
 
 
 def test_tenants_take_turns_and_whole_requests_go_before_chunks() -> None:
     async def run() -> list[str]:
-        queue = _FairQueue()
+        queue = FairQueue()
         for index in range(3):
             queue.put(pending("alice", name=f"a{index}"))
         queue.put(pending("bob", name="b0"))
@@ -57,7 +54,7 @@ def test_tenants_take_turns_and_whole_requests_go_before_chunks() -> None:
 
 def test_a_chunk_waits_only_when_allowed() -> None:
     async def run() -> tuple[object, object]:
-        queue = _FairQueue()
+        queue = FairQueue()
         queue.put(pending("alice", chunk_of=1))
         refused = queue.take(lambda item: False)
         taken = queue.take(lambda item: item.chunk_of == 1)

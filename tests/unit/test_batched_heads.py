@@ -13,7 +13,8 @@ import torch
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.domain import ModelInput, PredictionResult
 from transfer_service.heads import LoadedHead, build_head
-from transfer_service.predict.batcher import _BackboneBatcher, _Pending
+from transfer_service.predict.batcher import BackboneBatcher
+from transfer_service.predict.fair_queue import PendingRequest
 from transfer_service.predict.padding import padded_batch_sizes
 
 from tests.datasets import fashion_mnist
@@ -58,11 +59,11 @@ def run_batch(
     async def run() -> list[list[PredictionResult]]:
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(1) as compute:
-            batcher = _BackboneBatcher(
+            batcher = BackboneBatcher(
                 backbone, compute, 64, 10**9, 0.0, lambda t: None, padded_sizes
             )
             pending = [
-                _Pending(head, rows, 3, embed, loop.create_future(), 0)
+                PendingRequest(head, rows, 3, embed, loop.create_future(), 0)
                 for head, rows, embed in requests
             ]
             computed = batcher._run_batch(pending)

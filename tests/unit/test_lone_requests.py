@@ -14,16 +14,9 @@ import torch
 from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
 from transfer_service.domain import Modality, ModelInput, PredictionResult
 from transfer_service.errors import InvalidArgumentError, ResourceExhaustedError
-from transfer_service.heads import HeadCache
-from transfer_service.predict.batcher import (
-    OUT_OF_MEMORY,
-    Predictor,
-    PredictTimings,
-    _BackboneBatcher,
-    _decodes_on_compute_thread,
-    _Pending,
-    _prepare,
-)
+from transfer_service.predict.batcher import OUT_OF_MEMORY, BackboneBatcher, PredictTimings
+from transfer_service.predict.fair_queue import PendingRequest
+from transfer_service.predict.predictor import Predictor, _decodes_on_compute_thread, _prepare
 
 from tests.datasets import fashion_mnist
 from tests.unit.test_batched_heads import counting_head
@@ -33,14 +26,14 @@ Outcome = TypeVar("Outcome")
 
 def with_batcher(
     backbone: LoadedBackbone,
-    work: Callable[[_BackboneBatcher], Awaitable[Outcome]],
+    work: Callable[[BackboneBatcher], Awaitable[Outcome]],
     *,
     max_input_bytes: int = 10**9,
     timings: list[PredictTimings] | None = None,
 ) -> Outcome:
     async def run() -> Outcome:
         with ThreadPoolExecutor(1) as compute:
-            batcher = _BackboneBatcher(
+            batcher = BackboneBatcher(
                 backbone,
                 compute,
                 64,
@@ -65,7 +58,7 @@ def test_a_lone_request_gets_what_the_batch_path_computes(lite0: LoadedBackbone)
     [image] = image_inputs(1)
     timings: list[PredictTimings] = []
 
-    async def both(batcher: _BackboneBatcher) -> tuple[PredictionResult, PredictionResult]:
+    async def both(batcher: BackboneBatcher) -> tuple[PredictionResult, PredictionResult]:
         batcher.expect()
         assert batcher.alone()
         batcher.arrived()
@@ -73,7 +66,7 @@ def test_a_lone_request_gets_what_the_batch_path_computes(lite0: LoadedBackbone)
         [lone] = await batcher.run_alone(head, prepare, 3, True)
         loop = asyncio.get_running_loop()
         examples = _prepare(lite0.preprocessor, [image], 0)
-        pending = _Pending(head, examples, 3, True, loop.create_future(), 0)
+        pending = PendingRequest(head, examples, 3, True, loop.create_future(), 0)
         batcher.submit(pending)
         [batched] = await pending.future
         return lone, batched
@@ -89,14 +82,14 @@ def test_a_lone_request_reports_bad_input_like_the_batch_path(lite0: LoadedBackb
     head = counting_head(lite0, 0, seed=12, calls=[])
     [image] = image_inputs(1)
 
-    async def undecodable(batcher: _BackboneBatcher) -> None:
+    async def undecodable(batcher: BackboneBatcher) -> None:
         prepare = functools.partial(_prepare, lite0.preprocessor, [ModelInput(image=b"junk")], 0)
         await batcher.run_alone(head, prepare, 1, False)
 
     with pytest.raises(InvalidArgumentError, match=r"inputs\[0\]"):
         with_batcher(lite0, undecodable)
 
-    async def too_big(batcher: _BackboneBatcher) -> None:
+    async def too_big(batcher: BackboneBatcher) -> None:
         prepare = functools.partial(_prepare, lite0.preprocessor, [image], 0)
         await batcher.run_alone(head, prepare, 1, False)
 
@@ -110,12 +103,12 @@ def test_a_lone_request_out_of_memory_is_resource_exhausted(
     head = counting_head(lite0, 0, seed=14, calls=[])
     [image] = image_inputs(1)
 
-    def out_of_memory(self: _BackboneBatcher, batch: list[_Pending]) -> None:
+    def out_of_memory(self: BackboneBatcher, batch: list[PendingRequest]) -> None:
         raise torch.OutOfMemoryError("simulated: CUDA out of memory")
 
-    monkeypatch.setattr(_BackboneBatcher, "_run_batch", out_of_memory)
+    monkeypatch.setattr(BackboneBatcher, "_run_batch", out_of_memory)
 
-    async def lone(batcher: _BackboneBatcher) -> None:
+    async def lone(batcher: BackboneBatcher) -> None:
         prepare = functools.partial(_prepare, lite0.preprocessor, [image], 0)
         await batcher.run_alone(head, prepare, 1, False)
 
@@ -129,7 +122,7 @@ def test_alone_only_while_nothing_else_is_queued_coming_or_running(
     head = counting_head(lite0, 0, seed=13, calls=[])
     [image] = image_inputs(1)
 
-    async def states(batcher: _BackboneBatcher) -> list[bool]:
+    async def states(batcher: BackboneBatcher) -> list[bool]:
         seen = []
         batcher.expect()
         seen.append(batcher.alone())  # the only one: alone
@@ -142,7 +135,7 @@ def test_alone_only_while_nothing_else_is_queued_coming_or_running(
         examples = _prepare(lite0.preprocessor, [image], 0)
         futures = [loop.create_future() for _ in range(2)]
         for future in futures:
-            batcher.submit(_Pending(head, examples, 1, False, future, 0))
+            batcher.submit(PendingRequest(head, examples, 1, False, future, 0))
         await asyncio.gather(*futures)
         batcher.expect()
         seen.append(batcher.alone())  # the other caller of that batch is expected back
@@ -152,7 +145,7 @@ def test_alone_only_while_nothing_else_is_queued_coming_or_running(
         batcher.arrived()
         # A batch in hand: the worker holds it open for the caller still expected back.
         held = loop.create_future()
-        batcher.submit(_Pending(head, examples, 1, False, held, 0))
+        batcher.submit(PendingRequest(head, examples, 1, False, held, 0))
         await asyncio.sleep(0)  # the worker takes it and waits for the returning caller
         batcher.expect()
         seen.append(batcher.alone())  # joins that batch rather than running beside it
@@ -176,7 +169,6 @@ def test_the_pool_path_decodes_the_same_and_names_the_first_bad_input(
         with ThreadPoolExecutor(4) as pool:
             predictor = Predictor(
                 cast(BackboneCache, None),
-                cast(HeadCache, None),
                 preprocess_pool=pool,
                 compute_pool=pool,
                 max_inputs=16,

@@ -12,8 +12,6 @@ from typing import cast
 import pytest
 import torch
 from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
-from transfer_service.heads import HeadCache
-from transfer_service.predict.batcher import Predictor
 from transfer_service.predict.padding import (
     padded_batch_sizes,
     padded_index,
@@ -21,6 +19,7 @@ from transfer_service.predict.padding import (
     padding_count,
     pads_predict_batches,
 )
+from transfer_service.predict.predictor import Predictor
 
 
 def test_padded_sizes_are_powers_of_two_up_to_the_batch_limit() -> None:
@@ -77,7 +76,6 @@ def test_warm_up_runs_every_padded_size_on_the_compute_thread(
         ):
             predictor = Predictor(
                 cast(BackboneCache, None),
-                cast(HeadCache, None),
                 preprocess_pool=blocking,
                 compute_pool=compute,
                 max_inputs=16,
