@@ -1,10 +1,7 @@
-"""Training jobs: queued on a worker pool, observed through an ordered event log.
-
-Events are numbered per job, persisted before they are published, and fanned out on the
-event loop, so a watcher that replays from the log and then subscribes (in one loop step)
-never misses or repeats one. A client that goes away only drops its subscription; the job
-runs on. A job's final state and its terminal event are stored in one transaction. On start,
-recovery (recovery.py) settles what a previous process left unfinished.
+"""Training jobs: queued on a worker pool, observed through an ordered event log
+(job_events.py: numbered per job, persisted, then fanned out to watchers). A job's final
+state and its terminal event are stored in one transaction. On start, recovery (recovery.py)
+settles what a previous process left unfinished.
 """
 
 from __future__ import annotations
@@ -13,13 +10,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from contextlib import AbstractContextManager, aclosing, nullcontext
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -36,7 +30,6 @@ from transfer_service.domain import (
     JobQueued,
     JobRecord,
     JobState,
-    TrainingProgress,
 )
 from transfer_service.errors import (
     FailedPreconditionError,
@@ -48,6 +41,7 @@ from transfer_service.errors import (
 from transfer_service.heads import HeadCache, LoadedHead, head_weights
 from transfer_service.store.interface import Store
 from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_threads
+from transfer_service.training.job_events import JobEventLog, LiveJob, utc_now
 from transfer_service.training.recovery import recover_jobs
 from transfer_service.training.selection import select_backbone
 from transfer_service.training.trainer import Trainer
@@ -55,17 +49,6 @@ from transfer_service.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 _FINISHED_JOBS_KEPT_LIVE = 256
-
-
-@dataclass(slots=True)
-class _LiveJob:
-    record: JobRecord
-    spec: FineTuneSpec
-    cancel: threading.Event = field(default_factory=threading.Event)
-    events: list[JobEvent] = field(default_factory=list)
-    subscribers: set[asyncio.Queue[JobEvent]] = field(default_factory=set)
-    sequence_lock: threading.Lock = field(default_factory=threading.Lock)
-    last_step_event: float = -float("inf")  # time.monotonic() of the last mid-epoch event
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +81,7 @@ class JobManager:
         are coalesced: GetJob still shows the newest, the stream gets at most one per
         interval (epoch ends, warnings and terminal events always go out). A job's fresh
         thread runs inside `while_training()` (transfer_service.torch_threads.CpuShare.training)."""
-        self._progress_min_interval = progress_min_interval_seconds
+        self._events = JobEventLog(store, progress_min_interval_seconds)
         self._store = store
         self._backbones = backbones
         self._heads = heads
@@ -119,7 +102,7 @@ class JobManager:
             thread_name_prefix="train",
             initializer=None if fresh_thread_per_job else keep_count,
         )
-        self._live: dict[str, _LiveJob] = {}
+        self._live: dict[str, LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = True
 
@@ -128,6 +111,7 @@ class JobManager:
     def start(self) -> None:
         """Binds to the running loop and settles jobs a previous process left unfinished."""
         self._loop = asyncio.get_running_loop()
+        self._events.bind(self._loop)
         recover_jobs(self._store)
 
     def begin_shutdown(self) -> None:
@@ -162,7 +146,7 @@ class JobManager:
                 f"jobs: {self._max_jobs_per_tenant} jobs already queued or running for this "
                 "tenant; wait for one to finish or cancel one"
             )
-        now = _now()
+        now = utc_now()
         record = JobRecord(
             job_id="job-" + secrets.token_hex(8),
             state=JobState.QUEUED,
@@ -176,7 +160,7 @@ class JobManager:
         # The first event names the job at once, before it waits for a slot: a caller whose
         # stream breaks meanwhile can still watch or cancel it.
         queued = JobEvent(record.job_id, 1, now, JobQueued(spec.backbone, spec.head_name))
-        live = _LiveJob(record, spec, events=[queued])
+        live = LiveJob(record, spec, events=[queued])
         self._live[record.job_id] = live
         try:
             await asyncio.to_thread(self._store_queued, record, queued)
@@ -237,30 +221,14 @@ class JobManager:
             for event in self._store.events_after(job_id, after_sequence):
                 yield event
             return
-        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        # Replay and subscribe in one loop step: publishing also runs on the loop.
-        backlog = [event for event in live.events if event.sequence > after_sequence]
-        live.subscribers.add(queue)
-        try:
-            for event in backlog:
+        # aclosing: a watcher that goes away unsubscribes at once, not when collected.
+        async with aclosing(self._events.follow(live, after_sequence)) as events:
+            async for event in events:
                 yield event
-                if event.terminal:
-                    return
-            if live.events and live.events[-1].terminal:
-                return
-            while True:
-                event = await queue.get()
-                if event.sequence <= after_sequence:
-                    continue
-                yield event
-                if event.terminal:
-                    return
-        finally:
-            live.subscribers.discard(queue)
 
     # ---- the worker side (runs in a training thread) ----
 
-    def _run_on_job_thread(self, live: _LiveJob) -> None:
+    def _run_on_job_thread(self, live: LiveJob) -> None:
         """Runs the job here, or on a fresh thread of its own (fresh_thread_per_job)."""
         if not self._fresh_thread_per_job:
             self._run(live)
@@ -270,7 +238,7 @@ class JobManager:
                 lambda: self._run(live), f"job-{live.record.job_id}", self._intra_op_threads
             )
 
-    def _run(self, live: _LiveJob) -> None:
+    def _run(self, live: LiveJob) -> None:
         """Runs the job to a terminal state, whatever fails on the way (a store that cannot
         take its RUNNING row, a bug): a job never stays queued or running in memory."""
         try:
@@ -286,7 +254,7 @@ class JobManager:
                 payload = JobFailed(reason, "INTERNAL")
             self._finish(live, JobState.FAILED, payload)
 
-    def _run_job(self, live: _LiveJob) -> None:
+    def _run_job(self, live: LiveJob) -> None:
         # The job's examples go to the trainer, which releases them once their features
         # exist; the live job (kept for a while after it ends) keeps none.
         spec = live.spec
@@ -301,7 +269,7 @@ class JobManager:
                     spec.candidate_backbones,
                     self._backbones.get,
                     spec,
-                    lambda payload: self._emit(live, payload),
+                    lambda payload: self._events.emit(live, payload),
                     live.cancel,
                     self._feature_cache_bytes,
                 )
@@ -314,7 +282,7 @@ class JobManager:
                 backbone,
                 spec,
                 feature_cache_bytes=self._feature_cache_bytes,
-                emit=lambda payload: self._emit(live, payload),
+                emit=lambda payload: self._events.emit(live, payload),
                 cancelled=live.cancel,
                 on_step=self._hooks.on_step,
                 on_epoch=self._hooks.on_epoch,
@@ -336,7 +304,7 @@ class JobManager:
                 head_type=spec.config.head_type,
                 metrics=result.metrics,
                 config=spec.config,
-                created_time=_now(),
+                created_time=utc_now(),
                 size_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
                 job_id=live.record.job_id,
                 tenant=spec.tenant,
@@ -367,81 +335,23 @@ class JobManager:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _set_state(self, live: _LiveJob, state: JobState, error: str = "") -> None:
+    def _set_state(self, live: LiveJob, state: JobState, error: str = "") -> None:
         old = live.record.state
         live.record.state = state
         live.record.error = error
-        live.record.updated_time = _now()
+        live.record.updated_time = utc_now()
         self._store.save_job(live.record)
         self._hooks.on_state(state, old)
 
-    def _finish(self, live: _LiveJob, state: JobState, payload: EventPayload) -> None:
-        """The final state and the terminal event, stored in one transaction (a kill between
-        two writes would leave a finished job whose event log never ends), then published.
-
-        Never raises: when the store cannot take them (a full disk), the job still ends here
-        in memory, so its stream closes, CancelJob answers, and its tenant's quota slot is
-        free; the stored row stays unfinished and the next start settles it (recovery.py)."""
-        error = payload.reason if isinstance(payload, JobFailed | JobCancelled) else ""
+    def _finish(self, live: LiveJob, state: JobState, payload: EventPayload) -> None:
+        """Stores the final state and the terminal event together, then publishes; never
+        raises (JobEventLog.store_end)."""
         old = live.record.state
-        with live.sequence_lock:
-            event = JobEvent(live.record.job_id, live.record.last_sequence + 1, _now(), payload)
-            finished = replace(
-                live.record,
-                state=state,
-                error=error,
-                last_sequence=event.sequence,
-                updated_time=event.time,
-            )
-            try:
-                self._store.finish_job(finished, event)
-            except Exception:
-                log.exception(
-                    "job %s: its end (%s) could not be stored; it ends in memory only",
-                    live.record.job_id,
-                    state.value,
-                )
-            live.record = finished
+        event = self._events.store_end(live, state, payload)
         self._hooks.on_state(state, old)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._publish, live, event)
-
-    def _emit(self, live: _LiveJob, payload: EventPayload) -> None:
-        mid_epoch = isinstance(payload, TrainingProgress) and not payload.epoch_end
-        coalescable = isinstance(payload, TrainingProgress) and payload.supersedes_previous
-        with live.sequence_lock:
-            if isinstance(payload, TrainingProgress):
-                live.record.progress = payload
-            if coalescable:
-                # A person reads a few updates a second; a 1 ms step streamed every step
-                # spent 58% of training on events (bench/RESULTS.md, benchmark 5).
-                now = time.monotonic()
-                if now - live.last_step_event < self._progress_min_interval:
-                    return
-                live.last_step_event = now
-            sequence = live.record.last_sequence + 1
-            event = JobEvent(live.record.job_id, sequence, _now(), payload)
-            live.record.last_sequence = sequence
-            live.record.updated_time = event.time
-            if isinstance(payload, TrainingProgress):
-                # Mid-epoch events skip the job row (it is rewritten at the epoch's end).
-                self._store.append_progress(event, None if mid_epoch else live.record)
-            else:
-                self._store.append_event(event)
-                self._store.save_job(live.record)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._publish, live, event)
-
-    def _publish(self, live: _LiveJob, event: JobEvent) -> None:
-        live.events.append(event)
-        for queue in live.subscribers:
-            queue.put_nowait(event)
+        self._events.publish_soon(live, event)
 
     def _prune_finished(self) -> None:
         finished = [job_id for job_id, live in self._live.items() if live.record.state.finished]
         for job_id in finished[: max(0, len(finished) - _FINISHED_JOBS_KEPT_LIVE)]:
             del self._live[job_id]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
