@@ -56,7 +56,7 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/torch /opt/torch
 
-# Settings (service/transfer_service/settings.py, prefix TRANSFER_); Kubernetes sets the same via a ConfigMap.
+# Settings (transfer_service/settings.py, prefix TRANSFER_); Kubernetes sets them via a ConfigMap.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -55,7 +55,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy service client
 
-## Refresh the README's settings table from service/settings.py.
+## Refresh the README's settings table from service/transfer_service/settings.py.
 settings-table: install
 	$(PY) tools/settings_table.py --write README.md
 

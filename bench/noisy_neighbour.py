@@ -1,7 +1,7 @@
 """Noisy neighbour (issue 15): one tenant's single-image Predict latency while another
 tenant sends each of the attacks that used to stop, stall or kill the server.
 
-For each attack a fresh server process (`python -m service`, bearer auth on, two tenants,
+For each attack a fresh server process (`python -m transfer_service`, bearer auth on, two tenants,
 one store shared by all of them) serves a victim caller in a child process: sequential
 single-image Predicts on the victim's own head, first with nothing else running (idle), then
 while the attacker's calls run. The ratios are the attack's p50 and p99 over the same

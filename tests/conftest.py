@@ -41,7 +41,8 @@ class RunningServer:
 
 
 def start_server(settings: Settings) -> RunningServer:
-    """Builds and starts the application exactly as `python -m service` does, on a thread."""
+    """Builds and starts the application exactly as `python -m transfer_service` does, on a
+    thread."""
     loop = asyncio.new_event_loop()
     ready: Future[Application] = Future()
 

@@ -330,9 +330,10 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service [--log-format json|text]`; every setting is a TRANSFER_* variable."""
+    """`python -m transfer_service [--log-format json|text]`; every setting is a TRANSFER_*
+    variable."""
     parser = argparse.ArgumentParser(
-        prog="python -m service", description="The transfer-learning gRPC server."
+        prog="python -m transfer_service", description="The transfer-learning gRPC server."
     )
     parser.add_argument(
         "--log-format",

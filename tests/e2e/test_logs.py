@@ -1,4 +1,4 @@
-"""The server's log output as `python -m service` writes it: one JSON object per line by
+"""The server's log output as `python -m transfer_service` writes it: one JSON object per line by
 default, each line of a call carrying its request id; `--log-format text` for humans."""
 
 from __future__ import annotations

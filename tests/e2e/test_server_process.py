@@ -1,4 +1,4 @@
-"""The server as `make run` starts it (`python -m service`, settings from TRANSFER_* env):
+"""The server as `make run` starts it (`python -m transfer_service`, settings from TRANSFER_* env):
 fine-tune and predict through the SDK, restart the process, predict again with the same head."""
 
 from __future__ import annotations

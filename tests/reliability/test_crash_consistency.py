@@ -1,4 +1,4 @@
-"""Crash consistency: SIGKILL `python -m service` during a head save, during training and
+"""Crash consistency: SIGKILL `python -m transfer_service` during a head save, during training and
 between a head's rename and its job's commit, restart it on the same store, and check nothing
 was lost or half-written. A few kills of the chaos run behind `make chaos`
 (tools/reliability/chaos.py, which lists every check and adds delete and start-up kills)."""

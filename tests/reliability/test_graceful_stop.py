@@ -1,4 +1,4 @@
-"""Graceful stop of `python -m service`: SIGTERM with 30 Predicts in flight. Health turns
+"""Graceful stop of `python -m transfer_service`: SIGTERM with 30 Predicts in flight. Health turns
 NOT_SERVING (pushed to a Watch stream), every in-flight Predict the server has taken up
 completes with the same answer as before (one still queued in the core may be refused
 UNAVAILABLE), calls made in the drain window after NOT_SERVING get UNAVAILABLE, and the process

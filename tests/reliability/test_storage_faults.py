@@ -137,7 +137,7 @@ def assert_full(error: BaseException) -> None:
 
 
 def start_process(store_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m service` on `store_dir`, expected to refuse to start."""
+    """`python -m transfer_service` on `store_dir`, expected to refuse to start."""
     environment = dict(os.environ)
     environment.update(
         TRANSFER_PORT=str(free_port()),

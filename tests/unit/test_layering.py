@@ -143,6 +143,22 @@ def test_every_room_is_checked() -> None:
     assert {"edge.servicer", "predict.batcher", "store.local", "training.trainer"} <= modules
 
 
+def test_the_folder_map_names_every_module() -> None:
+    """docs/design.md's folder map is kept in step: every folder and module is named."""
+    design = (PACKAGE_DIR.parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    folder_map = design.split("## Folder map", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        str(path.relative_to(PACKAGE_DIR))
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py")
+        and f"`{path.name}`" not in folder_map
+        and f"`{path.relative_to(PACKAGE_DIR)}`" not in folder_map
+    ]
+    folders = {p.parent.name for p in PACKAGE_DIR.rglob("__init__.py") if p.parent != PACKAGE_DIR}
+    missing += [f"{name}/" for name in sorted(folders) if f"`{name}/`" not in folder_map]
+    assert missing == []
+
+
 def _fake_package(root: Path, files: dict[str, str]) -> Path:
     package_dir = root / PACKAGE
     for relative, source in {"__init__.py": "", **files}.items():

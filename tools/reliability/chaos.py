@@ -1,5 +1,5 @@
-"""Crash consistency: SIGKILL a `python -m service` at random points, restart it on the same
-store, and check that nothing was lost or half-written.
+"""Crash consistency: SIGKILL a `python -m transfer_service` at random points, restart it on
+the same store, and check that nothing was lost or half-written.
 
     python -m tools.reliability.chaos --kills 100            # make chaos
     python -m tools.reliability.chaos --kills 20 --minutes 10 --modes saving,delete

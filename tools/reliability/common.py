@@ -1,4 +1,4 @@
-"""What the reliability tools and tests share: a `python -m service` subprocess, raw gRPC
+"""What the reliability tools and tests share: a `python -m transfer_service` subprocess, raw gRPC
 calls (any bytes, any method), status classification, hostile image bytes and RSS reading.
 
 Everything binds to loopback; every wait here is bounded in time.
@@ -73,7 +73,7 @@ def server_env(
     metrics: bool = False,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """TRANSFER_* environment for a loopback `python -m service` on fresh ports."""
+    """TRANSFER_* environment for a loopback `python -m transfer_service` on fresh ports."""
     env = dict(os.environ)
     env.update(
         TRANSFER_HOST="127.0.0.1",
@@ -90,7 +90,8 @@ def server_env(
 
 
 class ServerProcess:
-    """`python -m service` as `make run` starts it, with its output appended to a log file."""
+    """`python -m transfer_service` as `make run` starts it, its output appended to a log
+    file."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env

@@ -1,4 +1,4 @@
-"""Soak: minutes of mixed, concurrent traffic against a `python -m service` subprocess.
+"""Soak: minutes of mixed, concurrent traffic against a `python -m transfer_service` subprocess.
 
     python -m tools.reliability.soak --minutes 3 --leak-control     # make soak (not in CI)
 

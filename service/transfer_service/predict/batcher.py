@@ -56,7 +56,7 @@ class PredictTimings:
     batch_inputs: int
     queue_seconds: float
     compute_seconds: float
-    padding_inputs: int = 0  # copies added to reach a padded batch size (predict_padding)
+    padding_inputs: int = 0  # copies added to reach a padded batch size (predict/padding.py)
 
 
 class BackboneBatcher:
