@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from transfer_client import _core as core
-from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
+from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -31,30 +31,12 @@ from transfer_client.types import (
 )
 
 
-class AsyncTransferClient:
+class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
     """A connection to the transfer service, for asyncio code. Create it inside the loop.
 
     `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
     (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
     """
-
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        timeout: float | None = 30.0,
-        max_message_bytes: int = 64 * 1024 * 1024,
-    ) -> None:
-        options = channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.TransferServiceStub(self._channel)
-        self._metadata = call_metadata(token)
-        self._timeout = timeout
 
     async def __aenter__(self) -> Self:
         return self
@@ -97,35 +79,6 @@ class AsyncTransferClient:
                 call.cancel()
                 raise
         return core.dataset_info_from_pb(response)
-
-    def fine_tune(
-        self,
-        backbone: str,
-        examples: Iterable[LabelledExample] | None = None,
-        *,
-        dataset_id: str | None = None,
-        head_name: str = "",
-        config: TrainingConfig | None = None,
-        validation_examples: Iterable[LabelledExample] | None = None,
-        validation_dataset_id: str | None = None,
-        candidate_backbones: Iterable[str] = (),
-    ) -> AsyncIterator[FineTuneEvent]:
-        """Starts a training job; `async for` its events until it ends.
-
-        Stopping the iteration early detaches from the job; it keeps running on the server
-        (`watch_job` re-attaches, `cancel_job` stops it).
-        """
-        request = core.fine_tune_request(
-            backbone,
-            examples,
-            dataset_id=dataset_id,
-            head_name=head_name,
-            config=config,
-            validation_examples=validation_examples,
-            validation_dataset_id=validation_dataset_id,
-            candidate_backbones=candidate_backbones,
-        )
-        return self._fine_tune(request)
 
     async def train(
         self,
@@ -225,6 +178,18 @@ class AsyncTransferClient:
         with translated_errors():
             response = await method(call.request, timeout=self._timeout, metadata=self._metadata)
         return call.result(response)
+
+    def _connect(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, int]],
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.TransferServiceStub(self._channel)
 
     def _fine_tune(self, request: pb.FineTuneRequest) -> AsyncGenerator[FineTuneEvent]:
         return self._events(self._stub.FineTune(request, metadata=self._metadata))

@@ -11,7 +11,7 @@ from typing import Protocol, Self
 import grpc
 
 from transfer_client import _core as core
-from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
+from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -29,30 +29,52 @@ from transfer_client.types import (
 )
 
 
-class TransferClient:
+class _EventStream(Protocol):
+    """A server-streaming call as far as `_events` uses it (the stubs leave `cancel` untyped)."""
+
+    def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
+    def cancel(self) -> bool: ...
+
+
+class _GuardedRequests(Iterator[pb.UploadDatasetRequest]):
+    """Upload chunks as gRPC's sender thread pulls them.
+
+    If building a chunk fails (an unreadable file, say), ending the stream would make the
+    server store a truncated dataset, and raising would leave gRPC to swap the error for an
+    anonymous UNKNOWN status. So the call is cancelled instead, and the error kept for the
+    caller's thread to raise.
+    """
+
+    def __init__(self, chunks: Iterator[pb.UploadDatasetRequest]) -> None:
+        self._chunks = chunks
+        self._call: grpc.Future[pb.UploadDatasetResponse] | None = None
+        self._call_attached = threading.Event()
+        self.error: Exception | None = None
+
+    def attach(self, call: grpc.Future[pb.UploadDatasetResponse]) -> None:
+        self._call = call
+        self._call_attached.set()
+
+    def __next__(self) -> pb.UploadDatasetRequest:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise
+        except Exception as err:
+            self.error = err
+            # The sender thread can run before `future()` has returned the call to attach.
+            self._call_attached.wait()
+            if self._call is not None:
+                self._call.cancel()
+            raise StopIteration from None
+
+
+class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
     """A connection to the transfer service.
 
     `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
     (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
     """
-
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        timeout: float | None = 30.0,
-        max_message_bytes: int = 64 * 1024 * 1024,
-    ) -> None:
-        options = channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.TransferServiceStub(self._channel)
-        self._metadata = call_metadata(token)
-        self._timeout = timeout
 
     def __enter__(self) -> Self:
         return self
@@ -95,35 +117,6 @@ class TransferClient:
                 call.cancel()  # e.g. Ctrl-C: stop sending rather than finish in the background
                 raise
         return core.dataset_info_from_pb(response)
-
-    def fine_tune(
-        self,
-        backbone: str,
-        examples: Iterable[LabelledExample] | None = None,
-        *,
-        dataset_id: str | None = None,
-        head_name: str = "",
-        config: TrainingConfig | None = None,
-        validation_examples: Iterable[LabelledExample] | None = None,
-        validation_dataset_id: str | None = None,
-        candidate_backbones: Iterable[str] = (),
-    ) -> Iterator[FineTuneEvent]:
-        """Starts a training job and yields its events until it ends.
-
-        Stopping the iteration early detaches from the job; it keeps running on the server
-        (`watch_job` re-attaches, `cancel_job` stops it).
-        """
-        request = core.fine_tune_request(
-            backbone,
-            examples,
-            dataset_id=dataset_id,
-            head_name=head_name,
-            config=config,
-            validation_examples=validation_examples,
-            validation_dataset_id=validation_dataset_id,
-            candidate_backbones=candidate_backbones,
-        )
-        return self._fine_tune(request)
 
     def train(
         self,
@@ -219,6 +212,18 @@ class TransferClient:
             response = method(call.request, timeout=self._timeout, metadata=self._metadata)
         return call.result(response)
 
+    def _connect(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, int]],
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.TransferServiceStub(self._channel)
+
     def _fine_tune(self, request: pb.FineTuneRequest) -> Generator[FineTuneEvent]:
         return self._events(self._stub.FineTune(request, metadata=self._metadata))
 
@@ -233,43 +238,3 @@ class TransferClient:
         finally:
             # Ends the stream when the caller stops early; the job itself keeps running.
             call.cancel()
-
-
-class _EventStream(Protocol):
-    """A server-streaming call as far as `_events` uses it (the stubs leave `cancel` untyped)."""
-
-    def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
-    def cancel(self) -> bool: ...
-
-
-class _GuardedRequests(Iterator[pb.UploadDatasetRequest]):
-    """Upload chunks as gRPC's sender thread pulls them.
-
-    If building a chunk fails (an unreadable file, say), ending the stream would make the
-    server store a truncated dataset, and raising would leave gRPC to swap the error for an
-    anonymous UNKNOWN status. So the call is cancelled instead, and the error kept for the
-    caller's thread to raise.
-    """
-
-    def __init__(self, chunks: Iterator[pb.UploadDatasetRequest]) -> None:
-        self._chunks = chunks
-        self._call: grpc.Future[pb.UploadDatasetResponse] | None = None
-        self._call_attached = threading.Event()
-        self.error: Exception | None = None
-
-    def attach(self, call: grpc.Future[pb.UploadDatasetResponse]) -> None:
-        self._call = call
-        self._call_attached.set()
-
-    def __next__(self) -> pb.UploadDatasetRequest:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise
-        except Exception as err:
-            self.error = err
-            # The sender thread can run before `future()` has returned the call to attach.
-            self._call_attached.wait()
-            if self._call is not None:
-                self._call.cancel()
-            raise StopIteration from None
