@@ -231,7 +231,6 @@ class HeadCache:
             return entry.loaded
         with self._lock:
             self._loading.setdefault(head_id, []).append(ticket)
-        self._on_event("miss", "head")
         try:
             loaded = self._load(head_id, admit)
             size = module_bytes(loaded.module)
@@ -249,6 +248,9 @@ class HeadCache:
         load_started = time.perf_counter()
         record = self._load_record(head_id)
         admit(record)
+        # A miss is a head that exists and was admitted, but not resident: an unknown id or
+        # another tenant's head is NOT_FOUND, not a miss.
+        self._on_event("miss", "head")
         backbone = self._backbones.get(record.backbone)
         module = build_head(
             backbone.trunk,
