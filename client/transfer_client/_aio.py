@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 
 from transfer_client import _core as core
+from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client.proto import transfer_service_pb2 as pb
@@ -36,6 +37,13 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
 
     `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
     (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
+
+    `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
+    (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
+    (the default; or "pick_first") spreads calls over. Reads, `predict` and `watch_job` (until
+    its first event) are retried on UNAVAILABLE with backoff, within `timeout`, up to
+    `max_attempts` tries in all (1: no retries; at most 5); `fine_tune`, `upload_dataset`,
+    `cancel_job` and the deletes are never retried.
     """
 
     async def __aenter__(self) -> Self:
@@ -183,7 +191,7 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         self,
         target: str,
         credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, int]],
+        options: ChannelOptions,
     ) -> None:
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)

@@ -2,17 +2,77 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_ATTEMPTS = 4
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+_SERVICE = "transfer.v1.TransferService"
+# Calls that may run twice with the effect (and answer) of running once, so gRPC may resend one
+# that failed UNAVAILABLE: reads, Predict, and WatchJob (it replays from `after_sequence`; gRPC
+# retries a stream only before its first message). Not FineTune or UploadDataset (a second
+# job, a second dataset), nor the deletes or CancelJob: their effect is idempotent, but not
+# their answer. If the reply to a DeleteHead is lost, its retry finds the head gone and turns
+# the success into NOT_FOUND (DeleteDataset alike; CancelJob into FAILED_PRECONDITION once the
+# job is cancelled).
+RETRIED_METHODS = (
+    "ListBackbones",
+    "Predict",
+    "GetJob",
+    "ListJobs",
+    "WatchJob",
+    "ListHeads",
+    "GetHead",
+)
+
+ChannelOptions = list[tuple[str, int | str]]
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def service_config(
+    *, load_balancing: str = "round_robin", max_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> dict[str, Any]:
+    """gRPC's service config for the channel: the load-balancing policy over every address the
+    target resolves to (`dns:///` gives each replica's), and the retry policy of the calls in
+    RETRIED_METHODS; `max_attempts` counts the first (1: no retries; gRPC allows up to 5)."""
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(
+            f"load_balancing: {load_balancing!r} is none of {', '.join(LOAD_BALANCING_POLICIES)}"
+        )
+    if not 1 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts: {max_attempts} is not from 1 to 5")
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if max_attempts > 1:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": _SERVICE, "method": method} for method in RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
+
+
+def channel_options(
+    max_message_bytes: int,
+    *,
+    load_balancing: str = "round_robin",
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> ChannelOptions:
+    config = service_config(load_balancing=load_balancing, max_attempts=max_attempts)
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
     ]
 
 

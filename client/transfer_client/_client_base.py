@@ -10,7 +10,13 @@ from typing import Generic, TypeVar
 import grpc
 
 from transfer_client import _core as core
-from transfer_client._channel import DEFAULT_TARGET, call_metadata, channel_options
+from transfer_client._channel import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TARGET,
+    ChannelOptions,
+    call_metadata,
+    channel_options,
+)
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.types import LabelledExample, TrainingConfig
 
@@ -26,16 +32,21 @@ class ClientBase(Generic[EventsT]):
         token: str | None = None,
         timeout: float | None = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        load_balancing: str = "round_robin",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
+        options = channel_options(
+            max_message_bytes, load_balancing=load_balancing, max_attempts=max_attempts
+        )
         self._metadata = call_metadata(token)
         self._timeout = timeout
-        self._connect(target, credentials, channel_options(max_message_bytes))
+        self._connect(target, credentials, options)
 
     def _connect(
         self,
         target: str,
         credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, int]],
+        options: ChannelOptions,
     ) -> None:
         """Opens the channel (plain when `credentials` is None) and its stub."""
         raise NotImplementedError
