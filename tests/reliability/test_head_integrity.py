@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -171,7 +172,9 @@ def test_damaged_metadata_is_failed_precondition_and_left_out_of_listings(
 
 
 def test_a_naive_creation_time_is_read_as_utc(tmp_path: Path) -> None:
-    """One naive time among aware ones would make sorting a listing raise."""
+    """One naive time among aware ones would make comparing them (sorting, paging) raise.
+    The head index is rebuilt from the files here (a store written before it existed), so
+    the naive time is also what orders the listing."""
     store = LocalStore(tmp_path)
     store.save_head(record("aware-1"), WEIGHTS)
     store.save_head(record("naive-1"), WEIGHTS)
@@ -179,7 +182,15 @@ def test_a_naive_creation_time_is_read_as_utc(tmp_path: Path) -> None:
     meta.write_text(
         json.dumps(_set("created_time", "2020-01-01T00:00:00")(json.loads(meta.read_text())))
     )
-    assert [head.head_id for head in store.list_heads()] == ["naive-1", "aware-1"]
+    assert store.get_head("naive-1").created_time == datetime(2020, 1, 1, tzinfo=UTC)
+    store.close()
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        db.execute("DELETE FROM heads")
+    db.close()
+    reopened = LocalStore(tmp_path)
+    assert [head.head_id for head in reopened.list_heads()] == ["naive-1", "aware-1"]
+    after = (datetime(2020, 1, 1, tzinfo=UTC), "naive-1")
+    assert [head.head_id for head in reopened.list_heads(after=after)] == ["aware-1"]
 
 
 def test_an_unreadable_head_still_names_its_owner(tmp_path: Path) -> None:

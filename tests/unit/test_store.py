@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -150,3 +152,82 @@ def test_an_interrupted_upload_is_dropped_on_restart(tmp_path: Path) -> None:
     reopened = LocalStore(tmp_path)
     with pytest.raises(NotFoundError):
         reopened.dataset_info(writer.dataset_id)
+
+
+def indexed_record(
+    head_id: str, minute: int, *, tenant: str = "acme", name: str = "cats"
+) -> HeadRecord:
+    return replace(
+        record(head_id),
+        tenant=tenant,
+        name=name,
+        created_time=datetime(2026, 1, 1, 0, minute, tzinfo=UTC),
+    )
+
+
+def test_a_listing_page_reads_only_its_heads_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListHeads reads one page of head files through the SQLite index, not every head's
+    JSON: with 40 heads stored, a page of 5 opens 5."""
+    store = LocalStore(tmp_path)
+    for minute in range(40):
+        store.save_head(indexed_record(f"cats-{minute:04d}", minute), WEIGHTS)
+    reads: list[str] = []
+    real_get = store._heads.get_head
+
+    def counted_get(head_id: str) -> HeadRecord:
+        reads.append(head_id)
+        return real_get(head_id)
+
+    monkeypatch.setattr(store._heads, "get_head", counted_get)
+    page = store.list_heads("acme", limit=5)
+    assert [head.head_id for head in page] == [f"cats-{m:04d}" for m in range(5)]
+    assert reads == [head.head_id for head in page]
+    after = (page[-1].created_time, page[-1].head_id)
+    assert [h.head_id for h in store.list_heads("acme", after=after, limit=2)] == [
+        "cats-0005",
+        "cats-0006",
+    ]
+
+
+def test_the_head_index_filters_and_is_rebuilt_from_the_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.save_head(indexed_record("cats-0001", 1), WEIGHTS)
+    store.save_head(indexed_record("dogs-0002", 2, name="dogs"), WEIGHTS)
+    store.save_head(indexed_record("cats-0003", 3, tenant="other"), WEIGHTS)
+    assert [h.head_id for h in store.list_heads("acme", name="dogs")] == ["dogs-0002"]
+    assert [h.head_id for h in store.list_heads(backbone="nope")] == []
+    assert [h.head_id for h in store.list_heads()] == ["cats-0001", "dogs-0002", "cats-0003"]
+    store.close()
+    # A crash between a save's files and its index row, and one between a delete's files
+    # and the row's removal: the next start repairs both from the files.
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        db.execute("DELETE FROM heads WHERE head_id = 'dogs-0002'")
+        db.execute(
+            "INSERT INTO heads VALUES ('gone-0009', 'acme', 'gone', 'x', '2026-01-01T00:09:00')"
+        )
+    db.close()
+    reopened = LocalStore(tmp_path)
+    assert [h.head_id for h in reopened.list_heads("acme")] == ["cats-0001", "dogs-0002"]
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        rows = sorted(str(row[0]) for row in db.execute("SELECT head_id FROM heads"))
+    db.close()
+    assert rows == ["cats-0001", "cats-0003", "dogs-0002"]
+    reopened.delete_head("cats-0001")
+    assert [h.head_id for h in reopened.list_heads("acme")] == ["dogs-0002"]
+
+
+def test_a_save_the_index_refuses_leaves_no_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+
+    def refuse(record: HeadRecord) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store._head_index, "add", refuse)
+    with pytest.raises(OSError):
+        store.save_head(indexed_record("cats-0001", 1), WEIGHTS)
+    with pytest.raises(NotFoundError):
+        store.get_head("cats-0001")

@@ -150,28 +150,30 @@ class HeadFiles:
             )
         return weights
 
-    def list_heads(self) -> list[HeadRecord]:
-        """Every readable head. A damaged one is left out (with a warning, once per head and
-        process) rather than failing the listing: one caller's broken head must not take
-        ListHeads away from every other caller."""
-        records = []
-        for path in sorted(self._heads_dir.iterdir()):
-            # Both files or it is not a head: the rename makes that so for a save; this keeps
-            # a directory damaged since out of listings too.
-            if path.name.startswith(".") or not (
-                (path / _HEAD_META).is_file() and (path / _HEAD_WEIGHTS).is_file()
-            ):
-                continue
-            try:
-                records.append(self.get_head(path.name))
-            except (InvalidArgumentError, NotFoundError):
-                continue  # not a head id, or deleted since the directory was listed
-            except FailedPreconditionError as exc:
-                if path.name not in self._unlisted_heads:
-                    self._unlisted_heads.add(path.name)
-                    log.warning("head %r left out of listings: %s", path.name, exc.message)
-        records.sort(key=lambda record: record.created_time)
-        return records
+    def stored_ids(self) -> list[str]:
+        """The ids of every complete head directory (both files present: the rename makes
+        that so for a save; this keeps a directory damaged since out of listings too)."""
+        return [
+            path.name
+            for path in sorted(self._heads_dir.iterdir())
+            if not path.name.startswith(".")
+            and (path / _HEAD_META).is_file()
+            and (path / _HEAD_WEIGHTS).is_file()
+        ]
+
+    def listed_head(self, head_id: str) -> HeadRecord | None:
+        """The head's record for a listing, or None: a damaged head is left out (with a
+        warning, once per head and process) rather than failing the listing, since one
+        caller's broken head must not take ListHeads away from every other caller."""
+        try:
+            return self.get_head(head_id)
+        except (InvalidArgumentError, NotFoundError):
+            return None  # not a head id, or deleted since it was listed
+        except FailedPreconditionError as exc:
+            if head_id not in self._unlisted_heads:
+                self._unlisted_heads.add(head_id)
+                log.warning("head %r left out of listings: %s", head_id, exc.message)
+            return None
 
     @disk_faults
     def delete_head(self, head_id: str) -> None:

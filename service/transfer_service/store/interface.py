@@ -1,6 +1,6 @@
 """The store seen by the rest of the server. The embedded backend is LocalStore (a directory
-plus SQLite); a PostgreSQL + object-store backend for multi-replica deployments implements
-the same protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedError."""
+plus SQLite); the PostgreSQL backend for multi-replica deployments implements the same
+protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedError."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Protocol
 
 import torch
 
-from transfer_service.domain import DatasetInfo, HeadRecord, JobEvent, JobRecord, LabeledExample
+from transfer_service.domain import (
+    DatasetInfo,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LabeledExample,
+)
 
 
 class HeadStore(Protocol):
@@ -21,7 +28,18 @@ class HeadStore(Protocol):
 
     def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]: ...
 
-    def list_heads(self) -> list[HeadRecord]: ...
+    def list_heads(
+        self,
+        tenant: str | None = None,
+        *,
+        backbone: str | None = None,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[HeadRecord]:
+        """Oldest first, ties by id; only `tenant`'s, `backbone`'s and those named `name` when
+        given; with `after` (created time, head id) only the heads past that one, at most
+        `limit`. A damaged head is left out, never failing the listing."""
 
     def delete_head(self, head_id: str) -> None: ...
 
@@ -35,11 +53,15 @@ class JobStore(Protocol):
         self,
         tenant: str | None = None,
         *,
+        state: JobState | None = None,
+        backbone: str | None = None,
+        name: str | None = None,
         after: tuple[datetime, str] | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
-        """Oldest first, ties by id; only `tenant`'s when given; with `after` (created time,
-        job id) only the jobs past that one, at most `limit`."""
+        """Oldest first, ties by id; only `tenant`'s, those in `state`, on `backbone` and for
+        head name `name` when given; with `after` (created time, job id) only the jobs past
+        that one, at most `limit`."""
 
     def unsettled_jobs(self) -> list[JobRecord]:
         """Jobs not finished, and finished ones whose event log does not end in a terminal

@@ -2,7 +2,8 @@
 
 Layout under the root:
   heads/          the head files (head_files.HeadFiles)
-  store.sqlite3   jobs, job events, datasets (sqlite_schema, sqlite_jobs, sqlite_datasets)
+  store.sqlite3   jobs, job events, datasets, an index of the heads (sqlite_schema,
+                  sqlite_jobs, sqlite_datasets, sqlite_head_index)
 Every head, job and dataset records its tenant; the store keeps them all and the operations
 layer decides who sees what. Ids are unique across tenants.
 A write the disk refuses (full, over quota, read-only) is ResourceExhaustedError, saying so,
@@ -11,6 +12,8 @@ wherever it happens (disk_faults); opening a store that cannot be used is Config
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 from datetime import datetime
@@ -18,13 +21,23 @@ from pathlib import Path
 
 import torch
 
-from transfer_service.domain import DatasetInfo, HeadRecord, JobEvent, JobRecord, LabeledExample
+from transfer_service.domain import (
+    DatasetInfo,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LabeledExample,
+)
 from transfer_service.errors import ConfigurationError
 from transfer_service.store.disk_faults import refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
 from transfer_service.store.sqlite_datasets import SqliteDatasets, SqliteDatasetWriter
+from transfer_service.store.sqlite_head_index import SqliteHeadIndex
 from transfer_service.store.sqlite_jobs import SqliteJobs
 from transfer_service.store.sqlite_schema import DATABASE, open_database, open_failure
+
+log = logging.getLogger(__name__)
 
 
 class LocalStore:
@@ -51,6 +64,12 @@ class LocalStore:
             raise ConfigurationError(open_failure(self._root, database, exc)) from exc
         self._jobs = SqliteJobs(self._db, self._lock, self._root)
         self._datasets = SqliteDatasets(self._db, self._lock, self._root)
+        self._head_index = SqliteHeadIndex(self._db, self._lock)
+        added, dropped = self._head_index.reconcile(
+            self._heads.stored_ids(), self._heads.listed_head
+        )
+        if added or dropped:
+            log.info("head index: %d heads added, %d stale rows dropped", added, dropped)
 
     def close(self) -> None:
         with self._lock:
@@ -60,6 +79,13 @@ class LocalStore:
 
     def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
         self._heads.save_head(record, weights)
+        try:
+            self._head_index.add(record)
+        except BaseException:
+            # Not listed means not saved: the caller sees the failure and no head is left.
+            with contextlib.suppress(Exception):
+                self._heads.delete_head(record.head_id)
+            raise
 
     def get_head(self, head_id: str) -> HeadRecord:
         return self._heads.get_head(head_id)
@@ -67,11 +93,23 @@ class LocalStore:
     def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]:
         return self._heads.load_head_weights(head_id)
 
-    def list_heads(self) -> list[HeadRecord]:
-        return self._heads.list_heads()
+    def list_heads(
+        self,
+        tenant: str | None = None,
+        *,
+        backbone: str | None = None,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[HeadRecord]:
+        """One page from the index, then only that page's head files are read; a damaged
+        head is left out, so a page may hold fewer than `limit`."""
+        ids = self._head_index.page(tenant, backbone=backbone, name=name, after=after, limit=limit)
+        return [record for head_id in ids if (record := self._heads.listed_head(head_id))]
 
     def delete_head(self, head_id: str) -> None:
         self._heads.delete_head(head_id)
+        self._head_index.remove(head_id)
 
     # ---- jobs (sqlite_jobs) ----
 
@@ -88,10 +126,15 @@ class LocalStore:
         self,
         tenant: str | None = None,
         *,
+        state: JobState | None = None,
+        backbone: str | None = None,
+        name: str | None = None,
         after: tuple[datetime, str] | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
-        return self._jobs.list_jobs(tenant, after=after, limit=limit)
+        return self._jobs.list_jobs(
+            tenant, state=state, backbone=backbone, name=name, after=after, limit=limit
+        )
 
     def unsettled_jobs(self) -> list[JobRecord]:
         return self._jobs.unsettled_jobs()

@@ -88,17 +88,28 @@ class SqliteJobs:
         self,
         tenant: str | None = None,
         *,
+        state: JobState | None = None,
+        backbone: str | None = None,
+        name: str | None = None,
         after: tuple[datetime, str] | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
-        """Every job, oldest first (ties by id); only `tenant`'s when given, read through an
-        index so one tenant's listing does not scan everyone's jobs. `after` (a job's created
-        time and id) and `limit` read one page."""
+        """Every job, oldest first (ties by id); only `tenant`'s, in `state`, on `backbone`
+        and for head name `name` when given, read through the tenant index so one tenant's
+        listing does not scan everyone's jobs. `after` (a job's created time and id) and
+        `limit` read one page."""
         where: list[str] = []
         parameters: list[object] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            parameters.append(tenant)
+        filters = (
+            ("tenant", tenant),
+            ("state", state.value if state is not None else None),
+            ("backbone", backbone),
+            ("head_name", name),
+        )
+        for column, value in filters:
+            if value is not None:
+                where.append(f"{column} = ?")
+                parameters.append(value)
         if after is not None:
             created = after[0].isoformat()  # as _write_job stored it
             where.append("(created > ? OR (created = ? AND job_id > ?))")

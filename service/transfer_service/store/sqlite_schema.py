@@ -1,5 +1,6 @@
-"""The embedded store's SQLite database (jobs, job events, datasets): its tables, opening it
-(with the checks that refuse an unusable one), migrating older versions, and transactions.
+"""The embedded store's SQLite database (jobs, job events, datasets, the head index): its
+tables, opening it (with the checks that refuse an unusable one), migrating older versions,
+and transactions.
 
 Opening a database that cannot be used is ConfigurationError, saying what to do."""
 
@@ -30,6 +31,9 @@ CREATE TABLE IF NOT EXISTS datasets (
   dataset_id TEXT PRIMARY KEY, complete INTEGER NOT NULL, modality TEXT NOT NULL,
   example_count INTEGER NOT NULL, class_counts TEXT NOT NULL, created TEXT NOT NULL,
   tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}', bytes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS heads (
+  head_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, backbone TEXT NOT NULL,
+  created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
@@ -39,6 +43,7 @@ CREATE TABLE IF NOT EXISTS dataset_examples (
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created);
 CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant);
+CREATE INDEX IF NOT EXISTS heads_by_tenant ON heads (tenant, created, head_id);
 """
 
 # PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns);
