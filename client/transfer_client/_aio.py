@@ -26,6 +26,7 @@ from transfer_client.types import (
     InputData,
     Job,
     JobCompleted,
+    JobState,
     LabelledExample,
     Prediction,
     TrainingConfig,
@@ -132,12 +133,15 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
     async def get_job(self, job_id: str) -> Job:
         return await self._unary(self._stub.GetJob, core.get_job(job_id))
 
-    async def list_jobs(self) -> list[Job]:
-        """Every job of the caller, oldest first (read a page of up to 1000 at a time)."""
-        pages = core.JobPages()
+    async def list_jobs(
+        self, *, state: JobState | None = None, backbone: str = "", head_name: str = ""
+    ) -> list[Job]:
+        """Every job of the caller, oldest first (read a page of up to 1000 at a time); only
+        those in `state`, on `backbone`, training `head_name`, when given."""
+        pages = core.job_pages(state, backbone, head_name)
         while (page := pages.next_page()) is not None:
             await self._unary(self._stub.ListJobs, page)
-        return pages.jobs
+        return pages.items
 
     async def cancel_job(self, job_id: str) -> Job:
         return await self._unary(self._stub.CancelJob, core.cancel_job(job_id))
@@ -149,8 +153,13 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
 
     # --- heads ---------------------------------------------------------------------------
 
-    async def list_heads(self, *, backbone: str = "") -> list[Head]:
-        return await self._unary(self._stub.ListHeads, core.list_heads(backbone))
+    async def list_heads(self, *, backbone: str = "", name: str = "") -> list[Head]:
+        """Every head of the caller, oldest first (read a page of up to 1000 at a time); only
+        those on `backbone` and named `name`, when given."""
+        pages = core.head_pages(backbone, name)
+        while (page := pages.next_page()) is not None:
+            await self._unary(self._stub.ListHeads, page)
+        return pages.items
 
     async def get_head(self, head_id: str) -> Head:
         return await self._unary(self._stub.GetHead, core.get_head(head_id))

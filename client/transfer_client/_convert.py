@@ -62,6 +62,13 @@ _JOB_STATES: Mapping[int, JobState] = {
 _EnumT = TypeVar("_EnumT")
 
 
+def job_state_to_pb(state: JobState) -> pb.JobState.ValueType:
+    for wire, value in _JOB_STATES.items():
+        if value is state:
+            return wire  # type: ignore[return-value]
+    raise ValueError(f"not a job state: {state!r}")
+
+
 def _enum(mapping: Mapping[int, _EnumT], value: int, what: str) -> _EnumT:
     try:
         return mapping[value]

@@ -4,7 +4,7 @@
 blocking or awaited, and the streaming loops); the rest is written once, here:
 
 - `Unary` plans of the unary calls: the request message, and what its response means;
-- `JobPages`, the paging of `list_jobs`;
+- `Pages`, the paging of `list_jobs` and `list_heads`;
 - `train_outcome` and `stream_ended`, how `train` reads a job's events;
 - `translated_errors`, the one place a failed call's `grpc.RpcError` becomes a `TransferError`.
 """
@@ -36,12 +36,14 @@ from transfer_client.types import (
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobState,
     Prediction,
 )
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
 ResultT = TypeVar("ResultT")
+ItemT = TypeVar("ItemT")
 
 
 class translated_errors:  # lower case, like `contextlib.suppress`: used as a function
@@ -92,13 +94,6 @@ def cancel_job(job_id: str) -> Unary[pb.CancelJobRequest, pb.Job, Job]:
     return Unary(pb.CancelJobRequest(job_id=job_id), convert.job_from_pb)
 
 
-def list_heads(backbone: str) -> Unary[pb.ListHeadsRequest, pb.ListHeadsResponse, list[Head]]:
-    return Unary(
-        pb.ListHeadsRequest(backbone=backbone),
-        lambda response: [convert.head_from_pb(head) for head in response.heads],
-    )
-
-
 def get_head(head_id: str) -> Unary[pb.GetHeadRequest, pb.Head, Head]:
     return Unary(pb.GetHeadRequest(head_id=head_id), convert.head_from_pb)
 
@@ -122,22 +117,56 @@ def predict(
     )
 
 
-class JobPages:
-    """`list_jobs` a page at a time: send each plan `next_page()` gives until it gives None;
-    `jobs` then holds every job, oldest first."""
+class Pages(Generic[RequestT, ResponseT, ItemT]):
+    """A listing a page at a time: send each plan `next_page()` gives until it gives None;
+    `items` then holds every record, oldest first."""
 
-    def __init__(self) -> None:
-        self.jobs: list[Job] = []
+    def __init__(
+        self,
+        request: Callable[[str], RequestT],
+        read: Callable[[ResponseT], tuple[list[ItemT], str]],
+    ) -> None:
+        self.items: list[ItemT] = []
+        self._request = request  # the request for a page token ("" for the first page)
+        self._read_page = read  # a response's records and next page token
         self._page_token: str | None = ""  # None once the last page is read
 
-    def next_page(self) -> Unary[pb.ListJobsRequest, pb.ListJobsResponse, None] | None:
+    def next_page(self) -> Unary[RequestT, ResponseT, None] | None:
         if self._page_token is None:
             return None
-        return Unary(pb.ListJobsRequest(page_token=self._page_token), self._read)
+        return Unary(self._request(self._page_token), self._read)
 
-    def _read(self, response: pb.ListJobsResponse) -> None:
-        self.jobs.extend(convert.job_from_pb(job) for job in response.jobs)
-        self._page_token = response.next_page_token or None
+    def _read(self, response: ResponseT) -> None:
+        items, token = self._read_page(response)
+        self.items.extend(items)
+        self._page_token = token or None
+
+
+def job_pages(
+    state: JobState | None, backbone: str, head_name: str
+) -> Pages[pb.ListJobsRequest, pb.ListJobsResponse, Job]:
+    """`list_jobs`, filtered by the server (state None: any)."""
+    wire_state = convert.job_state_to_pb(state) if state is not None else pb.JOB_STATE_UNSPECIFIED
+    return Pages(
+        lambda token: pb.ListJobsRequest(
+            page_token=token, state=wire_state, backbone=backbone, head_name=head_name
+        ),
+        lambda response: (
+            [convert.job_from_pb(job) for job in response.jobs],
+            response.next_page_token,
+        ),
+    )
+
+
+def head_pages(backbone: str, name: str) -> Pages[pb.ListHeadsRequest, pb.ListHeadsResponse, Head]:
+    """`list_heads`, filtered by the server."""
+    return Pages(
+        lambda token: pb.ListHeadsRequest(page_token=token, backbone=backbone, name=name),
+        lambda response: (
+            [convert.head_from_pb(head) for head in response.heads],
+            response.next_page_token,
+        ),
+    )
 
 
 def watch_job_request(job_id: str, after_sequence: int) -> pb.WatchJobRequest:

@@ -26,6 +26,7 @@ from transfer_service.domain import (
     HeadRecord,
     JobEvent,
     JobRecord,
+    JobState,
     LabeledExample,
     Modality,
     ModelInput,
@@ -38,12 +39,13 @@ from transfer_service.errors import (
     UnreadableHeadError,
 )
 from transfer_service.heads import HeadCache, LoadedHead
-from transfer_service.job_pages import page_token_after, read_page_token
+from transfer_service.list_pages import read_page
 from transfer_service.predict.predictor import Predictor
 from transfer_service.store.ids import check_id
 from transfer_service.store.interface import Store
 from transfer_service.training.features import check_pooled_features_fit
 from transfer_service.training.jobs import JobManager
+from transfer_service.training.selection import candidate_names
 from transfer_service.training.validation import (
     TrainingConfigRequest,
     check_examples,
@@ -54,9 +56,6 @@ from transfer_service.training.validation import (
 
 T = TypeVar("T")
 AUTO_BACKBONE = "auto"
-# ListJobs pages: a tenant can hold hundreds of thousands of jobs, and answering them in one
-# message cost seconds of the event loop (converting 200,000 jobs to protobuf took 2.7 s).
-MAX_JOBS_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +131,9 @@ class TransferOperations:
                 raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
             modality = examples[0].input.modality
             statuses = await self.list_backbones()
-            candidates = self._candidates(call.candidate_backbones, modality, statuses)
+            candidates = candidate_names(
+                call.candidate_backbones, modality, statuses, self._backbones.check_available
+            )
         else:
             if call.candidate_backbones:
                 raise InvalidArgumentError(
@@ -201,25 +202,6 @@ class TransferOperations:
         _check_owner(info.tenant, tenant, f"{dataset_field}: no dataset {dataset_id!r}")
         loaded: list[LabeledExample] = await self._blocking(self._store.dataset_examples, info)
         return loaded, f"dataset {dataset_id}"
-
-    def _candidates(
-        self, requested: Sequence[str], modality: Modality, statuses: list[BackboneStatus]
-    ) -> list[str]:
-        """Backbone auto-selection candidates: the requested ones (each must exist, be
-        available and take this modality), or every available backbone of the modality."""
-        if requested:
-            for position, name in enumerate(requested):
-                spec = self._backbones.check_available(name)
-                if spec.modality is not modality:
-                    raise InvalidArgumentError(
-                        f"candidate_backbones[{position}]: {name} takes "
-                        f"{spec.modality.value}, the examples are {modality.value}"
-                    )
-            return list(dict.fromkeys(requested))
-        names = [s.spec.name for s in statuses if s.available and s.spec.modality is modality]
-        if not names:
-            raise FailedPreconditionError(f"backbone: no {modality.value} backbone is available")
-        return names
 
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):
@@ -292,20 +274,34 @@ class TransferOperations:
         return record
 
     async def list_jobs(
-        self, tenant: str, page_size: int = 0, page_token: str = ""
+        self,
+        tenant: str,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        state: JobState | None = None,
+        backbone: str = "",
+        head_name: str = "",
     ) -> tuple[list[JobRecord], str]:
-        """One page of the tenant's jobs, oldest first, and the token of the next page ("" on
-        the last). `page_size` 0 or over MAX_JOBS_PAGE reads as MAX_JOBS_PAGE."""
-        size = min(page_size, MAX_JOBS_PAGE) if page_size > 0 else MAX_JOBS_PAGE
-        after = read_page_token(page_token) if page_token else None
-        # One more than the page: whether another page follows, without a count query.
-        jobs: list[JobRecord] = await self._blocking(
-            functools.partial(self._store.list_jobs, tenant, after=after, limit=size + 1)
+        """One page of the tenant's jobs, oldest first, filtered, and the token of the next
+        page ("" on the last). `page_size` 0 or over MAX_PAGE reads as MAX_PAGE."""
+        if backbone:
+            self._backbones.spec(backbone)
+
+        return await read_page(
+            functools.partial(
+                self._store.list_jobs,
+                tenant,
+                state=state,
+                backbone=backbone or None,
+                name=head_name or None,
+            ),
+            self._blocking,
+            lambda job: (job.created_time, job.job_id),
+            page_size,
+            page_token,
+            (state.value if state else "", backbone, head_name),
         )
-        if len(jobs) <= size:
-            return jobs, ""
-        jobs = jobs[:size]
-        return jobs, page_token_after(jobs[-1])
 
     async def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
         record = await self.get_job(tenant, job_id)
@@ -318,15 +314,30 @@ class TransferOperations:
         # Unfinished, so live in this process: cancelling touches no store.
         return self._jobs.cancel(job_id)
 
-    async def list_heads(self, tenant: str, backbone: str) -> list[HeadRecord]:
+    async def list_heads(
+        self,
+        tenant: str,
+        backbone: str = "",
+        *,
+        name: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[HeadRecord], str]:
+        """One page of the tenant's heads, oldest first, filtered, and the token of the next
+        page ("" on the last); the store reads only that page's heads."""
         if backbone:
             self._backbones.spec(backbone)
-        heads: list[HeadRecord] = await self._blocking(self._store.list_heads)
-        return [
-            head
-            for head in heads
-            if head.tenant == tenant and (not backbone or head.backbone == backbone)
-        ]
+
+        return await read_page(
+            functools.partial(
+                self._store.list_heads, tenant, backbone=backbone or None, name=name or None
+            ),
+            self._blocking,
+            lambda head: (head.created_time, head.head_id),
+            page_size,
+            page_token,
+            (backbone, name),
+        )
 
     async def _resolve_head(self, tenant: str, head_id: str) -> LoadedHead:
         """The loaded head for a Predict, its record read once: from the cache, or from the

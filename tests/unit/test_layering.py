@@ -33,9 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "predict": CORE | {"backbones", "heads", "predict", "torch_threads"},
     "training": CORE | {"backbones", "heads", "training", "torch_threads"} | STORE_CONTRACT,
     "dataset_upload": CORE | {"backbones", "training.validation"} | STORE_CONTRACT,
-    "job_pages": CORE | STORE_CONTRACT,
+    "list_pages": CORE | STORE_CONTRACT,
     "operations": CORE
-    | {"backbones", "heads", "predict", "training", "dataset_upload", "job_pages"}
+    | {"backbones", "heads", "predict", "training", "dataset_upload", "list_pages"}
     | STORE_CONTRACT,
     "edge": CORE
     | {"edge", "operations", "backbones.cache", "training.validation", "metrics"}

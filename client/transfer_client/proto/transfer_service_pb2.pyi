@@ -1129,19 +1129,33 @@ class ListJobsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BACKBONE_FIELD_NUMBER: _builtins.int
+    HEAD_NAME_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Most jobs in the response: 0 means 1000, and more than 1000 reads as 1000."""
     page_token: _builtins.str
-    """The previous response's next_page_token, to continue after its last job."""
+    """The previous response's next_page_token, to continue after its last job. It belongs to
+    the filters it was issued with: other filters with it are INVALID_ARGUMENT.
+    """
+    state: Global___JobState.ValueType
+    """Filters, all optional and combined: only jobs in this state (UNSPECIFIED: any), on this
+    backbone, training a head of this name.
+    """
+    backbone: _builtins.str
+    head_name: _builtins.str
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        backbone: _builtins.str = ...,
+        head_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "head_name", b"head_name", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1278,16 +1292,31 @@ class ListHeadsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKBONE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     backbone: _builtins.str
     """Only heads on this backbone, when set."""
+    page_size: _builtins.int
+    """Most heads in the response: 0 means 1000, and more than 1000 reads as 1000."""
+    page_token: _builtins.str
+    """The previous response's next_page_token, to continue after its last head (oldest
+    first). It belongs to the filters it was issued with: other filters with it are
+    INVALID_ARGUMENT.
+    """
+    name: _builtins.str
+    """Only heads of this name, when set."""
     def __init__(
         self,
         *,
         backbone: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1298,16 +1327,20 @@ class ListHeadsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when more heads follow: send it as page_token. Empty on the last page."""
     @_builtins.property
     def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___Head]: ...
     def __init__(
         self,
         *,
         heads: _abc.Iterable[Global___Head] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,17 @@ _JOB_STATE = {
 }
 
 
+def job_state_filter(state: pb.JobState.ValueType) -> JobState | None:
+    """ListJobs' state filter: UNSPECIFIED is any state; a number outside the enum (open
+    enums carry them) is INVALID_ARGUMENT."""
+    if state == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    for domain_state, wire_state in _JOB_STATE.items():
+        if wire_state == state:
+            return domain_state
+    raise InvalidArgumentError(f"state: {state} is not a job state")
+
+
 def timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment)

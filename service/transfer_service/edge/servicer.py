@@ -171,7 +171,12 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         jobs, next_page = await self._ops.list_jobs(
-            current_tenant(), request.page_size, request.page_token
+            current_tenant(),
+            request.page_size,
+            request.page_token,
+            state=convert.job_state_filter(request.state),
+            backbone=request.backbone,
+            head_name=request.head_name,
         )
         return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=next_page)
 
@@ -183,8 +188,16 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     async def ListHeads(
         self, request: pb.ListHeadsRequest, context: Context
     ) -> pb.ListHeadsResponse:
-        heads = await self._ops.list_heads(current_tenant(), request.backbone)
-        return pb.ListHeadsResponse(heads=[convert.head(h) for h in heads])
+        heads, next_page = await self._ops.list_heads(
+            current_tenant(),
+            request.backbone,
+            name=request.name,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListHeadsResponse(
+            heads=[convert.head(h) for h in heads], next_page_token=next_page
+        )
 
     @unary
     async def GetHead(self, request: pb.GetHeadRequest, context: Context) -> pb.Head:

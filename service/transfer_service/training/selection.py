@@ -11,15 +11,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.backbones.cache import BackboneStatus, LoadedBackbone
+from transfer_service.backbones.catalog import BackboneSpec
 from transfer_service.domain import (
     CandidateResult,
     EventPayload,
     FineTuneSpec,
     LabeledExample,
+    Modality,
     TrainingConfig,
     TrainingProgress,
 )
+from transfer_service.errors import FailedPreconditionError, InvalidArgumentError
 from transfer_service.training.trainer import Trainer
 
 # Per class, at most this many examples go into a candidate's probe.
@@ -139,3 +142,27 @@ def select_backbone(
     winner = choose(scores)
     emit(winner.event(selected=True))
     return winner.backbone
+
+
+def candidate_names(
+    requested: Sequence[str],
+    modality: Modality,
+    statuses: list[BackboneStatus],
+    check_available: Callable[[str], BackboneSpec],
+) -> list[str]:
+    """Backbone auto-selection candidates: the requested ones (each must exist, be available
+    (`check_available` raises otherwise) and take this modality), or every available backbone
+    of the modality."""
+    if requested:
+        for position, name in enumerate(requested):
+            spec = check_available(name)
+            if spec.modality is not modality:
+                raise InvalidArgumentError(
+                    f"candidate_backbones[{position}]: {name} takes "
+                    f"{spec.modality.value}, the examples are {modality.value}"
+                )
+        return list(dict.fromkeys(requested))
+    names = [s.spec.name for s in statuses if s.available and s.spec.modality is modality]
+    if not names:
+        raise FailedPreconditionError(f"backbone: no {modality.value} backbone is available")
+    return names
