@@ -5,6 +5,7 @@ transfer.v1.TransferService by name, so the policy is checked against the wire's
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -21,11 +22,13 @@ PREFIX = f"/{SERVICE.full_name}/"
 
 
 class FlakyService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not subscriptable at run time
-    """Answers the first `failures` calls of each method UNAVAILABLE, later ones OK with an
-    empty response (an empty stream for streams), and counts the calls of each method."""
+    """Answers the first `failures` calls of each method UNAVAILABLE (after response headers
+    if `headers_first`), later ones OK with an empty response (an empty stream for streams),
+    and counts the calls of each method."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, *, headers_first: bool = False) -> None:
         self.failures = failures
+        self.headers_first = headers_first
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -34,6 +37,8 @@ class FlakyService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not sub
             self.calls[name] += 1
             refuse = self.calls[name] <= self.failures
         if refuse:
+            if self.headers_first:
+                context.send_initial_metadata((("x-request-id", "r-1"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{name}: refused on purpose")
         response_type = getattr(pb, SERVICE.methods_by_name[name].output_type.name)
         return bytes(response_type().SerializeToString())
@@ -67,8 +72,9 @@ class FlakyService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not sub
 Served = tuple[str, FlakyService]
 
 
-def serve(failures: int) -> Iterator[Served]:
-    service = FlakyService(failures)
+@contextlib.contextmanager
+def serve(failures: int, *, headers_first: bool = False) -> Iterator[Served]:
+    service = FlakyService(failures, headers_first=headers_first)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[service])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -80,12 +86,14 @@ def serve(failures: int) -> Iterator[Served]:
 
 @pytest.fixture()
 def always_refusing() -> Iterator[Served]:
-    yield from serve(failures=1_000_000)
+    with serve(failures=1_000_000) as served:
+        yield served
 
 
 @pytest.fixture()
 def refusing_once() -> Iterator[Served]:
-    yield from serve(failures=1)
+    with serve(failures=1) as served:
+        yield served
 
 
 # Each RPC of the service, as the client makes it.
@@ -162,6 +170,15 @@ async def test_the_async_client_retries_alike(refusing_once: Served) -> None:
         with pytest.raises(UnavailableError):
             await client.delete_head("head-1")
     assert service.calls == {"ListHeads": 2, "DeleteHead": 1}
+
+
+def test_a_refusal_after_response_headers_is_not_retried() -> None:
+    """gRPC commits a call once its response headers arrive: a server must refuse with a
+    trailers-only response (no initial metadata first) for the client to retry elsewhere."""
+    with serve(failures=1, headers_first=True) as (target, service):
+        with TransferClient(target, timeout=20) as client, pytest.raises(UnavailableError):
+            client.list_backbones()
+        assert service.calls == {"ListBackbones": 1}
 
 
 @pytest.mark.parametrize(
