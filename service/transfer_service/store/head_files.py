@@ -166,6 +166,8 @@ class HeadFiles:
         warning, once per head and process) rather than failing the listing, since one
         caller's broken head must not take ListHeads away from every other caller."""
         try:
+            if not (self._head_dir(head_id) / _HEAD_WEIGHTS).is_file():
+                return None  # not both files: not a head (see stored_ids)
             return self.get_head(head_id)
         except (InvalidArgumentError, NotFoundError):
             return None  # not a head id, or deleted since it was listed

@@ -119,6 +119,26 @@ class LocalStore:
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
         self._jobs.finish_job(job, event)
 
+    def complete_job(
+        self,
+        job: JobRecord,
+        event: JobEvent,
+        head: HeadRecord,
+        weights: dict[str, torch.Tensor],
+    ) -> None:
+        """The head files first (renamed into place whole), then the job's row and event in
+        one SQLite transaction. Files and database cannot share a transaction: when the
+        second step fails the head is removed again; a kill between the two leaves a whole
+        head whose job is unfinished, which start-up recovery adopts (training/recovery.py),
+        so the outcome is the same as one commit."""
+        self.save_head(head, weights)
+        try:
+            self._jobs.finish_job(job, event)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.delete_head(head.head_id)
+            raise
+
     def get_job(self, job_id: str) -> JobRecord:
         return self._jobs.get_job(job_id)
 

@@ -16,10 +16,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+import torch
+
 from transfer_service.domain import (
     EventPayload,
     FineTuneSpec,
+    HeadRecord,
     JobCancelled,
+    JobCompleted,
     JobEvent,
     JobFailed,
     JobRecord,
@@ -112,6 +116,30 @@ class JobEventLog:
                     live.record.job_id,
                     state.value,
                 )
+            live.record = finished
+        return event
+
+    def store_completion(
+        self,
+        live: LiveJob,
+        payload: JobCompleted,
+        head: HeadRecord,
+        weights: dict[str, torch.Tensor],
+    ) -> JobEvent:
+        """Ends the job SUCCEEDED: its head, final row and `completed` event in one store
+        commit (Store.complete_job); returns the event, to publish. Raises when the store
+        refuses it, leaving the job as it was (the caller then fails it with store_end)."""
+        with live.sequence_lock:
+            event = JobEvent(live.record.job_id, live.record.last_sequence + 1, utc_now(), payload)
+            finished = replace(
+                live.record,
+                state=JobState.SUCCEEDED,
+                error="",
+                head_id=head.head_id,
+                last_sequence=event.sequence,
+                updated_time=event.time,
+            )
+            self._store.complete_job(finished, event, head, weights)
             live.record = finished
         return event
 

@@ -44,7 +44,7 @@ from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_thr
 from transfer_service.training.job_events import JobEventLog, LiveJob, utc_now
 from transfer_service.training.recovery import recover_jobs
 from transfer_service.training.selection import select_backbone
-from transfer_service.training.trainer import Trainer
+from transfer_service.training.trainer import Trainer, TrainingResult
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +309,7 @@ class JobManager:
                 job_id=live.record.job_id,
                 tenant=spec.tenant,
             )
-            # Durable first: the completed event is only sent for a head that is on disk.
-            self._store.save_head(record, weights)
-            self._heads.put(LoadedHead(record, result.head))
-            live.record.head_id = head_id
-            self._hooks.on_finished("succeeded", record)
-            self._finish(live, JobState.SUCCEEDED, JobCompleted(head_id, result.metrics))
+            self._complete(live, record, weights, result)
         except JobCancelledError as exc:
             self._hooks.on_finished("cancelled", None)
             reason = exc.message if self._accepting else "the server shut down during training"
@@ -334,6 +329,31 @@ class JobManager:
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _complete(
+        self,
+        live: LiveJob,
+        record: HeadRecord,
+        weights: dict[str, torch.Tensor],
+        result: TrainingResult,
+    ) -> None:
+        """Durable first: the head, SUCCEEDED and the completed event commit together, and
+        only then is the event sent and the head served. A store that refuses the commit
+        fails the job instead (no head exists then)."""
+        old = live.record.state
+        try:
+            event = self._events.store_completion(
+                live, JobCompleted(record.head_id, result.metrics), record, weights
+            )
+        except ServiceError as exc:
+            self._hooks.on_finished("failed", None)
+            reason = f"the trained head could not be stored: {exc.message}"
+            self._finish(live, JobState.FAILED, JobFailed(reason, exc.status_name))
+            return
+        self._heads.put(LoadedHead(record, result.head))
+        self._hooks.on_finished("succeeded", record)
+        self._hooks.on_state(JobState.SUCCEEDED, old)
+        self._events.publish_soon(live, event)
 
     def _set_state(self, live: LiveJob, state: JobState, error: str = "") -> None:
         old = live.record.state
