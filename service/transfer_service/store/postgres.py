@@ -1,0 +1,320 @@
+"""The PostgreSQL store, for several replicas sharing one durable state (TRANSFER_DATABASE_URL):
+heads, jobs and their events, datasets, all in one database.
+
+Composed of:
+  pg_pool.py        the connection pool; database failures as domain errors
+  pg_migrations.py  the versioned schema (migrations/*.sql), applied at start under a lock
+  pg_jobs.py        jobs and job events
+  pg_datasets.py    uploaded datasets and their writer
+and the heads, here: one row per head with its record (codec's JSON), its safetensors bytes
+and their SHA-256, checked on every load. A head is one INSERT, so it is complete or absent.
+Semantics and errors are LocalStore's; a database that cannot be reached is UnavailableError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from psycopg import sql
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from transfer_service.domain import (
+    TENANT_PATTERN,
+    DatasetInfo,
+    HeadRecord,
+    JobEvent,
+    JobRecord,
+    JobState,
+    LabeledExample,
+)
+from transfer_service.errors import FailedPreconditionError, NotFoundError, UnreadableHeadError
+from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
+from transfer_service.store.ids import check_id
+from transfer_service.store.pg_datasets import PostgresDatasets, PostgresDatasetWriter
+from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
+from transfer_service.store.pg_migrations import migrate
+from transfer_service.store.pg_pool import Connection, Database
+
+# Uploads not committed and untouched this long are taken for abandoned (their replica died)
+# and removed at start-up.
+ABANDONED_UPLOAD_SECONDS = 3600.0
+
+log = logging.getLogger(__name__)
+
+
+class PostgresStore:
+    """A Store in the PostgreSQL database at `url` (a libpq URL or conninfo string).
+
+    Opening it connects, migrates the schema (once, whichever replica gets there first) and
+    removes abandoned uploads. Raises UnavailableError, saying the database is unreachable,
+    when it cannot be reached within `timeout` seconds; so does any later call. At most
+    `max_connections` connections are open at once."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 8,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._db = Database(
+            url, max_connections=max_connections, timeout=timeout, connect_timeout=connect_timeout
+        )
+        self._db.open()
+        try:
+            with self._db.transaction() as conn:
+                migrate(conn)  # in a transaction of its own, under the migration lock
+            self._jobs = PostgresJobs(self._db)
+            self._datasets = PostgresDatasets(self._db)
+            self._datasets.remove_abandoned_uploads(ABANDONED_UPLOAD_SECONDS)
+        except BaseException:
+            self._db.close()
+            raise
+        self._unlisted_heads: set[str] = set()  # damaged heads already warned about
+
+    @property
+    def where(self) -> str:
+        """host:port/database, for logs (never the password)."""
+        return self._db.where
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- heads ----
+
+    def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        """One row: the record, the weights' safetensors bytes and their SHA-256. Saving an
+        id again replaces the head (a retried save)."""
+        check_id("head_id", record.head_id)
+        # Serialised before the transaction (and in memory, so the checksum is of exactly
+        # the bytes that are stored).
+        data = safetensors_save(weights)
+        with self._db.transaction() as conn:
+            _write_head(conn, record, data)
+
+    def get_head(self, head_id: str) -> HeadRecord:
+        """Raises UnreadableHeadError (a FailedPreconditionError) for a head whose record is
+        damaged in any way, with the owner from its tenant column."""
+        check_id("head_id", head_id)
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT record, tenant FROM heads WHERE head_id = %s", (head_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"head_id: no head {head_id!r}")
+        return _decode(head_id, row[0], row[1])
+
+    def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]:
+        """Checks the weights against their SHA-256: damaged bytes fail loudly here rather
+        than predict wrongly."""
+        check_id("head_id", head_id)
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT record, tenant, weights, weights_sha256 FROM heads WHERE head_id = %s",
+                (head_id,),
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"head_id: no head {head_id!r}")
+        _decode(head_id, row[0], row[1])
+        data = bytes(row[2])
+        try:
+            # safetensors parses a header and raw buffers; it never unpickles.
+            weights = safetensors_load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights are not a valid safetensors file; the head "
+                "is corrupt: delete it and train again"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != row[3]:
+            raise FailedPreconditionError(
+                f"head {head_id!r}: stored weights fail their checksum; the head is corrupt: "
+                "delete it and train again"
+            )
+        return weights
+
+    def list_heads(
+        self,
+        tenant: str | None = None,
+        *,
+        backbone: str | None = None,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[HeadRecord]:
+        """Oldest first, ties by id, filtered, one page with `after`/`limit`. A damaged head
+        is left out (with a warning, once per head and process), the page filled from the
+        heads past it."""
+        filters: list[sql.Composable] = []
+        parameters: list[Any] = []
+        for column, value in (("tenant", tenant), ("backbone", backbone), ("name", name)):
+            if value is not None:
+                filters.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+                parameters.append(value)
+        records: list[HeadRecord] = []
+        cursor = after
+        while limit is None or len(records) < limit:
+            where = list(filters)
+            page_parameters = list(parameters)
+            if cursor is not None:
+                created = cursor[0] if cursor[0].tzinfo else cursor[0].replace(tzinfo=UTC)
+                where.append(sql.SQL("(created, head_id) > (%s, %s)"))
+                page_parameters += [created, cursor[1]]
+            query: sql.Composable = sql.SQL("SELECT head_id, record, tenant, created FROM heads")
+            if where:
+                query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+            query += sql.SQL(" ORDER BY created, head_id")
+            wanted = None if limit is None else limit - len(records)
+            if wanted is not None:
+                query += sql.SQL(" LIMIT %s")
+                page_parameters.append(wanted)
+            with self._db.transaction() as conn:
+                rows = conn.execute(query, page_parameters).fetchall()
+            records += self._readable(rows)
+            if wanted is None or len(rows) < wanted:
+                break
+            cursor = (rows[-1][3], rows[-1][0])
+        return records
+
+    def _readable(self, rows: Sequence[tuple[Any, ...]]) -> list[HeadRecord]:
+        records = []
+        for head_id, text, owner, _ in rows:
+            try:
+                records.append(_decode(head_id, text, owner))
+            except FailedPreconditionError as exc:
+                if head_id not in self._unlisted_heads:
+                    self._unlisted_heads.add(head_id)
+                    log.warning("head %r left out of listings: %s", head_id, exc.message)
+        return records
+
+    def delete_head(self, head_id: str) -> None:
+        """Works whatever state the head's row is in (the caller checks ownership)."""
+        check_id("head_id", head_id)
+        with self._db.transaction() as conn:
+            deleted = conn.execute("DELETE FROM heads WHERE head_id = %s", (head_id,)).rowcount
+        if not deleted:
+            raise NotFoundError(f"head_id: no head {head_id!r}")
+        self._unlisted_heads.discard(head_id)
+
+    # ---- jobs (pg_jobs) ----
+
+    def save_job(self, job: JobRecord) -> None:
+        self._jobs.save_job(job)
+
+    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
+        self._jobs.finish_job(job, event)
+
+    def complete_job(
+        self,
+        job: JobRecord,
+        event: JobEvent,
+        head: HeadRecord,
+        weights: dict[str, torch.Tensor],
+    ) -> None:
+        """The head's row, the job's SUCCEEDED row and its `completed` event in one
+        transaction: all three or none."""
+        check_id("head_id", head.head_id)
+        data = safetensors_save(weights)
+        with self._db.transaction() as conn:
+            _write_head(conn, head, data)
+            write_event(conn, event)
+            write_job(conn, job)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        return self._jobs.get_job(job_id)
+
+    def list_jobs(
+        self,
+        tenant: str | None = None,
+        *,
+        state: JobState | None = None,
+        backbone: str | None = None,
+        name: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[JobRecord]:
+        return self._jobs.list_jobs(
+            tenant, state=state, backbone=backbone, name=name, after=after, limit=limit
+        )
+
+    def unsettled_jobs(self) -> list[JobRecord]:
+        return self._jobs.unsettled_jobs()
+
+    def delete_finished_jobs(self, finished_before: datetime) -> int:
+        return self._jobs.delete_finished_jobs(finished_before)
+
+    def append_event(self, event: JobEvent) -> None:
+        self._jobs.append_event(event)
+
+    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+        self._jobs.append_progress(event, job)
+
+    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        return self._jobs.events_after(job_id, after_sequence)
+
+    # ---- datasets (pg_datasets) ----
+
+    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> PostgresDatasetWriter:
+        return self._datasets.begin_dataset(tenant, quota_bytes)
+
+    def dataset_info(self, dataset_id: str) -> DatasetInfo:
+        return self._datasets.dataset_info(dataset_id)
+
+    def dataset_bytes(self, tenant: str) -> int:
+        return self._datasets.dataset_bytes(tenant)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._datasets.delete_dataset(dataset_id)
+
+    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
+        return self._datasets.dataset_examples(info)
+
+
+def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
+    """Inserts (or replaces) the head's row: `data` is its weights' safetensors bytes."""
+    created = record.created_time
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)  # as codec reads a naive time back
+    conn.execute(
+        "INSERT INTO heads (head_id, tenant, name, backbone, job_id, created, record, "
+        "weights, weights_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (head_id) DO UPDATE SET tenant = excluded.tenant, "
+        "name = excluded.name, backbone = excluded.backbone, job_id = excluded.job_id, "
+        "created = excluded.created, record = excluded.record, "
+        "weights = excluded.weights, weights_sha256 = excluded.weights_sha256",
+        (
+            record.head_id,
+            record.tenant,
+            record.name,
+            record.backbone,
+            record.job_id,
+            created,
+            head_to_json(record),
+            data,
+            hashlib.sha256(data).hexdigest(),
+        ),
+    )
+
+
+def _decode(head_id: str, text: str, owner: str) -> HeadRecord:
+    """The record stored as `text` for `head_id`; UnreadableHeadError, naming `owner`, if it
+    is damaged or names another head."""
+    known_owner = owner if TENANT_PATTERN.fullmatch(owner) else None
+    try:
+        record, _ = decode_head(text)
+    except HeadFormatError as exc:
+        raise UnreadableHeadError(head_id, f"metadata unreadable ({exc})", known_owner) from exc
+    if record.head_id != head_id:
+        # Caches and tenancy checks key on the id: a record filed under another id is as
+        # unusable as a damaged one.
+        raise UnreadableHeadError(
+            head_id, f"metadata names another head ({record.head_id!r})", known_owner
+        )
+    return record
