@@ -21,7 +21,7 @@ from transfer_service.edge.request_interceptor import RequestInterceptor
 from transfer_service.edge.server import HealthReporter, create_server
 from transfer_service.edge.servicer import TransferServicer
 from transfer_service.edge.tenant_tokens import load_tenant_tokens
-from transfer_service.errors import ConfigurationError, ResourceExhaustedError
+from transfer_service.errors import ConfigurationError, ResourceExhaustedError, UnavailableError
 from transfer_service.heads import HeadCache
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
@@ -29,7 +29,9 @@ from transfer_service.predict.batcher import PredictTimings
 from transfer_service.predict.padding import padded_batch_sizes, pads_predict_batches
 from transfer_service.predict.predictor import Predictor
 from transfer_service.settings import Settings
+from transfer_service.store.interface import Store
 from transfer_service.store.local import LocalStore
+from transfer_service.store.postgres import PostgresStore
 from transfer_service.structured_logs import configure_logging
 from transfer_service.torch_threads import (
     CpuShare,
@@ -54,7 +56,7 @@ def choose_device(setting: str) -> torch.device:
 @dataclass
 class Application:
     settings: Settings
-    store: LocalStore
+    store: Store
     backbones: BackboneCache
     heads: HeadCache
     jobs: JobManager
@@ -151,7 +153,16 @@ def build_application(settings: Settings) -> Application:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     device = choose_device(settings.device)
-    store = LocalStore(settings.store_dir, recreate_database=settings.recreate_database)
+    store: Store
+    if settings.database_url:
+        # Several replicas share it; its schema is migrated here. Unreachable at start: the
+        # server refuses to start, saying so (as for any unusable setting).
+        try:
+            store = PostgresStore(settings.database_url)
+        except UnavailableError as exc:
+            raise ConfigurationError(f"TRANSFER_DATABASE_URL: {exc.message}") from exc
+    else:
+        store = LocalStore(settings.store_dir, recreate_database=settings.recreate_database)
     backbones = BackboneCache(
         default_catalog(),
         weights_dir=settings.weights_dir,

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         "heads are stored (the server refuses to start otherwise: their jobs and datasets "
         "would be gone without a word). The heads stay usable.",
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:password@host:port/db) of the store "
+        "that several replicas share: heads, jobs, datasets. Its schema is migrated at start. "
+        "Unset: the embedded store in TRANSFER_STORE_DIR.",
+    )
     job_retention_seconds: float = Field(
         7 * 24 * 3600.0,
         ge=0,
