@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | s
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PROMETHEUS := /usr/bin/prometheus
 
-.PHONY: run test install testdata proto proto-check sdk-check lint typecheck settings-table settings-check fuzz chaos soak
+.PHONY: run test install testdata postgresql proto proto-check sdk-check lint typecheck settings-table settings-check fuzz chaos soak
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ $(PROMETHEUS):
 	  { $$SUDO apt-get update -qq >/dev/null && \
 	    $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-testdata: $(FASHION_MNIST) $(PROMETHEUS)
+postgresql:
+	# A real PostgreSQL for the PostgreSQL store's tests (tests/postgres_server.py), from Debian.
+	if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq >/dev/null && \
+	    $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+testdata: $(FASHION_MNIST) $(PROMETHEUS) postgresql
 
 ## Regenerate the checked-in gRPC code from protos/.
 proto: install

@@ -131,3 +131,26 @@ def text_head(
             "minilm_l6", text_small[0], head_name="news", config=TrainingConfig()
         )
     return done.head_id
+
+
+# ---- PostgreSQL (the shared store): a throwaway server for the session ----
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A real PostgreSQL (tests/postgres_server.py), started once per session. Fails, saying
+    to run `make testdata`, where PostgreSQL is not installed: never skipped."""
+    from tests.postgres_server import PostgresServer
+
+    running = PostgresServer().start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def database_url(postgres_server: object) -> str:
+    """The URL of a new, empty database of its own for each test."""
+    from tests.postgres_server import PostgresServer
+
+    assert isinstance(postgres_server, PostgresServer)
+    return postgres_server.create_database()
