@@ -102,10 +102,25 @@ class LocalStore:
         after: tuple[datetime, str] | None = None,
         limit: int | None = None,
     ) -> list[HeadRecord]:
-        """One page from the index, then only that page's head files are read; a damaged
-        head is left out, so a page may hold fewer than `limit`."""
-        ids = self._head_index.page(tenant, backbone=backbone, name=name, after=after, limit=limit)
-        return [record for head_id in ids if (record := self._heads.listed_head(head_id))]
+        """Pages through the index and reads only the head files it names; a damaged head is
+        left out and the page filled from the heads after it, so a page short of `limit`
+        always means the listing's end."""
+        records: list[HeadRecord] = []
+        while True:
+            wanted = None if limit is None else limit - len(records)
+            ids = self._head_index.page(
+                tenant, backbone=backbone, name=name, after=after, limit=wanted
+            )
+            for head_id in ids:
+                record = self._heads.listed_head(head_id)
+                if record is not None:
+                    records.append(record)
+            if wanted is None or len(ids) < wanted or len(records) == limit:
+                return records
+            last = self._head_index.position(ids[-1])
+            if last is None:  # deleted meanwhile: its position is gone with it
+                return records
+            after = last
 
     def delete_head(self, head_id: str) -> None:
         self._heads.delete_head(head_id)

@@ -72,6 +72,14 @@ class SqliteHeadIndex:
         with self._lock:
             return [str(row[0]) for row in self._db.execute(sql, parameters)]
 
+    def position(self, head_id: str) -> tuple[datetime, str] | None:
+        """The (created time, id) a head sorts at, None when it is not indexed."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT created FROM heads WHERE head_id = ?", (head_id,)
+            ).fetchone()
+        return None if row is None else (datetime.fromisoformat(str(row[0])), head_id)
+
     def reconcile(
         self, stored_ids: list[str], read_record: Callable[[str], HeadRecord | None]
     ) -> tuple[int, int]:
