@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import grpc
 import torch
@@ -158,7 +159,7 @@ def build_application(settings: Settings) -> Application:
         # Several replicas share it; its schema is migrated here. Unreachable at start: the
         # server refuses to start, saying so (as for any unusable setting).
         try:
-            store = PostgresStore(settings.database_url)
+            store = PostgresStore(settings.database_url.get_secret_value())
         except UnavailableError as exc:
             raise ConfigurationError(f"TRANSFER_DATABASE_URL: {exc.message}") from exc
     else:
@@ -327,7 +328,7 @@ async def serve(settings: Settings) -> None:
         security = "mutual TLS"
     print(
         f"transfer-service listening on {settings.host}:{app.port} ({security}; "
-        f"metrics: {metrics_url}; store: {settings.store_dir.resolve()}; "
+        f"metrics: {metrics_url}; store: {_store_description(settings)}; "
         f"device: {app.backbones.device})",
         flush=True,
     )
@@ -338,6 +339,14 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("stopping (grace %.1fs)", settings.grace_seconds)
     await app.stop()
+
+
+def _store_description(settings: Settings) -> str:
+    """Where the store is, for the start-up line; never the database's password."""
+    if settings.database_url is None:
+        return str(settings.store_dir.resolve())
+    url = urlsplit(settings.database_url.get_secret_value())
+    return f"PostgreSQL at {url.hostname or 'localhost'}:{url.port or 5432}{url.path}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         "heads are stored (the server refuses to start otherwise: their jobs and datasets "
         "would be gone without a word). The heads stay usable.",
     )
-    database_url: str | None = Field(
+    database_url: SecretStr | None = Field(
         None,
         description="PostgreSQL URL (postgresql://user:password@host:port/db) of the store "
         "that several replicas share: heads, jobs, datasets. Its schema is migrated at start. "
