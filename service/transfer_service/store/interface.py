@@ -81,17 +81,6 @@ class JobStore(Protocol):
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
         """Atomically: saves the job's final row and appends its terminal event, or neither."""
 
-    def complete_job(
-        self,
-        job: JobRecord,
-        event: JobEvent,
-        head: HeadRecord,
-        weights: dict[str, torch.Tensor],
-    ) -> None:
-        """A job's success: its head, its SUCCEEDED row and its `completed` event commit
-        together, or none of them (raises then). A re-run of the job can therefore never
-        leave two heads, and no head exists without its job's success."""
-
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]: ...
 
 
@@ -121,4 +110,15 @@ class DatasetStore(Protocol):
 
 
 class Store(HeadStore, JobStore, DatasetStore, Protocol):
+    def complete_job(
+        self,
+        job: JobRecord,
+        event: JobEvent,
+        head: HeadRecord,
+        weights: dict[str, torch.Tensor],
+    ) -> None:
+        """A job's success: its head, its SUCCEEDED row and its `completed` event commit
+        together, or none of them (raises then). A re-run of the job can therefore never
+        leave two heads, and no head exists without its job's success."""
+
     def close(self) -> None: ...

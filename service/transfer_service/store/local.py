@@ -22,17 +22,15 @@ from pathlib import Path
 import torch
 
 from transfer_service.domain import (
-    DatasetInfo,
     HeadRecord,
     JobEvent,
     JobRecord,
-    JobState,
-    LabeledExample,
 )
 from transfer_service.errors import ConfigurationError
+from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.disk_faults import refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
-from transfer_service.store.sqlite_datasets import SqliteDatasets, SqliteDatasetWriter
+from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex
 from transfer_service.store.sqlite_jobs import SqliteJobs
 from transfer_service.store.sqlite_schema import DATABASE, open_database, open_failure
@@ -40,7 +38,7 @@ from transfer_service.store.sqlite_schema import DATABASE, open_database, open_f
 log = logging.getLogger(__name__)
 
 
-class LocalStore:
+class LocalStore(JobsByDelegation, DatasetsByDelegation):
     """A Store: HeadFiles under the root, SqliteJobs and SqliteDatasets on one connection to
     the database beside them, sharing one lock."""
 
@@ -126,13 +124,7 @@ class LocalStore:
         self._heads.delete_head(head_id)
         self._head_index.remove(head_id)
 
-    # ---- jobs (sqlite_jobs) ----
-
-    def save_job(self, job: JobRecord) -> None:
-        self._jobs.save_job(job)
-
-    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
-        self._jobs.finish_job(job, event)
+    # ---- jobs and datasets (sqlite_jobs, sqlite_datasets; see delegation) ----
 
     def complete_job(
         self,
@@ -153,52 +145,3 @@ class LocalStore:
             with contextlib.suppress(Exception):
                 self.delete_head(head.head_id)
             raise
-
-    def get_job(self, job_id: str) -> JobRecord:
-        return self._jobs.get_job(job_id)
-
-    def list_jobs(
-        self,
-        tenant: str | None = None,
-        *,
-        state: JobState | None = None,
-        backbone: str | None = None,
-        name: str | None = None,
-        after: tuple[datetime, str] | None = None,
-        limit: int | None = None,
-    ) -> list[JobRecord]:
-        return self._jobs.list_jobs(
-            tenant, state=state, backbone=backbone, name=name, after=after, limit=limit
-        )
-
-    def unsettled_jobs(self) -> list[JobRecord]:
-        return self._jobs.unsettled_jobs()
-
-    def delete_finished_jobs(self, finished_before: datetime) -> int:
-        return self._jobs.delete_finished_jobs(finished_before)
-
-    def append_event(self, event: JobEvent) -> None:
-        self._jobs.append_event(event)
-
-    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
-        self._jobs.append_progress(event, job)
-
-    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
-        return self._jobs.events_after(job_id, after_sequence)
-
-    # ---- datasets (sqlite_datasets) ----
-
-    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> SqliteDatasetWriter:
-        return self._datasets.begin_dataset(tenant, quota_bytes)
-
-    def dataset_info(self, dataset_id: str) -> DatasetInfo:
-        return self._datasets.dataset_info(dataset_id)
-
-    def dataset_bytes(self, tenant: str) -> int:
-        return self._datasets.dataset_bytes(tenant)
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._datasets.delete_dataset(dataset_id)
-
-    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
-        return self._datasets.dataset_examples(info)

@@ -27,17 +27,15 @@ from safetensors.torch import save as safetensors_save
 
 from transfer_service.domain import (
     TENANT_PATTERN,
-    DatasetInfo,
     HeadRecord,
     JobEvent,
     JobRecord,
-    JobState,
-    LabeledExample,
 )
 from transfer_service.errors import FailedPreconditionError, NotFoundError, UnreadableHeadError
 from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
+from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.ids import check_id
-from transfer_service.store.pg_datasets import PostgresDatasets, PostgresDatasetWriter
+from transfer_service.store.pg_datasets import PostgresDatasets
 from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
 from transfer_service.store.pg_migrations import migrate
 from transfer_service.store.pg_pool import Connection, Database
@@ -49,7 +47,7 @@ ABANDONED_UPLOAD_SECONDS = 3600.0
 log = logging.getLogger(__name__)
 
 
-class PostgresStore:
+class PostgresStore(JobsByDelegation, DatasetsByDelegation):
     """A Store in the PostgreSQL database at `url` (a libpq URL or conninfo string).
 
     Opening it connects, migrates the schema (once, whichever replica gets there first) and
@@ -203,13 +201,7 @@ class PostgresStore:
             raise NotFoundError(f"head_id: no head {head_id!r}")
         self._unlisted_heads.discard(head_id)
 
-    # ---- jobs (pg_jobs) ----
-
-    def save_job(self, job: JobRecord) -> None:
-        self._jobs.save_job(job)
-
-    def finish_job(self, job: JobRecord, event: JobEvent) -> None:
-        self._jobs.finish_job(job, event)
+    # ---- jobs and datasets (pg_jobs, pg_datasets; see delegation) ----
 
     def complete_job(
         self,
@@ -226,55 +218,6 @@ class PostgresStore:
             _write_head(conn, head, data)
             write_event(conn, event)
             write_job(conn, job)
-
-    def get_job(self, job_id: str) -> JobRecord:
-        return self._jobs.get_job(job_id)
-
-    def list_jobs(
-        self,
-        tenant: str | None = None,
-        *,
-        state: JobState | None = None,
-        backbone: str | None = None,
-        name: str | None = None,
-        after: tuple[datetime, str] | None = None,
-        limit: int | None = None,
-    ) -> list[JobRecord]:
-        return self._jobs.list_jobs(
-            tenant, state=state, backbone=backbone, name=name, after=after, limit=limit
-        )
-
-    def unsettled_jobs(self) -> list[JobRecord]:
-        return self._jobs.unsettled_jobs()
-
-    def delete_finished_jobs(self, finished_before: datetime) -> int:
-        return self._jobs.delete_finished_jobs(finished_before)
-
-    def append_event(self, event: JobEvent) -> None:
-        self._jobs.append_event(event)
-
-    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
-        self._jobs.append_progress(event, job)
-
-    def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
-        return self._jobs.events_after(job_id, after_sequence)
-
-    # ---- datasets (pg_datasets) ----
-
-    def begin_dataset(self, tenant: str, quota_bytes: int | None = None) -> PostgresDatasetWriter:
-        return self._datasets.begin_dataset(tenant, quota_bytes)
-
-    def dataset_info(self, dataset_id: str) -> DatasetInfo:
-        return self._datasets.dataset_info(dataset_id)
-
-    def dataset_bytes(self, tenant: str) -> int:
-        return self._datasets.dataset_bytes(tenant)
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._datasets.delete_dataset(dataset_id)
-
-    def dataset_examples(self, info: DatasetInfo) -> list[LabeledExample]:
-        return self._datasets.dataset_examples(info)
 
 
 def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
