@@ -26,6 +26,7 @@ from transfer_client.types import (
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobState,
     TrainingConfig,
 )
 
@@ -199,7 +200,8 @@ def _shorten(text: str, limit: int = 60) -> str:
 
 
 def _jobs(client: TransferClient, args: argparse.Namespace) -> int:
-    jobs = client.list_jobs()
+    state = JobState(args.state) if args.state else None
+    jobs = client.list_jobs(state=state, backbone=args.backbone, head_name=args.head_name)
     if args.json:
         print(render.to_json(jobs))
         return 0
@@ -264,7 +266,7 @@ def _print_job(job: Job, args: argparse.Namespace) -> None:
 
 
 def _heads(client: TransferClient, args: argparse.Namespace) -> int:
-    heads = client.list_heads(backbone=args.backbone)
+    heads = client.list_heads(backbone=args.backbone, name=args.name)
     if args.json:
         print(render.to_json(heads))
         return 0
@@ -386,7 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=1, help="classes to show per input")
     predict.add_argument("--text", action="store_true", help="the inputs are texts, not files")
 
-    add("jobs", _jobs, "list training jobs")
+    jobs = add("jobs", _jobs, "list training jobs")
+    jobs.add_argument("--state", choices=[state.value for state in JobState], default="")
+    jobs.add_argument("--backbone", default="", help="only jobs on this backbone")
+    jobs.add_argument("--head-name", default="", help="only jobs training a head of this name")
     add("job", _job, "show a training job").add_argument("job_id", metavar="JOB_ID")
     add("cancel", _cancel, "cancel a training job").add_argument("job_id", metavar="JOB_ID")
     watch = add("watch", _watch, "follow a training job until it ends")
@@ -397,6 +402,7 @@ def _parser() -> argparse.ArgumentParser:
 
     heads = add("heads", _heads, "list trained heads")
     heads.add_argument("--backbone", default="", help="only heads on this backbone")
+    heads.add_argument("--name", default="", help="only heads of this name")
     add("head", _head, "show a trained head").add_argument("head_id", metavar="HEAD_ID")
     add("delete-head", _delete_head, "delete a trained head").add_argument(
         "head_id", metavar="HEAD_ID"

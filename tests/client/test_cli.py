@@ -159,6 +159,10 @@ def test_image_head_lifecycle(
     assert row.split()[1:3] == ["efficientnet_lite0", "4"]
     only_text = transfer("heads", "--backbone", "minilm_l6")
     assert only_text.code == 0 and head_id not in only_text.out
+    by_name = transfer("heads", "--name", "cli-images")
+    assert by_name.code == 0 and head_id in by_name.out
+    other_name = transfer("heads", "--name", "no-such-name")
+    assert other_name.code == 0 and head_id not in other_name.out
 
     head = transfer("head", head_id)
     assert head.code == 0, head.err
@@ -174,6 +178,10 @@ def test_image_head_lifecycle(
     [job_row] = [line for line in jobs.out.splitlines() if line.startswith(job_id.group(1))]
     assert job_row.split()[1:4] == ["succeeded", "efficientnet_lite0", "cli-images"]
     assert head_id in job_row.split()
+    failed_only = transfer("jobs", "--state", "failed")
+    assert failed_only.code == 0 and job_id.group(1) not in failed_only.out
+    succeeded = transfer("jobs", "--state", "succeeded", "--head-name", "cli-images")
+    assert succeeded.code == 0 and job_id.group(1) in succeeded.out
 
     job = transfer("job", job_id.group(1))
     assert job.code == 0, job.err
