@@ -119,13 +119,6 @@ def test_calls_go_on_without_a_failure_once_a_replica_has_stopped(
     assert after == (before[0] + 20, before[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server's drain refusal (edge/request_interceptor.py, _refuse) sends the "
-    "x-request-id headers before the UNAVAILABLE status, and gRPC never retries a call "
-    "whose response headers arrived; a trailers-only refusal (the id in trailing metadata) "
-    "would be retried on the other replica",
-)
 def test_calls_go_on_without_a_failure_while_a_replica_drains(
     replicas: tuple[RunningServer, RunningServer],
 ) -> None:

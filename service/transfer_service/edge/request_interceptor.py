@@ -109,7 +109,12 @@ class RequestInterceptor(InterceptorBase):
             # with a status the client can retry on, rather than cancelled by server.stop().
             if self._draining:
                 self._on_rejected(method.rsplit("/", 1)[-1], "UNAVAILABLE")
-                await _refuse(context, request_id, grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
+                # No response headers before this status: gRPC retries (the SDK's retry
+                # policy) only a call that received none, so the request id goes in the
+                # trailers of this trailers-only answer.
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS, _headers(request_id)
+                )
             if refusal is not None:
                 log.warning("refused %s from %s: %s", method, context.peer(), refusal)
                 self._on_rejected(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
