@@ -186,6 +186,9 @@ def build_application(settings: Settings) -> Application:
         on_load=metrics.cache_load.labels(cache="head").observe,
         max_bytes=settings.head_cache_bytes,
     )
+    # Heads deleted or replaced by another replica leave this one's cache (PostgreSQL: NOTIFY,
+    # with a once-a-second check of the resident ids behind it); stopped by store.close().
+    store.watch_heads(heads.discard, heads.resident_ids)
     metrics.watch_caches(backbones.resident_bytes, lambda: len(heads), heads.resident_bytes)
     if device.type == "cuda":
         metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))

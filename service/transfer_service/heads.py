@@ -293,6 +293,11 @@ class HeadCache:
             for ticket in self._loading.get(head_id, ()):
                 ticket.discarded = True
 
+    def resident_ids(self) -> list[str]:
+        """The ids of the heads held now (for the store's check of deleted heads)."""
+        with self._lock:
+            return list(self._heads)
+
     def resident_bytes(self) -> int:
         with self._lock:
             return self._bytes

@@ -4,7 +4,7 @@ protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedEr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -121,4 +121,14 @@ class Store(HeadStore, JobStore, DatasetStore, Protocol):
         together, or none of them (raises then). A re-run of the job can therefore never
         leave two heads, and no head exists without its job's success."""
 
-    def close(self) -> None: ...
+    def watch_heads(
+        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+    ) -> None:
+        """From now until close(), calls `on_changed(head_id)` (on a thread of the store's)
+        for each head deleted or replaced by another process sharing the store, within about
+        a second; `resident()` names the heads the caller holds, for the check that covers
+        a lost notice. A store no other process shares does nothing: its own deletes are
+        the only ones."""
+
+    def close(self) -> None:
+        """Also stops what watch_heads started."""

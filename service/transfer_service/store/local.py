@@ -16,6 +16,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -72,6 +73,12 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def watch_heads(
+        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+    ) -> None:
+        """Nothing to watch: one process owns the directory, and its deletes discard their
+        heads themselves (operations.delete_head)."""
 
     # ---- heads (head_files) ----
 

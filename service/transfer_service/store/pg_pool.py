@@ -3,18 +3,23 @@
 
 A database that cannot be reached (refused, timed out, restarting, out of connections, the
 pool waited too long) is UnavailableError, saying the database is unreachable: retryable, never
-INTERNAL. A database whose disk is full is ResourceExhaustedError, as a full local disk is."""
+INTERNAL. A database whose disk is full is ResourceExhaustedError, as a full local disk is.
+
+While the database is down a call fails in about a second (WAIT_SLICE), not after the pool's
+whole wait, and once it is back the pool reconnects within a few seconds however long the
+outage was (`reconnect_timeout`): see `Database`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from transfer_service.errors import ResourceExhaustedError, UnavailableError
 
@@ -22,12 +27,26 @@ Connection = psycopg.Connection[TupleRow]
 
 log = logging.getLogger(__name__)
 
+# A call waits for a connection in slices of this many seconds; between two, it gives up if the
+# database is down (the last connection attempt failed) rather than wait the pool's whole
+# `timeout`.
+WAIT_SLICE = 1.0
+
 
 class Database:
     """A pool of at most `max_connections` connections to `url`. A call waits at most
     `timeout` seconds for a free (or new) connection; a connection attempt gives up after
     `connect_timeout` seconds (unless the URL sets its own); a statement after
-    `statement_timeout` seconds. Sessions run in UTC."""
+    `statement_timeout` seconds. Sessions run in UTC.
+
+    While the database is down (a connection attempt failed after the last one that
+    succeeded), a call gives up after one WAIT_SLICE instead: the pool's wait is for a busy
+    pool, and waiting it out against a dead database only held every caller (and the SDK's
+    retries) for `timeout` seconds each. The pool replaces lost connections in the background,
+    backing off (1, 2, 4 s...) for at most `reconnect_timeout` seconds before it gives up;
+    psycopg_pool's default, 5 minutes, let the backoff grow to a minute, so a database back
+    after a long outage went unused for up to a minute. After it gives up, the next call that
+    finds no connection starts a fresh attempt at once."""
 
     def __init__(
         self,
@@ -37,6 +56,7 @@ class Database:
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
         statement_timeout: float = 120.0,
+        reconnect_timeout: float = 5.0,
     ) -> None:
         try:
             params = conninfo_to_dict(url)
@@ -45,7 +65,7 @@ class Database:
             raise UnavailableError(f"the database URL is not a valid libpq URL ({exc})") from None
         self.where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
         self.where += f"/{params.get('dbname', '')}"
-        extra: dict[str, object] = {}
+        extra: dict[str, str | int] = {}
         if "connect_timeout" not in params:
             extra["connect_timeout"] = max(1, round(connect_timeout))
         if "application_name" not in params:
@@ -53,6 +73,8 @@ class Database:
         statement_ms = round(statement_timeout * 1000)
 
         def configure(conn: Connection) -> None:
+            # A new connection: the database is up (as of the failures counted so far).
+            self._errors_when_connected = self._connection_errors()
             conn.execute("SET TIME ZONE 'UTC'")
             conn.execute(b"SET statement_timeout = %d" % statement_ms)
             conn.commit()
@@ -67,9 +89,20 @@ class Database:
             # A connection the server has dropped since (a restart) is replaced, not handed out.
             check=ConnectionPool.check_connection,
             timeout=timeout,
+            reconnect_timeout=reconnect_timeout,
             name="transfer-store",
         )
         self._timeout = timeout
+        self._errors_when_connected = 0
+        self._url = url
+        self._connect_kwargs = extra
+
+    def connect(self) -> Connection:
+        """A connection of its own, outside the pool and in autocommit (the head-change
+        listener's): its failures raise as psycopg's, for its owner to retry."""
+        conninfo = make_conninfo(self._url, **self._connect_kwargs)
+        conn: Connection = psycopg.connect(conninfo, autocommit=True)
+        return conn
 
     def open(self) -> None:
         """Connects (at most `timeout` seconds): UnavailableError when the database cannot be
@@ -88,8 +121,34 @@ class Database:
     def transaction(self) -> Iterator[Connection]:
         """A connection for one transaction: committed when the block ends, rolled back when
         it raises; the database's failures raised as domain errors (`faults`)."""
-        with self.faults(), self._pool.connection() as conn:
-            yield conn
+        with self.faults(), contextlib.ExitStack() as stack:
+            yield self._checkout(stack)
+
+    def _checkout(self, stack: contextlib.ExitStack) -> Connection:
+        """A connection from the pool, entered on `stack`: waits up to `timeout` seconds for
+        one, in WAIT_SLICE slices, and gives up at the end of a slice while the database is
+        down. Raises PoolTimeout."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            wait = max(0.001, min(WAIT_SLICE, deadline - time.monotonic()))
+            try:
+                conn: Connection = stack.enter_context(self._pool.connection(timeout=wait))
+                return conn
+            except PoolTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                if self._database_down():
+                    raise PoolTimeout(
+                        "no connection, and the last attempt to connect failed"
+                    ) from None
+
+    def _database_down(self) -> bool:
+        """Whether a connection attempt failed after the last one that succeeded."""
+        return self._connection_errors() > self._errors_when_connected
+
+    def _connection_errors(self) -> int:
+        # psycopg_pool counts every failed connection attempt (nothing here pops its stats).
+        return self._pool.get_stats().get("connections_errors", 0)
 
     @contextlib.contextmanager
     def faults(self) -> Iterator[None]:

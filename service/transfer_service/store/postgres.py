@@ -6,6 +6,8 @@ Composed of:
   pg_migrations.py  the versioned schema (migrations/*.sql), applied at start under a lock
   pg_jobs.py        jobs and job events
   pg_datasets.py    uploaded datasets and their writer
+  pg_head_changes.py  NOTIFY on a deleted or replaced head; the listener (and its backstop)
+                    that clears it from every replica's head cache (watch_heads)
 and the heads, here: one row per head with its record (codec's JSON), its safetensors bytes
 and their SHA-256, checked on every load. A head is one INSERT, so it is complete or absent.
 Semantics and errors are LocalStore's; a database that cannot be reached is UnavailableError.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +38,7 @@ from transfer_service.store.codec import HeadFormatError, decode_head, head_to_j
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.ids import check_id
 from transfer_service.store.pg_datasets import PostgresDatasets
+from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
 from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
 from transfer_service.store.pg_migrations import migrate
 from transfer_service.store.pg_pool import Connection, Database
@@ -77,6 +80,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
             self._db.close()
             raise
         self._unlisted_heads: set[str] = set()  # damaged heads already warned about
+        self.watcher: HeadWatcher | None = None
 
     @property
     def where(self) -> str:
@@ -84,7 +88,20 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         return self._db.where
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
         self._db.close()
+
+    def watch_heads(
+        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+    ) -> None:
+        """Calls `on_changed(head_id)` (from a thread of its own) for every head any replica
+        deletes or replaces: on its NOTIFY, or, for a lost one, within a second by a check
+        of the ids `resident()` names (pg_head_changes). Stopped by close()."""
+        if self.watcher is not None:
+            self.watcher.close()
+        self.watcher = HeadWatcher(self._db, on_changed, resident)
+        self.watcher.start()
 
     # ---- heads ----
 
@@ -197,6 +214,8 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         check_id("head_id", head_id)
         with self._db.transaction() as conn:
             deleted = conn.execute("DELETE FROM heads WHERE head_id = %s", (head_id,)).rowcount
+            if deleted:
+                notify_head_changed(conn, head_id)  # delivered on commit
         if not deleted:
             raise NotFoundError(f"head_id: no head {head_id!r}")
         self._unlisted_heads.discard(head_id)
@@ -221,17 +240,19 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
 
 
 def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
-    """Inserts (or replaces) the head's row: `data` is its weights' safetensors bytes."""
+    """Inserts (or replaces) the head's row: `data` is its weights' safetensors bytes. A
+    replaced head is announced to every replica's cache on commit."""
     created = record.created_time
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)  # as codec reads a naive time back
-    conn.execute(
+    replaced = conn.execute(
         "INSERT INTO heads (head_id, tenant, name, backbone, job_id, created, record, "
         "weights, weights_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (head_id) DO UPDATE SET tenant = excluded.tenant, "
         "name = excluded.name, backbone = excluded.backbone, job_id = excluded.job_id, "
         "created = excluded.created, record = excluded.record, "
-        "weights = excluded.weights, weights_sha256 = excluded.weights_sha256",
+        "weights = excluded.weights, weights_sha256 = excluded.weights_sha256 "
+        "RETURNING xmax <> 0",  # xmax is 0 on an inserted row, set on an updated one
         (
             record.head_id,
             record.tenant,
@@ -243,7 +264,9 @@ def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
             data,
             hashlib.sha256(data).hexdigest(),
         ),
-    )
+    ).fetchone()
+    if replaced is not None and replaced[0]:
+        notify_head_changed(conn, record.head_id)
 
 
 def _decode(head_id: str, text: str, owner: str) -> HeadRecord:
