@@ -62,6 +62,10 @@ class PostgresServer:
         self._log = self._dir / "server.log"
         self._numbers = itertools.count(1)
         self._running = False
+        self._options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._dir} -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200"
+        )
         if self._as_postgres:
             shutil.chown(self._dir, "postgres", "postgres")
 
@@ -79,11 +83,9 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-D", str(self._data))
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._dir} -c fsync=off "
-            "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200"
+        self._run(
+            "pg_ctl", "-D", str(self._data), "-l", str(self._log), "-o", self._options, "start"
         )
-        self._run("pg_ctl", "-D", str(self._data), "-l", str(self._log), "-o", options, "start")
         self._running = True
         deadline = time.monotonic() + 60
         while True:
@@ -93,6 +95,35 @@ class PostgresServer:
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     self.stop()
+                    raise
+                time.sleep(0.1)
+
+    def pause(self) -> None:
+        """Stops the server (fast shutdown: open connections are closed) but keeps its files
+        and port, so `resume()` brings the same databases back: a database outage."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Starts a server `pause()` stopped again, on the same port, and waits until it takes
+        connections."""
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self._data),
+            "-l",
+            str(self._log),
+            "-o",
+            self._options,
+            "-w",
+            "start",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(self.url("postgres"), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 
