@@ -203,6 +203,7 @@ def build_application(settings: Settings) -> Application:
         fresh_thread_per_job=jobs_train_on_fresh_threads(device.type),
         progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
         while_training=cpu_share.training,
+        lease_seconds=settings.job_lease_seconds,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
                 metrics, new.value, old.value if old else None

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         "that several replicas share: heads, jobs, datasets. Its schema is migrated at start. "
         "Unset: the embedded store in TRANSFER_STORE_DIR.",
     )
+    job_lease_seconds: float = Field(
+        30.0,
+        ge=3.0,
+        le=120.0,
+        description="With TRANSFER_DATABASE_URL: each replica renews the lease on its jobs "
+        "every third of this; a job whose lease ran out (its replica stopped without ending "
+        "it) is ended FAILED by another replica. Keep replicas' clocks in sync (NTP).",
+    )
     job_retention_seconds: float = Field(
         7 * 24 * 3600.0,
         ge=0,

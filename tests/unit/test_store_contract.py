@@ -683,3 +683,21 @@ def test_a_start_removes_only_abandoned_uploads(database_url: str) -> None:
         stale.add([image("c")])
     assert live.commit().example_count == 1
     store.close()
+
+
+def test_only_expired_leases_are_abandoned_while_replicas_run(store: Store) -> None:
+    """With `abandoned_before`, recovery sees only unfinished jobs nobody holds: on a store
+    with leases those whose lease ran out, on the embedded store (one process runs every job)
+    none. Without it, every unfinished job (the start of the embedded store's only process)."""
+    now = datetime.now(UTC)
+    store.save_job(job("job-held", state=JobState.RUNNING))
+    store.save_job(job("job-expired", state=JobState.RUNNING))
+    store.hold_jobs("replica-a", ["job-held"], now + timedelta(seconds=30))
+    store.hold_jobs("replica-b", ["job-expired"], now - timedelta(seconds=1))
+    later = [j.job_id for j in store.unsettled_jobs(now)]
+    assert later == (["job-expired"] if store.holds_leases else [])
+    assert sorted(j.job_id for j in store.unsettled_jobs()) == ["job-expired", "job-held"]
+    # A finished job is never held again.
+    store.save_job(job("job-done", state=JobState.FAILED))
+    store.hold_jobs("replica-a", ["job-done"], now + timedelta(seconds=30))
+    assert store.get_job("job-done").state is JobState.FAILED

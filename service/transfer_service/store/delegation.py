@@ -5,6 +5,7 @@ head and a job)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from transfer_service.domain import DatasetInfo, JobEvent, JobRecord, JobState, LabeledExample
@@ -37,8 +38,15 @@ class JobsByDelegation:
             tenant, state=state, backbone=backbone, name=name, after=after, limit=limit
         )
 
-    def unsettled_jobs(self) -> list[JobRecord]:
-        return self._jobs.unsettled_jobs()
+    @property
+    def holds_leases(self) -> bool:
+        return self._jobs.holds_leases
+
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
+        self._jobs.hold_jobs(owner, job_ids, until)
+
+    def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
+        return self._jobs.unsettled_jobs(abandoned_before)
 
     def delete_finished_jobs(self, finished_before: datetime) -> int:
         return self._jobs.delete_finished_jobs(finished_before)

@@ -63,9 +63,21 @@ class JobStore(Protocol):
         head name `name` when given; with `after` (created time, job id) only the jobs past
         that one, at most `limit`."""
 
-    def unsettled_jobs(self) -> list[JobRecord]:
-        """Jobs not finished, and finished ones whose event log does not end in a terminal
-        event: all that start-up recovery has to settle."""
+    @property
+    def holds_leases(self) -> bool:
+        """Whether several processes share the store, each holding leases on the jobs it
+        runs (PostgreSQL); False for a store one process owns (the embedded one)."""
+
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
+        """Renews `owner`'s lease on these unfinished jobs until `until` (a heartbeat); a
+        no-op for a store without leases."""
+
+    def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
+        """Jobs recovery must settle: finished ones whose event log does not end in a
+        terminal event, and unfinished ones nobody runs any more. With `abandoned_before`
+        None (the start of a store's only process) every unfinished job is abandoned; with
+        a time, only those whose lease expired before it (none, in a store without
+        leases), so jobs other live processes run are left alone."""
 
     def delete_finished_jobs(self, finished_before: datetime) -> int:
         """Retention: deletes jobs that finished before `finished_before` and their events

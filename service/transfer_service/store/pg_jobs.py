@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,17 +99,35 @@ class PostgresJobs:
             rows = conn.execute(query, parameters).fetchall()
         return [_job_from_row(row) for row in rows]
 
-    def unsettled_jobs(self) -> list[JobRecord]:
-        """Jobs not finished, and finished jobs whose newest event is not a terminal one at
-        or past the row's last sequence."""
+    holds_leases = True  # replicas share the database
+
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
+        """Renews `owner`'s lease on those of `job_ids` still unfinished."""
+        if not job_ids:
+            return
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET lease_owner = %s, lease_expires = %s "
+                "WHERE job_id = ANY(%s) AND state <> ALL(%s)",
+                (owner, _aware(until), list(job_ids), _FINISHED_STATES),
+            )
+
+    def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
+        """Unfinished jobs (with `abandoned_before`, only those whose lease expired before
+        it: a live replica renews its jobs' leases), and finished jobs whose newest event is
+        not a terminal one at or past the row's last sequence."""
+        expired = _aware(abandoned_before) if abandoned_before is not None else None
         with self._db.transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE j.state <> ALL(%s) "
-                "OR NOT EXISTS (SELECT 1 FROM job_events AS e WHERE e.job_id = j.job_id "
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE (j.state <> ALL(%s) AND "
+                "(%s::timestamptz IS NULL OR j.lease_expires IS NULL "
+                "OR j.lease_expires < %s::timestamptz)) "
+                "OR (j.state = ANY(%s) AND NOT EXISTS (SELECT 1 FROM job_events AS e "
+                "WHERE e.job_id = j.job_id "
                 "AND e.sequence = (SELECT MAX(sequence) FROM job_events WHERE job_id = j.job_id) "
-                "AND e.sequence >= j.last_sequence AND e.kind = ANY(%s)) "
+                "AND e.sequence >= j.last_sequence AND e.kind = ANY(%s))) "
                 "ORDER BY created, job_id",
-                (_FINISHED_STATES, _TERMINAL_KINDS),
+                (_FINISHED_STATES, expired, expired, _FINISHED_STATES, _TERMINAL_KINDS),
             ).fetchall()
         return [_job_from_row(row) for row in rows]
 
@@ -158,11 +177,18 @@ class PostgresJobs:
         ]
 
 
+# The lease a job's row is inserted with: longer than any heartbeat period.
+INITIAL_LEASE_SECONDS = 120.0
+
+
 def write_job(conn: Connection, job: JobRecord) -> None:
     """Inserts or replaces the job's row; the lease columns are left as they are."""
     progress = json.dumps(dataclasses.asdict(job.progress)) if job.progress else None
+    # A new row starts with a lease (the accepting replica's heartbeat takes it over), so
+    # no other replica's recovery reads a job just queued as abandoned.
     conn.execute(
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+        f"INSERT INTO jobs ({_JOB_COLUMNS}, lease_expires) "
+        "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s, now() + make_interval(secs => %s)) "
         "ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, "
         "backbone = excluded.backbone, head_name = excluded.head_name, "
         "head_id = excluded.head_id, error = excluded.error, created = excluded.created, "
@@ -180,6 +206,7 @@ def write_job(conn: Connection, job: JobRecord) -> None:
             job.last_sequence,
             progress,
             job.tenant,
+            INITIAL_LEASE_SECONDS,
         ),
     )
 

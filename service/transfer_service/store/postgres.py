@@ -32,6 +32,7 @@ from transfer_service.domain import (
     HeadRecord,
     JobEvent,
     JobRecord,
+    JobState,
 )
 from transfer_service.errors import FailedPreconditionError, NotFoundError, UnreadableHeadError
 from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
@@ -230,10 +231,18 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         weights: dict[str, torch.Tensor],
     ) -> None:
         """The head's row, the job's SUCCEEDED row and its `completed` event in one
-        transaction: all three or none."""
+        transaction: all three or none. A job another replica already settled (its lease
+        had expired) is refused, so it never gains a head after it ended."""
         check_id("head_id", head.head_id)
         data = safetensors_save(weights)
         with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT state FROM jobs WHERE job_id = %s FOR UPDATE", (job.job_id,)
+            ).fetchone()
+            if row is not None and JobState(row[0]).finished:
+                raise FailedPreconditionError(
+                    f"job {job.job_id} was already settled ({row[0]}) by another replica"
+                )
             _write_head(conn, head, data)
             write_event(conn, event)
             write_job(conn, job)

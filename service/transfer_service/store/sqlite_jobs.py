@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -125,20 +126,32 @@ class SqliteJobs:
             rows = self._db.execute(sql, parameters).fetchall()
         return [_job_from_row(row) for row in rows]
 
-    def unsettled_jobs(self) -> list[JobRecord]:
-        """What start-up recovery must look at, found by SQLite rather than by reading every
-        job's log (200,000 jobs took 3.4 s that way): jobs not finished, and finished jobs
-        whose newest event is not a terminal one at or past the row's last sequence."""
+    holds_leases = False  # one process owns the embedded store
+
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
+        """No leases: the only process runs every job."""
+
+    def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
+        """What recovery must look at, found by SQLite rather than by reading every job's
+        log (200,000 jobs took 3.4 s that way): jobs not finished (only at start-up,
+        `abandoned_before` None: while this process runs, it runs them all), and finished
+        jobs whose newest event is not a terminal one at or past the row's last sequence."""
         finished = ",".join("?" * len(_FINISHED_STATES))
         terminal = ",".join("?" * len(_TERMINAL_KINDS))
+        unfinished = f"j.state NOT IN ({finished})" if abandoned_before is None else "0"
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE j.state NOT IN ({finished}) "
-                "OR NOT EXISTS (SELECT 1 FROM job_events AS e WHERE e.job_id = j.job_id "
+                f"SELECT {_JOB_COLUMNS} FROM jobs AS j WHERE {unfinished} "
+                f"OR (j.state IN ({finished}) AND NOT EXISTS (SELECT 1 FROM job_events AS e "
+                "WHERE e.job_id = j.job_id "
                 "AND e.sequence = (SELECT MAX(sequence) FROM job_events WHERE job_id = j.job_id) "
-                f"AND e.sequence >= j.last_sequence AND e.kind IN ({terminal})) "
+                f"AND e.sequence >= j.last_sequence AND e.kind IN ({terminal}))) "
                 "ORDER BY created, job_id",
-                (*_FINISHED_STATES, *_TERMINAL_KINDS),
+                (
+                    *(_FINISHED_STATES if abandoned_before is None else ()),
+                    *_FINISHED_STATES,
+                    *_TERMINAL_KINDS,
+                ),
             ).fetchall()
         return [_job_from_row(row) for row in rows]
 

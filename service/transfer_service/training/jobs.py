@@ -42,6 +42,7 @@ from transfer_service.heads import HeadCache, LoadedHead, head_weights
 from transfer_service.store.interface import Store
 from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_threads
 from transfer_service.training.job_events import JobEventLog, LiveJob, utc_now
+from transfer_service.training.job_leases import JobLeases
 from transfer_service.training.recovery import recover_jobs
 from transfer_service.training.selection import select_backbone
 from transfer_service.training.trainer import Trainer, TrainingResult
@@ -76,6 +77,7 @@ class JobManager:
         hooks: JobHooks | None = None,
         progress_min_interval_seconds: float = 0.0,
         while_training: Callable[[], AbstractContextManager[None]] = nullcontext,
+        lease_seconds: float = 30.0,
     ) -> None:
         """Mid-epoch progress events closer together than `progress_min_interval_seconds`
         are coalesced: GetJob still shows the newest, the stream gets at most one per
@@ -104,15 +106,25 @@ class JobManager:
         )
         self._live: dict[str, LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._leases = JobLeases(store, self._held_job_ids, lease_seconds)
+        self._renewing: asyncio.Task[None] | None = None
         self._accepting = True
 
     # ---- lifecycle ----
 
     def start(self) -> None:
-        """Binds to the running loop and settles jobs a previous process left unfinished."""
+        """Binds to the running loop and settles jobs a previous process left unfinished
+        (in a store replicas share, only those whose lease expired; then keeps this
+        replica's leases, job_leases.py)."""
         self._loop = asyncio.get_running_loop()
         self._events.bind(self._loop)
-        recover_jobs(self._store)
+        if not self._store.holds_leases:
+            recover_jobs(self._store)
+            return
+        self._renewing = self._loop.create_task(self._leases.run())
+
+    def _held_job_ids(self) -> list[str]:
+        return [job_id for job_id, live in self._live.items() if not live.record.state.finished]
 
     def begin_shutdown(self) -> None:
         """Stops accepting jobs and asks queued and running ones to stop at their next step
@@ -126,10 +138,14 @@ class JobManager:
         """begin_shutdown, then waits up to `grace_seconds` for the training threads."""
         self.begin_shutdown()
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.run_in_executor(None, lambda: self._executor.shutdown(wait=True)),
-            timeout=max(grace_seconds, 0.1),
-        )
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(None, lambda: self._executor.shutdown(wait=True)),
+                timeout=max(grace_seconds, 0.1),
+            )
+        finally:
+            if self._renewing is not None:  # renewed while the jobs were ending
+                self._renewing.cancel()
 
     # ---- commands ----
 
@@ -177,6 +193,9 @@ class JobManager:
         self._store.save_job(record)
         try:
             self._store.append_event(queued)
+            # This replica's lease from the start: a kill before the next renewal then
+            # leaves the job to others after one lease, not the row's initial one.
+            self._leases.hold_now([record.job_id])
         except BaseException:
             with contextlib.suppress(Exception):  # the store is failing; recovery settles it
                 self._store.save_job(replace(record, state=JobState.FAILED, error="not stored"))

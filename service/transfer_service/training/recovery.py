@@ -49,9 +49,11 @@ NEVER_STARTED_REASON = (
 )
 
 
-def recover_jobs(store: Store) -> None:
-    """Settles every job a previous process left inconsistent (see the module docstring)."""
-    jobs = store.unsettled_jobs()
+def recover_jobs(store: Store, abandoned_before: datetime | None = None) -> None:
+    """Settles every job a previous process left inconsistent (see the module docstring).
+    With `abandoned_before` (a store shared by replicas), only jobs whose lease expired
+    before it count as cut off: the others run on live replicas (Store.unsettled_jobs)."""
+    jobs = store.unsettled_jobs(abandoned_before)
     # Reading every head's metadata is only worth it when some job was cut off.
     unfinished = {job.job_id for job in jobs if not job.state.finished}
     heads = {
