@@ -311,8 +311,12 @@ class TransferOperations:
             raise FailedPreconditionError(
                 f"job_id: job {job_id} is {record.state.value}; not cancellable"
             )
-        # Unfinished, so live in this process: cancelling touches no store.
-        return self._jobs.cancel(job_id)
+        if self._jobs.holds(job_id) or not self._store.holds_leases:
+            return self._jobs.cancel(job_id)  # live here: cancelling touches no store
+        # Another replica holds it: asked through the database, it stops the job at its next
+        # lease renewal (a third of TRANSFER_JOB_LEASE_SECONDS).
+        await self._blocking(self._store.request_cancel, job_id)
+        return record
 
     async def list_heads(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transfer_client import JobStarted, TrainingConfig, TransferClient
+from transfer_client import JobCancelled, JobStarted, TrainingConfig, TransferClient
 from transfer_client.types import JobState
 from transfer_service.training.recovery import INTERRUPTED_REASON
 
@@ -74,6 +74,36 @@ def test_a_starting_replica_leaves_a_live_replicas_job_running(
             client.cancel_job(job_id)
     finally:
         newcomer.stop()
+
+
+def test_cancel_job_through_another_replica_stops_the_job(
+    live_replica: RunningServer, tmp_path: Path, database_url: str
+) -> None:
+    """CancelJob on B for a job A runs: recorded in the database, read back by A at its next
+    lease renewal (a third of the lease), and the job ends CANCELLED."""
+    job_id = start_job(live_replica.address)
+    other = start_server(
+        make_settings(
+            tmp_path / "other",
+            database_url=database_url,
+            preload_backbones=[],
+            job_lease_seconds=LEASE_SECONDS,
+        )
+    )
+    try:
+        with TransferClient(other.address, timeout=60) as client:
+            asked = time.monotonic()
+            assert client.cancel_job(job_id).state is JobState.RUNNING
+        with TransferClient(live_replica.address, timeout=60) as client:
+            ended = list(client.watch_job(job_id))[-1]
+            took = time.monotonic() - asked
+            assert isinstance(ended, JobCancelled), ended
+            assert client.get_job(job_id).state is JobState.CANCELLED
+        # A third of the lease between renewals, plus a training step and the round trips.
+        assert took < LEASE_SECONDS, f"cancelled {took:.1f} s after CancelJob on the other replica"
+        print(f"cancelled through another replica in {took:.2f} s")
+    finally:
+        other.stop()
 
 
 def test_a_killed_replicas_job_is_ended_by_a_live_one(

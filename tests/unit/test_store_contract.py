@@ -701,3 +701,18 @@ def test_only_expired_leases_are_abandoned_while_replicas_run(store: Store) -> N
     store.save_job(job("job-done", state=JobState.FAILED))
     store.hold_jobs("replica-a", ["job-done"], now + timedelta(seconds=30))
     assert store.get_job("job-done").state is JobState.FAILED
+
+
+def test_a_cancel_request_reaches_the_lease_holder(store: Store) -> None:
+    """CancelJob on a replica that does not hold the job: recorded in the store and returned
+    to the holder by its next renewal. The embedded store's one process cancels in memory."""
+    now = datetime.now(UTC)
+    store.save_job(job("job-run", state=JobState.RUNNING))
+    until = now + timedelta(seconds=30)
+    assert store.hold_jobs("replica-a", ["job-run"], until) == []
+    if not store.holds_leases:
+        with pytest.raises(FailedPreconditionError):
+            store.request_cancel("job-run")
+        return
+    store.request_cancel("job-run")
+    assert store.hold_jobs("replica-a", ["job-run"], until) == ["job-run"]

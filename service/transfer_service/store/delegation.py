@@ -42,8 +42,11 @@ class JobsByDelegation:
     def holds_leases(self) -> bool:
         return self._jobs.holds_leases
 
-    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
-        self._jobs.hold_jobs(owner, job_ids, until)
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> list[str]:
+        return self._jobs.hold_jobs(owner, job_ids, until)
+
+    def request_cancel(self, job_id: str) -> None:
+        self._jobs.request_cancel(job_id)
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
         return self._jobs.unsettled_jobs(abandoned_before)

@@ -68,9 +68,15 @@ class JobStore(Protocol):
         """Whether several processes share the store, each holding leases on the jobs it
         runs (PostgreSQL); False for a store one process owns (the embedded one)."""
 
-    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
-        """Renews `owner`'s lease on these unfinished jobs until `until` (a heartbeat); a
-        no-op for a store without leases."""
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> list[str]:
+        """Renews `owner`'s lease on these unfinished jobs until `until` (a heartbeat) and
+        returns those of them another replica asked to cancel; a no-op for a store without
+        leases."""
+
+    def request_cancel(self, job_id: str) -> None:
+        """Asks the replica holding the unfinished job to stop it: it reads the request at
+        its next lease renewal. Only for a store with leases (one process cancels in
+        memory)."""
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
         """Jobs recovery must settle: finished ones whose event log does not end in a

@@ -101,15 +101,24 @@ class PostgresJobs:
 
     holds_leases = True  # replicas share the database
 
-    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
-        """Renews `owner`'s lease on those of `job_ids` still unfinished."""
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> list[str]:
+        """Renews `owner`'s lease on those of `job_ids` still unfinished; returns those with a
+        cancel requested."""
         if not job_ids:
-            return
+            return []
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET lease_owner = %s, lease_expires = %s "
+                "WHERE job_id = ANY(%s) AND state <> ALL(%s) RETURNING job_id, cancel_requested",
+                (owner, _aware(until), list(job_ids), _FINISHED_STATES),
+            ).fetchall()
+        return [str(row[0]) for row in rows if row[1]]
+
+    def request_cancel(self, job_id: str) -> None:
         with self._db.transaction() as conn:
             conn.execute(
-                "UPDATE jobs SET lease_owner = %s, lease_expires = %s "
-                "WHERE job_id = ANY(%s) AND state <> ALL(%s)",
-                (owner, _aware(until), list(job_ids), _FINISHED_STATES),
+                "UPDATE jobs SET cancel_requested = true WHERE job_id = %s AND state <> ALL(%s)",
+                (job_id, _FINISHED_STATES),
             )
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:

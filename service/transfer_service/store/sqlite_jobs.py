@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from transfer_service.domain import JobEvent, JobRecord, JobState
-from transfer_service.errors import NotFoundError
+from transfer_service.errors import FailedPreconditionError, NotFoundError
 from transfer_service.store.codec import (
     event_kind,
     payload_from_json,
@@ -128,8 +128,14 @@ class SqliteJobs:
 
     holds_leases = False  # one process owns the embedded store
 
-    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> None:
-        """No leases: the only process runs every job."""
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> list[str]:
+        """No leases: the only process runs every job, and cancels them in memory."""
+        return []
+
+    def request_cancel(self, job_id: str) -> None:
+        raise FailedPreconditionError(
+            f"job_id: job {job_id} is not running in this process; not cancellable"
+        )
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
         """What recovery must look at, found by SQLite rather than by reading every job's

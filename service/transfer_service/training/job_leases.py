@@ -15,10 +15,11 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from transfer_service.store.interface import Store
+from transfer_service.training.job_events import LiveJob
 from transfer_service.training.recovery import recover_jobs
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,23 @@ class JobLeases:
     def __init__(
         self,
         store: Store,
-        held: Callable[[], list[str]],
+        live: Mapping[str, LiveJob],
         lease_seconds: float,
         owner: str | None = None,
     ) -> None:
-        """`held()` lists this replica's unfinished jobs (called on the event loop)."""
+        """`live`: this replica's jobs (JobManager's, read on the event loop)."""
         self._store = store
-        self._held = held
+        self._live = live
         self._lease = timedelta(seconds=lease_seconds)
         self.owner = owner or replica_name()
+
+    def _held(self) -> list[str]:
+        return [job_id for job_id, live in self._live.items() if not live.record.state.finished]
+
+    def _cancel(self, job_ids: list[str]) -> None:
+        """CancelJob from another replica, read back with the leases: stops at the next step."""
+        for live in filter(None, map(self._live.get, job_ids)):
+            live.cancel.set()  # a no-op for a job that has ended
 
     async def run(self) -> None:
         """Every third of a lease: renews this replica's leases, then settles the jobs whose
@@ -61,9 +70,11 @@ class JobLeases:
     async def renew_and_settle(self) -> None:
         now = datetime.now(UTC)
         try:
-            await asyncio.to_thread(
+            asked = await asyncio.to_thread(
                 self._store.hold_jobs, self.owner, self._held(), now + self._lease
             )
+            if asked:
+                self._cancel(asked)
             # Measured against the time before renewing: this replica's own leases all run
             # past it, so only other (stopped) replicas' jobs can be settled here.
             await asyncio.to_thread(recover_jobs, self._store, now)

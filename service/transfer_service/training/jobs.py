@@ -106,7 +106,7 @@ class JobManager:
         )
         self._live: dict[str, LiveJob] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._leases = JobLeases(store, self._held_job_ids, lease_seconds)
+        self._leases = JobLeases(store, self._live, lease_seconds)
         self._renewing: asyncio.Task[None] | None = None
         self._accepting = True
 
@@ -123,8 +123,8 @@ class JobManager:
             return
         self._renewing = self._loop.create_task(self._leases.run())
 
-    def _held_job_ids(self) -> list[str]:
-        return [job_id for job_id, live in self._live.items() if not live.record.state.finished]
+    def holds(self, job_id: str) -> bool:
+        return job_id in self._live  # live in this process
 
     def begin_shutdown(self) -> None:
         """Stops accepting jobs and asks queued and running ones to stop at their next step
