@@ -16,4 +16,5 @@ postgres.py       PostgresStore, shared by replicas (TRANSFER_DATABASE_URL): hea
   pg_migrations.py  migrations/NNNN_*.sql, applied once under an advisory lock
 codec.py          head.json and job event payloads to and from JSON
 delegation.py     the job and dataset methods both stores hand to their parts
+paged_query.py    the filtered, keyset-paged SELECT of ListJobs and ListHeads, per database
 """

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
 from transfer_service.domain import JobEvent, JobRecord, JobState
 from transfer_service.errors import NotFoundError
 from transfer_service.store.codec import (
@@ -20,6 +18,7 @@ from transfer_service.store.codec import (
     progress_from_json,
 )
 from transfer_service.store.ids import check_id
+from transfer_service.store.paged_query import postgres_page
 from transfer_service.store.pg_pool import Connection, Database
 
 _FINISHED_STATES = [state.value for state in JobState if state.finished]
@@ -74,27 +73,14 @@ class PostgresJobs:
     ) -> list[JobRecord]:
         """Oldest first (ties by id), filtered; `after` (a job's created time and id) and
         `limit` read one page, through the (created, job_id) indexes."""
-        where: list[sql.Composable] = []
-        parameters: list[Any] = []
-        for column, value in (
+        filters = (
             ("tenant", tenant),
             ("state", state.value if state is not None else None),
             ("backbone", backbone),
             ("head_name", name),
-        ):
-            if value is not None:
-                where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-                parameters.append(value)
-        if after is not None:
-            where.append(sql.SQL("(created, job_id) > (%s, %s)"))
-            parameters += [_aware(after[0]), after[1]]
-        query = sql.SQL("SELECT {} FROM jobs").format(sql.SQL(_JOB_COLUMNS))
-        if where:
-            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-        query += sql.SQL(" ORDER BY created, job_id")
-        if limit is not None:
-            query += sql.SQL(" LIMIT %s")
-            parameters.append(limit)
+        )
+        select = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        query, parameters = postgres_page(select, "job_id", filters, after, limit)
         with self._db.transaction() as conn:
             rows = conn.execute(query, parameters).fetchall()
         return [_job_from_row(row) for row in rows]

@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from psycopg import sql
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -38,6 +37,7 @@ from transfer_service.errors import FailedPreconditionError, NotFoundError, Unre
 from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.ids import check_id
+from transfer_service.store.paged_query import postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets
 from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
 from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
@@ -168,31 +168,15 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         """Oldest first, ties by id, filtered, one page with `after`/`limit`. A damaged head
         is left out (with a warning, once per head and process), the page filled from the
         heads past it."""
-        filters: list[sql.Composable] = []
-        parameters: list[Any] = []
-        for column, value in (("tenant", tenant), ("backbone", backbone), ("name", name)):
-            if value is not None:
-                filters.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-                parameters.append(value)
+        filters = (("tenant", tenant), ("backbone", backbone), ("name", name))
+        select = "SELECT head_id, record, tenant, created FROM heads"
         records: list[HeadRecord] = []
         cursor = after
         while limit is None or len(records) < limit:
-            where = list(filters)
-            page_parameters = list(parameters)
-            if cursor is not None:
-                created = cursor[0] if cursor[0].tzinfo else cursor[0].replace(tzinfo=UTC)
-                where.append(sql.SQL("(created, head_id) > (%s, %s)"))
-                page_parameters += [created, cursor[1]]
-            query: sql.Composable = sql.SQL("SELECT head_id, record, tenant, created FROM heads")
-            if where:
-                query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-            query += sql.SQL(" ORDER BY created, head_id")
             wanted = None if limit is None else limit - len(records)
-            if wanted is not None:
-                query += sql.SQL(" LIMIT %s")
-                page_parameters.append(wanted)
+            query, parameters = postgres_page(select, "head_id", filters, cursor, wanted)
             with self._db.transaction() as conn:
-                rows = conn.execute(query, page_parameters).fetchall()
+                rows = conn.execute(query, parameters).fetchall()
             records += self._readable(rows)
             if wanted is None or len(rows) < wanted:
                 break

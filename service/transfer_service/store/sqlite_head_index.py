@@ -14,6 +14,7 @@ from datetime import datetime
 
 from transfer_service.domain import HeadRecord
 from transfer_service.store.disk_faults import disk_faults
+from transfer_service.store.paged_query import sqlite_page
 from transfer_service.store.sqlite_schema import transaction
 
 
@@ -52,23 +53,8 @@ class SqliteHeadIndex:
         limit: int | None,
     ) -> list[str]:
         """Head ids, oldest first (ties by id), filtered and paged as HeadStore.list_heads."""
-        where: list[str] = []
-        parameters: list[object] = []
-        for column, value in (("tenant", tenant), ("backbone", backbone), ("name", name)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                parameters.append(value)
-        if after is not None:
-            created = after[0].isoformat()  # as `add` stored it
-            where.append("(created > ? OR (created = ? AND head_id > ?))")
-            parameters += [created, created, after[1]]
-        sql = "SELECT head_id FROM heads"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created, head_id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            parameters.append(limit)
+        filters = (("tenant", tenant), ("backbone", backbone), ("name", name))
+        sql, parameters = sqlite_page("SELECT head_id FROM heads", "head_id", filters, after, limit)
         with self._lock:
             return [str(row[0]) for row in self._db.execute(sql, parameters)]
 

@@ -20,6 +20,7 @@ from transfer_service.store.codec import (
 )
 from transfer_service.store.disk_faults import disk_faults
 from transfer_service.store.ids import check_id
+from transfer_service.store.paged_query import sqlite_page
 from transfer_service.store.sqlite_schema import transaction
 
 _FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
@@ -99,29 +100,14 @@ class SqliteJobs:
         and for head name `name` when given, read through the tenant index so one tenant's
         listing does not scan everyone's jobs. `after` (a job's created time and id) and
         `limit` read one page."""
-        where: list[str] = []
-        parameters: list[object] = []
         filters = (
             ("tenant", tenant),
             ("state", state.value if state is not None else None),
             ("backbone", backbone),
             ("head_name", name),
         )
-        for column, value in filters:
-            if value is not None:
-                where.append(f"{column} = ?")
-                parameters.append(value)
-        if after is not None:
-            created = after[0].isoformat()  # as _write_job stored it
-            where.append("(created > ? OR (created = ? AND job_id > ?))")
-            parameters += [created, created, after[1]]
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created, job_id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            parameters.append(limit)
+        select = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        sql, parameters = sqlite_page(select, "job_id", filters, after, limit)
         with self._lock:
             rows = self._db.execute(sql, parameters).fetchall()
         return [_job_from_row(row) for row in rows]
