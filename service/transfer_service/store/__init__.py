@@ -14,7 +14,7 @@ postgres.py       PostgresStore, shared by replicas (TRANSFER_DATABASE_URL): hea
   pg_datasets.py  uploaded datasets and their writer
   pg_pool.py      the connection pool; database errors as UNAVAILABLE / RESOURCE_EXHAUSTED
   pg_migrations.py  migrations/NNNN_*.sql, applied once under an advisory lock
-codec.py          head.json and job event payloads to and from JSON
+codec.py          head.json and job event payloads to and from JSON; stored weights, checked
 delegation.py     the job and dataset methods both stores hand to their parts
 paged_query.py    the filtered, keyset-paged SELECT of ListJobs and ListHeads, per database
 """

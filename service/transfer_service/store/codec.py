@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import types
 import typing
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 
 from transfer_service.domain import (
     DEFAULT_TENANT,
@@ -27,6 +32,7 @@ from transfer_service.domain import (
     TrainingPlan,
     TrainingProgress,
 )
+from transfer_service.errors import FailedPreconditionError
 
 # Version 1 files written before tenancy have no "tenant" key: they belong to DEFAULT_TENANT.
 HEAD_FORMAT_VERSION = 1
@@ -196,3 +202,23 @@ def progress_from_json(text: str) -> TrainingProgress | None:
     if not text:
         return None
     return TrainingProgress(**json.loads(text))
+
+
+def decode_weights(head_id: str, data: bytes, checksum: str | None) -> dict[str, torch.Tensor]:
+    """A head's stored safetensors bytes as tensors, checked against their SHA-256
+    (`checksum`; None for heads saved before checksums): damaged bytes fail loudly here,
+    FAILED_PRECONDITION, rather than predict wrongly."""
+    try:
+        # safetensors parses a header and raw buffers; it never unpickles.
+        weights = safetensors_load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise FailedPreconditionError(
+            f"head {head_id!r}: stored weights are not a valid safetensors file; the head "
+            "is corrupt: delete it and train again"
+        ) from exc
+    if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
+        raise FailedPreconditionError(
+            f"head {head_id!r}: stored weights fail their checksum; the head is corrupt: "
+            "delete it and train again"
+        )
+    return weights

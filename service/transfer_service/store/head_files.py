@@ -20,8 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from transfer_service.domain import TENANT_PATTERN, HeadRecord
@@ -31,7 +29,12 @@ from transfer_service.errors import (
     NotFoundError,
     UnreadableHeadError,
 )
-from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
+from transfer_service.store.codec import (
+    HeadFormatError,
+    decode_head,
+    decode_weights,
+    head_to_json,
+)
 from transfer_service.store.disk_faults import disk_faults
 from transfer_service.store.ids import check_id
 
@@ -135,20 +138,7 @@ class HeadFiles:
                 f"head {head_id!r}: stored weights unreadable ({exc.strerror})"
             ) from exc
         _, checksum = self._read_head(head_id)
-        try:
-            # safetensors parses a header and raw buffers; it never unpickles.
-            weights = safetensors_load(data)
-        except (SafetensorError, ValueError) as exc:
-            raise FailedPreconditionError(
-                f"head {head_id!r}: stored weights are not a valid safetensors file; the head "
-                "is corrupt: delete it and train again"
-            ) from exc
-        if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
-            raise FailedPreconditionError(
-                f"head {head_id!r}: stored weights fail their checksum; the head is corrupt: "
-                "delete it and train again"
-            )
-        return weights
+        return decode_weights(head_id, data, checksum)
 
     def stored_ids(self) -> list[str]:
         """The ids of every complete head directory (both files present: the rename makes

@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from transfer_service.domain import (
@@ -34,7 +32,12 @@ from transfer_service.domain import (
     JobState,
 )
 from transfer_service.errors import FailedPreconditionError, NotFoundError, UnreadableHeadError
-from transfer_service.store.codec import HeadFormatError, decode_head, head_to_json
+from transfer_service.store.codec import (
+    HeadFormatError,
+    decode_head,
+    decode_weights,
+    head_to_json,
+)
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import postgres_page
@@ -140,21 +143,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         if row is None:
             raise NotFoundError(f"head_id: no head {head_id!r}")
         _decode(head_id, row[0], row[1])
-        data = bytes(row[2])
-        try:
-            # safetensors parses a header and raw buffers; it never unpickles.
-            weights = safetensors_load(data)
-        except (SafetensorError, ValueError) as exc:
-            raise FailedPreconditionError(
-                f"head {head_id!r}: stored weights are not a valid safetensors file; the head "
-                "is corrupt: delete it and train again"
-            ) from exc
-        if hashlib.sha256(data).hexdigest() != row[3]:
-            raise FailedPreconditionError(
-                f"head {head_id!r}: stored weights fail their checksum; the head is corrupt: "
-                "delete it and train again"
-            )
-        return weights
+        return decode_weights(head_id, bytes(row[2]), row[3])
 
     def list_heads(
         self,
