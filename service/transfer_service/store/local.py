@@ -31,6 +31,7 @@ from transfer_service.errors import ConfigurationError
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.disk_faults import refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
+from transfer_service.store.paged_query import filled_page
 from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex
 from transfer_service.store.sqlite_jobs import SqliteJobs
@@ -110,22 +111,17 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
         """Pages through the index and reads only the head files it names; a damaged head is
         left out and the page filled from the heads after it, so a page short of `limit`
         always means the listing's end."""
-        records: list[HeadRecord] = []
-        while True:
-            wanted = None if limit is None else limit - len(records)
-            ids = self._head_index.page(
-                tenant, backbone=backbone, name=name, after=after, limit=wanted
+
+        def read(
+            past: tuple[datetime, str] | None, wanted: int | None
+        ) -> tuple[list[HeadRecord], list[tuple[datetime, str]]]:
+            positions = self._head_index.page(
+                tenant, backbone=backbone, name=name, after=past, limit=wanted
             )
-            for head_id in ids:
-                record = self._heads.listed_head(head_id)
-                if record is not None:
-                    records.append(record)
-            if wanted is None or len(ids) < wanted or len(records) == limit:
-                return records
-            last = self._head_index.position(ids[-1])
-            if last is None:  # deleted meanwhile: its position is gone with it
-                return records
-            after = last
+            listed = (self._heads.listed_head(head_id) for _, head_id in positions)
+            return [record for record in listed if record is not None], positions
+
+        return filled_page(read, after, limit)
 
     def delete_head(self, head_id: str) -> None:
         self._heads.delete_head(head_id)

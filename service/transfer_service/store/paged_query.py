@@ -1,13 +1,13 @@
 """One page of a filtered listing as SQL, for each database the stores use: equality filters
 on the columns given (None: no filter), keyset paging past a (created time, id) position,
 oldest first with ties by id, at most `limit` rows. ListJobs and ListHeads read through it on
-both stores."""
+both stores; `filled_page` keeps a ListHeads page full past damaged heads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg import sql
 
@@ -69,3 +69,28 @@ def postgres_page(
         query += sql.SQL(" LIMIT %s")
         parameters.append(limit)
     return query, parameters
+
+
+RecordT = TypeVar("RecordT")
+
+
+def filled_page(
+    read: Callable[
+        [tuple[datetime, str] | None, int | None],
+        tuple[list[RecordT], list[tuple[datetime, str]]],
+    ],
+    after: tuple[datetime, str] | None,
+    limit: int | None,
+) -> list[RecordT]:
+    """A page of up to `limit` records past `after`. `read(after, limit)` reads up to
+    `limit` rows past `after` and returns the records it keeps and every row's position;
+    a row it leaves out (a damaged head) is replaced from the rows after it, so a page short
+    of `limit` always means the listing's end (ListHeads reads limit + 1 to tell)."""
+    records: list[RecordT] = []
+    while True:
+        wanted = None if limit is None else limit - len(records)
+        kept, positions = read(after, wanted)
+        records += kept
+        if wanted is None or len(positions) < wanted or len(records) == limit:
+            return records
+        after = positions[-1]

@@ -40,7 +40,7 @@ from transfer_service.store.codec import (
 )
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.ids import check_id
-from transfer_service.store.paged_query import postgres_page
+from transfer_service.store.paged_query import filled_page, postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets
 from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
 from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
@@ -159,18 +159,16 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         heads past it."""
         filters = (("tenant", tenant), ("backbone", backbone), ("name", name))
         select = "SELECT head_id, record, tenant, created FROM heads"
-        records: list[HeadRecord] = []
-        cursor = after
-        while limit is None or len(records) < limit:
-            wanted = None if limit is None else limit - len(records)
-            query, parameters = postgres_page(select, "head_id", filters, cursor, wanted)
+
+        def read(
+            past: tuple[datetime, str] | None, wanted: int | None
+        ) -> tuple[list[HeadRecord], list[tuple[datetime, str]]]:
+            query, parameters = postgres_page(select, "head_id", filters, past, wanted)
             with self._db.transaction() as conn:
                 rows = conn.execute(query, parameters).fetchall()
-            records += self._readable(rows)
-            if wanted is None or len(rows) < wanted:
-                break
-            cursor = (rows[-1][3], rows[-1][0])
-        return records
+            return self._readable(rows), [(row[3], row[0]) for row in rows]
+
+        return filled_page(read, after, limit)
 
     def _readable(self, rows: Sequence[tuple[Any, ...]]) -> list[HeadRecord]:
         records = []

@@ -51,20 +51,15 @@ class SqliteHeadIndex:
         name: str | None,
         after: tuple[datetime, str] | None,
         limit: int | None,
-    ) -> list[str]:
-        """Head ids, oldest first (ties by id), filtered and paged as HeadStore.list_heads."""
+    ) -> list[tuple[datetime, str]]:
+        """(created time, head id) of a page, oldest first (ties by id), filtered and paged as
+        HeadStore.list_heads."""
         filters = (("tenant", tenant), ("backbone", backbone), ("name", name))
-        sql, parameters = sqlite_page("SELECT head_id FROM heads", "head_id", filters, after, limit)
+        select = "SELECT created, head_id FROM heads"
+        sql, parameters = sqlite_page(select, "head_id", filters, after, limit)
         with self._lock:
-            return [str(row[0]) for row in self._db.execute(sql, parameters)]
-
-    def position(self, head_id: str) -> tuple[datetime, str] | None:
-        """The (created time, id) a head sorts at, None when it is not indexed."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT created FROM heads WHERE head_id = ?", (head_id,)
-            ).fetchone()
-        return None if row is None else (datetime.fromisoformat(str(row[0])), head_id)
+            rows = self._db.execute(sql, parameters).fetchall()
+        return [(datetime.fromisoformat(str(row[0])), str(row[1])) for row in rows]
 
     def reconcile(
         self, stored_ids: list[str], read_record: Callable[[str], HeadRecord | None]
