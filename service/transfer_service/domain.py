@@ -304,3 +304,20 @@ class JobRecord:
     last_sequence: int = 0
     progress: TrainingProgress | None = field(default=None)
     tenant: str = DEFAULT_TENANT
+    # Which run of the job this is: 0 until a replica claims it from the queue, 1 for the
+    # first run, more after a run was cut off (its replica stopped) and another took over.
+    # A record carrying an attempt is the fencing token of that run's writes: the store
+    # refuses them (LeaseLostError) once a later run holds the job.
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job a replica took from the queue (Store.claim_job). `record` is its row as stored
+    (QUEUED, or RUNNING when a previous run was cut off) with `attempt` set to this run's
+    number and `last_sequence` to its newest logged event's (this run's events follow it).
+    `spec` carries the examples; None for a job stored by older code without them."""
+
+    record: JobRecord
+    spec: FineTuneSpec | None
+

@@ -67,6 +67,14 @@ class JobCancelledError(ServiceError):
     status_name = "CANCELLED"
 
 
+class LeaseLostError(ServiceError):
+    """A write of a job's run that no longer holds the job: its lease expired (the replica
+    stalled or lost the database for longer than a lease) and a later run took the job over.
+    The stale run stops without writing anything more."""
+
+    status_name = "ABORTED"
+
+
 def status_name_of(error: BaseException) -> str:
     """The status a caller sees for `error`; anything unexpected is INTERNAL."""
     if isinstance(error, ServiceError):

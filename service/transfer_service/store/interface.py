@@ -5,19 +5,31 @@ protocols. A write the disk refuses (full, read-only) raises ResourceExhaustedEr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 import torch
 
 from transfer_service.domain import (
+    ClaimedJob,
     DatasetInfo,
+    FineTuneSpec,
     HeadRecord,
     JobEvent,
     JobRecord,
     JobState,
     LabeledExample,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRenewal:
+    """What a heartbeat (JobStore.hold_jobs) found: jobs another process asked to cancel, and
+    jobs the owner no longer holds (finished, or taken over after its lease expired)."""
+
+    cancel_requested: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
 
 
 class HeadStore(Protocol):
@@ -45,6 +57,14 @@ class HeadStore(Protocol):
 
 
 class JobStore(Protocol):
+    """Jobs, their event logs, and the job queue.
+
+    Fencing: a JobRecord with `attempt` > 0 is written by that run of the job. Every such
+    write (save_job, finish_job, complete_job, append_progress's row, append_event and
+    append_progress with `attempt`) applies only while the stored row is unfinished and its
+    attempt count equals it; otherwise it raises LeaseLostError and writes nothing (a later
+    run took the job over). Writes with attempt 0 are not fenced."""
+
     def save_job(self, job: JobRecord) -> None: ...
 
     def get_job(self, job_id: str) -> JobRecord: ...
@@ -63,23 +83,82 @@ class JobStore(Protocol):
         head name `name` when given; with `after` (created time, job id) only the jobs past
         that one, at most `limit`."""
 
+    # ---- the queue ----
+
+    def enqueue_job(
+        self,
+        job: JobRecord,
+        event: JobEvent,
+        spec: FineTuneSpec,
+        *,
+        max_unfinished: int,
+        request_key: str = "",
+        request_digest: str = "",
+    ) -> JobRecord:
+        """One transaction, serialised per tenant across every process sharing the store:
+        * with a non-empty `request_key` the tenant already used: stores nothing and returns
+          that job's current record, or raises FailedPreconditionError when its stored
+          `request_digest` differs (the key reused for a different request);
+        * else, when `job.tenant` has `max_unfinished` jobs queued or running (counted in
+          the store): ResourceExhaustedError;
+        * else stores `job` (QUEUED, nobody holding it, attempt 0), `spec` with its
+          examples and validation examples (the run reads them back from the store), and
+          its first event `event`; returns `job`."""
+
+    def claim_job(self, owner: str, until: datetime) -> ClaimedJob | None:
+        """Takes one claimable job for `owner`, leased until `until`, or None. Claimable: not
+        finished, and nobody holds it (never claimed, released, or its holder's lease expired
+        before now). Fair between tenants: among claimable jobs the tenant holding the fewest
+        running jobs goes first, then the oldest job. The job's attempt count goes up by one
+        (the returned record's `attempt`). Processes claiming at once never take the same
+        job (PostgreSQL: FOR UPDATE SKIP LOCKED)."""
+
+    def release_job(self, job: JobRecord, event: JobEvent) -> None:
+        """A run (job.attempt) that stops without ending its job (the server is stopping)
+        puts it back: QUEUED, nobody holding it, its attempt count back to what it was before
+        this run's claim (a stop is not the job's fault), `job`'s row fields and `event` (a
+        warning saying why) written; one transaction. LeaseLostError if the run no longer
+        holds it."""
+
+    def abandon_leases(self) -> None:
+        """The start of a store's only process (the embedded store): every lease is its dead
+        predecessor's, so every unfinished job becomes claimable at once. Attempt counts
+        stay: a crash may be the job's own doing. Not for a store replicas share."""
+
+    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> LeaseRenewal:
+        """The heartbeat: extends `owner`'s lease to `until` on those of `job_ids` it still
+        holds (unfinished, lease_owner `owner`); reports which of them another process asked
+        to cancel, and which `owner` no longer holds (finished, or taken over)."""
+
+    def request_cancel(self, job_id: str, event: JobEvent) -> JobRecord | None:
+        """CancelJob for a job this process does not run. Nobody holding it (queued): ends
+        it CANCELLED here, with `event` (its `cancelled` event; its sequence is replaced by
+        the log's next one) in one transaction, and returns the final record. Held by a
+        process: records the request for the holder (read back with its next hold_jobs, and
+        on PostgreSQL notified to it at once) and returns None. FailedPreconditionError for
+        a finished job, NotFoundError for an unknown one."""
+
+    def watch_jobs(
+        self,
+        on_events: Callable[[str], None],
+        on_queued: Callable[[], None],
+        on_cancel: Callable[[str], None],
+    ) -> None:
+        """Until close(), on a thread of the store's: `on_events(job_id)` after another
+        process appends events to a job's log, `on_queued()` after a job becomes claimable,
+        `on_cancel(job_id)` after a cancel is requested for a held job. Best effort (a
+        notice may be lost while the connection is down: callers also poll). A store no
+        other process shares does nothing."""
+
+    # ---- recovery and retention ----
+
     @property
     def holds_leases(self) -> bool:
-        """Whether several processes share the store, each holding leases on the jobs it
-        runs (PostgreSQL); False for a store one process owns (the embedded one)."""
-
-    def hold_jobs(self, owner: str, job_ids: Sequence[str], until: datetime) -> list[str]:
-        """Renews `owner`'s lease on these unfinished jobs until `until` (a heartbeat) and
-        returns those of them another replica asked to cancel; a no-op for a store without
-        leases."""
-
-    def request_cancel(self, job_id: str) -> None:
-        """Asks the replica holding the unfinished job to stop it: it reads the request at
-        its next lease renewal. Only for a store with leases (one process cancels in
-        memory)."""
+        """Whether several processes share the store (PostgreSQL); False for a store one
+        process owns (the embedded one)."""
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
-        """Jobs recovery must settle: finished ones whose event log does not end in a
+        """Jobs recovery must look at: finished ones whose event log does not end in a
         terminal event, and unfinished ones nobody runs any more. With `abandoned_before`
         None (the start of a store's only process) every unfinished job is abandoned; with
         a time, only those whose lease expired before it (none, in a store without
@@ -89,15 +168,18 @@ class JobStore(Protocol):
         """Retention: deletes jobs that finished before `finished_before` and their events
         (never queued or running ones, never heads); returns how many."""
 
-    def append_event(self, event: JobEvent) -> None: ...
+    # ---- the event log ----
 
-    def append_progress(self, event: JobEvent, job: JobRecord | None) -> None:
+    def append_event(self, event: JobEvent, *, attempt: int = 0) -> None: ...
+
+    def append_progress(self, event: JobEvent, job: JobRecord | None, *, attempt: int = 0) -> None:
         """A progress event (and the job row carrying it), in one transaction that may skip
         the disk flush: it survives the process dying, and losing the newest of them to a
         power cut costs nothing a restart would not redo (the job fails over anyway)."""
 
     def finish_job(self, job: JobRecord, event: JobEvent) -> None:
-        """Atomically: saves the job's final row and appends its terminal event, or neither."""
+        """Atomically: saves the job's final row and appends its terminal event, or neither;
+        the job's stored examples are deleted with it (no run needs them any more)."""
 
     def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]: ...
 
@@ -136,7 +218,8 @@ class Store(HeadStore, JobStore, DatasetStore, Protocol):
         weights: dict[str, torch.Tensor],
     ) -> None:
         """A job's success: its head, its SUCCEEDED row and its `completed` event commit
-        together, or none of them (raises then). A re-run of the job can therefore never
+        together, or none of them (raises then; LeaseLostError when `job.attempt` no longer
+        holds the job). Its stored examples are deleted with it. A re-run of the job can therefore never
         leave two heads, and no head exists without its job's success."""
 
     def watch_heads(
