@@ -219,8 +219,8 @@ class Store(HeadStore, JobStore, DatasetStore, Protocol):
     ) -> None:
         """A job's success: its head, its SUCCEEDED row and its `completed` event commit
         together, or none of them (raises then; LeaseLostError when `job.attempt` no longer
-        holds the job). Its stored examples are deleted with it. A re-run of the job can therefore never
-        leave two heads, and no head exists without its job's success."""
+        holds the job). Its stored examples are deleted with it. A re-run of the job can
+        therefore never leave two heads, and no head exists without its job's success."""
 
     def watch_heads(
         self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
