@@ -196,7 +196,7 @@ def build_application(settings: Settings) -> Application:
         store,
         backbones,
         heads,
-        max_concurrent_jobs=settings.max_concurrent_jobs,
+        max_running_jobs=settings.max_running_jobs,
         max_jobs_per_tenant=settings.max_jobs_per_tenant,
         feature_cache_bytes=settings.feature_cache_bytes,
         intra_op_threads=cpu_share.training_threads,
@@ -204,6 +204,7 @@ def build_application(settings: Settings) -> Application:
         progress_min_interval_seconds=settings.progress_min_interval_ms / 1000.0,
         while_training=cpu_share.training,
         lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
         hooks=JobHooks(
             on_state=lambda new, old: _count_job_state(
                 metrics, new.value, old.value if old else None

@@ -50,6 +50,7 @@ from transfer_service.training.validation import (
     TrainingConfigRequest,
     check_examples,
     check_head_name,
+    check_request_id,
     check_validation_examples,
     resolve_config,
 )
@@ -70,6 +71,8 @@ class FineTuneCall:
     validation_examples: Sequence[LabeledExample] = ()
     validation_dataset_id: str = ""
     candidate_backbones: Sequence[str] = ()
+    # The caller's idempotency key: a retry with the same key returns the same job.
+    request_id: str = ""
 
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,7 @@ class TransferOperations:
             modality = self._backbones.check_available(call.backbone).modality
             candidates = [call.backbone]
         name = check_head_name(call.head_name, call.backbone)
+        check_request_id(call.request_id)
         check_examples(examples, modality, self._max_examples, field, self._max_classes)
         feature_dim = max(self._backbones.spec(c).feature_dim for c in candidates)
         check_pooled_features_fit(
@@ -169,7 +173,8 @@ class TransferOperations:
                 tenant=tenant,
                 validation_examples=tuple(validation),
                 candidate_backbones=tuple(candidates) if call.backbone == AUTO_BACKBONE else (),
-            )
+            ),
+            request_id=call.request_id,
         )
         log.info(
             "job %s queued: backbone %s, head name %s, %d examples",
@@ -222,8 +227,7 @@ class TransferOperations:
             for event in events:
                 yield event
             return
-        # Unfinished: live in this process (recovery settled those of earlier ones), so the
-        # job manager replays its in-memory events and follows, without the store.
+        # Unfinished: followed in memory if it runs here, else from the store's log.
         async for event in self._jobs.watch(job_id, after_sequence):
             yield event
 
@@ -311,12 +315,7 @@ class TransferOperations:
             raise FailedPreconditionError(
                 f"job_id: job {job_id} is {record.state.value}; not cancellable"
             )
-        if self._jobs.holds(job_id) or not self._store.holds_leases:
-            return self._jobs.cancel(job_id)  # live here: cancelling touches no store
-        # Another replica holds it: asked through the database, it stops the job at its next
-        # lease renewal (a third of TRANSFER_JOB_LEASE_SECONDS).
-        await self._blocking(self._store.request_cancel, job_id)
-        return record
+        return await self._jobs.cancel(job_id)
 
     async def list_heads(
         self,

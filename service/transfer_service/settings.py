@@ -47,9 +47,9 @@ class Settings(BaseSettings):
         30.0,
         ge=3.0,
         le=120.0,
-        description="With TRANSFER_DATABASE_URL: each replica renews the lease on its jobs "
-        "every third of this; a job whose lease ran out (its replica stopped without ending "
-        "it) is ended FAILED by another replica. Keep replicas' clocks in sync (NTP).",
+        description="A server renews the lease on the jobs it runs every third of this; a "
+        "job whose lease ran out (its server stopped without ending it) is claimed by "
+        "another replica and runs again from the start. Keep replicas' clocks in sync (NTP).",
     )
     job_retention_seconds: float = Field(
         7 * 24 * 3600.0,
@@ -161,8 +161,19 @@ class Settings(BaseSettings):
         description="Mid-epoch training progress events closer together are coalesced "
         "(epoch ends and terminal events always stream).",
     )
-    max_concurrent_jobs: int = Field(
-        1, gt=0, description="Training jobs run at once; the rest queue."
+    max_running_jobs: int = Field(
+        1,
+        gt=0,
+        description="Training jobs this server runs at once; the rest wait in the queue "
+        "(with TRANSFER_DATABASE_URL, for a free slot on any replica).",
+    )
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Runs of one job: a job whose server stopped before it finished runs "
+        "again from the start, until this many runs were cut off; then it fails (it may be "
+        "what stops the server).",
     )
     max_jobs_per_tenant: int = Field(
         8,

@@ -108,7 +108,7 @@ def job_manager(store: LocalStore, backbones: BackboneCache, heads: HeadCache) -
         store,
         backbones,
         heads,
-        max_concurrent_jobs=1,
+        max_running_jobs=1,
         max_jobs_per_tenant=1,
         feature_cache_bytes=10**9,
         intra_op_threads=1,

@@ -66,7 +66,7 @@ def _run_two_jobs(
             store,
             backbones,
             heads,
-            max_concurrent_jobs=1,
+            max_running_jobs=1,
             max_jobs_per_tenant=4,
             feature_cache_bytes=10**9,
             intra_op_threads=share.training_threads,

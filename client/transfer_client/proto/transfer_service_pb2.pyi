@@ -403,6 +403,7 @@ class FineTuneRequest(_message.Message):
     VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     CANDIDATE_BACKBONES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     backbone: _builtins.str
     """Backbone name from ListBackbones."""
     head_name: _builtins.str
@@ -410,6 +411,13 @@ class FineTuneRequest(_message.Message):
     dataset_id: _builtins.str
     """A dataset from UploadDataset. Exclusive with `examples`."""
     validation_dataset_id: _builtins.str
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155; a UUID is a good choice): a FineTune retried with the
+    same request_id, for example after a lost connection, returns the job the first one
+    queued (its stream from the start) instead of training twice. Keys are per tenant and
+    live as long as the job; reusing one for a different request is FAILED_PRECONDITION.
+    At most 100 characters of [A-Za-z0-9._:-].
+    """
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
         """Inline examples, for sets that fit in one message. Exclusive with `dataset_id`."""
@@ -439,10 +447,11 @@ class FineTuneRequest(_message.Message):
         validation_examples: _abc.Iterable[Global___Example] | None = ...,
         validation_dataset_id: _builtins.str = ...,
         candidate_backbones: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "candidate_backbones", b"candidate_backbones", "config", b"config", "dataset_id", b"dataset_id", "examples", b"examples", "head_name", b"head_name", "validation_dataset_id", b"validation_dataset_id", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "candidate_backbones", b"candidate_backbones", "config", b"config", "dataset_id", b"dataset_id", "examples", b"examples", "head_name", b"head_name", "request_id", b"request_id", "validation_dataset_id", b"validation_dataset_id", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -339,4 +339,5 @@ def fine_tune_call(request: pb.FineTuneRequest) -> FineTuneCall:
         validation_examples=labeled_examples(request.validation_examples, "validation_examples"),
         validation_dataset_id=request.validation_dataset_id,
         candidate_backbones=tuple(request.candidate_backbones),
+        request_id=request.request_id,
     )

@@ -1,22 +1,23 @@
 """Start-up recovery: brings the job table, the event log and the heads on disk back into
 agreement after a process died without running its shutdown (SIGKILL, out-of-memory kill,
-power loss).
+power loss). Jobs it left unfinished are not failed: they stay in the queue and run again
+from the start (training/jobs.py). Recovery only repairs what a kill can leave half-done:
 
-  * A job left QUEUED or RUNNING whose head is on disk, whole (metadata and weights read
-    back), finished training and the save; only its commit was cut off (the head directory
-    is renamed into place before the job is finished, and a kill can land between). It is
-    adopted: SUCCEEDED with that head and a `completed` event carrying the metrics stored
-    with the head. Without that a listed, serving head would belong to a FAILED job.
-  * Any other job left QUEUED or RUNNING reads FAILED (ABORTED), with a `failed` event
-    whose reason says which: a queued job never started, a running one was cut off.
-    A head directory of it that does not read back whole is removed, so it is never listed.
-    (Half-written saves, `.partial-*` directories, are removed when the store opens.)
+  * (embedded store) A job left QUEUED or RUNNING whose head is on disk, whole (metadata and
+    weights read back), finished training and the save; only its commit was cut off (the
+    head directory is renamed into place before the job is finished, and a kill can land
+    between). It is adopted: SUCCEEDED with that head and a `completed` event carrying the
+    metrics stored with the head, rather than trained again into a second head. A head
+    directory of such a job that does not read back whole is removed, so it is never listed.
+    (Half-written saves, `.partial-*` directories, are removed when the store opens.) Then
+    every lease is dropped (Store.abandon_leases): they were the dead process's.
   * A job in a final state whose log has no terminal event gets the one its state implies.
-    The server finishes a job in one store transaction (LocalStore.finish_job), so only a
-    store written by older code, which saved the row and the event separately, has these;
-    without the event a WatchJob replay would never end.
-Every repair is itself one finish_job transaction, so a kill during recovery leaves work for
-the next start, never a half-repaired job.
+    The server finishes a job in one store transaction, so only a store written by older
+    code, which saved the row and the event separately, has these; without the event a
+    WatchJob replay would never end.
+On PostgreSQL a head and its job's success commit together, so there is nothing to adopt, and
+other replicas' jobs are left alone: only finished logs are repaired. Every repair is itself
+one transaction, so a kill during recovery leaves work for the next start.
 """
 
 from __future__ import annotations
@@ -43,17 +44,16 @@ from transfer_service.store.interface import Store
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_REASON = "the server stopped while this job was running; its head was not saved"
-NEVER_STARTED_REASON = (
-    "the server stopped while this job was queued; it never started (submit it again)"
-)
 
-
-def recover_jobs(store: Store, abandoned_before: datetime | None = None) -> None:
-    """Settles every job a previous process left inconsistent (see the module docstring).
-    With `abandoned_before` (a store shared by replicas), only jobs whose lease expired
-    before it count as cut off: the others run on live replicas (Store.unsettled_jobs)."""
-    jobs = store.unsettled_jobs(abandoned_before)
+def recover_jobs(store: Store, *, sole_process: bool) -> None:
+    """Repairs what a previous process left half-done (see the module docstring).
+    `sole_process`: the store is the embedded one, and this process is its only user."""
+    if not sole_process:
+        for job in store.unsettled_jobs(datetime.now(UTC)):
+            if job.state.finished:
+                _end_event_log(store, job)
+        return
+    jobs = store.unsettled_jobs(None)
     # Reading every head's metadata is only worth it when some job was cut off.
     unfinished = {job.job_id for job in jobs if not job.state.finished}
     heads = {
@@ -68,8 +68,7 @@ def recover_jobs(store: Store, abandoned_before: datetime | None = None) -> None
         head = heads.get(job.job_id)
         if head is not None and _reads_back_whole(store, head):
             _adopt(store, job, head)
-        else:
-            _fail_interrupted(store, job)
+    store.abandon_leases()
 
 
 def _reads_back_whole(store: Store, head: HeadRecord) -> bool:
@@ -95,17 +94,6 @@ def _adopt(store: Store, job: JobRecord, head: HeadRecord) -> None:
         "job %s was interrupted by a restart after its head %s was saved; marked succeeded",
         job.job_id,
         head.head_id,
-    )
-
-
-def _fail_interrupted(store: Store, job: JobRecord) -> None:
-    queued = job.state is JobState.QUEUED
-    payload = JobFailed(NEVER_STARTED_REASON if queued else INTERRUPTED_REASON, "ABORTED")
-    _finish(store, job, JobState.FAILED, payload, _last_sequence(store, job))
-    log.warning(
-        "job %s was %s when the server stopped; marked failed",
-        job.job_id,
-        "queued" if queued else "running",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -308,3 +309,15 @@ def check_validation_examples(
             )
         if example.input.text is not None and not example.input.text.strip():
             raise InvalidArgumentError(f"{where}.text: text is empty")
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def check_request_id(request_id: str) -> None:
+    """An idempotency key is stored with the job and compared: bounded and plain."""
+    if request_id and _REQUEST_ID.fullmatch(request_id) is None:
+        raise InvalidArgumentError(
+            "request_id: at most 100 characters of letters, digits and . _ : - "
+            "(a UUID is a good choice)"
+        )
