@@ -39,7 +39,7 @@ from transfer_service.domain import (
 )
 from transfer_service.errors import ConfigurationError, NotFoundError, ResourceExhaustedError
 from transfer_service.store.local import LocalStore
-from transfer_service.training.recovery import INTERRUPTED_REASON, recover_jobs
+from transfer_service.training.recovery import recover_jobs
 
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.e2e.test_server_process import REPO, ServerProcess, free_port
@@ -418,19 +418,21 @@ def test_the_quota_counts_uploads_in_progress_and_frees_on_delete(tmp_path: Path
     store.close()
 
 
-# ---- 8. recovery tells a queued job from a running one ----------------------------------
+# ---- 8. recovery keeps queued and running jobs in the queue ------------------------------
 
 
-def test_a_job_queued_at_a_restart_says_it_never_started(tmp_path: Path) -> None:
+def test_jobs_queued_or_running_at_a_restart_stay_in_the_queue(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     store.save_job(job("job-queued", JobState.QUEUED))
     store.save_job(job("job-running", JobState.RUNNING))
-    recover_jobs(store)
-    queued = store.get_job("job-queued")
-    assert queued.state is JobState.FAILED
-    assert "queued" in queued.error and "never started" in queued.error
-    assert "running" not in queued.error
-    assert store.get_job("job-running").error == INTERRUPTED_REASON
+    recover_jobs(store, sole_process=True)
+    until = datetime.now(UTC) + timedelta(seconds=30)
+    claimed = [store.claim_job("next", until), store.claim_job("next", until)]
+    assert {c.record.job_id for c in claimed if c is not None} == {"job-queued", "job-running"}
+    assert (
+        store.get_job("job-queued").state is JobState.QUEUED
+        and not store.get_job("job-running").error
+    )
     store.close()
 
 
@@ -447,8 +449,9 @@ def test_recovery_reads_only_the_jobs_it_has_to_settle(tmp_path: Path) -> None:
     assert unsettled == {"job-queued", "job-progress-last"} | {
         f"job-crowd-{number:06d}" for number in range(50)
     }
-    recover_jobs(store)
-    assert store.unsettled_jobs() == []
+    recover_jobs(store, sole_process=True)
+    # Only the unfinished job is left: it stays in the queue, to run again.
+    assert [j.job_id for j in store.unsettled_jobs()] == ["job-queued"]
     store.close()
 
 
@@ -580,9 +583,15 @@ def test_start_up_applies_retention_and_tells_the_truth_about_queued_jobs(
         else:
             pytest.fail("the finished job past its retention was not deleted")
         assert alice.get_job("job-recent").state.value == "failed"  # within retention: kept
+        # Queued by a version that stored no examples with its jobs: claimed, it cannot run.
         waiting = alice.get_job("job-waiting")
+        for _ in range(100):
+            if waiting.state.value != "queued":
+                break
+            threading.Event().wait(0.1)
+            waiting = alice.get_job("job-waiting")
         assert waiting.state.value == "failed"
-        assert "queued" in waiting.error and "never started" in waiting.error
+        assert "without its examples" in waiting.error and "submit it again" in waiting.error
 
 
 def test_an_upload_on_a_full_disk_is_resource_exhausted_not_internal(volume: Path) -> None:

@@ -144,8 +144,9 @@ def test_a_finished_job_keeps_no_example_bytes(tmp_path: Path) -> None:
 
 def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path: Path) -> None:
     """A full disk left a job RUNNING forever: its end could not be written and the error
-    was raised inside the error handler; cancel did nothing and the tenant's slot stayed
-    taken."""
+    was raised inside the error handler; cancel did nothing and the slot stayed taken. Now it
+    ends in memory (its stream closes) and frees this server's slot; the stored row stays
+    unfinished, so the job runs again once its lease runs out and the disk has room."""
     backbones = backbone_cache(48, device=torch.device("cpu"))
     store = LocalStore(tmp_path)
     heads = HeadCache(backbones, store.get_head, store.load_head_weights, 4)
@@ -160,7 +161,7 @@ def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path
             async for event in jobs.watch(job_id):
                 last = type(event.payload).__name__
         state = jobs.get(job_id).state
-        unfinished = jobs.unfinished_count(spec.tenant)
+        unfinished = jobs._running
         await jobs.shutdown(grace_seconds=30)
         return state, unfinished, last
 
@@ -174,29 +175,24 @@ def test_a_job_whose_end_cannot_be_stored_still_ends_and_frees_its_slot(tmp_path
 
 
 class _FullAfterQueued:
-    """A store whose disk fills up right after a job's QUEUED row and queued event: every
-    later job write fails as the real store reports a full disk."""
+    """A store whose disk fills up right after a job is queued and claimed: every later job
+    write fails as the real store reports a full disk."""
 
     def __init__(self, store: LocalStore) -> None:
         self._store = store
-        self._writes = 0
 
-    def _full(self, *args: object) -> None:
+    def _full(self, *args: object, **kwargs: object) -> None:
         raise ResourceExhaustedError("the store's disk is full (test)")
 
-    def _first_two(self, write: str) -> object:
-        def write_or_fail(*args: object) -> None:
-            self._writes += 1
-            if self._writes > 2:
-                self._full()
-            getattr(self._store, write)(*args)
-
-        return write_or_fail
-
     def __getattr__(self, name: str) -> object:
-        if name in ("save_job", "append_event"):
-            return self._first_two(name)
-        if name in ("finish_job", "append_progress", "save_head"):
+        if name in (
+            "save_job",
+            "append_event",
+            "finish_job",
+            "append_progress",
+            "save_head",
+            "complete_job",
+        ):
             return self._full
         return getattr(self._store, name)
 

@@ -1,8 +1,9 @@
 """A job's final state and its terminal event are one store transaction, and start-up
-recovery settles what a killed process left: unfinished jobs, and finished jobs whose event
-log has no terminal event (stores written by code that saved the two separately), and
-jobs killed after their head was renamed into place but before they were finished (the
-head is adopted, never left listed beside a FAILED job)."""
+recovery settles what a killed process left: finished jobs whose event log has no terminal
+event (stores written by code that saved the two separately), and jobs killed after their
+head was renamed into place but before they were finished (the head is adopted, never
+trained twice). Any other unfinished job is left unfinished and claimable at once: it runs
+again from the start, its log continuing after its last logged event."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from transfer_service.domain import (
 )
 from transfer_service.store.local import LocalStore
 from transfer_service.store.sqlite_jobs import SqliteJobs
-from transfer_service.training.recovery import INTERRUPTED_REASON, recover_jobs
+from transfer_service.training.recovery import recover_jobs
 
 from tests.unit.test_store import record
 
@@ -58,6 +59,12 @@ def running_job(store: LocalStore, job_id: str, *, events: int) -> JobRecord:
     for sequence in range(1, events + 1):
         store.append_event(JobEvent(job_id, sequence, NOW, progress(sequence)))
     return job
+
+
+def claim_next(store: LocalStore) -> JobRecord | None:
+    """What the next claim would take (the job queue), as a process starting now would."""
+    claimed = store.claim_job("next-process", datetime.now(UTC) + timedelta(seconds=30))
+    return None if claimed is None else claimed.record
 
 
 def assert_log_ends_once(store: LocalStore, job: JobRecord) -> list[JobEvent]:
@@ -108,7 +115,7 @@ def test_a_kill_between_the_event_and_the_row_write_loses_both(tmp_path: Path) -
     script = textwrap.dedent(
         f"""
         import os
-        from datetime import UTC, datetime
+        from datetime import UTC, datetime, timedelta
         from pathlib import Path
         from transfer_service.domain import JobCompleted, JobEvent, JobState, TrainingMetrics
         from transfer_service.store.local import LocalStore
@@ -128,11 +135,10 @@ def test_a_kill_between_the_event_and_the_row_write_loses_both(tmp_path: Path) -
     store = LocalStore(tmp_path)
     assert store.get_job("job-1").state is JobState.RUNNING
     assert [e.sequence for e in store.events_after("job-1", 0)] == [1, 2, 3]
-    recover_jobs(store)
-    job = store.get_job("job-1")
-    assert job.state is JobState.FAILED and job.error == INTERRUPTED_REASON
-    events = assert_log_ends_once(store, job)
-    assert isinstance(events[-1].payload, JobFailed) and events[-1].sequence == 4
+    recover_jobs(store, sole_process=True)
+    assert store.get_job("job-1").state is JobState.RUNNING  # not ended: it runs again
+    claimed = claim_next(store)
+    assert claimed is not None and claimed.job_id == "job-1" and claimed.last_sequence == 3
 
 
 def test_recovery_ends_the_log_of_finished_jobs_that_lack_a_terminal_event(
@@ -155,8 +161,8 @@ def test_recovery_ends_the_log_of_finished_jobs_that_lack_a_terminal_event(
     healthy.state, healthy.last_sequence = JobState.CANCELLED, 2
     store.finish_job(healthy, JobEvent("job-healthy", 2, NOW, JobCancelled("cancelled")))
 
-    recover_jobs(store)
-    recover_jobs(store)  # idempotent: a second start finds nothing to do
+    recover_jobs(store, sole_process=True)
+    recover_jobs(store, sole_process=True)  # idempotent: a second start finds nothing to do
 
     ok = store.get_job("job-ok")
     completed = assert_log_ends_once(store, ok)[-1].payload
@@ -174,15 +180,21 @@ def test_recovery_ends_the_log_of_finished_jobs_that_lack_a_terminal_event(
     assert len(store.events_after("job-healthy", 0)) == 2  # untouched
 
 
-def test_recovery_fails_an_interrupted_job_after_its_last_logged_event(tmp_path: Path) -> None:
+def test_recovery_leaves_an_interrupted_job_claimable_after_its_last_logged_event(
+    tmp_path: Path,
+) -> None:
     store = LocalStore(tmp_path)
     running_job(store, "job-1", events=5)
-    recover_jobs(store)
-    job = store.get_job("job-1")
-    assert job.state is JobState.FAILED
-    events = assert_log_ends_once(store, job)
-    assert events[-1].sequence == 6
-    assert isinstance(events[-1].payload, JobFailed) and events[-1].payload.code == "ABORTED"
+    # Held by the process that died: its lease has not run out, yet only recovery's
+    # dropping of every lease makes the job claimable at once.
+    assert store.claim_job("dead-process", datetime.now(UTC) + timedelta(hours=1)) is not None
+    assert claim_next(store) is None
+    recover_jobs(store, sole_process=True)
+    claimed = claim_next(store)
+    assert claimed is not None and claimed.job_id == "job-1"
+    assert claimed.state is JobState.RUNNING and claimed.last_sequence == 5
+    assert claimed.attempt == 2  # the crash counts as a run cut off
+    assert not any(event.terminal for event in store.events_after("job-1", 0))
 
 
 def test_a_job_killed_after_its_head_was_renamed_into_place_adopts_the_head(
@@ -194,18 +206,20 @@ def test_a_job_killed_after_its_head_was_renamed_into_place_adopts_the_head(
     store.save_head(head("cats-1", "job-1"), WEIGHTS)
     running_job(store, "job-2", events=1)  # no head: still failed
     store.save_head(head("dogs-1", "job-old"), WEIGHTS)  # another job's head: left alone
-    recover_jobs(store)
+    recover_jobs(store, sole_process=True)
 
     job = store.get_job("job-1")
     assert job.state is JobState.SUCCEEDED and job.head_id == "cats-1" and not job.error
     events = assert_log_ends_once(store, job)
     assert events[-1].sequence == 5
     assert events[-1].payload == JobCompleted("cats-1", HEAD_METRICS)
-    assert store.get_job("job-2").state is JobState.FAILED
+    assert store.get_job("job-2").state is JobState.RUNNING  # runs again
+    next_job = claim_next(store)
+    assert next_job is not None and next_job.job_id == "job-2"
     assert {h.head_id for h in store.list_heads()} == {"cats-1", "dogs-1"}
     store.close()
     store = LocalStore(tmp_path)  # what recovery wrote is durable, and it is not redone
-    recover_jobs(store)
+    recover_jobs(store, sole_process=True)
     assert len(store.events_after("job-1", 0)) == 5
     assert store.get_job("job-1").state is JobState.SUCCEEDED
 
@@ -215,10 +229,9 @@ def test_an_unreadable_head_of_an_interrupted_job_is_removed_not_adopted(tmp_pat
     running_job(store, "job-1", events=2)
     store.save_head(head("cats-1", "job-1"), WEIGHTS)
     (tmp_path / "heads" / "cats-1" / "weights.safetensors").write_bytes(b"not safetensors")
-    recover_jobs(store)
+    recover_jobs(store, sole_process=True)
     job = store.get_job("job-1")
-    assert job.state is JobState.FAILED and not job.head_id
-    assert_log_ends_once(store, job)
+    assert job.state is JobState.RUNNING and not job.head_id  # runs again
     assert store.list_heads() == []
     assert not (tmp_path / "heads" / "cats-1").exists()
 
