@@ -1,4 +1,5 @@
-"""JSON encoding of records and events for the store (no pickle anywhere)."""
+"""JSON encoding of records, events and queued jobs' specs for the store, and the columns an
+example is stored in (no pickle anywhere)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from transfer_service.domain import (
     DEFAULT_TENANT,
     CandidateResult,
     EventPayload,
+    FineTuneSpec,
     HeadRecord,
     JobCancelled,
     JobCompleted,
@@ -26,7 +28,9 @@ from transfer_service.domain import (
     JobQueued,
     JobStarted,
     JobWarning,
+    LabeledExample,
     Modality,
+    ModelInput,
     TrainingConfig,
     TrainingMetrics,
     TrainingPlan,
@@ -222,3 +226,89 @@ def decode_weights(head_id: str, data: bytes, checksum: str | None) -> dict[str,
             "delete it and train again"
         )
     return weights
+
+
+# ---- examples and queued jobs' specs ----
+
+# job_examples.split of a spec's examples and of its caller-supplied validation examples.
+TRAIN_SPLIT = "train"
+VALIDATION_SPLIT = "validation"
+
+ExampleColumns = tuple[str | bytes, bytes | None, str | bytes | None]
+
+
+def example_columns(example: LabeledExample, *, text_as_bytes: bool) -> ExampleColumns:
+    """(label, image, text) as an example is stored. `text_as_bytes`: label and text as UTF-8
+    bytes (PostgreSQL, whose text cannot hold the NUL a label or text may contain)."""
+    label: str | bytes = example.label
+    text: str | bytes | None = example.input.text
+    if text_as_bytes:
+        label = example.label.encode()
+        text = text.encode() if isinstance(text, str) else None
+    return label, example.input.image, text
+
+
+def example_from_columns(
+    label: str | bytes, image: bytes | None, text: str | bytes | None
+) -> LabeledExample:
+    """An example read back from `example_columns`' columns, in either encoding."""
+    return LabeledExample(
+        ModelInput(
+            image=bytes(image) if image is not None else None,
+            text=_as_text(text) if text is not None else None,
+        ),
+        _as_text(label),
+    )
+
+
+def _as_text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else bytes(value).decode()
+
+
+def spec_example_rows(
+    job_id: str, spec: FineTuneSpec, *, text_as_bytes: bool
+) -> list[tuple[object, ...]]:
+    """The job_examples rows of `spec`: (job_id, split, idx, label, image, text)."""
+    rows: list[tuple[object, ...]] = []
+    for split, examples in (
+        (TRAIN_SPLIT, spec.examples),
+        (VALIDATION_SPLIT, spec.validation_examples),
+    ):
+        for idx, example in enumerate(examples):
+            rows.append(
+                (job_id, split, idx, *example_columns(example, text_as_bytes=text_as_bytes))
+            )
+    return rows
+
+
+def spec_to_json(spec: FineTuneSpec) -> str:
+    """A queued job's spec without its examples (those are rows of their own)."""
+    return json.dumps(
+        {
+            "backbone": spec.backbone,
+            "head_name": spec.head_name,
+            "config": dataclasses.asdict(spec.config),
+            "tenant": spec.tenant,
+            "candidate_backbones": list(spec.candidate_backbones),
+        }
+    )
+
+
+def spec_from_json(
+    text: str, rows: typing.Iterable[tuple[str, str | bytes, bytes | None, str | bytes | None]]
+) -> FineTuneSpec:
+    """The spec `spec_to_json` stored, with its examples from `rows` (split, label, image,
+    text), in index order. The config is type-checked as a head's is (HeadFormatError)."""
+    data = json.loads(text)
+    examples: dict[str, list[LabeledExample]] = {TRAIN_SPLIT: [], VALIDATION_SPLIT: []}
+    for split, label, image, example_text in rows:
+        examples[split].append(example_from_columns(label, image, example_text))
+    return FineTuneSpec(
+        backbone=str(data["backbone"]),
+        head_name=str(data["head_name"]),
+        examples=tuple(examples[TRAIN_SPLIT]),
+        config=_dataclass_from(TrainingConfig, data["config"], "config"),
+        tenant=str(data.get("tenant", DEFAULT_TENANT)),
+        validation_examples=tuple(examples[VALIDATION_SPLIT]),
+        candidate_backbones=tuple(str(name) for name in data.get("candidate_backbones", ())),
+    )

@@ -2,8 +2,9 @@
 
 Layout under the root:
   heads/          the head files (head_files.HeadFiles)
-  store.sqlite3   jobs, job events, datasets, an index of the heads (sqlite_schema,
-                  sqlite_jobs, sqlite_datasets, sqlite_head_index)
+  store.sqlite3   jobs, job events, the job queue, datasets, an index of the heads
+                  (sqlite_schema, sqlite_jobs, sqlite_job_queue, sqlite_datasets,
+                  sqlite_head_index)
 Every head, job and dataset records its tenant; the store keeps them all and the operations
 layer decides who sees what. Ids are unique across tenants.
 A write the disk refuses (full, over quota, read-only) is ResourceExhaustedError, saying so,
@@ -34,15 +35,15 @@ from transfer_service.store.head_files import HeadFiles
 from transfer_service.store.paged_query import filled_page
 from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex
-from transfer_service.store.sqlite_jobs import SqliteJobs
+from transfer_service.store.sqlite_job_queue import SqliteJobQueue
 from transfer_service.store.sqlite_schema import DATABASE, open_database, open_failure
 
 log = logging.getLogger(__name__)
 
 
 class LocalStore(JobsByDelegation, DatasetsByDelegation):
-    """A Store: HeadFiles under the root, SqliteJobs and SqliteDatasets on one connection to
-    the database beside them, sharing one lock."""
+    """A Store: HeadFiles under the root, SqliteJobQueue and SqliteDatasets on one connection
+    to the database beside them, sharing one lock."""
 
     def __init__(self, root: Path, *, recreate_database: bool = False) -> None:
         """Opens the store under `root`, creating it when the directory is new.
@@ -62,7 +63,7 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
             )
         except (sqlite3.Error, OSError) as exc:
             raise ConfigurationError(open_failure(self._root, database, exc)) from exc
-        self._jobs = SqliteJobs(self._db, self._lock, self._root)
+        self._jobs = SqliteJobQueue(self._db, self._lock, self._root)
         self._datasets = SqliteDatasets(self._db, self._lock, self._root)
         self._head_index = SqliteHeadIndex(self._db, self._lock)
         added, dropped = self._head_index.reconcile(
@@ -140,7 +141,8 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
         one SQLite transaction. Files and database cannot share a transaction: when the
         second step fails the head is removed again; a kill between the two leaves a whole
         head whose job is unfinished, which start-up recovery adopts (training/recovery.py),
-        so the outcome is the same as one commit."""
+        so the outcome is the same as one commit. A run that no longer holds the job
+        (LeaseLostError from the fenced row write) leaves no head either."""
         self.save_head(head, weights)
         try:
             self._jobs.finish_job(job, event)

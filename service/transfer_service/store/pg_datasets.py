@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from transfer_service.domain import DatasetInfo, LabeledExample, Modality, ModelInput
+from transfer_service.domain import DatasetInfo, LabeledExample, Modality
 from transfer_service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -21,6 +21,7 @@ from transfer_service.errors import (
     ResourceExhaustedError,
     ServiceError,
 )
+from transfer_service.store.codec import example_columns, example_from_columns
 from transfer_service.store.ids import check_id
 from transfer_service.store.pg_pool import Connection, Database
 
@@ -98,16 +99,7 @@ class PostgresDatasets:
             ).fetchall()
         if not rows and info.example_count:  # deleted since dataset_info read it
             raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
-        return [
-            LabeledExample(
-                ModelInput(
-                    image=bytes(image) if image is not None else None,
-                    text=bytes(text).decode() if text is not None else None,
-                ),
-                bytes(label).decode(),
-            )
-            for label, image, text in rows
-        ]
+        return [example_from_columns(label, image, text) for label, image, text in rows]
 
 
 class PostgresDatasetWriter:
@@ -134,21 +126,13 @@ class PostgresDatasetWriter:
 
     def add(self, examples: Sequence[LabeledExample]) -> None:
         modality = self._modality
-        rows: list[tuple[str, int, bytes, bytes | None, bytes | None]] = []
+        rows: list[tuple[object, ...]] = []
         size = 0
         for example in examples:
             if modality is None:
                 modality = example.input.modality
-            text = example.input.text
-            rows.append(
-                (
-                    self.dataset_id,
-                    self._count + len(rows),
-                    example.label.encode(),
-                    example.input.image,
-                    text.encode() if text is not None else None,
-                )
-            )
+            columns = example_columns(example, text_as_bytes=True)
+            rows.append((self.dataset_id, self._count + len(rows), *columns))
             size += _example_bytes(example)
         with self._db.transaction() as conn:
             if self._quota_bytes is not None:

@@ -4,7 +4,10 @@ heads, jobs and their events, datasets, all in one database.
 Composed of:
   pg_pool.py        the connection pool; database failures as domain errors
   pg_migrations.py  the versioned schema (migrations/*.sql), applied at start under a lock
-  pg_jobs.py        jobs and job events
+  pg_jobs.py        jobs and job events, and the fencing of a run's writes
+  pg_job_queue.py   the job queue: enqueue, claim, release, leases, cancel requests
+  pg_job_notices.py NOTIFY on job events, a job queued, a cancel requested; the listener
+                    behind watch_jobs
   pg_datasets.py    uploaded datasets and their writer
   pg_head_changes.py  NOTIFY on a deleted or replaced head; the listener (and its backstop)
                     that clears it from every replica's head cache (watch_heads)
@@ -43,7 +46,8 @@ from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import filled_page, postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets
 from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
-from transfer_service.store.pg_jobs import PostgresJobs, write_event, write_job
+from transfer_service.store.pg_job_queue import PostgresJobQueue
+from transfer_service.store.pg_jobs import fence, finish
 from transfer_service.store.pg_migrations import migrate
 from transfer_service.store.pg_pool import Connection, Database
 
@@ -77,7 +81,8 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         try:
             with self._db.transaction() as conn:
                 migrate(conn)  # in a transaction of its own, under the migration lock
-            self._jobs = PostgresJobs(self._db)
+            self._queue = PostgresJobQueue(self._db)
+            self._jobs = self._queue
             self._datasets = PostgresDatasets(self._db)
             self._datasets.remove_abandoned_uploads(ABANDONED_UPLOAD_SECONDS)
         except BaseException:
@@ -94,6 +99,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
+        self._queue.close()
         self._db.close()
 
     def watch_heads(
@@ -202,21 +208,25 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         weights: dict[str, torch.Tensor],
     ) -> None:
         """The head's row, the job's SUCCEEDED row and its `completed` event in one
-        transaction: all three or none. A job another replica already settled (its lease
-        had expired) is refused, so it never gains a head after it ended."""
+        transaction: all three or none, the job's stored examples deleted with them. A run
+        that no longer holds the job (a later run took it over) is refused by the fence
+        (LeaseLostError); an unfenced write (attempt 0) of a job already finished is refused
+        as well: either way it never gains a head after it ended."""
         check_id("head_id", head.head_id)
         data = safetensors_save(weights)
         with self._db.transaction() as conn:
-            row = conn.execute(
-                "SELECT state FROM jobs WHERE job_id = %s FOR UPDATE", (job.job_id,)
-            ).fetchone()
-            if row is not None and JobState(row[0]).finished:
-                raise FailedPreconditionError(
-                    f"job {job.job_id} was already settled ({row[0]}) by another replica"
-                )
+            if job.attempt > 0:
+                fence(conn, job.job_id, job.attempt)
+            else:
+                row = conn.execute(
+                    "SELECT state FROM jobs WHERE job_id = %s FOR UPDATE", (job.job_id,)
+                ).fetchone()
+                if row is not None and JobState(row[0]).finished:
+                    raise FailedPreconditionError(
+                        f"job {job.job_id} was already settled ({row[0]}) by another replica"
+                    )
             _write_head(conn, head, data)
-            write_event(conn, event)
-            write_job(conn, job)
+            finish(conn, job, event)
 
 
 def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from transfer_service.domain import DatasetInfo, LabeledExample, Modality, ModelInput
+from transfer_service.domain import DatasetInfo, LabeledExample, Modality
 from transfer_service.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from transfer_service.store.codec import example_columns, example_from_columns
 from transfer_service.store.disk_faults import disk_faults
 from transfer_service.store.ids import check_id
 from transfer_service.store.sqlite_schema import transaction
@@ -84,13 +85,7 @@ class SqliteDatasets:
             ).fetchall()
         if not rows and info.example_count:  # deleted since dataset_info read it
             raise NotFoundError(f"dataset_id: no dataset {dataset_id!r}")
-        examples = [
-            LabeledExample(
-                ModelInput(image=bytes(image) if image is not None else None, text=text), label
-            )
-            for label, image, text in rows
-        ]
-        return examples
+        return [example_from_columns(label, image, text) for label, image, text in rows]
 
 
 class SqliteDatasetWriter:
@@ -124,20 +119,13 @@ class SqliteDatasetWriter:
 
     @disk_faults
     def add(self, examples: Sequence[LabeledExample]) -> None:
-        rows: list[tuple[str, int, str, bytes | None, str | None]] = []
+        rows: list[tuple[object, ...]] = []
         size = 0
         for example in examples:
             if self._modality is None:
                 self._modality = example.input.modality
-            rows.append(
-                (
-                    self.dataset_id,
-                    self._count + len(rows),
-                    example.label,
-                    example.input.image,
-                    example.input.text,
-                )
-            )
+            columns = example_columns(example, text_as_bytes=False)
+            rows.append((self.dataset_id, self._count + len(rows), *columns))
             size += _example_bytes(example)
         with self._lock, transaction(self._db):
             if self._quota_bytes is not None:

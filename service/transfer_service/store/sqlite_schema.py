@@ -18,12 +18,27 @@ from transfer_service.store.disk_faults import disk_fault, volume_state
 
 DATABASE = "store.sqlite3"
 
+# The job queue's columns of `jobs` (version 3): who holds the job and until when (ISO times,
+# NULL while nobody does), how many runs it has had (the fencing token), a cancel requested
+# for its holder, its spec (codec.spec_to_json; NULL on rows older code wrote) and the
+# idempotency key and request digest it was queued with ('' for none).
+_QUEUE_COLUMNS = (
+    ("lease_owner", "TEXT"),
+    ("lease_expires", "TEXT"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+    ("spec", "TEXT"),
+    ("request_key", "TEXT NOT NULL DEFAULT ''"),
+    ("request_digest", "TEXT NOT NULL DEFAULT ''"),
+)
+_QUEUE_COLUMNS_SQL = "".join(f",\n  {name} {kind}" for name, kind in _QUEUE_COLUMNS)
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, state TEXT NOT NULL, backbone TEXT NOT NULL, head_name TEXT NOT NULL,
   head_id TEXT NOT NULL, error TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL,
   last_sequence INTEGER NOT NULL, progress TEXT NOT NULL,
-  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}');
+  tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'{_QUEUE_COLUMNS_SQL});
 CREATE TABLE IF NOT EXISTS job_events (
   job_id TEXT NOT NULL, sequence INTEGER NOT NULL, time TEXT NOT NULL, kind TEXT NOT NULL,
   payload TEXT NOT NULL, PRIMARY KEY (job_id, sequence));
@@ -37,6 +52,10 @@ CREATE TABLE IF NOT EXISTS heads (
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
+CREATE TABLE IF NOT EXISTS job_examples (
+  job_id TEXT NOT NULL, split TEXT NOT NULL CHECK (split IN ('train', 'validation')),
+  idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
+  PRIMARY KEY (job_id, split, idx));
 """
 
 # On columns the migration may only just have added, so created after it.
@@ -44,11 +63,15 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created);
 CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant);
 CREATE INDEX IF NOT EXISTS heads_by_tenant ON heads (tenant, created, head_id);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_key ON jobs (tenant, request_key)
+  WHERE request_key <> '';
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created, job_id)
+  WHERE state IN ('queued', 'running');
 """
 
 # PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns);
-# 1: before dataset sizes (no datasets.bytes).
-_SCHEMA_VERSION = 2
+# 1: before dataset sizes (no datasets.bytes); 2: before the job queue (no lease columns).
+_SCHEMA_VERSION = 3
 
 # A stored example's bytes, as sqlite_datasets._example_bytes counts them (CAST: length() of
 # TEXT counts characters, of a BLOB bytes).
@@ -121,6 +144,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
     0 -> 1: jobs and datasets gain a tenant column; existing rows belong to DEFAULT_TENANT.
     1 -> 2: datasets gain `bytes` (what the per-tenant quota counts), computed from the rows.
+    2 -> 3: jobs gain the queue's columns (_QUEUE_COLUMNS): existing rows are held by nobody,
+    at attempt 0, without a stored spec (job_examples, a new table, is created above).
     (The CREATE statements above already carry the columns, so a new database only gets its
     version.) One transaction: a crash mid-migration leaves the old version to migrate again.
     """
@@ -138,6 +163,10 @@ def _migrate(db: sqlite3.Connection) -> None:
         columns = {str(row[1]) for row in db.execute("PRAGMA table_info(datasets)")}
         if "bytes" not in columns:
             db.execute("ALTER TABLE datasets ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+        columns = {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _QUEUE_COLUMNS:
+            if name not in columns:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         if version < 2:
             db.execute(
                 "UPDATE datasets SET bytes = (SELECT COALESCE(SUM("

@@ -1,0 +1,124 @@
+"""The job queue's notices between replicas sharing the PostgreSQL store: events appended to
+a job's log, a job become claimable, a cancel requested for a held job.
+
+Each is a NOTIFY sent in the transaction that did it (delivered on commit, never for a
+rolled-back one): `transfer_job_events` with the job id (every event insert, pg_jobs),
+`transfer_jobs_queued` (enqueue, release) and `transfer_job_cancel` with the job id
+(request_cancel of a held job). `JobWatcher` holds one connection of its own (not the
+pool's), LISTENs on the three in a daemon thread, and calls the matching callback per
+notification. Notices are best effort: one sent while the connection is down is lost, and
+there is no backstop here (the callers poll the store as well)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import psycopg
+
+from transfer_service.store.pg_pool import Connection, Database
+
+EVENTS_CHANNEL = "transfer_job_events"
+QUEUED_CHANNEL = "transfer_jobs_queued"
+CANCEL_CHANNEL = "transfer_job_cancel"
+# Reconnect backoff after the connection drops: doubled per failure up to the maximum.
+FIRST_BACKOFF_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 5.0
+# The longest the thread waits for a notification before looking at close().
+_POLL_SECONDS = 0.2
+
+log = logging.getLogger(__name__)
+
+
+def notify_queued(conn: Connection) -> None:
+    """Tells every replica's watcher that a job became claimable, when `conn`'s transaction
+    commits."""
+    conn.execute("SELECT pg_notify(%s, '')", (QUEUED_CHANNEL,))
+
+
+def notify_cancel(conn: Connection, job_id: str) -> None:
+    """Tells every replica's watcher (the holder's among them) that `job_id`'s cancel was
+    requested, when `conn`'s transaction commits."""
+    conn.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, job_id))
+
+
+class JobWatcher:
+    """Calls `on_events(job_id)`, `on_queued()` or `on_cancel(job_id)` for each notice, from
+    its own thread. Start with `start()`, stop with `close()` (returns within about 0.2 s)."""
+
+    def __init__(
+        self,
+        db: Database,
+        on_events: Callable[[str], None],
+        on_queued: Callable[[], None],
+        on_cancel: Callable[[str], None],
+    ) -> None:
+        self._db = db
+        self._handlers: dict[str, Callable[[str], None]] = {
+            EVENTS_CHANNEL: on_events,
+            QUEUED_CHANNEL: lambda _: on_queued(),
+            CANCEL_CHANNEL: on_cancel,
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
+        self.connected = threading.Event()  # set while LISTENing
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = FIRST_BACKOFF_SECONDS
+        connected_before = False
+        while not self._stop.is_set():
+            try:
+                with self._db.connect() as conn:
+                    try:
+                        for channel in self._handlers:
+                            conn.execute(f"LISTEN {channel}")
+                        if connected_before:
+                            self.reconnects += 1
+                            log.info("job watcher: reconnected to %s", self._db.where)
+                        connected_before = True
+                        backoff = FIRST_BACKOFF_SECONDS
+                        self.connected.set()
+                        self._listen(conn)
+                    finally:
+                        self.connected.clear()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if self._stop.is_set():
+                    break
+                text = str(exc).strip()
+                log.warning(
+                    "job watcher: the database %s is unreachable (%s); reconnecting in %.1f s",
+                    self._db.where,
+                    text.splitlines()[0] if text else type(exc).__name__,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            except Exception:  # a bug: keep delivering rather than die silently
+                log.exception("job watcher failed; restarting in %.1f s", MAX_BACKOFF_SECONDS)
+                self._stop.wait(MAX_BACKOFF_SECONDS)
+
+    def _listen(self, conn: Connection) -> None:
+        while not self._stop.is_set():
+            for notification in conn.notifies(timeout=_POLL_SECONDS):
+                self._call(notification.channel, notification.payload)
+                if self._stop.is_set():
+                    return
+
+    def _call(self, channel: str, payload: str) -> None:
+        handler = self._handlers.get(channel)
+        if handler is None:
+            return
+        try:
+            handler(payload)
+        except Exception:
+            log.exception("job watcher: the %s handler failed for %r", channel, payload)
