@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Self
@@ -101,6 +102,7 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         validation_dataset_id: str | None = None,
         candidate_backbones: Iterable[str] = (),
         on_event: Callable[[FineTuneEvent], object] | None = None,
+        request_id: str | None = None,
     ) -> JobCompleted:
         """Runs `fine_tune` to the end; a failed or cancelled job raises its `TransferError`.
 
@@ -115,6 +117,7 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
             validation_examples=validation_examples,
             validation_dataset_id=validation_dataset_id,
             candidate_backbones=candidate_backbones,
+            request_id=request_id if request_id is not None else str(uuid.uuid4()),
         )
         job_id = ""
         async with contextlib.aclosing(self._fine_tune(request)) as events:

@@ -13,13 +13,16 @@ DEFAULT_MAX_ATTEMPTS = 4
 LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
 _SERVICE = "transfer.v1.TransferService"
 # Calls that may run twice with the effect (and answer) of running once, so gRPC may resend one
-# that failed UNAVAILABLE: reads, Predict, and WatchJob (it replays from `after_sequence`; gRPC
-# retries a stream only before its first message). Not FineTune or UploadDataset (a second
-# job, a second dataset), nor the deletes or CancelJob: their effect is idempotent, but not
-# their answer. If the reply to a DeleteHead is lost, its retry finds the head gone and turns
+# that failed UNAVAILABLE: reads, Predict, WatchJob (it replays from `after_sequence`; gRPC
+# retries a stream only before its first message) and FineTune (the SDK gives every call a
+# `request_id`, so a resent one returns the job the first queued; gRPC buffers at most 256 KiB
+# of request for a retry, so a larger inline FineTune is not resent). Not UploadDataset (a
+# second dataset), nor the deletes or CancelJob: their effect is idempotent, but not their
+# answer. If the reply to a DeleteHead is lost, its retry finds the head gone and turns
 # the success into NOT_FOUND (DeleteDataset alike; CancelJob into FAILED_PRECONDITION once the
 # job is cancelled).
 RETRIED_METHODS = (
+    "FineTune",
     "ListBackbones",
     "Predict",
     "GetJob",

@@ -4,6 +4,7 @@ Their signatures are the API, so they are written once; each client supplies the
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -62,12 +63,17 @@ class ClientBase(Generic[EventsT]):
         validation_examples: Iterable[LabelledExample] | None = None,
         validation_dataset_id: str | None = None,
         candidate_backbones: Iterable[str] = (),
+        request_id: str | None = None,
     ) -> EventsT:
         """Starts a training job and returns its events until it ends: an iterator
         (`for`) on `TransferClient`, an async iterator (`async for`) on `AsyncTransferClient`.
 
         Stopping the iteration early detaches from the job; it keeps running on the server
         (`watch_job` re-attaches, `cancel_job` stops it).
+
+        `request_id` is the call's idempotency key (default: a new UUID per call): the server
+        answers a FineTune sent again with the same key with the job the first one queued,
+        so the client can resend one whose connection broke without training twice.
         """
         request = core.fine_tune_request(
             backbone,
@@ -78,6 +84,7 @@ class ClientBase(Generic[EventsT]):
             validation_examples=validation_examples,
             validation_dataset_id=validation_dataset_id,
             candidate_backbones=candidate_backbones,
+            request_id=request_id if request_id is not None else str(uuid.uuid4()),
         )
         return self._fine_tune(request)
 

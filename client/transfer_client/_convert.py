@@ -439,10 +439,11 @@ def fine_tune_request(
     validation_examples: Iterable[LabelledExample] | None = None,
     validation_dataset_id: str | None = None,
     candidate_backbones: Iterable[str] = (),
+    request_id: str = "",
 ) -> pb.FineTuneRequest:
     if (examples is None) == (dataset_id is None):
         raise ValueError("pass either examples or dataset_id (from upload_dataset), not both")
-    request = pb.FineTuneRequest(backbone=backbone, head_name=head_name)
+    request = pb.FineTuneRequest(backbone=backbone, head_name=head_name, request_id=request_id)
     if examples is not None:
         request.examples.extend(example_to_pb(example) for example in examples)
     if dataset_id is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Protocol, Self
@@ -139,6 +140,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         validation_dataset_id: str | None = None,
         candidate_backbones: Iterable[str] = (),
         on_event: Callable[[FineTuneEvent], object] | None = None,
+        request_id: str | None = None,
     ) -> JobCompleted:
         """Runs `fine_tune` to the end; a failed or cancelled job raises its `TransferError`."""
         request = core.fine_tune_request(
@@ -150,6 +152,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
             validation_examples=validation_examples,
             validation_dataset_id=validation_dataset_id,
             candidate_backbones=candidate_backbones,
+            request_id=request_id if request_id is not None else str(uuid.uuid4()),
         )
         job_id = ""
         with contextlib.closing(self._fine_tune(request)) as events:

@@ -30,6 +30,7 @@ class FlakyService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not sub
         self.failures = failures
         self.headers_first = headers_first
         self.calls: Counter[str] = Counter()
+        self.request_ids: list[str] = []  # FineTune's, in arrival order
         self._lock = threading.Lock()
 
     def _answer(self, name: str, context: grpc.ServicerContext) -> bytes:
@@ -59,6 +60,8 @@ class FlakyService(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not sub
             return self._answer(name, context)
 
         def server_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            if name == "FineTune":
+                self.request_ids.append(pb.FineTuneRequest.FromString(request).request_id)
             self._answer(name, context)
             yield from ()
 
@@ -111,7 +114,16 @@ CALLS: dict[str, Callable[[TransferClient], object]] = {
     "DeleteHead": lambda client: client.delete_head("head-1"),
     "DeleteDataset": lambda client: client.delete_dataset("dataset-1"),
 }
-RETRIED = {"ListBackbones", "Predict", "GetJob", "ListJobs", "WatchJob", "ListHeads", "GetHead"}
+RETRIED = {
+    "FineTune",
+    "ListBackbones",
+    "Predict",
+    "GetJob",
+    "ListJobs",
+    "WatchJob",
+    "ListHeads",
+    "GetHead",
+}
 
 
 def test_every_method_of_the_service_is_accounted_for() -> None:
@@ -156,11 +168,18 @@ def test_without_retries_the_refusal_reaches_the_caller(refusing_once: Served) -
     assert service.calls == {"ListBackbones": 2}
 
 
-def test_fine_tune_refused_once_is_not_sent_again(refusing_once: Served) -> None:
+def test_fine_tune_refused_once_is_sent_again_with_the_same_request_id(
+    refusing_once: Served,
+) -> None:
+    """Safe because the server answers a repeated request_id with the first call's job."""
     target, service = refusing_once
-    with TransferClient(target, timeout=20) as client, pytest.raises(UnavailableError):
+    with TransferClient(target, timeout=20) as client:
         list(client.fine_tune("minilm_l6", dataset_id="dataset-1"))
-    assert service.calls == {"FineTune": 1}
+        list(client.fine_tune("minilm_l6", dataset_id="dataset-1", request_id="mine-1"))
+    assert service.calls == {"FineTune": 3}
+    first, resent, own = service.request_ids
+    assert first and first == resent  # a UUID made by the SDK, kept for the retry
+    assert own == "mine-1"
 
 
 async def test_the_async_client_retries_alike(refusing_once: Served) -> None:
