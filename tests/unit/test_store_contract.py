@@ -5,7 +5,9 @@ the same orderings, filters and pages, the same errors with the same messages.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,14 +19,18 @@ import psycopg
 import pytest
 import torch
 from transfer_service.domain import (
+    ClaimedJob,
     DatasetInfo,
+    FineTuneSpec,
     HeadRecord,
+    JobCancelled,
     JobCompleted,
     JobEvent,
     JobFailed,
     JobQueued,
     JobRecord,
     JobState,
+    JobWarning,
     LabeledExample,
     Modality,
     ModelInput,
@@ -35,12 +41,13 @@ from transfer_service.domain import (
 from transfer_service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
+    LeaseLostError,
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
     UnreadableHeadError,
 )
-from transfer_service.store.interface import Store
+from transfer_service.store.interface import LeaseRenewal, Store
 from transfer_service.store.local import LocalStore
 from transfer_service.store.pg_migrations import MIGRATION_LOCK, available_migrations, migrate
 from transfer_service.store.postgres import PostgresStore
@@ -59,6 +66,7 @@ class Backend:
     open: Callable[[], Store]
     damage_record: Callable[[str, str], None]
     damage_weights: Callable[[str, bytes], None]
+    job_examples: Callable[[str], int]  # how many examples are stored for a job
 
 
 def _local(root: Path) -> Backend:
@@ -68,7 +76,12 @@ def _local(root: Path) -> Backend:
     def damage_weights(head_id: str, data: bytes) -> None:
         (root / "heads" / head_id / "weights.safetensors").write_bytes(data)
 
-    return Backend("local", lambda: LocalStore(root), damage_record, damage_weights)
+    def job_examples(job_id: str) -> int:
+        with contextlib.closing(sqlite3.connect(root / "store.sqlite3")) as db:
+            row = db.execute("SELECT count(*) FROM job_examples WHERE job_id = ?", (job_id,))
+            return int(row.fetchone()[0])
+
+    return Backend("local", lambda: LocalStore(root), damage_record, damage_weights, job_examples)
 
 
 def _postgres(url: str) -> Backend:
@@ -78,11 +91,18 @@ def _postgres(url: str) -> Backend:
                 f"UPDATE heads SET {column} = %s WHERE head_id = %s".encode(), (value, head_id)
             )
 
+    def job_examples(job_id: str) -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM job_examples WHERE job_id = %s", (job_id,))
+            found = row.fetchone()
+            return int(found[0]) if found is not None else 0
+
     return Backend(
         "postgres",
         lambda: PostgresStore(url, max_connections=4),
         lambda head_id, text: update("record", head_id, text),
         lambda head_id, data: update("weights", head_id, data),
+        job_examples,
     )
 
 
@@ -690,29 +710,408 @@ def test_only_expired_leases_are_abandoned_while_replicas_run(store: Store) -> N
     with leases those whose lease ran out, on the embedded store (one process runs every job)
     none. Without it, every unfinished job (the start of the embedded store's only process)."""
     now = datetime.now(UTC)
-    store.save_job(job("job-held", state=JobState.RUNNING))
-    store.save_job(job("job-expired", state=JobState.RUNNING))
-    store.hold_jobs("replica-a", ["job-held"], now + timedelta(seconds=30))
-    store.hold_jobs("replica-b", ["job-expired"], now - timedelta(seconds=1))
+    enqueue(store, "job-held")
+    enqueue(store, "job-expired", created=T0 + timedelta(seconds=1))
+    assert claim(store, "replica-a", now + timedelta(seconds=30)).record.job_id == "job-held"
+    assert claim(store, "replica-b", now - timedelta(seconds=1)).record.job_id == "job-expired"
     later = [j.job_id for j in store.unsettled_jobs(now)]
     assert later == (["job-expired"] if store.holds_leases else [])
     assert sorted(j.job_id for j in store.unsettled_jobs()) == ["job-expired", "job-held"]
     # A finished job is never held again.
     store.save_job(job("job-done", state=JobState.FAILED))
-    store.hold_jobs("replica-a", ["job-done"], now + timedelta(seconds=30))
+    renewal = store.hold_jobs("replica-a", ["job-done"], now + timedelta(seconds=30))
+    assert renewal == LeaseRenewal(lost=["job-done"])
     assert store.get_job("job-done").state is JobState.FAILED
 
 
 def test_a_cancel_request_reaches_the_lease_holder(store: Store) -> None:
-    """CancelJob on a replica that does not hold the job: recorded in the store and returned
-    to the holder by its next renewal. The embedded store's one process cancels in memory."""
-    now = datetime.now(UTC)
-    store.save_job(job("job-run", state=JobState.RUNNING))
-    until = now + timedelta(seconds=30)
-    assert store.hold_jobs("replica-a", ["job-run"], until) == []
-    if not store.holds_leases:
-        with pytest.raises(FailedPreconditionError):
-            store.request_cancel("job-run")
+    """CancelJob on a process that does not hold the job: recorded in the store and returned
+    to the holder by its next renewal."""
+    until = datetime.now(UTC) + timedelta(seconds=30)
+    enqueue(store, "job-run")
+    claim(store, "replica-a", until)
+    assert store.hold_jobs("replica-a", ["job-run"], until) == LeaseRenewal()
+    assert store.request_cancel("job-run", cancel_event("job-run")) is None
+    assert store.get_job("job-run").state is JobState.QUEUED  # its holder ends it
+    assert store.hold_jobs("replica-a", ["job-run"], until) == LeaseRenewal(
+        cancel_requested=["job-run"]
+    )
+    # Another process's heartbeat holds nothing of it.
+    assert store.hold_jobs("replica-b", ["job-run"], until) == LeaseRenewal(lost=["job-run"])
+
+
+# ---- the job queue ----
+
+
+def spec(tenant: str = "default", **changes: object) -> FineTuneSpec:
+    base = FineTuneSpec(
+        backbone="efficientnet_lite0",
+        head_name="cats",
+        examples=(image("cat", 12), image("dog\x00", 7), image("émeu")),
+        config=TrainingConfig(epochs=3, seed=7, head_type="mlp"),
+        tenant=tenant,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def enqueue(
+    store: Store,
+    job_id: str,
+    *,
+    tenant: str = "default",
+    created: datetime = T0,
+    max_unfinished: int = 100,
+    key: str = "",
+    digest: str = "",
+    job_spec: FineTuneSpec | None = None,
+) -> JobRecord:
+    return store.enqueue_job(
+        job(job_id, tenant=tenant, created=created),
+        event(job_id, 1),
+        job_spec or spec(tenant),
+        max_unfinished=max_unfinished,
+        request_key=key,
+        request_digest=digest,
+    )
+
+
+def claim(store: Store, owner: str = "replica-a", until: datetime | None = None) -> ClaimedJob:
+    claimed = store.claim_job(owner, until or datetime.now(UTC) + timedelta(seconds=30))
+    assert claimed is not None, "nothing was claimable"
+    return claimed
+
+
+def cancel_event(job_id: str, sequence: int = 99) -> JobEvent:
+    return event(job_id, sequence, JobCancelled("cancelled by the caller"))
+
+
+def test_a_queued_job_round_trips_through_a_claim(backend: Backend, store: Store) -> None:
+    texts = (
+        LabeledExample(ModelInput(text="héllo\x00 there"), "greeting\x00"),
+        LabeledExample(ModelInput(text=""), "empty"),
+    )
+    queued_spec = spec(
+        "acme",
+        examples=(*spec().examples, *texts),
+        validation_examples=(image("cat", 3), image("dog\x00", 0)),
+        candidate_backbones=("efficientnet_lite0", "mobilenet_v3"),
+    )
+    stored = enqueue(store, "job-1", tenant="acme", job_spec=queued_spec)
+    assert stored == job("job-1", tenant="acme")
+    assert store.get_job("job-1") == stored and stored.attempt == 0
+    assert store.list_jobs("acme") == [stored]
+    assert store.events_after("job-1", 0) == [event("job-1", 1)]
+    assert backend.job_examples("job-1") == 7
+    claimed = claim(store)
+    assert claimed.spec == queued_spec
+    assert claimed.record == dataclasses.replace(stored, attempt=1, last_sequence=1)
+    assert store.get_job("job-1").attempt == 1  # read back from the store
+    assert store.claim_job("replica-b", datetime.now(UTC) + timedelta(seconds=30)) is None
+    # A row stored without the queue (older code) is claimed without a spec.
+    store.save_job(job("job-old", created=T0 + timedelta(seconds=1)))
+    old = claim(store)
+    assert old.record.job_id == "job-old" and old.spec is None and old.record.attempt == 1
+
+
+def test_the_quota_counts_the_tenants_queued_and_running_jobs(store: Store) -> None:
+    enqueue(store, "job-1", tenant="acme", max_unfinished=2)
+    enqueue(store, "job-2", tenant="acme", max_unfinished=2)
+    claim(store)  # running counts as much as queued
+    with pytest.raises(
+        ResourceExhaustedError,
+        match=r"^jobs: 2 jobs already queued or running for this tenant; wait for one to "
+        "finish or cancel one$",
+    ):
+        enqueue(store, "job-3", tenant="acme", max_unfinished=2)
+    with pytest.raises(NotFoundError):
+        store.get_job("job-3")
+    assert store.events_after("job-3", 0) == []
+    enqueue(store, "job-4", tenant="other", max_unfinished=2)  # another tenant's room
+    assert store.request_cancel("job-2", cancel_event("job-2")) is not None
+    enqueue(store, "job-3", tenant="acme", max_unfinished=2)  # a finished job frees room
+
+
+def test_a_request_key_finds_its_job_again(backend: Backend, store: Store) -> None:
+    first = enqueue(store, "job-1", tenant="acme", key="req-1", digest="d1")
+    again = enqueue(store, "job-2", tenant="acme", key="req-1", digest="d1")
+    assert again == first
+    with pytest.raises(NotFoundError):
+        store.get_job("job-2")
+    assert backend.job_examples("job-2") == 0
+    # The job as it is now, not as it was queued.
+    claimed = claim(store)
+    current = store.get_job("job-1")
+    assert current.attempt == claimed.record.attempt == 1
+    assert enqueue(store, "job-2", tenant="acme", key="req-1", digest="d1") == current
+    with pytest.raises(
+        FailedPreconditionError,
+        match="request_id: 'req-1' was already used for a different FineTune request",
+    ):
+        enqueue(store, "job-3", tenant="acme", key="req-1", digest="d2")
+    with pytest.raises(NotFoundError):
+        store.get_job("job-3")
+    # Keys are per tenant; and no key is no key.
+    assert enqueue(store, "job-4", tenant="beta", key="req-1", digest="d2").job_id == "job-4"
+    assert enqueue(store, "job-5", tenant="acme").job_id == "job-5"
+    assert enqueue(store, "job-6", tenant="acme").job_id == "job-6"
+
+
+def test_claims_go_to_the_tenant_running_fewest_then_to_the_oldest(store: Store) -> None:
+    enqueue(store, "a-1", tenant="acme", created=T0)
+    enqueue(store, "a-2", tenant="acme", created=T0 + timedelta(seconds=1))
+    enqueue(store, "a-3", tenant="acme", created=T0 + timedelta(seconds=2))
+    enqueue(store, "b-1", tenant="beta", created=T0 + timedelta(seconds=3))
+    enqueue(store, "b-0", tenant="beta", created=T0 + timedelta(seconds=3))  # a tie: by id
+    order = [claim(store).record for _ in range(5)]
+    # acme runs one, so beta goes next; then one each; then acme's last.
+    assert [r.job_id for r in order] == ["a-1", "b-0", "a-2", "b-1", "a-3"]
+    assert {r.attempt for r in order} == {1}
+    assert store.claim_job("replica-a", datetime.now(UTC) + timedelta(seconds=30)) is None
+
+
+def test_an_expired_lease_hands_the_job_to_a_later_run_and_fences_the_old_one(
+    backend: Backend, store: Store
+) -> None:
+    enqueue(store, "job-1")
+    # Run 1's lease runs out at once (its process stalled).
+    first = claim(store, "replica-a", datetime.now(UTC) - timedelta(seconds=1))
+    run1 = dataclasses.replace(first.record, state=JobState.RUNNING, last_sequence=2)
+    store.save_job(run1)
+    store.append_event(event("job-1", 2), attempt=1)
+    store.append_progress(event("job-1", 3, progress(3)), None, attempt=1)  # row not moved
+    second = claim(store, "replica-b")
+    assert second.record == dataclasses.replace(run1, attempt=2, last_sequence=3)
+    assert second.spec == spec()
+    # Run 1 writes nothing more, whatever it tries.
+    stale_done = dataclasses.replace(run1, state=JobState.SUCCEEDED, head_id="h-1", last_sequence=4)
+    completed = event("job-1", 4, JobCompleted("h-1", METRICS))
+    stale_writes: list[Callable[[], object]] = [
+        lambda: store.save_job(dataclasses.replace(run1, progress=progress(9))),
+        lambda: store.append_event(event("job-1", 4), attempt=1),
+        lambda: store.append_progress(event("job-1", 4, progress(4)), None, attempt=1),
+        lambda: store.append_progress(event("job-1", 4, progress(4)), run1),
+        lambda: store.finish_job(stale_done, completed),
+        lambda: store.complete_job(stale_done, completed, head("h-1"), WEIGHTS),
+        lambda: store.release_job(run1, event("job-1", 4, JobWarning("STOPPING", "bye"))),
+    ]
+    for write in stale_writes:
+        with pytest.raises(LeaseLostError, match="run 1 no longer holds the job"):
+            write()
+    assert store.get_job("job-1") == dataclasses.replace(run1, attempt=2)
+    assert [e.sequence for e in store.events_after("job-1", 0)] == [1, 2, 3]
+    assert store.list_heads() == []
+    with pytest.raises(NotFoundError):
+        store.get_head("h-1")
+    assert backend.job_examples("job-1") == 3
+    # Run 2 holds it: its writes apply, and its end deletes the stored examples.
+    run2 = dataclasses.replace(second.record, state=JobState.RUNNING)
+    store.append_event(event("job-1", 4), attempt=2)
+    store.complete_job(
+        dataclasses.replace(run2, state=JobState.SUCCEEDED, head_id="h-1", last_sequence=5),
+        event("job-1", 5, JobCompleted("h-1", METRICS)),
+        head("h-1"),
+        WEIGHTS,
+    )
+    assert store.get_job("job-1").state is JobState.SUCCEEDED
+    assert backend.job_examples("job-1") == 0
+    # Finished: even its own run's writes are refused now.
+    with pytest.raises(LeaseLostError):
+        store.append_event(event("job-1", 6), attempt=2)
+
+
+def test_finish_job_deletes_the_stored_examples(backend: Backend, store: Store) -> None:
+    enqueue(store, "job-1")
+    run = claim(store).record
+    assert backend.job_examples("job-1") == 3
+    failed = dataclasses.replace(run, state=JobState.FAILED, error="boom", last_sequence=2)
+    store.finish_job(failed, event("job-1", 2, JobFailed("boom", "INTERNAL")))
+    assert store.get_job("job-1") == failed
+    assert backend.job_examples("job-1") == 0
+    # Retention takes whatever a finished job still had (rows of older code's runs).
+    enqueue(store, "job-2", created=T0 + timedelta(seconds=1))
+    store.save_job(dataclasses.replace(job("job-2", state=JobState.CANCELLED)))
+    assert backend.job_examples("job-2") == 3
+    assert store.delete_finished_jobs(datetime.now(UTC)) == 2
+    assert backend.job_examples("job-2") == 0
+
+
+def test_a_released_job_is_queued_again_at_its_attempt_count(store: Store) -> None:
+    enqueue(store, "job-1")
+    run = dataclasses.replace(claim(store).record, state=JobState.RUNNING, last_sequence=2)
+    store.save_job(run)
+    stopping = event("job-1", 3, JobWarning("SERVER_STOPPING", "the server is stopping"))
+    store.release_job(dataclasses.replace(run, last_sequence=3), stopping)
+    released = store.get_job("job-1")
+    assert released == dataclasses.replace(run, state=JobState.QUEUED, last_sequence=3, attempt=0)
+    assert store.events_after("job-1", 2) == [stopping]
+    again = claim(store, "replica-b")
+    assert again.record.attempt == 1 and again.record.last_sequence == 3
+    assert again.spec == spec()
+    with pytest.raises(LeaseLostError):  # a run that never held it
+        store.release_job(dataclasses.replace(run, attempt=5), stopping)
+
+
+def test_abandon_leases_frees_every_job_of_the_embedded_store(store: Store) -> None:
+    enqueue(store, "job-1")
+    held = claim(store).record
+    store.abandon_leases()
+    if store.holds_leases:  # replicas share it: a start cannot tell whose leases are dead
+        assert store.claim_job("replica-b", datetime.now(UTC) + timedelta(seconds=30)) is None
         return
-    store.request_cancel("job-run")
-    assert store.hold_jobs("replica-a", ["job-run"], until) == ["job-run"]
+    again = claim(store, "replica-b")
+    assert again.record.job_id == held.job_id and again.record.attempt == 2  # count kept
+
+
+def test_hold_jobs_renews_and_reports_what_was_lost(store: Store) -> None:
+    now = datetime.now(UTC)
+    enqueue(store, "job-1")
+    enqueue(store, "job-2", created=T0 + timedelta(seconds=1))
+    enqueue(store, "job-3", created=T0 + timedelta(seconds=2))
+    assert claim(store, "replica-a", now + timedelta(seconds=30)).record.job_id == "job-1"
+    assert claim(store, "replica-a", now - timedelta(seconds=1)).record.job_id == "job-2"
+    assert claim(store, "replica-b").record.job_id == "job-2"  # taken over
+    job3 = claim(store, "replica-a").record
+    store.finish_job(
+        dataclasses.replace(job3, state=JobState.FAILED, last_sequence=2),
+        event("job-3", 2, JobFailed("boom", "INTERNAL")),
+    )
+    ids = ["job-1", "job-2", "job-3", "job-9"]
+    renewal = store.hold_jobs("replica-a", ids, now + timedelta(seconds=60))
+    assert renewal == LeaseRenewal(lost=["job-2", "job-3", "job-9"])
+    assert store.request_cancel("job-1", cancel_event("job-1")) is None
+    renewal = store.hold_jobs("replica-a", ids, now + timedelta(seconds=60))
+    assert renewal == LeaseRenewal(cancel_requested=["job-1"], lost=["job-2", "job-3", "job-9"])
+    assert store.hold_jobs("replica-a", [], now) == LeaseRenewal()
+    # A renewed lease holds: the job is not claimable while it runs.
+    assert store.claim_job("replica-c", now + timedelta(seconds=30)) is None
+
+
+def test_request_cancel_ends_a_job_nobody_holds(backend: Backend, store: Store) -> None:
+    queued = enqueue(store, "job-1")
+    final = store.request_cancel("job-1", cancel_event("job-1"))
+    expected = dataclasses.replace(
+        queued,
+        state=JobState.CANCELLED,
+        error="cancelled by the caller",
+        last_sequence=2,
+        updated_time=cancel_event("job-1").time,
+    )
+    assert final == expected and store.get_job("job-1") == expected
+    # The event as given, renumbered to follow the log.
+    assert store.events_after("job-1", 1) == [
+        dataclasses.replace(cancel_event("job-1"), sequence=2)
+    ]
+    assert backend.job_examples("job-1") == 0
+    assert store.claim_job("replica-a", datetime.now(UTC) + timedelta(seconds=30)) is None
+    with pytest.raises(
+        FailedPreconditionError, match=r"^job_id: job job-1 is cancelled; not cancellable$"
+    ):
+        store.request_cancel("job-1", cancel_event("job-1"))
+    with pytest.raises(NotFoundError, match=r"^job_id: no job 'job-9'$"):
+        store.request_cancel("job-9", cancel_event("job-9"))
+    with pytest.raises(InvalidArgumentError):
+        store.request_cancel("../x", cancel_event("job-9"))
+    # A job whose holder's lease ran out is nobody's either: ended here, after its log.
+    enqueue(store, "job-2")
+    run = claim(store, "replica-a", datetime.now(UTC) - timedelta(seconds=1)).record
+    store.append_event(event("job-2", 2), attempt=run.attempt)
+    ended = store.request_cancel("job-2", cancel_event("job-2"))
+    assert ended is not None and ended.state is JobState.CANCELLED and ended.last_sequence == 3
+    assert [e.sequence for e in store.events_after("job-2", 0)] == [1, 2, 3]
+
+
+# ---- the job queue shared by replicas (PostgreSQL only) ----
+
+
+def test_replicas_claiming_at_once_never_take_the_same_job(database_url: str) -> None:
+    seed = PostgresStore(database_url)
+    for n in range(20):
+        enqueue(seed, f"job-{n:02d}", tenant=f"t{n % 3}", created=T0 + timedelta(seconds=n))
+    replicas = [PostgresStore(database_url, max_connections=2) for _ in range(4)]
+    start = threading.Barrier(4)
+    claimed: list[list[str]] = [[] for _ in replicas]
+    errors: list[BaseException] = []
+
+    def claimer(index: int) -> None:
+        try:
+            start.wait()
+            until = datetime.now(UTC) + timedelta(seconds=60)
+            while (found := replicas[index].claim_job(f"replica-{index}", until)) is not None:
+                claimed[index].append(found.record.job_id)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        for replica in [seed, *replicas]:
+            replica.close()
+    assert errors == []
+    everything = [job_id for ids in claimed for job_id in ids]
+    assert sorted(everything) == [f"job-{n:02d}" for n in range(20)]  # each exactly once
+
+
+def test_replicas_enqueueing_at_once_share_one_quota(database_url: str) -> None:
+    replicas = [PostgresStore(database_url), PostgresStore(database_url)]
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def submit(index: int) -> None:
+        start.wait()
+        try:
+            enqueue(replicas[index], f"job-{index}", tenant="acme", max_unfinished=1)
+            outcomes.append("stored")
+        except ResourceExhaustedError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["refused", "stored"]
+        assert len(replicas[0].list_jobs("acme")) == 1
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
+def test_watch_jobs_hears_other_replicas(database_url: str) -> None:
+    watching, other = PostgresStore(database_url), PostgresStore(database_url)
+    heard: list[tuple[str, str]] = []
+    lock = threading.Condition()
+
+    def note(kind: str) -> Callable[[str], None]:
+        def record(job_id: str) -> None:
+            with lock:
+                heard.append((kind, job_id))
+                lock.notify_all()
+
+        return record
+
+    def wait_for(notice: tuple[str, str]) -> None:
+        with lock:
+            assert lock.wait_for(lambda: notice in heard, timeout=5), (notice, heard)
+
+    try:
+        watching.watch_jobs(note("events"), lambda: note("queued")(""), note("cancel"))
+        watcher = watching._queue.watcher
+        assert watcher.connected.wait(5)
+        enqueue(other, "job-1")
+        wait_for(("queued", ""))
+        wait_for(("events", "job-1"))
+        claim(other, "replica-b")
+        assert other.request_cancel("job-1", cancel_event("job-1")) is None
+        wait_for(("cancel", "job-1"))
+        other.append_event(event("job-1", 2), attempt=1)
+        with lock:
+            count = heard.count(("events", "job-1"))
+        assert count >= 1
+    finally:
+        watching.close()
+        other.close()
