@@ -1101,7 +1101,7 @@ def test_watch_jobs_hears_other_replicas(database_url: str) -> None:
     try:
         watching.watch_jobs(note("events"), lambda: note("queued")(""), note("cancel"))
         watcher = watching._queue.watcher
-        assert watcher.connected.wait(5)
+        assert watcher is not None and watcher.connected.wait(5)
         enqueue(other, "job-1")
         wait_for(("queued", ""))
         wait_for(("events", "job-1"))
