@@ -17,9 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import psycopg
-
-from transfer_service.store.pg_pool import Connection, Database
+from transfer_service.store.pg_pool import Connection, Database, keep_listening
 
 CHANNEL = "transfer_heads"
 # How often the backstop checks the resident heads (seconds); a module default so that a
@@ -78,39 +76,27 @@ class HeadWatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = FIRST_BACKOFF_SECONDS
-        connected_before = False
-        while not self._stop.is_set():
-            try:
-                with self._db.connect() as conn:
-                    try:
-                        conn.execute(f"LISTEN {CHANNEL}")
-                        self.backend_pid = conn.info.backend_pid
-                        if connected_before:
-                            self.reconnects += 1
-                            log.info("head watcher: reconnected to %s", self._db.where)
-                        connected_before = True
-                        backoff = FIRST_BACKOFF_SECONDS
-                        # Notifications sent while it was not listening are lost: it checks
-                        # at once.
-                        self._listen(conn)
-                    finally:
-                        self.connected.clear()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                if self._stop.is_set():
-                    break
-                text = str(exc).strip()
-                log.warning(
-                    "head watcher: the database %s is unreachable (%s); reconnecting in %.1f s",
-                    self._db.where,
-                    text.splitlines()[0] if text else type(exc).__name__,
-                    backoff,
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-            except Exception:  # a bug: keep invalidating rather than die silently
-                log.exception("head watcher failed; restarting in %.1f s", MAX_BACKOFF_SECONDS)
-                self._stop.wait(MAX_BACKOFF_SECONDS)
+        keep_listening(
+            self._db,
+            [CHANNEL],
+            self._stop,
+            self._serve,
+            name="head watcher",
+            on_reconnect=self._reconnected,
+            first_backoff=FIRST_BACKOFF_SECONDS,  # read now: a test may have changed them
+            max_backoff=MAX_BACKOFF_SECONDS,
+        )
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+
+    def _serve(self, conn: Connection) -> None:
+        self.backend_pid = conn.info.backend_pid
+        try:
+            # Notifications sent while it was not listening are lost: it checks at once.
+            self._listen(conn)
+        finally:
+            self.connected.clear()
 
     def _listen(self, conn: Connection) -> None:
         """Until close(): delivers notifications and runs the backstop when due (first at

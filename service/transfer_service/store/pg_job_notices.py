@@ -15,9 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-import psycopg
-
-from transfer_service.store.pg_pool import Connection, Database
+from transfer_service.store.pg_pool import Connection, Database, keep_listening
 
 EVENTS_CHANNEL = "transfer_job_events"
 QUEUED_CHANNEL = "transfer_jobs_queued"
@@ -74,38 +72,26 @@ class JobWatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = FIRST_BACKOFF_SECONDS
-        connected_before = False
-        while not self._stop.is_set():
-            try:
-                with self._db.connect() as conn:
-                    try:
-                        for channel in self._handlers:
-                            conn.execute(f"LISTEN {channel}")
-                        if connected_before:
-                            self.reconnects += 1
-                            log.info("job watcher: reconnected to %s", self._db.where)
-                        connected_before = True
-                        backoff = FIRST_BACKOFF_SECONDS
-                        self.connected.set()
-                        self._listen(conn)
-                    finally:
-                        self.connected.clear()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                if self._stop.is_set():
-                    break
-                text = str(exc).strip()
-                log.warning(
-                    "job watcher: the database %s is unreachable (%s); reconnecting in %.1f s",
-                    self._db.where,
-                    text.splitlines()[0] if text else type(exc).__name__,
-                    backoff,
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-            except Exception:  # a bug: keep delivering rather than die silently
-                log.exception("job watcher failed; restarting in %.1f s", MAX_BACKOFF_SECONDS)
-                self._stop.wait(MAX_BACKOFF_SECONDS)
+        keep_listening(
+            self._db,
+            list(self._handlers),
+            self._stop,
+            self._serve,
+            name="job watcher",
+            on_reconnect=self._reconnected,
+            first_backoff=FIRST_BACKOFF_SECONDS,
+            max_backoff=MAX_BACKOFF_SECONDS,
+        )
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+
+    def _serve(self, conn: Connection) -> None:
+        self.connected.set()
+        try:
+            self._listen(conn)
+        finally:
+            self.connected.clear()
 
     def _listen(self, conn: Connection) -> None:
         while not self._stop.is_set():

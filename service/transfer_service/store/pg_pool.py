@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -167,6 +168,52 @@ class Database:
             raise UnavailableError(
                 "the store's database is unreachable; try again shortly"
             ) from exc
+
+
+def keep_listening(
+    db: Database,
+    channels: Sequence[str],
+    stop: threading.Event,
+    serve: Callable[[Connection], None],
+    *,
+    name: str,
+    on_reconnect: Callable[[], None],
+    first_backoff: float,
+    max_backoff: float,
+) -> None:
+    """Until `stop` is set: a connection of its own (Database.connect) LISTENing on
+    `channels`, handed to `serve` (which returns once `stop` is set); when the database
+    drops it, reconnects with a backoff doubling from `first_backoff` to `max_backoff`,
+    calling `on_reconnect` once listening again. The loop of the store's listener threads
+    (`name` in their logs); a bug in `serve` is logged and the loop goes on."""
+    backoff = first_backoff
+    connected_before = False
+    while not stop.is_set():
+        try:
+            with db.connect() as conn:
+                for channel in channels:
+                    conn.execute(f"LISTEN {channel}")
+                if connected_before:
+                    on_reconnect()
+                    log.info("%s: reconnected to %s", name, db.where)
+                connected_before = True
+                backoff = first_backoff
+                serve(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if stop.is_set():
+                break
+            log.warning(
+                "%s: the database %s is unreachable (%s); reconnecting in %.1f s",
+                name,
+                db.where,
+                _first_line(exc),
+                backoff,
+            )
+            stop.wait(backoff)
+            backoff = min(backoff * 2, max_backoff)
+        except Exception:  # a bug: keep listening rather than die silently
+            log.exception("%s failed; restarting in %.1f s", name, max_backoff)
+            stop.wait(max_backoff)
 
 
 def _first_line(error: BaseException) -> str:
