@@ -375,7 +375,8 @@ def bulk_jobs(store: LocalStore, tenant: str, count: int) -> list[str]:
     with store._lock:
         store._db.execute("BEGIN")
         store._db.executemany(
-            "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO jobs (job_id, state, backbone, head_name, head_id, error, created, "
+            "updated, last_sequence, progress, tenant) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (job_id, "failed", "minilm_l6", "news", "", "x", when, when, 1, "", tenant)
                 for job_id, when in zip(ids, created, strict=True)
@@ -391,7 +392,7 @@ def test_migration_to_version_2_computes_the_size_of_existing_datasets(tmp_path:
     assert store.dataset_bytes("default") == len("a") + len("hello")
     store.close()
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
 
 
