@@ -114,8 +114,9 @@ class Application:
     async def stop(self) -> None:
         """New calls are refused UNAVAILABLE and health goes NOT_SERVING; for the drain
         window the server still takes calls in (and refuses them) while in-flight ones run on;
-        then it stops, giving those the rest of the grace period. Running jobs are cancelled
-        (they end CANCELLED, their state saved). One deadline covers the whole stop."""
+        then it stops, giving those the rest of the grace period. Running jobs are put back in
+        the queue (they run again from the start, here after a restart or on another
+        replica). One deadline covers the whole stop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.grace_seconds
         # Refusing first: no call is answered after a client could have read NOT_SERVING.

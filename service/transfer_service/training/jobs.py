@@ -160,6 +160,8 @@ class JobManager:
                 live.releasing = True
                 live.cancel.set()
         self._claim_wanted.set()
+        for job_id in list(self._watchers):  # store-following streams end UNAVAILABLE now
+            self._wake(job_id)
 
     async def shutdown(self, grace_seconds: float) -> None:
         """begin_shutdown, then waits up to `grace_seconds` for the training threads."""
