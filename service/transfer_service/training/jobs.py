@@ -145,11 +145,6 @@ class JobManager:
             self._loop.create_task(self._claim_forever()),
         ]
 
-    def holds(self, job_id: str) -> bool:
-        """Whether this process runs the job now."""
-        live = self._live.get(job_id)
-        return live is not None and live.active
-
     def begin_shutdown(self) -> None:
         """Stops claiming and accepting jobs, and asks this process's runs to stop at their
         next step and put their jobs back in the queue (they run again from the start on
