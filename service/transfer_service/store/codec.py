@@ -111,7 +111,8 @@ def decode_head(text: str | bytes) -> tuple[HeadRecord, str | None]:
         backbone=_field(data, "backbone", str),
         modality=modality,
         class_names=tuple(class_names),
-        trainable_blocks=_count(data, "trainable_blocks"),
+        # -1: every block trained (TrainingConfig.trainable_blocks), a valid head.
+        trainable_blocks=_count(data, "trainable_blocks", minimum=-1),
         input_size=_count(data, "input_size"),
         hidden_dim=_count(data, "hidden_dim"),
         metrics=_dataclass_from(TrainingMetrics, _field(data, "metrics", dict), "metrics"),
@@ -135,10 +136,10 @@ def _field(data: dict[str, Any], name: str, kind: type[_T], default: Any = _MISS
     return value
 
 
-def _count(data: dict[str, Any], name: str) -> int:
+def _count(data: dict[str, Any], name: str, *, minimum: int = 0) -> int:
     value = _field(data, name, int)
-    if value < 0:
-        raise HeadFormatError(f"{name} is negative")
+    if value < minimum:
+        raise HeadFormatError(f"{name} is negative" if minimum == 0 else f"{name} < {minimum}")
     return value
 
 
