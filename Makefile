@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | s
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PROMETHEUS := /usr/bin/prometheus
 
-.PHONY: run test install testdata postgresql proto proto-check sdk-check lint typecheck settings-table settings-check fuzz chaos soak
+.PHONY: run test install testdata postgresql proto proto-check sdk-check lint typecheck settings-table settings-check fuzz chaos chaos-replicas soak
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,10 @@ fuzz: install testdata
 ## >= 100 SIGKILLs during training and head saves, restart and check after each.
 chaos: install testdata
 	$(PY) -m tools.reliability.chaos --kills 100
+
+## The same on 3 replicas sharing a PostgreSQL (jobs taken over when a replica dies).
+chaos-replicas: install testdata
+	$(PY) -m tools.reliability.chaos --replicas 3 --kills 100
 
 ## Minutes of mixed load; reports errors, p50/p99 and RSS growth (plus a leaking control).
 soak: install testdata
