@@ -458,7 +458,9 @@ def run(plan: Plan, count: int) -> None:
         f"{count} x `python -m transfer_service`, {BACKBONE} preloaded, TRANSFER_TORCH_THREADS=1, "
         f"lease {LEASE_SECONDS:g} s",
     )
-    environment.note("head", f"linear probe on {BACKBONE}, 5 classes (BBC News snippets)")
+    environment.note(
+        "heads", f"(a), (b): linear probes on {BACKBONE}, 5 classes (BBC News snippets)"
+    )
     print()
     print(
         f"## (a) Cold head load from the database vs warm, Predict latency, ms ({count} replicas)"
