@@ -24,8 +24,9 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -80,19 +81,30 @@ class Replicas:
             "TRANSFER_TORCH_THREADS": "1",
             "TRANSFER_GRACE_SECONDS": "5",
         }
-        self.envs = [
-            server_env(directory / name, preload=BACKBONE, metrics=True, extra=extra)
-            for name in NAMES
-        ]
+        self._extra = extra
+        self.envs = [self._fresh_env(index) for index in range(len(NAMES))]
         self.processes: list[ServerProcess] = []
         try:
             for index in range(len(NAMES)):
                 self.processes.append(self._spawn(index))
-            for process in self.processes:
-                process.wait_serving()
+            for index in range(len(NAMES)):
+                self._wait_first_start(index)
         except BaseException:
             self.close()
             raise
+
+    def _fresh_env(self, index: int) -> dict[str, str]:
+        """An environment on free ports (free when looked at)."""
+        return server_env(
+            self.directory / NAMES[index], preload=BACKBONE, metrics=True, extra=self._extra
+        )
+
+    def _wait_first_start(self, index: int) -> None:
+        def respawn() -> ServerProcess:
+            self.envs[index] = self._fresh_env(index)
+            return self._spawn(index)
+
+        self.processes[index] = serving(self.processes[index], respawn)
 
     def _spawn(self, index: int) -> ServerProcess:
         return ServerProcess(self.envs[index], self.directory / f"{NAMES[index]}.log")
@@ -142,6 +154,23 @@ class Replicas:
     def close(self) -> None:
         for process in self.processes:
             process.close()
+
+
+def serving(
+    process: ServerProcess, respawn: Callable[[], ServerProcess], tries: int = 3
+) -> ServerProcess:
+    """`process` once it serves. On a shared machine another process may take a port between
+    free_port() and the server's bind: then `respawn()` (on other ports) and wait again."""
+    for attempt in range(tries):
+        try:
+            process.wait_serving()
+            return process
+        except RuntimeError:
+            if "Failed to bind" not in process.log_tail() or attempt + 1 == tries:
+                raise
+        process.close()
+        process = respawn()
+    raise AssertionError("unreachable")
 
 
 def query_one(url: str, sql: str, *params: object) -> tuple[object, ...] | None:
@@ -475,15 +504,15 @@ def test_7_a_job_finishes_once_through_a_postgresql_restart(
         "TRANSFER_JOB_LEASE_SECONDS": "15",
         "TRANSFER_TORCH_THREADS": "1",
     }
-    servers = [
-        ServerProcess(
-            server_env(tmp_path / name, preload=BACKBONE, extra=extra), tmp_path / f"{name}.log"
-        )
-        for name in ("a", "b")
-    ]
+
+    def spawn(name: str) -> ServerProcess:
+        env = server_env(tmp_path / name, preload=BACKBONE, extra=extra)
+        return ServerProcess(env, tmp_path / f"{name}.log")
+
+    servers = [spawn(name) for name in ("a", "b")]
     try:
-        for server in servers:
-            server.wait_serving()
+        for index, name in enumerate(("a", "b")):
+            servers[index] = serving(servers[index], partial(spawn, name))
         with client_of(servers[0].address) as on_a, client_of(servers[1].address) as on_b:
             job_id = submit(on_a, LONG, "outage")
             events: list[FineTuneEvent] = []
