@@ -15,7 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from transfer_client import JobState, TrainingConfig, TransferClient
+from transfer_client import (
+    JobCancelled,
+    JobStarted,
+    JobState,
+    JobWarning,
+    TrainingConfig,
+    TransferClient,
+)
 
 from tests.datasets import fashion_mnist
 
@@ -114,9 +121,11 @@ def test_head_survives_a_restart(server_env: dict[str, str], tmp_path: Path) -> 
     assert "Traceback" not in log
 
 
-def test_a_job_cut_off_by_a_crash_reads_failed_after_restart(
+def test_a_job_cut_off_by_a_crash_runs_again_after_restart(
     server_env: dict[str, str], tmp_path: Path
 ) -> None:
+    """It stays in the queue (no longer FAILED "the server stopped"): the restarted server
+    claims it, says so in its log, and it can be cancelled as any running job."""
     train = fashion_mnist(6, classes=2, seed=6)
     first = ServerProcess(server_env, tmp_path / "server.log")
     try:
@@ -126,7 +135,7 @@ def test_a_job_cut_off_by_a_crash_reads_failed_after_restart(
                 "efficientnet_lite0", train, head_name="crashy",
                 config=TrainingConfig(epochs=1000, batch_size=1, early_stopping_patience=0),
             )  # fmt: skip
-            job_id = next(stream).job_id
+            job_id = next(event for event in stream if isinstance(event, JobStarted)).job_id
             first.process.kill()  # SIGKILL: no chance to clean up
             first.process.wait(timeout=30)
     finally:
@@ -136,9 +145,15 @@ def test_a_job_cut_off_by_a_crash_reads_failed_after_restart(
     try:
         second.wait_serving()
         with TransferClient(f"127.0.0.1:{second.port}", timeout=60) as client:
-            job = client.get_job(job_id)
-            assert job.state is JobState.FAILED
-            assert "server stopped" in job.error
+            restarted = None
+            for event in client.watch_job(job_id):
+                if isinstance(event, JobWarning) and event.code == "restarted":
+                    restarted = event
+                    break
+            assert restarted is not None
+            assert client.get_job(job_id).state is JobState.RUNNING
+            client.cancel_job(job_id)
+            assert isinstance(list(client.watch_job(job_id))[-1], JobCancelled)
             assert client.list_heads() == []
     finally:
         assert second.stop() == 0

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import torch
 import transfer_service.predict.batcher as batcher_module
-import transfer_service.training.jobs as jobs_module
+import transfer_service.training.job_runner as jobs_module
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_service.settings import Settings
