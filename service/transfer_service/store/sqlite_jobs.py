@@ -20,9 +20,9 @@ from transfer_service.store.codec import (
     progress_from_json,
 )
 from transfer_service.store.disk_faults import disk_faults
-from transfer_service.store.queue_rules import check_holder, fencing_tokens
 from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import sqlite_page
+from transfer_service.store.queue_rules import check_holder, fencing_tokens
 from transfer_service.store.sqlite_schema import transaction
 
 FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
