@@ -320,4 +320,3 @@ class ClaimedJob:
 
     record: JobRecord
     spec: FineTuneSpec | None
-
