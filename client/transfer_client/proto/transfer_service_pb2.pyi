@@ -761,18 +761,26 @@ class JobCompleted(_message.Message):
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
     @_builtins.property
     def metrics(self) -> Global___TrainingMetrics: ...
+    @_builtins.property
+    def evaluation(self) -> Global___EvaluationReport:
+        """The head's evaluation report without its per-class rows and confusion matrix (GetHead
+        has the whole report).
+        """
+
     def __init__(
         self,
         *,
         head_id: _builtins.str = ...,
         metrics: Global___TrainingMetrics | None = ...,
+        evaluation: Global___EvaluationReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "metrics", b"metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "head_id", b"head_id", "metrics", b"metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1252,6 +1260,7 @@ class Head(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     HEAD_TYPE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
     name: _builtins.str
     backbone: _builtins.str
@@ -1271,6 +1280,12 @@ class Head(_message.Message):
     def config(self) -> Global___TrainingConfig: ...
     @_builtins.property
     def created_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def evaluation(self) -> Global___EvaluationReport:
+        """How good the head is, on data it was not trained on (empty for heads trained before
+        reports existed).
+        """
+
     def __init__(
         self,
         *,
@@ -1287,14 +1302,189 @@ class Head(_message.Message):
         size_bytes: _builtins.int = ...,
         job_id: _builtins.str = ...,
         head_type: _builtins.str = ...,
+        evaluation: Global___EvaluationReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_time", b"created_time", "metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_time", b"created_time", "evaluation", b"evaluation", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "head_id", b"head_id", "head_type", b"head_type", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "evaluation", b"evaluation", "head_id", b"head_id", "head_type", b"head_type", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Head: _TypeAlias = Head  # noqa: Y015
+
+@_typing.final
+class ClassMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    F1_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    precision: _builtins.float
+    recall: _builtins.float
+    f1: _builtins.float
+    support: _builtins.int
+    """Held-out examples of this class."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        precision: _builtins.float = ...,
+        recall: _builtins.float = ...,
+        f1: _builtins.float = ...,
+        support: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["f1", b"f1", "label", b"label", "precision", b"precision", "recall", b"recall", "support", b"support"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassMetrics: _TypeAlias = ClassMetrics  # noqa: Y015
+
+@_typing.final
+class EvaluationReport(_message.Message):
+    """A head's quality on held-out data: from training (the validation split, or out-of-fold
+    predictions where the solver cross-validates) or from EvaluateHead (the caller's test set).
+    Scores are calibrated (temperature scaling fitted on the held-out predictions).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    MACRO_F1_FIELD_NUMBER: _builtins.int
+    TOP_K_ACCURACY_FIELD_NUMBER: _builtins.int
+    LOG_LOSS_FIELD_NUMBER: _builtins.int
+    ECE_UNCALIBRATED_FIELD_NUMBER: _builtins.int
+    ECE_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    PER_CLASS_FIELD_NUMBER: _builtins.int
+    CONFUSION_MATRIX_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """"validation_split", "cross_validation" or "test_set" (EvaluateHead)."""
+    examples: _builtins.int
+    accuracy: _builtins.float
+    macro_f1: _builtins.float
+    log_loss: _builtins.float
+    """Mean negative log-likelihood of the true class, with the calibrated scores."""
+    ece_uncalibrated: _builtins.float
+    """Expected calibration error (15 equal-width confidence bins) of the scores before and
+    after temperature scaling.
+    """
+    ece: _builtins.float
+    temperature: _builtins.float
+    """The temperature Predict divides logits by (1: none)."""
+    @_builtins.property
+    def top_k_accuracy(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """top_k_accuracy[k-1] is the top-k accuracy, for k = 1 .. min(5, classes)."""
+
+    @_builtins.property
+    def per_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassMetrics]:
+        """One per class, in the head's class order."""
+
+    @_builtins.property
+    def confusion_matrix(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row-major [true class][predicted class], in the head's class order; empty above 100
+        classes (per_class still has every class).
+        """
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        examples: _builtins.int = ...,
+        accuracy: _builtins.float = ...,
+        macro_f1: _builtins.float = ...,
+        top_k_accuracy: _abc.Iterable[_builtins.float] | None = ...,
+        log_loss: _builtins.float = ...,
+        ece_uncalibrated: _builtins.float = ...,
+        ece: _builtins.float = ...,
+        temperature: _builtins.float = ...,
+        per_class: _abc.Iterable[Global___ClassMetrics] | None = ...,
+        confusion_matrix: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confusion_matrix", b"confusion_matrix", "ece", b"ece", "ece_uncalibrated", b"ece_uncalibrated", "examples", b"examples", "log_loss", b"log_loss", "macro_f1", b"macro_f1", "per_class", b"per_class", "source", b"source", "temperature", b"temperature", "top_k_accuracy", b"top_k_accuracy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationReport: _TypeAlias = EvaluationReport  # noqa: Y015
+
+@_typing.final
+class EvaluateHeadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_ID_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    head_id: _builtins.str
+    dataset_id: _builtins.str
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
+        """Labelled test examples, or an uploaded dataset's id (exactly one of them)."""
+
+    def __init__(
+        self,
+        *,
+        head_id: _builtins.str = ...,
+        examples: _abc.Iterable[Global___Example] | None = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "examples", b"examples", "head_id", b"head_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateHeadRequest: _TypeAlias = EvaluateHeadRequest  # noqa: Y015
+
+@_typing.final
+class ExportHeadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_ID_FIELD_NUMBER: _builtins.int
+    head_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        head_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportHeadRequest: _TypeAlias = ExportHeadRequest  # noqa: Y015
+
+@_typing.final
+class ExportHeadChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Consecutive pieces of the .onnx file, in order."""
+    total_bytes: _builtins.int
+    """Total size in bytes, in the first chunk."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportHeadChunk: _TypeAlias = ExportHeadChunk  # noqa: Y015
 
 @_typing.final
 class ListHeadsRequest(_message.Message):
@@ -1414,6 +1604,7 @@ class PredictRequest(_message.Message):
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    HEAD_IDS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     RETURN_EMBEDDING_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
@@ -1423,17 +1614,25 @@ class PredictRequest(_message.Message):
     """Also return the backbone's pooled feature vector per input."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
+    @_builtins.property
+    def head_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More heads on the same backbone, answered from one pass of the backbone (`head_id` may
+        then be empty): the response's `heads` has one entry per head, in request order. Heads on
+        different backbones are INVALID_ARGUMENT. At most 32 heads.
+        """
+
     def __init__(
         self,
         *,
         head_id: _builtins.str = ...,
         inputs: _abc.Iterable[Global___Input] | None = ...,
+        head_ids: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
         return_embedding: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "inputs", b"inputs", "return_embedding", b"return_embedding", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "head_ids", b"head_ids", "inputs", b"inputs", "return_embedding", b"return_embedding", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1498,14 +1697,45 @@ class PredictResponse(_message.Message):
 
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     HEAD_ID_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    head_id: _builtins.str
+    @_builtins.property
+    def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
+        """The predictions of `head_id` (the first head of a multi-head request)."""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadPredictions]:
+        """With `head_ids`: every head's predictions, one entry per head in request order."""
+
+    def __init__(
+        self,
+        *,
+        predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        head_id: _builtins.str = ...,
+        heads: _abc.Iterable[Global___HeadPredictions] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "heads", b"heads", "predictions", b"predictions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class HeadPredictions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_ID_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]: ...
     def __init__(
         self,
         *,
-        predictions: _abc.Iterable[Global___Prediction] | None = ...,
         head_id: _builtins.str = ...,
+        predictions: _abc.Iterable[Global___Prediction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1513,4 +1743,4 @@ class PredictResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+Global___HeadPredictions: _TypeAlias = HeadPredictions  # noqa: Y015

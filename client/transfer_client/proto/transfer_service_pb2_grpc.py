@@ -94,6 +94,16 @@ class TransferServiceStub:
                 request_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadRequest.SerializeToString,
                 response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadResponse.FromString,
                 _registered_method=True)
+        self.EvaluateHead = channel.unary_unary(
+                '/transfer.v1.TransferService/EvaluateHead',
+                request_serializer=transfer_dot_v1_dot_transfer__service__pb2.EvaluateHeadRequest.SerializeToString,
+                response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.EvaluationReport.FromString,
+                _registered_method=True)
+        self.ExportHead = channel.unary_stream(
+                '/transfer.v1.TransferService/ExportHead',
+                request_serializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.SerializeToString,
+                response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.FromString,
+                _registered_method=True)
 
 
 class TransferServiceServicer:
@@ -180,6 +190,23 @@ class TransferServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateHead(self, request, context):
+        """Scores a head on the caller's own labelled test set (inline or an uploaded dataset) and
+        returns the same report a head carries from training. The head is not changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportHead(self, request, context):
+        """The backbone plus the head as one ONNX model, in chunks (a model is MBs): input the
+        preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
+        it expects is in the model's metadata_props.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +269,16 @@ def add_TransferServiceServicer_to_server(servicer, server):
                     servicer.DeleteHead,
                     request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadRequest.FromString,
                     response_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadResponse.SerializeToString,
+            ),
+            'EvaluateHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateHead,
+                    request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.EvaluateHeadRequest.FromString,
+                    response_serializer=transfer_dot_v1_dot_transfer__service__pb2.EvaluationReport.SerializeToString,
+            ),
+            'ExportHead': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportHead,
+                    request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.FromString,
+                    response_serializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +605,60 @@ class TransferService:
             '/transfer.v1.TransferService/DeleteHead',
             transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadRequest.SerializeToString,
             transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transfer.v1.TransferService/EvaluateHead',
+            transfer_dot_v1_dot_transfer__service__pb2.EvaluateHeadRequest.SerializeToString,
+            transfer_dot_v1_dot_transfer__service__pb2.EvaluationReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/transfer.v1.TransferService/ExportHead',
+            transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.SerializeToString,
+            transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.FromString,
             options,
             channel_credentials,
             insecure,

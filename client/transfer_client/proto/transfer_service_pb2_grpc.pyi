@@ -56,6 +56,15 @@ class TransferServiceStub:
     ListHeads: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.ListHeadsRequest, _transfer_service_pb2.ListHeadsResponse]
     GetHead: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.GetHeadRequest, _transfer_service_pb2.Head]
     DeleteHead: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteHeadRequest, _transfer_service_pb2.DeleteHeadResponse]
+    EvaluateHead: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.EvaluateHeadRequest, _transfer_service_pb2.EvaluationReport]
+    """Scores a head on the caller's own labelled test set (inline or an uploaded dataset) and
+    returns the same report a head carries from training. The head is not changed.
+    """
+    ExportHead: _grpc.UnaryStreamMultiCallable[_transfer_service_pb2.ExportHeadRequest, _transfer_service_pb2.ExportHeadChunk]
+    """The backbone plus the head as one ONNX model, in chunks (a model is MBs): input the
+    preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
+    it expects is in the model's metadata_props.
+    """
 
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
@@ -83,6 +92,15 @@ class TransferServiceAsyncStub(TransferServiceStub):
     ListHeads: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.ListHeadsRequest, _transfer_service_pb2.ListHeadsResponse]  # type: ignore[assignment]
     GetHead: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.GetHeadRequest, _transfer_service_pb2.Head]  # type: ignore[assignment]
     DeleteHead: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteHeadRequest, _transfer_service_pb2.DeleteHeadResponse]  # type: ignore[assignment]
+    EvaluateHead: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.EvaluateHeadRequest, _transfer_service_pb2.EvaluationReport]  # type: ignore[assignment]
+    """Scores a head on the caller's own labelled test set (inline or an uploaded dataset) and
+    returns the same report a head carries from training. The head is not changed.
+    """
+    ExportHead: _aio.UnaryStreamMultiCallable[_transfer_service_pb2.ExportHeadRequest, _transfer_service_pb2.ExportHeadChunk]  # type: ignore[assignment]
+    """The backbone plus the head as one ONNX model, in chunks (a model is MBs): input the
+    preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
+    it expects is in the model's metadata_props.
+    """
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -179,5 +197,26 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfer_service_pb2.DeleteHeadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfer_service_pb2.DeleteHeadResponse, _abc.Awaitable[_transfer_service_pb2.DeleteHeadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EvaluateHead(
+        self,
+        request: _transfer_service_pb2.EvaluateHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_service_pb2.EvaluationReport, _abc.Awaitable[_transfer_service_pb2.EvaluationReport]]:
+        """Scores a head on the caller's own labelled test set (inline or an uploaded dataset) and
+        returns the same report a head carries from training. The head is not changed.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportHead(
+        self,
+        request: _transfer_service_pb2.ExportHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_transfer_service_pb2.ExportHeadChunk], _abc.AsyncIterator[_transfer_service_pb2.ExportHeadChunk]]:
+        """The backbone plus the head as one ONNX model, in chunks (a model is MBs): input the
+        preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
+        it expects is in the model's metadata_props.
+        """
 
 def add_TransferServiceServicer_to_server(servicer: TransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
