@@ -137,6 +137,51 @@ class HeadRecord:
     job_id: str
     tenant: str = DEFAULT_TENANT
     head_type: str = "linear"
+    # Predict's scores are softmax(logits / temperature), fitted on held-out predictions
+    # (evaluation.py); heads stored before calibration existed keep 1 (raw softmax).
+    temperature: float = 1.0
+    # How good the head is on held-out data; None for heads stored before reports existed.
+    evaluation: EvaluationReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClassMetrics:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+# EvaluationReport.source
+SOURCE_VALIDATION_SPLIT = "validation_split"
+SOURCE_CROSS_VALIDATION = "cross_validation"
+SOURCE_TEST_SET = "test_set"
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReport:
+    """A head's quality on data it was not trained on (evaluation.py computes it). With
+    `examples` 0 there was no held-out data: every figure is then 0 and means nothing."""
+
+    source: str
+    examples: int
+    accuracy: float
+    macro_f1: float
+    log_loss: float  # with the calibrated scores
+    ece_uncalibrated: float
+    ece: float
+    temperature: float
+    # top_k_accuracy[k-1]: top-k accuracy, k = 1 .. min(5, classes)
+    top_k_accuracy: tuple[float, ...] = ()
+    per_class: tuple[ClassMetrics, ...] = ()
+    # row-major [true][predicted], in the head's class order; () above 100 classes
+    confusion_matrix: tuple[int, ...] = ()
+
+    def summary(self) -> EvaluationReport:
+        """The report without its per-class rows and confusion matrix (what a `completed`
+        event carries: GetHead has the whole report)."""
+        return replace(self, per_class=(), confusion_matrix=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +283,9 @@ class JobQueued:
 class JobCompleted:
     head_id: str
     metrics: TrainingMetrics
+    # The head's report without per-class rows (EvaluationReport.summary); None from
+    # events stored before reports existed.
+    evaluation: EvaluationReport | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from safetensors.torch import load as safetensors_load
 from transfer_service.domain import (
     DEFAULT_TENANT,
     CandidateResult,
+    ClassMetrics,
+    EvaluationReport,
     EventPayload,
     FineTuneSpec,
     HeadRecord,
@@ -122,8 +124,50 @@ def decode_head(text: str | bytes) -> tuple[HeadRecord, str | None]:
         job_id=_field(data, "job_id", str),
         tenant=_field(data, "tenant", str, DEFAULT_TENANT),
         head_type=_field(data, "head_type", str, "linear"),
+        # Both optional: heads stored before calibration and reports have neither.
+        temperature=_temperature(data),
+        evaluation=_optional_report(data.get("evaluation"), "evaluation"),
     )
     return record, checksum
+
+
+def _temperature(data: dict[str, Any]) -> float:
+    value = data.get("temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise HeadFormatError("temperature is not a positive number")
+    return float(value)
+
+
+def _optional_report(data: object, where: str) -> EvaluationReport | None:
+    """An EvaluationReport from its `dataclasses.asdict` JSON (None stays None), every value
+    type-checked like the rest of a head record."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise HeadFormatError(f"{where} is not an object")
+    per_class = _field(data, "per_class", list, [])
+    if not all(isinstance(row, dict) for row in per_class):
+        raise HeadFormatError(f"{where}.per_class is not a list of objects")
+    fields = {key: value for key, value in data.items() if key not in _REPORT_SEQUENCES}
+    report = _dataclass_from(EvaluationReport, fields, where)
+    top_k = _field(data, "top_k_accuracy", list, [])
+    confusion = _field(data, "confusion_matrix", list, [])
+    if not all(_conforms(value, float) for value in top_k):
+        raise HeadFormatError(f"{where}.top_k_accuracy is not a list of numbers")
+    if not all(_conforms(value, int) for value in confusion):
+        raise HeadFormatError(f"{where}.confusion_matrix is not a list of integers")
+    return dataclasses.replace(
+        report,
+        top_k_accuracy=tuple(float(value) for value in top_k),
+        per_class=tuple(
+            _dataclass_from(ClassMetrics, row, f"{where}.per_class") for row in per_class
+        ),
+        confusion_matrix=tuple(confusion),
+    )
+
+
+# EvaluationReport's tuple fields, decoded apart from its scalars.
+_REPORT_SEQUENCES = ("top_k_accuracy", "per_class", "confusion_matrix")
 
 
 def _field(data: dict[str, Any], name: str, kind: type[_T], default: Any = _MISSING) -> _T:
@@ -160,7 +204,8 @@ def _dataclass_from(cls: type[_T], data: dict[str, Any], where: str) -> _T:
 
 # Resolved once: the records' annotations are strings (postponed evaluation).
 _FIELD_TYPES: dict[type[Any], dict[str, Any]] = {
-    cls: typing.get_type_hints(cls) for cls in (TrainingMetrics, TrainingConfig)
+    cls: typing.get_type_hints(cls)
+    for cls in (TrainingMetrics, TrainingConfig, ClassMetrics, EvaluationReport)
 }
 
 
@@ -199,6 +244,8 @@ def payload_from_json(kind: str, text: str) -> EventPayload:
         data["plan"] = TrainingPlan(**data["plan"])
     elif kind == "completed":
         data["metrics"] = TrainingMetrics(**data["metrics"])
+        # Events stored before reports existed have no "evaluation".
+        data["evaluation"] = _optional_report(data.get("evaluation"), "evaluation")
     payload: EventPayload = _EVENT_KINDS[kind](**data)
     return payload
 
