@@ -131,11 +131,14 @@ class BackboneBatcher:
         prepare: Callable[[], list[Any]],
         top_k: int,
         return_embedding: bool,
+        extra_heads: tuple[LoadedHead, ...] = (),
     ) -> list[PredictionResult]:
         """One request, decoded by `prepare` and computed on the compute thread in one hop;
         its caller has seen `alone()` and called `arrived()`."""
         loop = asyncio.get_running_loop()
-        pending = PendingRequest(head, [], top_k, return_embedding, loop.create_future(), 0)
+        pending = PendingRequest(
+            head, [], top_k, return_embedding, loop.create_future(), 0, extra_heads=extra_heads
+        )
 
         def prepare_and_run() -> list[PredictionResult]:
             pending.examples = prepare()

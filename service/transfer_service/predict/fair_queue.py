@@ -25,6 +25,9 @@ class PendingRequest:
     enqueued: float = field(default_factory=time.perf_counter)
     # A chunk of a large request: the id shared by its chunks (None for a whole request).
     chunk_of: int | None = None
+    # More heads on the same backbone, answered from the same rows (a multi-head Predict):
+    # the future's results are then head by head, `len(examples)` per head, `head` first.
+    extra_heads: tuple[LoadedHead, ...] = ()
 
     @property
     def tenant(self) -> str:

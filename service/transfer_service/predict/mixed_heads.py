@@ -24,13 +24,16 @@ class HeadRequest(Protocol):
     examples: list[Any]  # first-stage inputs, CPU
     top_k: int
     return_embedding: bool
+    extra_heads: tuple[LoadedHead, ...]  # more heads on the same rows (multi-head Predict)
 
 
 def run_heads(
     backbone: LoadedBackbone, batch: Sequence[HeadRequest], padded_sizes: Sequence[int]
 ) -> list[list[PredictionResult]]:
-    """Each request's results, in batch order. `padded_sizes` (predict.padding): every
-    trunk and head pass is padded up to one of these row counts; empty: no padding."""
+    """Each request's results, in batch order; a request with `extra_heads` gets its rows'
+    results head by head (`head` first), its rows stacked once. `padded_sizes`
+    (predict.padding): every trunk and head pass is padded up to one of these row counts;
+    empty: no padding."""
     trunk = backbone.trunk
     device = backbone.device
     # Rows are stacked request by request: request i owns rows [starts[i], starts[i+1]).
@@ -45,15 +48,18 @@ def run_heads(
     # Requests grouped by head (each head runs once, over all of its rows) and heads by
     # where they attach; the trunk advances stage by stage over the rows still needed
     # and each group branches off at its split point.
-    by_head: dict[int, list[int]] = {}
+    # A multi-head request is in the group of each of its heads (its rows shared).
+    by_head: dict[int, tuple[LoadedHead, list[int]]] = {}
     for position, item in enumerate(batch):
-        by_head.setdefault(id(item.head), []).append(position)
-    groups_at: dict[int, list[list[int]]] = {}
-    for positions in by_head.values():
-        split = trunk.prefix_end(batch[positions[0]].head.record.trainable_blocks)
-        groups_at.setdefault(split, []).append(positions)
+        for head in (item.head, *item.extra_heads):
+            by_head.setdefault(id(head), (head, []))[1].append(position)
+    groups_at: dict[int, list[tuple[LoadedHead, list[int]]]] = {}
+    for head, positions in by_head.values():
+        split = trunk.prefix_end(head.record.trainable_blocks)
+        groups_at.setdefault(split, []).append((head, positions))
     split_points = sorted(groups_at)
-    outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    # (request position, id(head)) -> that head's logits and features for the request's rows
+    outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
     total_rows = starts[-1]
     active = torch.arange(total_rows)  # batch rows still inside `state`, in order
     stage = 0
@@ -64,8 +70,7 @@ def run_heads(
             # where_in_state[r]: the position of batch row r inside `state` (-1: dropped)
             where_in_state = torch.full((total_rows,), -1, dtype=torch.long)
             where_in_state[active] = torch.arange(len(active))
-            for positions in groups_at[split]:
-                head = batch[positions[0]].head
+            for head, positions in groups_at[split]:
                 rows = torch.cat([torch.arange(starts[p], starts[p + 1]) for p in positions])
                 head_state = (
                     state
@@ -81,7 +86,7 @@ def run_heads(
                 offset = 0
                 for p in positions:
                     count = starts[p + 1] - starts[p]
-                    outputs[p] = (
+                    outputs[p, id(head)] = (
                         logits[offset : offset + count],
                         group_features[offset : offset + count]
                         if group_features is not None and batch[p].return_embedding
@@ -90,24 +95,26 @@ def run_heads(
                     offset += count
             if split == split_points[-1]:
                 break
-            # Keep only the rows of heads that attach further up.
-            keep = (
-                torch.cat(
-                    [
-                        torch.arange(starts[p], starts[p + 1])
-                        for later in split_points
-                        if later > split
-                        for positions in groups_at[later]
-                        for p in positions
-                    ]
-                )
-                .sort()
-                .values
-            )
+            # Keep only the rows of heads that attach further up (once each: a multi-head
+            # request's rows may be wanted by several of them).
+            keep = torch.cat(
+                [
+                    torch.arange(starts[p], starts[p + 1])
+                    for later in split_points
+                    if later > split
+                    for _, positions in groups_at[later]
+                    for p in positions
+                ]
+            ).unique(sorted=True)
             state = trunk.select(state, padded_index(where_in_state[keep], padded_sizes).to(device))
             active = keep
     return [
-        _results(item.head, *outputs[position], item.top_k) for position, item in enumerate(batch)
+        [
+            result
+            for head in (item.head, *item.extra_heads)
+            for result in _results(head, *outputs[position, id(head)], item.top_k)
+        ]
+        for position, item in enumerate(batch)
     ]
 
 

@@ -92,6 +92,33 @@ class Predictor:
         return_embedding: bool = False,
     ) -> list[PredictionResult]:
         """`head` is resolved (and its owner checked) by the caller, once per request."""
+        return await self._predict((head,), inputs, top_k, return_embedding)
+
+    async def predict_heads(
+        self,
+        heads: Sequence[LoadedHead],
+        inputs: Sequence[ModelInput],
+        *,
+        top_k: int = 1,
+        return_embedding: bool = False,
+    ) -> list[list[PredictionResult]]:
+        """Each head's results, in `heads` order, from one decoding of `inputs` and one trunk
+        pass: the heads ride one request through the batcher (mixed_heads runs each on its
+        rows). The caller resolved them and checked that they share a backbone and input
+        size (one batcher)."""
+        flat = await self._predict(tuple(heads), inputs, top_k, return_embedding)
+        count = len(inputs)
+        return [flat[i * count : (i + 1) * count] for i in range(len(heads))]
+
+    async def _predict(
+        self,
+        heads: tuple[LoadedHead, ...],
+        inputs: Sequence[ModelInput],
+        top_k: int,
+        return_embedding: bool,
+    ) -> list[PredictionResult]:
+        """The results of every head, head by head (`len(inputs)` each)."""
+        head, extra_heads = heads[0], heads[1:]
         if self._closed:
             raise UnavailableError("the server is shutting down")
         if not inputs:
@@ -123,13 +150,17 @@ class Predictor:
         whole = max(WHOLE_REQUEST_INPUTS, WHOLE_REQUEST_SLICES * expecting.slice_inputs())
         if len(inputs) > whole:
             return await self._predict_in_chunks(
-                backbone, head, preprocessor, inputs, top_k, return_embedding
+                backbone, heads, preprocessor, inputs, top_k, return_embedding
             )
         expecting.expect()
         if expecting.alone() and _decodes_on_compute_thread(inputs, modality, backbone.device):
             expecting.arrived()
             return await expecting.run_alone(
-                head, functools.partial(_prepare, preprocessor, inputs, 0), top_k, return_embedding
+                head,
+                functools.partial(_prepare, preprocessor, inputs, 0),
+                top_k,
+                return_embedding,
+                extra_heads,
             )
         try:
             examples = await self._prepare(preprocessor, inputs, modality)
@@ -139,13 +170,23 @@ class Predictor:
         # Looked up again: the backbone may have been reloaded (a new batcher) meanwhile.
         batcher = self._batcher(backbone, head.record.input_size)
         input_bytes = batcher.checked_input_bytes(examples)
-        batcher.submit(PendingRequest(head, examples, top_k, return_embedding, future, input_bytes))
+        batcher.submit(
+            PendingRequest(
+                head,
+                examples,
+                top_k,
+                return_embedding,
+                future,
+                input_bytes,
+                extra_heads=extra_heads,
+            )
+        )
         return await future
 
     async def _predict_in_chunks(
         self,
         backbone: LoadedBackbone,
-        head: LoadedHead,
+        heads: tuple[LoadedHead, ...],
         preprocessor: Preprocessor,
         inputs: Sequence[ModelInput],
         top_k: int,
@@ -156,7 +197,9 @@ class Predictor:
         requests), each chunk queued for the batcher as soon as it is ready, so decoding
         overlaps compute and other callers' work runs between chunks. Each chunk is one
         slice at the batcher's latest time per input. A caller that goes away (deadline,
-        cancel) stops the decoding and drops its queued chunks."""
+        cancel) stops the decoding and drops its queued chunks. Results head by head, as
+        `_predict`'s."""
+        head = heads[0]
         loop = asyncio.get_running_loop()
         request_key = next(self._request_keys)
         futures: list[asyncio.Future[list[PredictionResult]]] = []
@@ -180,12 +223,17 @@ class Predictor:
                         future,
                         input_bytes,
                         chunk_of=request_key,
+                        extra_heads=heads[1:],
                     )
                 )
-            results: list[PredictionResult] = []
+            # Each chunk answers head by head for its own rows: regrouped by head.
+            per_head: list[list[PredictionResult]] = [[] for _ in heads]
             for future in futures:
-                results += await future
-            return results
+                part = await future
+                rows = len(part) // len(heads)
+                for i, results in enumerate(per_head):
+                    results += part[i * rows : (i + 1) * rows]
+            return [result for results in per_head for result in results]
         finally:
             for future in futures:
                 future.cancel()  # a no-op for those done; the batcher drops the rest
