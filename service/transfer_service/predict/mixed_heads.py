@@ -97,15 +97,15 @@ def run_heads(
                 break
             # Keep only the rows of heads that attach further up (once each: a multi-head
             # request's rows may be wanted by several of them).
-            keep = torch.cat(
-                [
-                    torch.arange(starts[p], starts[p + 1])
-                    for later in split_points
-                    if later > split
-                    for _, positions in groups_at[later]
-                    for p in positions
-                ]
-            ).unique(sorted=True)
+            wanted_later = {
+                row
+                for later in split_points
+                if later > split
+                for _, positions in groups_at[later]
+                for p in positions
+                for row in range(starts[p], starts[p + 1])
+            }
+            keep = torch.tensor(sorted(wanted_later), dtype=torch.long)
             state = trunk.select(state, padded_index(where_in_state[keep], padded_sizes).to(device))
             active = keep
     return [
