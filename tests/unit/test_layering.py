@@ -31,14 +31,21 @@ ALLOWED: dict[str, set[str]] = {
     "heads": CORE | {"backbones"},
     "store": CORE | {"store"},
     "predict": CORE | {"backbones", "heads", "predict", "torch_threads"},
-    "training": CORE | {"backbones", "heads", "training", "torch_threads"} | STORE_CONTRACT,
+    "evaluation": CORE,
+    "training": CORE
+    | {"backbones", "heads", "training", "torch_threads", "evaluation"}
+    | STORE_CONTRACT,
     "dataset_upload": CORE | {"backbones", "training.validation"} | STORE_CONTRACT,
     "list_pages": CORE | STORE_CONTRACT,
     "operations": CORE
     | {"backbones", "heads", "predict", "training", "dataset_upload", "list_pages"}
     | STORE_CONTRACT,
+    "head_evaluation": CORE
+    | {"backbones", "heads", "predict", "training", "evaluation", "operations"}
+    | STORE_CONTRACT,
     "edge": CORE
-    | {"edge", "operations", "backbones.cache", "training.validation", "metrics"}
+    | {"edge", "operations", "head_evaluation", "backbones.cache", "training.validation"}
+    | {"metrics"}
     | {"request_scope", "settings", ""},
     "app": {"*"},  # the composition root wires everything
     "__main__": {"app"},

@@ -122,7 +122,10 @@ def _results(
     head: LoadedHead, logits: torch.Tensor, features: torch.Tensor | None, top_k: int
 ) -> list[PredictionResult]:
     classes = head.record.class_names
-    probabilities = logits.softmax(dim=1)  # [n, C]
+    # Calibrated scores: the head's temperature (1 for heads stored before calibration), a
+    # division per head, so every head of a mixed batch gets its own.
+    temperature = head.record.temperature
+    probabilities = (logits if temperature == 1.0 else logits / temperature).softmax(dim=1)
     k = min(max(top_k, 1), len(classes))
     scores, indices = probabilities.topk(k, dim=1)
     results = []

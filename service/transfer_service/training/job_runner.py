@@ -187,6 +187,8 @@ class JobRunner:
                 size_bytes=sum(t.numel() * t.element_size() for t in weights.values()),
                 job_id=live.record.job_id,
                 tenant=spec.tenant,
+                temperature=result.evaluation.temperature,
+                evaluation=result.evaluation,
             )
             self._complete(live, record, weights, result)
         except LeaseLostError:
@@ -227,7 +229,10 @@ class JobRunner:
         old = live.record.state
         try:
             event = self._events.store_completion(
-                live, JobCompleted(record.head_id, result.metrics), record, weights
+                live,
+                JobCompleted(record.head_id, result.metrics, result.evaluation.summary()),
+                record,
+                weights,
             )
         except LeaseLostError:
             raise

@@ -10,7 +10,12 @@ import time
 import torch
 from torch import nn
 
-from transfer_service.domain import CROSS_VALIDATION_PHASE, TrainingProgress
+from transfer_service.domain import (
+    CROSS_VALIDATION_PHASE,
+    SOURCE_CROSS_VALIDATION,
+    SOURCE_VALIDATION_SPLIT,
+    TrainingProgress,
+)
 from transfer_service.heads import TaskHead
 from transfer_service.torch_threads import intra_op_threads_within
 from transfer_service.training.features import ExtractedData
@@ -24,6 +29,7 @@ from transfer_service.training.regularised_probe import (
 )
 from transfer_service.training.solver_context import (
     EpochStats,
+    HeldOut,
     KeptEpoch,
     SolverContext,
     inverse_frequency,
@@ -124,4 +130,11 @@ def fit_lbfgs_probe(
         )
     )
     c = chosen.c if chosen is not None else DEFAULT_C
-    return KeptEpoch(stats, validation[0], validation[1], 1), c
+    held_out = None
+    if result.held_out_logits is not None and result.held_out_rows is not None:
+        held_out = HeldOut(
+            result.held_out_logits,
+            labels.index_select(0, result.held_out_rows).cpu(),
+            SOURCE_VALIDATION_SPLIT if split.validation else SOURCE_CROSS_VALIDATION,
+        )
+    return KeptEpoch(stats, validation[0], validation[1], 1, held_out), c

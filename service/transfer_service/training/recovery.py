@@ -88,7 +88,11 @@ def _reads_back_whole(store: Store, head: HeadRecord) -> bool:
 
 def _adopt(store: Store, job: JobRecord, head: HeadRecord) -> None:
     adopted = replace(job, head_id=head.head_id, error="")
-    payload = JobCompleted(head.head_id, head.metrics)
+    payload = JobCompleted(
+        head.head_id,
+        head.metrics,
+        head.evaluation.summary() if head.evaluation is not None else None,
+    )
     _finish(store, adopted, JobState.SUCCEEDED, payload, _last_sequence(store, job))
     log.warning(
         "job %s was interrupted by a restart after its head %s was saved; marked succeeded",
@@ -114,10 +118,11 @@ def _end_event_log(store: Store, job: JobRecord) -> None:
 def _terminal_payload(store: Store, job: JobRecord) -> EventPayload:
     if job.state is JobState.SUCCEEDED:
         try:
-            metrics = store.get_head(job.head_id).metrics
+            head = store.get_head(job.head_id)
         except ServiceError:  # the head was deleted since (or never readable): what is known
-            metrics = _metrics_from_progress(job.progress)
-        return JobCompleted(job.head_id, metrics)
+            return JobCompleted(job.head_id, _metrics_from_progress(job.progress))
+        evaluation = head.evaluation.summary() if head.evaluation is not None else None
+        return JobCompleted(job.head_id, head.metrics, evaluation)
     if job.state is JobState.CANCELLED:
         return JobCancelled(job.error or "cancelled")
     # The failure's status code was only ever in the event that is missing.

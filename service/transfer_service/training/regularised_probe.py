@@ -64,6 +64,11 @@ class ProbeResult:
     folds: int
     train_loss: float
     train_accuracy: float
+    # The chosen C's predictions on rows no fit it came from saw: out-of-fold logits of
+    # every row (k-fold), or of the validation rows (a given validation set), float32 on the
+    # CPU, with those rows' indices; None when nothing was held out.
+    held_out_logits: torch.Tensor | None = None
+    held_out_rows: torch.Tensor | None = None
 
 
 def history_size(num_classes: int, dims: int) -> int:
@@ -141,6 +146,8 @@ class RegularisedProbe:
             self._basis = right[keep].T.contiguous()
             full = full @ self._basis
         self._features = full  # [N, r or D]
+        # search(): (logits, rows) of the best C's held-out predictions, or None
+        self.best_held_out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fit(
         self, c: float, rows: torch.Tensor | None = None, start: LinearFit | None = None
@@ -194,6 +201,17 @@ class RegularisedProbe:
         optimizer.step(objective)  # type: ignore[no-untyped-call]
         return LinearFit(weight.detach(), bias.detach())
 
+    def logits(self, fit: LinearFit, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), C] logits of `fit` (reduced coordinates), float32."""
+        features = self._features.index_select(0, rows)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    (features[chunk] @ fit.weight.T + fit.bias).float()
+                    for chunk in _row_chunks(features.shape[0], self._num_classes)
+                ]
+            )
+
     def score(self, fit: LinearFit, rows: torch.Tensor | None = None) -> tuple[float, float]:
         """Weighted mean cross-entropy (no smoothing) and accuracy of `fit` on `rows`."""
         features, labels, weights = self._select(rows)
@@ -232,15 +250,22 @@ class RegularisedProbe:
         rows, held-out rows) pairs; scores pool every held-out row."""
         scored: dict[float, Candidate] = {}
         starts: list[LinearFit | None] = [None] * len(folds)
+        # The held-out logits of the best C so far (best_candidate's order), for the report:
+        # kept as the search goes rather than refitted afterwards (k more fits).
+        self.best_held_out = None
+        best_key = (math.inf, math.inf)
 
         def evaluate(c: float, warm: bool) -> Candidate:
+            nonlocal best_key
             loss_sum = accuracy_sum = train_loss_sum = train_accuracy_sum = 0.0
             held_total = 0
+            held_logits: list[torch.Tensor] = []
             for index, (train_rows, held_rows) in enumerate(folds):
                 self._should_stop()
                 fit = self.fit(c, train_rows, starts[index] if warm else None)
                 if warm:
                     starts[index] = fit  # warm start along increasing C
+                held_logits.append(self.logits(fit, held_rows))
                 loss, accuracy = self.score(fit, held_rows)
                 train_loss, train_accuracy = self.score(fit, train_rows)
                 loss_sum += loss * len(held_rows)
@@ -256,6 +281,10 @@ class RegularisedProbe:
                 train_accuracy_sum / len(folds),
             )
             scored[c] = candidate
+            if (candidate.validation_loss, c) < best_key:
+                best_key = (candidate.validation_loss, c)
+                rows = torch.cat([held for _, held in folds])
+                self.best_held_out = (torch.cat(held_logits), rows)
             on_candidate(candidate)
             return candidate
 
@@ -302,8 +331,15 @@ def fit_cross_validated(
         chosen = best_candidate(candidates)
     probe_fit = probe.fit(chosen.c if chosen is not None else DEFAULT_C)
     train_loss, train_accuracy = probe.score(probe_fit)
+    held_out = probe.best_held_out if chosen is not None else None
     return ProbeResult(
-        probe.to_feature_space(probe_fit), chosen, candidates, folds, train_loss, train_accuracy
+        probe.to_feature_space(probe_fit),
+        chosen,
+        candidates,
+        folds,
+        train_loss,
+        train_accuracy,
+        *(held_out or (None, None)),
     )
 
 
@@ -320,5 +356,12 @@ def fit_on_holdout(
     probe_fit = probe.fit(chosen.c, train_rows)
     train_loss, train_accuracy = probe.score(probe_fit, train_rows)
     return ProbeResult(
-        probe.to_feature_space(probe_fit), chosen, candidates, 1, train_loss, train_accuracy
+        probe.to_feature_space(probe_fit),
+        chosen,
+        candidates,
+        1,
+        train_loss,
+        train_accuracy,
+        probe.logits(probe_fit, validation_rows),
+        validation_rows,
     )

@@ -100,6 +100,16 @@ class EpochStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldOut:
+    """Predictions on examples the kept head (or, cross-validating, the fold's fit) did not
+    train on: what the head's evaluation report and temperature are computed from."""
+
+    logits: torch.Tensor  # [n, C] float32, CPU
+    labels: torch.Tensor  # [n] class indices, CPU
+    source: str  # EvaluationReport.source
+
+
+@dataclass(frozen=True, slots=True)
 class KeptEpoch:
     """The epoch whose weights are kept."""
 
@@ -107,6 +117,9 @@ class KeptEpoch:
     validation_loss: float | None
     validation_accuracy: float | None
     epoch: int
+    # Set by a solver whose held-out predictions are not the kept head's on the validation
+    # rows (cross-validation); otherwise the trainer computes those (held_out_logits).
+    held_out: HeldOut | None = None
 
 
 def evaluate(
@@ -137,6 +150,33 @@ def evaluate(
             loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(dim=1) == targets).sum())
     return loss_sum / len(rows), correct / len(rows)
+
+
+def held_out_logits(
+    context: SolverContext,
+    head: TaskHead,
+    data: ExtractedData,
+    positions: tuple[int, ...],
+    probe: bool,
+    prefix_end: int,
+) -> torch.Tensor:
+    """[len(positions), C] logits of the head (in eval mode) on extracted rows, float32 on
+    the CPU, as `evaluate` computes them."""
+    head.eval()
+    rows = torch.tensor(positions, dtype=torch.long)
+    chunks: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for chunk in torch.split(rows, 256):
+            context.raise_if_cancelled()
+            device_chunk = chunk.to(context.device)
+            if probe:
+                logits = head.classify(data.pooled.index_select(0, device_chunk))
+            else:
+                assert data.prefix_states is not None
+                states = [data.prefix_states[i] for i in chunk.tolist()]
+                logits = head(context.backbone.trunk.collate(states))
+            chunks.append(logits.float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
 def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:

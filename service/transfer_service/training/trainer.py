@@ -19,6 +19,9 @@ import torch
 
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.domain import (
+    SOURCE_CROSS_VALIDATION,
+    SOURCE_VALIDATION_SPLIT,
+    EvaluationReport,
     EventPayload,
     FineTuneSpec,
     JobStarted,
@@ -28,13 +31,19 @@ from transfer_service.domain import (
     TrainingPlan,
     TrainingProgress,
 )
+from transfer_service.evaluation import empty_report, evaluation_report
 from transfer_service.heads import TaskHead, build_head
-from transfer_service.training.features import extract, plan_feature_memory
+from transfer_service.training.features import ExtractedData, extract, plan_feature_memory
 from transfer_service.training.fine_tune_loop import fine_tune
 from transfer_service.training.lbfgs_probe import fit_lbfgs_probe
 from transfer_service.training.prototype_fit import fit_prototypes
 from transfer_service.training.regularised_probe import default_folds
-from transfer_service.training.solver_context import KeptEpoch, SolverContext
+from transfer_service.training.solver_context import (
+    HeldOut,
+    KeptEpoch,
+    SolverContext,
+    held_out_logits,
+)
 from transfer_service.training.split import Split, given_split, stratified_split
 
 # `class_balance = "auto"` weights the loss once the largest class has this many times the
@@ -49,6 +58,8 @@ class TrainingResult:
     head: TaskHead
     class_names: tuple[str, ...]
     metrics: TrainingMetrics
+    # On held-out data; its temperature is the head's (Predict's scores divide by it).
+    evaluation: EvaluationReport
 
 
 class Trainer:
@@ -176,6 +187,7 @@ class Trainer:
         head.eval()
         head.requires_grad_(False)
         metrics = self._metrics(kept, epochs_run, split, started, folds, regularization_c)
+        evaluation = self._evaluation(kept, head, data, split, probe or prototype, prefix_end)
         if metrics.validation_accuracy is not None and not metrics.beats_baseline:
             self._emit(
                 JobWarning(
@@ -186,7 +198,7 @@ class Trainer:
                     "not transfer to this task, or the data is too small or noisy",
                 )
             )
-        return TrainingResult(head, split.class_names, metrics)
+        return TrainingResult(head, split.class_names, metrics, evaluation)
 
     # ---- data ----
 
@@ -241,6 +253,35 @@ class Trainer:
         return self._config.head_type == "prototype" or self._config.solver == "lbfgs_cv"
 
     # ---- reporting ----
+
+    def _evaluation(
+        self,
+        kept: KeptEpoch,
+        head: TaskHead,
+        data: ExtractedData,
+        split: Split,
+        pooled: bool,
+        prefix_end: int,
+    ) -> EvaluationReport:
+        """The report, and the temperature fitted, on held-out predictions: the solver's
+        (out-of-fold), else the kept head's on the validation rows. None held out (a tiny
+        set): an empty report, T = 1."""
+        held_out = kept.held_out
+        if held_out is None and split.validation:
+            logits = held_out_logits(
+                self._context, head, data, split.validation, pooled, prefix_end
+            )
+            labels = split.labels.index_select(0, torch.tensor(split.validation))
+            held_out = HeldOut(logits, labels, SOURCE_VALIDATION_SPLIT)
+        if held_out is None:
+            cross_validated = self._config.solver == "lbfgs_cv" and not split.validation
+            return empty_report(
+                SOURCE_CROSS_VALIDATION if cross_validated else SOURCE_VALIDATION_SPLIT
+            )
+        self._context.raise_if_cancelled()
+        return evaluation_report(
+            held_out.logits, held_out.labels, split.class_names, held_out.source
+        )
 
     def _metrics(
         self,
