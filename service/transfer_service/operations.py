@@ -240,7 +240,7 @@ class TransferOperations:
         return_embedding: bool,
     ) -> list[PredictionResult]:
         started = time.perf_counter()
-        head = await self._resolve_head(tenant, check_id("head_id", head_id))
+        head = await self.resolve_head(tenant, check_id("head_id", head_id))
         results = await self._predictor.predict(
             head, inputs, top_k=top_k, return_embedding=return_embedding
         )
@@ -342,11 +342,11 @@ class TransferOperations:
             (backbone, name),
         )
 
-    async def _resolve_head(self, tenant: str, head_id: str) -> LoadedHead:
+    async def resolve_head(self, tenant: str, head_id: str, field: str = "head_id") -> LoadedHead:
         """The loaded head for a Predict, its record read once: from the cache, or from the
         store by the load itself, owner-checked before its weights are read. Answers as
-        get_head does to every tenant but the owner."""
-        not_found = f"head_id: no head {head_id!r}"
+        get_head does to every tenant but the owner (errors name `field`)."""
+        not_found = f"{field}: no head {head_id!r}"
 
         def admit(record: HeadRecord) -> None:
             _check_owner(record.tenant, tenant, not_found)
