@@ -23,6 +23,7 @@ from transfer_service.edge.server import HealthReporter, create_server
 from transfer_service.edge.servicer import TransferServicer
 from transfer_service.edge.tenant_tokens import load_tenant_tokens
 from transfer_service.errors import ConfigurationError, ResourceExhaustedError, UnavailableError
+from transfer_service.head_evaluation import HeadEvaluation
 from transfer_service.heads import HeadCache
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
@@ -278,8 +279,21 @@ def build_application(settings: Settings) -> Application:
             method=method, code=code
         ).inc(),
     )
+    evaluations = HeadEvaluation(
+        operations=operations,
+        store=store,
+        heads=heads,
+        predictor=predictor,
+        blocking_pool=blocking_pool,
+        max_examples=settings.max_dataset_examples,
+        max_inputs_per_call=settings.max_predict_inputs,
+        max_image_pixels=settings.max_image_pixels,
+    )
     server, port = create_server(
-        settings, TransferServicer(operations, metrics), health, interceptor
+        settings,
+        TransferServicer(operations, metrics, evaluations=evaluations),
+        health,
+        interceptor,
     )
     metrics_port = None
     if settings.metrics_port >= 0:

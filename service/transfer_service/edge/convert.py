@@ -12,6 +12,7 @@ from transfer_service.backbones.cache import BackboneStatus
 from transfer_service.domain import (
     CandidateResult,
     DatasetInfo,
+    EvaluationReport,
     HeadRecord,
     JobCancelled,
     JobCompleted,
@@ -258,9 +259,10 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
     elif isinstance(payload, TrainingProgress):
         message.progress.CopyFrom(progress(payload))
     elif isinstance(payload, JobCompleted):
-        message.completed.CopyFrom(
-            pb.JobCompleted(head_id=payload.head_id, metrics=metrics(payload.metrics))
-        )
+        completed = pb.JobCompleted(head_id=payload.head_id, metrics=metrics(payload.metrics))
+        if payload.evaluation is not None:
+            completed.evaluation.CopyFrom(evaluation_report(payload.evaluation.summary()))
+        message.completed.CopyFrom(completed)
     elif isinstance(payload, JobFailed):
         message.failed.CopyFrom(pb.JobFailed(reason=payload.reason, code=payload.code))
     elif isinstance(payload, JobCancelled):
@@ -302,8 +304,10 @@ def job(record: JobRecord) -> pb.Job:
     return message
 
 
-def head(record: HeadRecord) -> pb.Head:
-    return pb.Head(
+def head(record: HeadRecord, *, summary: bool = False) -> pb.Head:
+    """`summary`: the evaluation without per-class rows and confusion matrix (listings: a
+    page of 100-class heads would otherwise carry a million matrix cells)."""
+    message = pb.Head(
         head_id=record.head_id,
         name=record.name,
         backbone=record.backbone,
@@ -317,6 +321,35 @@ def head(record: HeadRecord) -> pb.Head:
         size_bytes=record.size_bytes,
         job_id=record.job_id,
         head_type=record.head_type,
+    )
+    if record.evaluation is not None:
+        report = record.evaluation.summary() if summary else record.evaluation
+        message.evaluation.CopyFrom(evaluation_report(report))
+    return message
+
+
+def evaluation_report(report: EvaluationReport) -> pb.EvaluationReport:
+    return pb.EvaluationReport(
+        source=report.source,
+        examples=report.examples,
+        accuracy=report.accuracy,
+        macro_f1=report.macro_f1,
+        top_k_accuracy=report.top_k_accuracy,
+        log_loss=report.log_loss,
+        ece_uncalibrated=report.ece_uncalibrated,
+        ece=report.ece,
+        temperature=report.temperature,
+        per_class=[
+            pb.ClassMetrics(
+                label=row.label,
+                precision=row.precision,
+                recall=row.recall,
+                f1=row.f1,
+                support=row.support,
+            )
+            for row in report.per_class
+        ],
+        confusion_matrix=report.confusion_matrix,
     )
 
 

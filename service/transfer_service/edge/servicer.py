@@ -20,6 +20,7 @@ from transfer_service.edge import convert
 from transfer_service.edge.status_codes import status_code_for
 from transfer_service.edge.wire import MalformedRequest
 from transfer_service.errors import ServiceError
+from transfer_service.head_evaluation import HeadEvaluation
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
 from transfer_service.request_scope import current_tenant
@@ -99,9 +100,16 @@ def streaming(
 
 
 class TransferServicer(pb_grpc.TransferServiceServicer):
-    def __init__(self, operations: TransferOperations, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        operations: TransferOperations,
+        metrics: Metrics,
+        *,
+        evaluations: HeadEvaluation,
+    ) -> None:
         self._ops = operations
         self._metrics = metrics
+        self._evaluations = evaluations
 
     def _record(self, method: str, code: str, started: float) -> None:
         self._metrics.rpc_requests.labels(method=method, code=code).inc()
@@ -196,12 +204,24 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
             page_token=request.page_token,
         )
         return pb.ListHeadsResponse(
-            heads=[convert.head(h) for h in heads], next_page_token=next_page
+            heads=[convert.head(h, summary=True) for h in heads], next_page_token=next_page
         )
 
     @unary
     async def GetHead(self, request: pb.GetHeadRequest, context: Context) -> pb.Head:
         return convert.head(await self._ops.get_head(current_tenant(), request.head_id))
+
+    @unary
+    async def EvaluateHead(
+        self, request: pb.EvaluateHeadRequest, context: Context
+    ) -> pb.EvaluationReport:
+        report = await self._evaluations.evaluate(
+            current_tenant(),
+            request.head_id,
+            convert.labeled_examples(request.examples),
+            request.dataset_id,
+        )
+        return convert.evaluation_report(report)
 
     @unary
     async def DeleteHead(
