@@ -49,6 +49,9 @@ class BackboneSpec(ABC):
     pretrained_on: str
     feature_dim: int
     native_input_size: int
+    # Text backbones: the tokenizer's name on the Hugging Face hub (an exported model's
+    # metadata names it, so its users tokenise alike).
+    tokenizer_name: str = ""
 
     @abstractmethod
     def locate_weights(self, weights_dir: Path) -> Path:
@@ -203,6 +206,7 @@ class MiniLmSpec(BackboneSpec):
     pretrained_on = "1B sentence pairs (sentence-transformers)"
     feature_dim = 384
     native_input_size = 256
+    tokenizer_name = "sentence-transformers/all-MiniLM-L6-v2"
 
     def locate_weights(self, weights_dir: Path) -> Path:
         try:
