@@ -282,7 +282,6 @@ def build_application(settings: Settings) -> Application:
     evaluations = HeadEvaluation(
         operations=operations,
         store=store,
-        heads=heads,
         predictor=predictor,
         blocking_pool=blocking_pool,
         max_examples=settings.max_dataset_examples,

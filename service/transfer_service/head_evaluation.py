@@ -28,7 +28,6 @@ from transfer_service.domain import (
 )
 from transfer_service.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from transfer_service.evaluation import evaluation_report, logits_from_probabilities
-from transfer_service.heads import HeadCache, LoadedHead
 from transfer_service.operations import TransferOperations
 from transfer_service.predict.predictor import Predictor
 from transfer_service.store.ids import check_id
@@ -46,7 +45,6 @@ class HeadEvaluation:
         *,
         operations: TransferOperations,
         store: Store,
-        heads: HeadCache,
         predictor: Predictor,
         blocking_pool: Executor,
         max_examples: int,
@@ -57,7 +55,6 @@ class HeadEvaluation:
         `max_inputs_per_call`: Predict's (the chunk each predictor call takes)."""
         self._operations = operations
         self._store = store
-        self._heads = heads
         self._predictor = predictor
         self._pool = blocking_pool
         self._max_examples = max_examples
@@ -74,9 +71,10 @@ class HeadEvaluation:
         examples: Sequence[LabeledExample],
         dataset_id: str = "",
     ) -> EvaluationReport:
-        # Ownership first, exactly as GetHead answers it (another tenant's head: NOT_FOUND),
-        # before any example is looked at.
-        record = await self._operations.get_head(tenant, head_id)
+        # The head as Predict resolves it (owner checked before its weights are read: another
+        # tenant's head is NOT_FOUND), before any example is looked at.
+        head = await self._operations.resolve_head(tenant, head_id)
+        record = head.record
         examples, field = await self._examples(tenant, examples, dataset_id)
         if not examples:
             raise InvalidArgumentError(f"{field}: no examples (send examples or a dataset_id)")
@@ -100,9 +98,6 @@ class HeadEvaluation:
         if record.modality is Modality.IMAGE and not dataset_id:
             # Uploaded datasets were checked at upload; inline images are checked here.
             await self._blocking(self._check_images, examples, field)
-        head = self._heads.peek(head_id)
-        if head is None:
-            head = await self._blocking(self._load_head, head_id)
         index = {name: position for position, name in enumerate(classes)}
         probabilities = torch.zeros(len(examples), len(classes), dtype=torch.float64)
         for start in range(0, len(examples), self._chunk):
@@ -142,9 +137,6 @@ class HeadEvaluation:
             )
         loaded: list[LabeledExample] = await self._blocking(self._store.dataset_examples, info)
         return loaded, f"dataset {dataset_id}"
-
-    def _load_head(self, head_id: str) -> LoadedHead:
-        return self._heads.get(head_id)
 
     def _check_images(self, examples: Sequence[LabeledExample], field: str) -> None:
         for position, example in enumerate(examples):
