@@ -22,6 +22,7 @@ from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
     Backbone,
     DatasetInfo,
+    EvaluationReport,
     FineTuneEvent,
     Head,
     InputData,
@@ -166,6 +167,19 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
 
     async def get_head(self, head_id: str) -> Head:
         return await self._unary(self._stub.GetHead, core.get_head(head_id))
+
+    async def evaluate_head(
+        self,
+        head_id: str,
+        examples: Iterable[LabelledExample] | None = None,
+        *,
+        dataset_id: str | None = None,
+    ) -> EvaluationReport:
+        """Scores the head on a labelled test set (inline examples, or an uploaded dataset's
+        id): the same report `get_head` carries from training. The head is not changed."""
+        return await self._unary(
+            self._stub.EvaluateHead, core.evaluate_head(head_id, examples, dataset_id)
+        )
 
     async def delete_head(self, head_id: str) -> None:
         await self._unary(self._stub.DeleteHead, core.delete_head(head_id))

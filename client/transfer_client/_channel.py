@@ -30,6 +30,7 @@ RETRIED_METHODS = (
     "WatchJob",
     "ListHeads",
     "GetHead",
+    "EvaluateHead",  # a read: the head is not changed
 )
 
 ChannelOptions = list[tuple[str, int | str]]

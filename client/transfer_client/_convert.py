@@ -16,8 +16,10 @@ from transfer_client.types import (
     Backbone,
     BackboneState,
     CandidateResult,
+    ClassMetrics,
     ClassScore,
     DatasetInfo,
+    EvaluationReport,
     FineTuneEvent,
     Head,
     InputData,
@@ -277,6 +279,7 @@ def event_from_pb(message: pb.FineTuneEvent) -> FineTuneEvent | None:
                 time=time,
                 head_id=message.completed.head_id,
                 metrics=training_metrics_from_pb(message.completed.metrics),
+                evaluation=_optional_evaluation(message.completed),
             )
         case "failed":
             return JobFailed(
@@ -340,6 +343,36 @@ def job_from_pb(message: pb.Job) -> Job:
     )
 
 
+def evaluation_from_pb(message: pb.EvaluationReport) -> EvaluationReport:
+    classes = len(message.per_class)
+    cells = list(message.confusion_matrix)
+    matrix = (
+        tuple(tuple(cells[row * classes : (row + 1) * classes]) for row in range(classes))
+        if classes and len(cells) == classes * classes
+        else ()
+    )
+    return EvaluationReport(
+        source=message.source,
+        examples=message.examples,
+        accuracy=message.accuracy,
+        macro_f1=message.macro_f1,
+        top_k_accuracy=tuple(message.top_k_accuracy),
+        log_loss=message.log_loss,
+        ece_uncalibrated=message.ece_uncalibrated,
+        ece=message.ece,
+        temperature=message.temperature,
+        per_class=tuple(
+            ClassMetrics(row.label, row.precision, row.recall, row.f1, row.support)
+            for row in message.per_class
+        ),
+        confusion_matrix=matrix,
+    )
+
+
+def _optional_evaluation(message: pb.Head | pb.JobCompleted) -> EvaluationReport | None:
+    return evaluation_from_pb(message.evaluation) if message.HasField("evaluation") else None
+
+
 def head_from_pb(message: pb.Head) -> Head:
     return Head(
         head_id=message.head_id,
@@ -355,6 +388,7 @@ def head_from_pb(message: pb.Head) -> Head:
         size_bytes=message.size_bytes,
         job_id=message.job_id,
         head_type=message.head_type,
+        evaluation=_optional_evaluation(message),
     )
 
 
@@ -427,6 +461,17 @@ def example_to_pb(example: LabelledExample) -> pb.Example:
     if isinstance(data, str):
         return pb.Example(text=data, label=label)
     return pb.Example(image=data, label=label)
+
+
+def evaluate_head_request(
+    head_id: str, examples: Iterable[LabelledExample] | None, dataset_id: str | None
+) -> pb.EvaluateHeadRequest:
+    if (examples is None) == (dataset_id is None):
+        raise ValueError("pass either examples or dataset_id (from upload_dataset), not both")
+    request = pb.EvaluateHeadRequest(head_id=head_id, dataset_id=dataset_id or "")
+    if examples is not None:
+        request.examples.extend(example_to_pb(example) for example in examples)
+    return request
 
 
 def fine_tune_request(

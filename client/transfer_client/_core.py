@@ -29,6 +29,7 @@ from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.types import (
     Backbone,
+    EvaluationReport,
     FineTuneEvent,
     Head,
     InputData,
@@ -37,6 +38,7 @@ from transfer_client.types import (
     JobCompleted,
     JobFailed,
     JobState,
+    LabelledExample,
     Prediction,
 )
 
@@ -96,6 +98,14 @@ def cancel_job(job_id: str) -> Unary[pb.CancelJobRequest, pb.Job, Job]:
 
 def get_head(head_id: str) -> Unary[pb.GetHeadRequest, pb.Head, Head]:
     return Unary(pb.GetHeadRequest(head_id=head_id), convert.head_from_pb)
+
+
+def evaluate_head(
+    head_id: str, examples: Iterable[LabelledExample] | None, dataset_id: str | None
+) -> Unary[pb.EvaluateHeadRequest, pb.EvaluationReport, EvaluationReport]:
+    return Unary(
+        convert.evaluate_head_request(head_id, examples, dataset_id), convert.evaluation_from_pb
+    )
 
 
 def delete_head(head_id: str) -> Unary[pb.DeleteHeadRequest, pb.DeleteHeadResponse, None]:

@@ -209,12 +209,53 @@ class JobQueued:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassMetrics:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    """Examples of this class in the evaluated set."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReport:
+    """A head's quality on data it was not trained on: the validation split or out-of-fold
+    predictions (from training), or the caller's test set (`evaluate_head`). `examples` 0:
+    nothing was held out, and the figures mean nothing."""
+
+    source: str
+    """"validation_split", "cross_validation" or "test_set"."""
+    examples: int
+    accuracy: float
+    macro_f1: float
+    top_k_accuracy: tuple[float, ...]
+    """top_k_accuracy[k-1]: the true class among the k best, for k = 1 .. min(5, classes)."""
+    log_loss: float
+    """Mean negative log-likelihood of the true class, with the calibrated scores."""
+    ece_uncalibrated: float
+    """Expected calibration error (15 bins) of the scores before temperature scaling."""
+    ece: float
+    """... and after: Predict's scores."""
+    temperature: float
+    """What Predict divides the head's logits by (1: none)."""
+    per_class: tuple[ClassMetrics, ...]
+    """In the head's class order; empty in a summary (a completed event, a listing)."""
+    confusion_matrix: tuple[tuple[int, ...], ...]
+    """[true class][predicted class] in the head's class order; empty above 100 classes and
+    in a summary."""
+
+
+@dataclass(frozen=True, slots=True)
 class JobCompleted:
     job_id: str
     sequence: int
     time: datetime
     head_id: str
     metrics: TrainingMetrics
+    evaluation: EvaluationReport | None = None
+    """The head's report without per-class rows and matrix (`get_head` has it whole); None
+    from servers older than reports."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +347,8 @@ class Head:
     """Bytes of the head's own weights; the shared backbone is not counted."""
     job_id: str
     head_type: str = "linear"
+    evaluation: EvaluationReport | None = None
+    """None for heads trained before reports existed (and from servers older than them)."""
 
 
 @dataclass(frozen=True, slots=True)

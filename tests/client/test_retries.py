@@ -108,6 +108,7 @@ CALLS: dict[str, Callable[[TransferClient], object]] = {
     "WatchJob": lambda client: list(client.watch_job("job-1")),
     "ListHeads": lambda client: client.list_heads(),
     "GetHead": lambda client: client.get_head("head-1"),
+    "EvaluateHead": lambda client: client.evaluate_head("head-1", [("some text", "news")]),
     "FineTune": lambda client: list(client.fine_tune("minilm_l6", dataset_id="dataset-1")),
     "UploadDataset": lambda client: client.upload_dataset([("some text", "news")]),
     "CancelJob": lambda client: client.cancel_job("job-1"),
@@ -123,6 +124,7 @@ RETRIED = {
     "WatchJob",
     "ListHeads",
     "GetHead",
+    "EvaluateHead",
 }
 
 
