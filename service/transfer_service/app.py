@@ -24,6 +24,7 @@ from transfer_service.edge.servicer import TransferServicer
 from transfer_service.edge.tenant_tokens import load_tenant_tokens
 from transfer_service.errors import ConfigurationError, ResourceExhaustedError, UnavailableError
 from transfer_service.head_evaluation import HeadEvaluation
+from transfer_service.head_operations import HeadOperations
 from transfer_service.heads import HeadCache
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
@@ -69,7 +70,7 @@ class Application:
     server: grpc.aio.Server
     port: int
     metrics_port: int | None
-    pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute)
+    pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute, ...)
     retention: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
@@ -208,12 +209,12 @@ def build_application(settings: Settings) -> Application:
         lease_seconds=settings.job_lease_seconds,
         max_attempts=settings.job_max_attempts,
         hooks=JobHooks(
-            on_state=lambda new, old: _count_job_state(
-                metrics, new.value, old.value if old else None
+            on_state=lambda new, old: metrics.count_job_state(
+                new.value, old.value if old else None
             ),
             on_step=metrics.training_step.observe,
-            on_epoch=lambda seconds, rate: _record_epoch(metrics, seconds, rate),
-            on_finished=lambda outcome, head: _job_finished(metrics, outcome, head),
+            on_epoch=metrics.record_epoch,
+            on_finished=metrics.job_finished,
         ),
     )
     blocking_pool = ThreadPoolExecutor(
@@ -256,6 +257,10 @@ def build_application(settings: Settings) -> Application:
         while_decoding=cpu_share.decoding if device.type == "cpu" else nullcontext,
         slice_seconds=settings.predict_slice_ms / 1000.0,
     )
+
+    def on_predicted(backbone: str, seconds: float) -> None:
+        metrics.predict_duration.labels(backbone=backbone).observe(seconds)
+
     operations = TransferOperations(
         store=store,
         backbones=backbones,
@@ -268,9 +273,20 @@ def build_application(settings: Settings) -> Application:
         feature_cache_bytes=settings.feature_cache_bytes,
         max_image_pixels=settings.max_image_pixels,
         max_dataset_bytes_per_tenant=settings.max_dataset_bytes_per_tenant,
-        on_predicted=lambda backbone, seconds: metrics.predict_duration.labels(
-            backbone=backbone
-        ).observe(seconds),
+        on_predicted=on_predicted,
+    )
+    # ONNX exports (seconds of CPU each) on a thread of their own, one at a time: never on
+    # a blocking-pool thread that every call's store reads need.
+    export_pool = ThreadPoolExecutor(
+        1, thread_name_prefix="export", initializer=use_intra_op_threads, initargs=(1,)
+    )
+    head_operations = HeadOperations(
+        resolve_head=operations.resolve_head,
+        backbones=backbones,
+        predictor=predictor,
+        blocking_pool=blocking_pool,
+        export_pool=export_pool,
+        on_predicted=on_predicted,
     )
     health = HealthReporter()
     interceptor = RequestInterceptor(
@@ -290,7 +306,7 @@ def build_application(settings: Settings) -> Application:
     )
     server, port = create_server(
         settings,
-        TransferServicer(operations, metrics, evaluations=evaluations),
+        TransferServicer(operations, metrics, evaluations=evaluations, heads=head_operations),
         health,
         interceptor,
     )
@@ -311,26 +327,8 @@ def build_application(settings: Settings) -> Application:
         server=server,
         port=port,
         metrics_port=metrics_port,
-        pools=(blocking_pool, compute_pool),
+        pools=(blocking_pool, compute_pool, export_pool),
     )
-
-
-def _record_epoch(metrics: Metrics, seconds: float, examples_per_second: float) -> None:
-    metrics.training_epoch.observe(seconds)
-    metrics.training_throughput.set(examples_per_second)
-
-
-def _count_job_state(metrics: Metrics, new: str, old: str | None) -> None:
-    metrics.jobs.labels(state=new).inc()
-    if old is not None:
-        metrics.jobs.labels(state=old).dec()
-
-
-def _job_finished(metrics: Metrics, outcome: str, head: object) -> None:
-    metrics.jobs_finished.labels(outcome=outcome).inc()
-    accuracy = getattr(getattr(head, "metrics", None), "validation_accuracy", None)
-    if accuracy is not None:
-        metrics.validation_accuracy.labels(backbone=getattr(head, "backbone", "")).set(accuracy)
 
 
 async def serve(settings: Settings) -> None:

@@ -147,6 +147,25 @@ class Metrics:
         counter = {"hit": self.cache_hits, "miss": self.cache_misses, "evict": self.cache_evictions}
         counter[event].labels(cache=cache).inc()
 
+    # Training jobs' observers (training.jobs.JobHooks).
+
+    def record_epoch(self, seconds: float, examples_per_second: float) -> None:
+        self.training_epoch.observe(seconds)
+        self.training_throughput.set(examples_per_second)
+
+    def count_job_state(self, new: str, old: str | None) -> None:
+        self.jobs.labels(state=new).inc()
+        if old is not None:
+            self.jobs.labels(state=old).dec()
+
+    def job_finished(self, outcome: str, head: object) -> None:
+        """`head`: the new head's record, or None (read by attribute: metrics imports no
+        domain type)."""
+        self.jobs_finished.labels(outcome=outcome).inc()
+        accuracy = getattr(getattr(head, "metrics", None), "validation_accuracy", None)
+        if accuracy is not None:
+            self.validation_accuracy.labels(backbone=getattr(head, "backbone", "")).set(accuracy)
+
 
 class _CacheResidency(Collector):
     def __init__(

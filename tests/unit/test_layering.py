@@ -43,9 +43,11 @@ ALLOWED: dict[str, set[str]] = {
     "head_evaluation": CORE
     | {"backbones", "heads", "predict", "training", "evaluation", "operations"}
     | STORE_CONTRACT,
+    "onnx_export": CORE | {"backbones", "heads"},
+    "head_operations": CORE | {"backbones", "heads", "predict", "onnx_export"} | STORE_CONTRACT,
     "edge": CORE
-    | {"edge", "operations", "head_evaluation", "backbones.cache", "training.validation"}
-    | {"metrics"}
+    | {"edge", "operations", "head_evaluation", "head_operations", "backbones.cache"}
+    | {"training.validation", "metrics"}
     | {"request_scope", "settings", ""},
     "app": {"*"},  # the composition root wires everything
     "__main__": {"app"},

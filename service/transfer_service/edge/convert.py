@@ -32,6 +32,7 @@ from transfer_service.domain import (
     TrainingProgress,
 )
 from transfer_service.errors import InvalidArgumentError
+from transfer_service.head_operations import HeadPredictions
 from transfer_service.operations import FineTuneCall
 from transfer_service.training.validation import TrainingConfigRequest
 
@@ -170,6 +171,18 @@ def prediction(result: PredictionResult) -> pb.Prediction:
         score=result.score,
         top_k=[pb.ClassScore(label=s.label, score=s.score) for s in result.top_k],
         embedding=result.embedding,
+    )
+
+
+def multi_head_response(answers: list[HeadPredictions]) -> pb.PredictResponse:
+    """Every head's predictions in `heads`; the first head's also where a single-head
+    Predict puts them (`head_id`, `predictions`)."""
+    heads = [
+        pb.HeadPredictions(head_id=a.head_id, predictions=[prediction(r) for r in a.predictions])
+        for a in answers
+    ]
+    return pb.PredictResponse(
+        head_id=heads[0].head_id, predictions=heads[0].predictions, heads=heads
     )
 
 

@@ -21,6 +21,7 @@ from transfer_service.edge.status_codes import status_code_for
 from transfer_service.edge.wire import MalformedRequest
 from transfer_service.errors import ServiceError
 from transfer_service.head_evaluation import HeadEvaluation
+from transfer_service.head_operations import HeadOperations
 from transfer_service.metrics import Metrics
 from transfer_service.operations import TransferOperations
 from transfer_service.request_scope import current_tenant
@@ -106,10 +107,12 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
         metrics: Metrics,
         *,
         evaluations: HeadEvaluation,
+        heads: HeadOperations,
     ) -> None:
         self._ops = operations
         self._metrics = metrics
         self._evaluations = evaluations
+        self._heads = heads
 
     def _record(self, method: str, code: str, started: float) -> None:
         self._metrics.rpc_requests.labels(method=method, code=code).inc()
@@ -140,6 +143,16 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        if request.head_ids:  # several heads, one backbone pass
+            answers = await self._heads.predict_heads(
+                current_tenant(),
+                request.head_id,
+                request.head_ids,
+                convert.model_inputs(request.inputs),
+                request.top_k,
+                request.return_embedding,
+            )
+            return convert.multi_head_response(answers)
         results = await self._ops.predict(
             current_tenant(),
             request.head_id,
@@ -222,6 +235,13 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
             request.dataset_id,
         )
         return convert.evaluation_report(report)
+
+    @streaming
+    async def ExportHead(
+        self, request: pb.ExportHeadRequest, context: Context
+    ) -> AsyncIterator[pb.ExportHeadChunk]:
+        async for chunk in self._heads.export_head(current_tenant(), request.head_id):
+            yield pb.ExportHeadChunk(data=chunk.data, total_bytes=chunk.total_bytes)
 
     @unary
     async def DeleteHead(
