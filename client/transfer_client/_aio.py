@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
@@ -201,6 +202,36 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         """Classifies `inputs` (one, or several in one request); results in input order."""
         call = core.predict(head_id, inputs, top_k=top_k, return_embedding=return_embedding)
         return await self._unary(self._stub.Predict, call)
+
+    async def predict_heads(
+        self,
+        head_ids: Iterable[str],
+        inputs: InputData | Iterable[InputData],
+        *,
+        top_k: int = 1,
+        return_embedding: bool = False,
+    ) -> dict[str, list[Prediction]]:
+        """Several heads on the same backbone (at most 32) in one request: the inputs are
+        decoded once and the backbone runs once. Each head's results in input order, keyed
+        by head id in `head_ids` order. Heads on different backbones, or a head named twice,
+        are InvalidArgumentError."""
+        call = core.predict_heads(head_ids, inputs, top_k=top_k, return_embedding=return_embedding)
+        return await self._unary(self._stub.Predict, call)
+
+    # --- export --------------------------------------------------------------------------
+
+    async def export_head(self, head_id: str, path: str | os.PathLike[str]) -> int:
+        """Writes the head with its backbone as an ONNX model to `path` and returns its size
+        in bytes. Its input is the preprocessed tensor, its output the probabilities Predict
+        gives; the preprocessing it expects is in the model's metadata_props. A broken
+        stream leaves no file (it is written to `<path>.part` first)."""
+        request = core.export_head_request(head_id)
+        with translated_errors(), core.ExportedFile(path) as out:
+            async for chunk in self._stub.ExportHead(
+                request, timeout=self._timeout, metadata=self._metadata
+            ):
+                out.add(chunk)
+        return out.size
 
     # --- internals -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ RETRIED_METHODS = (
     "ListHeads",
     "GetHead",
     "EvaluateHead",  # a read: the head is not changed
+    "ExportHead",  # a read (retried only before its first chunk, as any stream)
 )
 
 ChannelOptions = list[tuple[str, int | str]]

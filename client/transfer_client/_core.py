@@ -11,10 +11,12 @@ blocking or awaited, and the streaming loops); the rest is written once, here:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 import grpc
 
@@ -125,6 +127,70 @@ def predict(
         convert.predict_request(head_id, inputs, top_k=top_k, return_embedding=return_embedding),
         lambda response: [convert.prediction_from_pb(p) for p in response.predictions],
     )
+
+
+def predict_heads(
+    head_ids: Iterable[str],
+    inputs: InputData | Iterable[InputData],
+    *,
+    top_k: int,
+    return_embedding: bool,
+) -> Unary[pb.PredictRequest, pb.PredictResponse, dict[str, list[Prediction]]]:
+    request = convert.predict_request("", inputs, top_k=top_k, return_embedding=return_embedding)
+    request.head_ids.extend(head_ids)
+    return Unary(
+        request,
+        lambda response: {
+            head.head_id: [convert.prediction_from_pb(p) for p in head.predictions]
+            for head in response.heads
+        },
+    )
+
+
+def export_head_request(head_id: str) -> pb.ExportHeadRequest:
+    return pb.ExportHeadRequest(head_id=head_id)
+
+
+class ExportedFile:
+    """ExportHead's chunks written to `path`, through `<path>.part` beside it, moved into
+    place once the stream is whole: a broken stream leaves no truncated model behind.
+    `with ExportedFile(path) as out: for chunk in stream: out.add(chunk)`; `out.size` is
+    then the file's size."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._part = self.path.with_name(self.path.name + ".part")
+        self._file: BinaryIO | None = None
+        self._expected: int | None = None
+        self.size = 0
+
+    def __enter__(self) -> ExportedFile:
+        self._file = self._part.open("wb")
+        return self
+
+    def add(self, chunk: pb.ExportHeadChunk) -> None:
+        assert self._file is not None
+        if self._expected is None:
+            self._expected = chunk.total_bytes
+        self._file.write(chunk.data)
+        self.size += len(chunk.data)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._file is not None
+        self._file.close()
+        if exc is not None or self._expected != self.size:
+            self._part.unlink(missing_ok=True)
+        if exc is None and self._expected != self.size:
+            raise UnavailableError(
+                f"ExportHead: the stream ended after {self.size} of {self._expected} bytes"
+            )
+        if exc is None:
+            os.replace(self._part, self.path)
 
 
 class Pages(Generic[RequestT, ResponseT, ItemT]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -234,6 +235,36 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         """Classifies `inputs` (one, or several in one request); results in input order."""
         call = core.predict(head_id, inputs, top_k=top_k, return_embedding=return_embedding)
         return self._unary(self._stub.Predict, call)
+
+    def predict_heads(
+        self,
+        head_ids: Iterable[str],
+        inputs: InputData | Iterable[InputData],
+        *,
+        top_k: int = 1,
+        return_embedding: bool = False,
+    ) -> dict[str, list[Prediction]]:
+        """Several heads on the same backbone (at most 32) in one request: the inputs are
+        decoded once and the backbone runs once. Each head's results in input order, keyed
+        by head id in `head_ids` order. Heads on different backbones, or a head named twice,
+        are InvalidArgumentError."""
+        call = core.predict_heads(head_ids, inputs, top_k=top_k, return_embedding=return_embedding)
+        return self._unary(self._stub.Predict, call)
+
+    # --- export --------------------------------------------------------------------------
+
+    def export_head(self, head_id: str, path: str | os.PathLike[str]) -> int:
+        """Writes the head with its backbone as an ONNX model to `path` and returns its size
+        in bytes. Its input is the preprocessed tensor, its output the probabilities Predict
+        gives; the preprocessing it expects is in the model's metadata_props. A broken
+        stream leaves no file (it is written to `<path>.part` first)."""
+        request = core.export_head_request(head_id)
+        with translated_errors(), core.ExportedFile(path) as out:
+            for chunk in self._stub.ExportHead(
+                request, timeout=self._timeout, metadata=self._metadata
+            ):
+                out.add(chunk)
+        return out.size
 
     # --- internals -----------------------------------------------------------------------
 

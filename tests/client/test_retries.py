@@ -6,10 +6,13 @@ transfer.v1.TransferService by name, so the policy is checked against the wire's
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -99,6 +102,9 @@ def refusing_once() -> Iterator[Served]:
         yield served
 
 
+# Where the ExportHead call would write (it fails first, and leaves nothing there).
+EXPORT_PATH = Path(tempfile.gettempdir()) / f"test-retries-{os.getpid()}.onnx"
+
 # Each RPC of the service, as the client makes it.
 CALLS: dict[str, Callable[[TransferClient], object]] = {
     "ListBackbones": lambda client: client.list_backbones(),
@@ -109,6 +115,7 @@ CALLS: dict[str, Callable[[TransferClient], object]] = {
     "ListHeads": lambda client: client.list_heads(),
     "GetHead": lambda client: client.get_head("head-1"),
     "EvaluateHead": lambda client: client.evaluate_head("head-1", [("some text", "news")]),
+    "ExportHead": lambda client: client.export_head("head-1", EXPORT_PATH),
     "FineTune": lambda client: list(client.fine_tune("minilm_l6", dataset_id="dataset-1")),
     "UploadDataset": lambda client: client.upload_dataset([("some text", "news")]),
     "CancelJob": lambda client: client.cancel_job("job-1"),
@@ -125,6 +132,7 @@ RETRIED = {
     "ListHeads",
     "GetHead",
     "EvaluateHead",
+    "ExportHead",
 }
 
 
