@@ -317,6 +317,15 @@ def _head(client: TransferClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(client: TransferClient, args: argparse.Namespace) -> int:
+    size = client.export_head(args.head_id, args.path)
+    if args.json:
+        print(render.to_json({"path": str(args.path), "size_bytes": size}))
+    else:
+        print(f"wrote {args.path} ({render.size(size)}, ONNX)")
+    return 0
+
+
 def _delete_head(client: TransferClient, args: argparse.Namespace) -> int:
     client.delete_head(args.head_id)
     if not args.json:
@@ -404,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
     heads.add_argument("--backbone", default="", help="only heads on this backbone")
     heads.add_argument("--name", default="", help="only heads of this name")
     add("head", _head, "show a trained head").add_argument("head_id", metavar="HEAD_ID")
+    export = add("export", _export, "write a head with its backbone as an ONNX model")
+    export.add_argument("head_id", metavar="HEAD")
+    export.add_argument("path", type=Path, metavar="OUT.onnx")
     add("delete-head", _delete_head, "delete a trained head").add_argument(
         "head_id", metavar="HEAD_ID"
     )
