@@ -104,8 +104,6 @@ def export_onnx(backbone: LoadedBackbone, head: LoadedHead, destination: IO[byte
     """Writes the ONNX model of `head` on `backbone` to `destination`. Blocking (seconds):
     call off the event loop. Works on CPU copies of the modules, so the resident ones (used
     by Predict meanwhile, maybe on an accelerator) are not touched."""
-    import onnx  # only an export needs it (loaded on first use)
-
     record = head.record
     trunk = backbone.trunk
     split = trunk.prefix_end(record.trainable_blocks)
@@ -157,4 +155,5 @@ def export_onnx(backbone: LoadedBackbone, head: LoadedHead, destination: IO[byte
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "transfer-service"
-    onnx.save_model(proto, destination)
+    # Written directly: onnx.save_model wants a named file (for external data).
+    destination.write(proto.SerializeToString())
