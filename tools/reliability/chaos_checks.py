@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -232,9 +232,13 @@ def check_log(
 
 
 def check_heads(
-    jobs: Mapping[str, pb.Job], heads: Iterable[pb.Head], outcomes: JobOutcomes
+    jobs: Mapping[str, pb.Job],
+    heads: Iterable[pb.Head],
+    outcomes: JobOutcomes,
+    deleted: Collection[str] = (),
 ) -> list[str]:
-    """At most one head per job; a SUCCEEDED job has exactly its head, listed; no head whose
+    """At most one head per job; a SUCCEEDED job has exactly its head, listed (unless the run
+    deleted it on purpose: `deleted`, a DeleteHead leaves its job SUCCEEDED); no head whose
     job is not SUCCEEDED with that head id."""
     problems = []
     per_job = Counter(head.job_id for head in heads)
@@ -252,7 +256,11 @@ def check_heads(
                 f"(head_id {job.head_id if job else ''!r}): a half-committed or second head"
             )
     for job in jobs.values():
-        if job.state == pb.JOB_STATE_SUCCEEDED and job.head_id not in listed:
+        if (
+            job.state == pb.JOB_STATE_SUCCEEDED
+            and job.head_id not in listed
+            and job.head_id not in deleted
+        ):
             problems.append(f"job {job.job_id} SUCCEEDED but its head {job.head_id} is not listed")
     return problems
 

@@ -167,7 +167,8 @@ class ChaosState:
                 if head_id not in heads and head_id not in self.maybe_deleted:
                     self._violate(f"completed head {head_id} is missing after a restart")
             live = {h.head_id: h for h in heads.values() if h.head_id not in self.deleted}
-            for problem in checks.check_heads(jobs, live.values(), self.report.outcomes):
+            removed = self.deleted | self.maybe_deleted
+            for problem in checks.check_heads(jobs, live.values(), self.report.outcomes, removed):
                 self._violate(problem)
             for head in heads.values():
                 self._verify_head(stub, head)
