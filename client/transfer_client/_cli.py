@@ -15,6 +15,8 @@ from transfer_client import _render as render
 from transfer_client._channel import DEFAULT_TARGET, tls_credentials
 from transfer_client._loaders import load_examples, payload_bytes
 from transfer_client._progress import ProgressDisplay
+from transfer_client._report import add_arguments as add_report_arguments
+from transfer_client._report import report as report_command
 from transfer_client._sync import TransferClient
 from transfer_client.errors import TransferError, UnavailableError, from_job_outcome
 from transfer_client.types import (
@@ -413,6 +415,9 @@ def _parser() -> argparse.ArgumentParser:
     heads.add_argument("--backbone", default="", help="only heads on this backbone")
     heads.add_argument("--name", default="", help="only heads of this name")
     add("head", _head, "show a trained head").add_argument("head_id", metavar="HEAD_ID")
+    add_report_arguments(
+        add("report", report_command, "a head's evaluation report (--plots DIR: PNGs too)")
+    )
     export = add("export", _export, "write a head with its backbone as an ONNX model")
     export.add_argument("head_id", metavar="HEAD")
     export.add_argument("path", type=Path, metavar="OUT.onnx")

@@ -1,0 +1,147 @@
+"""`transfer report HEAD`: a head's evaluation report as text (the per-class table and the
+summary) and, with `--plots DIR`, PNGs of its confusion matrix and training curves.
+
+matplotlib comes with the optional `plots` extra (`pip install transfer-client[plots]`) and
+is imported only when plots are asked for: the SDK itself needs only grpcio and protobuf."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from transfer_client import _render as render
+from transfer_client._sync import TransferClient
+from transfer_client.types import EvaluationReport, FineTuneEvent, Head, JobProgress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("head_id", metavar="HEAD")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="also write confusion_matrix.png and training_curves.png there (needs the "
+        "`plots` extra: pip install 'transfer-client[plots]')",
+    )
+
+
+def report(client: TransferClient, args: argparse.Namespace) -> int:
+    head = client.get_head(args.head_id)
+    evaluation = head.evaluation
+    if args.json:
+        print(render.to_json(evaluation))
+    elif evaluation is None:
+        print(f"head {head.head_id} has no evaluation report (trained before reports existed)")
+    else:
+        print(text(head, evaluation))
+    if args.plots is not None:
+        pyplot = _pyplot()
+        args.plots.mkdir(parents=True, exist_ok=True)
+        if evaluation is not None and evaluation.confusion_matrix:
+            path = args.plots / "confusion_matrix.png"
+            plot_confusion(pyplot, head, evaluation, path)
+            print(f"wrote {path}")
+        path = args.plots / "training_curves.png"
+        plot_curves(pyplot, list(client.watch_job(head.job_id)), path)
+        print(f"wrote {path}")
+    return 0
+
+
+def text(head: Head, evaluation: EvaluationReport) -> str:
+    if evaluation.examples == 0:
+        return (
+            f"head {head.head_id}: nothing was held out ({evaluation.source}); no figures. "
+            "Train with more examples per class, or evaluate on a test set."
+        )
+    rows = [
+        (
+            row.label,
+            f"{row.precision:.3f}",
+            f"{row.recall:.3f}",
+            f"{row.f1:.3f}",
+            str(row.support),
+        )
+        for row in evaluation.per_class
+    ]
+    top_k = ", ".join(
+        f"top-{k} {render.percent(value)}"
+        for k, value in enumerate(evaluation.top_k_accuracy, start=1)
+    )
+    summary = render.fields(
+        [
+            ("head", head.head_id),
+            ("evaluated on", f"{evaluation.examples} examples ({evaluation.source})"),
+            ("accuracy", render.percent(evaluation.accuracy)),
+            ("macro F1", f"{evaluation.macro_f1:.3f}"),
+            ("top-k", top_k),
+            ("log-loss", f"{evaluation.log_loss:.4f}"),
+            (
+                "ECE",
+                f"{evaluation.ece:.4f} calibrated (T = {evaluation.temperature:.3f}), "
+                f"{evaluation.ece_uncalibrated:.4f} before",
+            ),
+        ]
+    )
+    return render.table(("class", "precision", "recall", "f1", "support"), rows) + "\n\n" + summary
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as pyplot
+    except ImportError:
+        raise SystemExit(
+            "transfer report --plots needs matplotlib: pip install 'transfer-client[plots]'"
+        ) from None
+    return pyplot
+
+
+def plot_confusion(pyplot: Any, head: Head, evaluation: EvaluationReport, path: Path) -> None:
+    classes = [row.label for row in evaluation.per_class]
+    size = max(4.0, 0.5 * len(classes) + 2)
+    figure, axes = pyplot.subplots(figsize=(size, size))
+    image = axes.imshow(evaluation.confusion_matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(len(classes)), classes, rotation=90)
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(classes) <= 20:
+        for true, row in enumerate(evaluation.confusion_matrix):
+            for predicted, value in enumerate(row):
+                axes.text(predicted, true, str(value), ha="center", va="center", fontsize=8)
+    axes.set_title(f"{head.head_id}: {evaluation.examples} examples ({evaluation.source})")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+
+
+def plot_curves(pyplot: Any, events: list[FineTuneEvent], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, from the job's epoch-end events."""
+    epochs = [
+        event.progress
+        for event in events
+        if isinstance(event, JobProgress)
+        and event.progress.epoch_end
+        and event.progress.phase == "training"
+    ]
+    figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
+    numbers = [progress.epoch for progress in epochs]
+    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        axes.plot(numbers, [getattr(p, f"train_{metric}") for p in epochs], "o-", label="train")
+        validated = [
+            (p.epoch, getattr(p, f"validation_{metric}"))
+            for p in epochs
+            if getattr(p, f"validation_{metric}") is not None
+        ]
+        if validated:
+            axes.plot(*zip(*validated, strict=True), "o-", label="validation")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(metric)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
