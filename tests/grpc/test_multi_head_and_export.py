@@ -54,7 +54,15 @@ BATCH_ATOL = 1e-4
 def tenants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("multi-head")
     running = start_server(
-        make_settings(root / "store", auth_tokens=f"{ALICE}=alice,{BOB}=bob", preload_backbones=[])
+        make_settings(
+            root / "store",
+            auth_tokens=f"{ALICE}=alice,{BOB}=bob",
+            preload_backbones=[],
+            # One-millisecond slices: a call of more than 8 inputs runs in chunks, so the
+            # multi-head tests cover chunked requests (12 images, 10 texts) as well as whole
+            # ones (3 images).
+            predict_slice_ms=1.0,
+        )
     )
     yield running
     running.stop()
@@ -117,6 +125,7 @@ def test_several_heads_answer_as_one_call_per_head(
 ) -> None:
     cases = (
         (["image", "image_other", "image_unfrozen"], test_images),
+        (["image_unfrozen", "image"], test_images[:3]),
         (["text_unfrozen", "text"], test_texts),
     )
     with client_of(tenants_server, ALICE) as alice:
