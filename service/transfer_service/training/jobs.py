@@ -305,6 +305,8 @@ class JobManager:
                     if claimed is None:
                         break
                     self._start_run(claimed)
+            except UnavailableError as exc:  # the database down: one line, not a trace a second
+                log.warning("claiming jobs: %s; trying again in %.0f s", exc.message, POLL_SECONDS)
             except Exception:
                 log.exception("claiming jobs failed; trying again in %.0f s", POLL_SECONDS)
             with contextlib.suppress(TimeoutError):
