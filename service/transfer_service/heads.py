@@ -221,14 +221,9 @@ class HeadCache:
         sees the head's record before the head is served, or its backbone and weights are
         read, and raises to refuse it (the caller's ownership check)."""
         ticket = _Load()
-        with self._lock:
-            entry = self._heads.get(head_id)
-            if entry is not None:
-                self._heads.move_to_end(head_id)
-        if entry is not None:
-            admit(entry.loaded.record)
-            self._on_event("hit", "head")
-            return entry.loaded
+        resident = self.get_resident(head_id, admit)
+        if resident is not None:
+            return resident
         with self._lock:
             self._loading.setdefault(head_id, []).append(ticket)
         try:
@@ -243,6 +238,25 @@ class HeadCache:
             if not ticket.discarded:
                 self._insert(head_id, _Entry(loaded, size))
         return loaded
+
+    def get_resident(
+        self, head_id: str, admit: Callable[[HeadRecord], None] = _admit_any
+    ) -> LoadedHead | None:
+        """The head if it is resident (None: not loaded; nothing is counted then, so a
+        caller that goes on to `get` counts exactly one hit or miss per resolution). Does
+        not block: a warm Predict resolves its head on the event loop. A hit counts and
+        refreshes the head's LRU place, once `admit` has passed it."""
+        with self._lock:
+            entry = self._heads.get(head_id)
+        if entry is None:
+            return None
+        admit(entry.loaded.record)
+        # Only an admitted call keeps the head warm: another tenant's probes must not.
+        with self._lock:
+            if self._heads.get(head_id) is entry:
+                self._heads.move_to_end(head_id)
+        self._on_event("hit", "head")
+        return entry.loaded
 
     def _load(self, head_id: str, admit: Callable[[HeadRecord], None]) -> LoadedHead:
         load_started = time.perf_counter()
@@ -275,6 +289,8 @@ class HeadCache:
         return LoadedHead(record, module)
 
     def peek(self, head_id: str) -> LoadedHead | None:
+        """The head if resident, for inspection: counts nothing and keeps its LRU place
+        (a Predict resolves heads with `get_resident` / `get`, which count)."""
         with self._lock:
             entry = self._heads.get(head_id)
             return entry.loaded if entry is not None else None

@@ -6,9 +6,20 @@ head id or tenant.
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -21,6 +32,17 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # The standard process_* (CPU, memory, file descriptors; Linux only), python_info and
+        # python_gc_* series that the default registry would carry: this one is per app.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.build_info = Info(
+            "transfer_build",
+            "The server's build: its version, Python's and torch's (always 1).",
+            registry=registry,
+        )
+        self.build_info.info(build_versions())
         self.rpc_requests = Counter(
             "transfer_rpc_requests",
             "gRPC calls handled, by method and status code.",
@@ -87,9 +109,18 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        self.training_examples = Counter(
+            "transfer_training_examples",
+            "Training examples passed through an epoch of gradient training (each epoch "
+            "counts its examples again); rate() gives the training throughput.",
+            registry=registry,
+        )
+        # Deprecated for transfer_training_examples_total: a rate computed in the server is
+        # one epoch's, whichever the scrape happens to see; kept one release for old panels.
         self.training_throughput = Gauge(
             "transfer_training_examples_per_second",
-            "Training examples per second over the newest finished epoch.",
+            "Deprecated: use rate(transfer_training_examples_total[1m]). Training examples "
+            "per second over the newest finished epoch.",
             registry=registry,
         )
         self.jobs = Gauge("transfer_jobs", "Jobs by state.", ["state"], registry=registry)
@@ -97,8 +128,8 @@ class Metrics:
             "transfer_jobs_finished", "Jobs finished, by outcome.", ["outcome"], registry=registry
         )
         self.validation_accuracy = Gauge(
-            "transfer_last_validation_accuracy",
-            "Validation accuracy of the newest head, by backbone.",
+            "transfer_last_validation_accuracy_ratio",
+            "Validation accuracy (0 to 1) of the newest head, by backbone.",
             ["backbone"],
             registry=registry,
         )
@@ -149,9 +180,11 @@ class Metrics:
 
     # Training jobs' observers (training.jobs.JobHooks).
 
-    def record_epoch(self, seconds: float, examples_per_second: float) -> None:
+    def record_epoch(self, seconds: float, examples: int) -> None:
+        """One finished epoch: its duration (validation included) and training examples."""
         self.training_epoch.observe(seconds)
-        self.training_throughput.set(examples_per_second)
+        self.training_examples.inc(examples)
+        self.training_throughput.set(examples / max(seconds, 1e-9))
 
     def count_job_state(self, new: str, old: str | None) -> None:
         self.jobs.labels(state=new).inc()
@@ -165,6 +198,23 @@ class Metrics:
         accuracy = getattr(getattr(head, "metrics", None), "validation_accuracy", None)
         if accuracy is not None:
             self.validation_accuracy.labels(backbone=getattr(head, "backbone", "")).set(accuracy)
+
+
+def build_versions() -> dict[str, str]:
+    """transfer_build_info's labels. Read from the installed distributions' metadata, so
+    metrics imports no torch."""
+    return {
+        "version": _distribution_version("transfer-service"),
+        "python": platform.python_version(),
+        "torch": _distribution_version("torch"),
+    }
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
 
 
 class _CacheResidency(Collector):

@@ -351,9 +351,9 @@ class TransferOperations:
         def admit(record: HeadRecord) -> None:
             _check_owner(record.tenant, tenant, not_found)
 
-        resident = self._heads.peek(head_id)
+        # Warm: on the event loop, counted as a hit; cold: `get` counts the hit or miss.
+        resident = self._heads.get_resident(head_id, admit)
         if resident is not None:
-            admit(resident.record)
             return resident
         try:
             loaded: LoadedHead = await self._blocking(self._heads.get, head_id, admit)

@@ -3,6 +3,7 @@ server's metrics port on loopback; its HTTP API then answers queries for transfe
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -118,3 +119,9 @@ def test_prometheus_scrapes_the_service(
         '{job="transfer",method="ListBackbones"})'
     )
     assert 0 < float(quantile[0]["value"][1]) < 30
+    # The app's registry carries the process's series and the build's versions too.
+    memory = prometheus.wait_for('process_resident_memory_bytes{job="transfer"}')
+    assert float(memory[0]["value"][1]) > 1_000_000
+    build = prometheus.wait_for('transfer_build_info{job="transfer"} == 1')
+    assert build[0]["metric"]["version"] == importlib.metadata.version("transfer-service")
+    assert build[0]["metric"]["torch"] == importlib.metadata.version("torch")

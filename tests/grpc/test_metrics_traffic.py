@@ -3,6 +3,8 @@ histograms and gauges an operator charts move the way the traffic says they shou
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -11,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transfer_client import JobCancelled, NotFoundError, TrainingConfig, TransferClient
+from transfer_client import (
+    JobCancelled,
+    JobCompleted,
+    JobStarted,
+    NotFoundError,
+    TrainingConfig,
+    TransferClient,
+)
 
 from tests.conftest import RunningServer, make_settings, start_server
 from tests.datasets import fashion_mnist
@@ -105,7 +114,12 @@ def test_predict_traffic_moves_rpc_inference_and_cache_metrics(
         assert cold.value("transfer_cache_load_seconds_sum", cache=cache) > 0, cache
         assert moved("transfer_cache_load_seconds_count", cache=cache) == 1, cache
         assert after.value("transfer_cache_entries", cache=cache) == 1, cache
+    # Every head resolution counts once: the cold Predict a miss, the warm one a hit (the
+    # warm path resolves on the event loop, apart from the cache's loading `get`). An
+    # unknown head is neither.
     assert moved("transfer_cache_misses_total", cache="head") == 1
+    assert cold.value("transfer_cache_hits_total", cache="head") == 0
+    assert moved("transfer_cache_hits_total", cache="head") == 1
     # A head's load includes its backbone's when that was cold too, as here.
     backbone_load = cold.value("transfer_cache_load_seconds_sum", cache="backbone")
     assert cold.value("transfer_cache_load_seconds_sum", cache="head") >= backbone_load
@@ -130,11 +144,43 @@ def test_predict_traffic_moves_rpc_inference_and_cache_metrics(
         assert allocated == pytest.approx(torch.cuda.memory_allocated(), rel=0.5)
 
 
+def test_process_and_build_info_are_exported(cold_server: RunningServer) -> None:
+    """The app's own registry carries the standard process_* / python_* series and the
+    build's versions, as the default registry would."""
+    scrape = Scrape(cold_server)
+    assert scrape.value("process_resident_memory_bytes") > 1_000_000
+    assert scrape.value("process_cpu_seconds_total") > 0
+    assert scrape.value("process_start_time_seconds") > 0
+    assert scrape.value("process_open_fds") > 0
+    assert scrape.has("python_gc_collections_total")
+    assert scrape.value("python_info", **_python_info_labels()) == 1
+    build = {
+        "version": importlib.metadata.version("transfer-service"),
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+    }
+    assert scrape.value("transfer_build_info", **build) == 1
+
+
+def _python_info_labels() -> dict[str, str]:
+    major, minor, patchlevel = platform.python_version_tuple()
+    return {
+        "implementation": platform.python_implementation(),
+        "major": major,
+        "minor": minor,
+        "patchlevel": patchlevel,
+        "version": platform.python_version(),
+    }
+
+
 def test_fine_tune_traffic_moves_job_and_training_metrics(cold_server: RunningServer) -> None:
     train = fashion_mnist(4, classes=2, seed=23)
     before = Scrape(cold_server)
     with TransferClient(cold_server.address, timeout=120) as client:
-        done = client.train(BACKBONE, train, config=TrainingConfig(epochs=3, seed=2))
+        events = list(client.fine_tune(BACKBONE, train, config=TrainingConfig(epochs=3, seed=2)))
+        (started,) = [event for event in events if isinstance(event, JobStarted)]
+        done = events[-1]
+        assert isinstance(done, JobCompleted)
         finished = Scrape(cold_server)
         # A job that trains the whole trunk until cancelled, scraped while it runs.
         endless = client.fine_tune(
@@ -165,8 +211,11 @@ def test_fine_tune_traffic_moves_job_and_training_metrics(cold_server: RunningSe
     assert steps >= done.metrics.epochs_run  # at least one optimiser step per epoch
     epochs = moved(finished, "transfer_training_epoch_duration_seconds_count")
     assert epochs == done.metrics.epochs_run
-    assert finished.value("transfer_training_examples_per_second") > 0
-    assert finished.value("transfer_last_validation_accuracy", backbone=BACKBONE) == (
+    # Each epoch trains on every training example once (validation's are not counted).
+    examples = moved(finished, "transfer_training_examples_total")
+    assert examples == done.metrics.epochs_run * started.train_examples
+    assert finished.value("transfer_training_examples_per_second") > 0  # deprecated gauge
+    assert finished.value("transfer_last_validation_accuracy_ratio", backbone=BACKBONE) == (
         pytest.approx(done.metrics.validation_accuracy)
     )
 

@@ -237,6 +237,32 @@ def test_put_keeps_to_the_entry_bound() -> None:
     assert events.seen.count("evict") == 18
 
 
+def test_get_resident_counts_a_hit_only_for_an_admitted_resident_head() -> None:
+    """Predict's warm path: each resolution served from memory is one hit; a head not
+    resident counts nothing there (the loading `get` counts its miss), nor does a refused
+    one. A hit refreshes the head's LRU place; `peek` neither counts nor refreshes."""
+    events = Events()
+    cache = HeadCache(None, None, None, 2, on_event=events)  # type: ignore[arg-type]
+    cache.put(loaded("old"))
+    cache.put(loaded("new"))
+    assert cache.get_resident("absent") is None
+    assert events.seen == []
+
+    def refuse(head: HeadRecord) -> None:
+        raise NotFoundError("not yours")
+
+    with pytest.raises(NotFoundError):
+        cache.get_resident("old", refuse)
+    assert cache.peek("old") is not None and events.seen == []
+    cache.put(loaded("third"))  # neither the refusal nor peek refreshed "old": it goes
+    assert cache.peek("old") is None and events.seen == ["evict"]
+    hit = cache.get_resident("new")
+    assert hit is not None and hit.record.head_id == "new"
+    assert events.seen == ["evict", "hit"]
+    cache.put(loaded("fourth"))  # evicts "third", now the least recently used
+    assert cache.peek("new") is not None and cache.peek("third") is None
+
+
 def test_put_keeps_to_the_byte_bound() -> None:
     size = module_bytes(tiny_head(4))
     events = Events()

@@ -141,7 +141,7 @@ def fine_tune(
             )
         )
         epoch_seconds = time.perf_counter() - epoch_started
-        context.on_epoch(epoch_seconds, stats.seen / max(epoch_seconds, 1e-9))
+        context.on_epoch(epoch_seconds, stats.seen)
         monitored = val_loss if val_loss is not None else stats.loss
         if monitored < best_loss - 1e-4:
             best_loss = monitored

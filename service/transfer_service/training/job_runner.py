@@ -46,7 +46,7 @@ class JobHooks:
 
     on_state: Callable[[JobState, JobState | None], None] = lambda new, old: None
     on_step: Callable[[float], None] = lambda seconds: None
-    on_epoch: Callable[[float, float], None] = lambda seconds, examples_per_second: None
+    on_epoch: Callable[[float, int], None] = lambda seconds, examples: None
     on_finished: Callable[[str, HeadRecord | None], None] = lambda outcome, head: None
 
 

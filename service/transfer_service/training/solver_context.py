@@ -23,7 +23,7 @@ from transfer_service.training.features import ExtractedData
 class SolverContext:
     """One job's training context, shared by the trainer and whichever solver it runs.
 
-    `on_step(seconds)` after each optimiser step; `on_epoch(seconds, examples per second)`
+    `on_step(seconds)` after each optimiser step; `on_epoch(seconds, examples trained)`
     after each epoch, validation included."""
 
     backbone: LoadedBackbone
@@ -31,7 +31,7 @@ class SolverContext:
     emit: Callable[[EventPayload], None]
     cancelled: threading.Event
     on_step: Callable[[float], None]
-    on_epoch: Callable[[float, float], None]
+    on_epoch: Callable[[float, int], None]
 
     @property
     def device(self) -> torch.device:

@@ -72,10 +72,10 @@ class Trainer:
         emit: Callable[[EventPayload], None],
         cancelled: threading.Event,
         on_step: Callable[[float], None] | None = None,
-        on_epoch: Callable[[float, float], None] | None = None,
+        on_epoch: Callable[[float, int], None] | None = None,
     ) -> None:
-        """`on_step(seconds)` after each optimiser step; `on_epoch(seconds, examples per
-        second)` after each epoch, validation included."""
+        """`on_step(seconds)` after each optimiser step; `on_epoch(seconds, training
+        examples)` after each epoch, validation included."""
         self._backbone = backbone
         self._spec = spec
         self._config = spec.config
@@ -89,7 +89,7 @@ class Trainer:
             emit,
             cancelled,
             on_step or (lambda seconds: None),
-            on_epoch or (lambda seconds, rate: None),
+            on_epoch or (lambda seconds, examples: None),
         )
 
     def run(self) -> TrainingResult:
