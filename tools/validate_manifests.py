@@ -67,6 +67,7 @@ DASHBOARD_METRICS = frozenset(
         "transfer_jobs",
         "transfer_jobs_finished_total",
         "transfer_training_step_duration_seconds",
+        "transfer_training_examples_total",
         "transfer_cache_hits_total",
         "transfer_cache_misses_total",
         "transfer_cache_evictions_total",
