@@ -18,6 +18,7 @@ from transfer_client import _core as core
 from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
+from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
@@ -40,14 +41,20 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
     """A connection to the transfer service, for asyncio code. Create it inside the loop.
 
     `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
-    (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
+    (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to; `fine_tune`,
+    `train` and `watch_job` re-attach to the job when their stream breaks UNAVAILABLE (a
+    server restart, a dropped connection), for up to `reattach_seconds` (default 300; 0:
+    never), without showing an event twice.
 
     `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
     (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
     (the default; or "pick_first") spreads calls over. Reads, `predict` and `watch_job` (until
     its first event) are retried on UNAVAILABLE with backoff, within `timeout`, up to
-    `max_attempts` tries in all (1: no retries; at most 5); `fine_tune`, `upload_dataset`,
-    `cancel_job` and the deletes are never retried.
+    `max_attempts` tries in all (1: no retries; at most 5), as is `fine_tune` (its
+    `request_id` makes a resent one return the first one's job); `upload_dataset`,
+    `cancel_job` and the deletes are never retried. `wait_for_ready=True` makes calls wait
+    for an unreachable server (within their deadline) rather than fail at once. Errors carry
+    the server's `request_id` for its logs.
     """
 
     async def __aenter__(self) -> Self:
@@ -76,7 +83,9 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
     ) -> DatasetInfo:
         """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
         chunks = core.upload_requests(examples, chunk_size)
-        call = self._stub.UploadDataset(request_iterator=None, metadata=self._metadata)
+        call = self._stub.UploadDataset(
+            request_iterator=None, metadata=self._metadata, wait_for_ready=self._wait_for_ready
+        )
         with translated_errors():
             try:
                 # Chunks are built in a worker thread: building one reads image files.
@@ -152,9 +161,12 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         return await self._unary(self._stub.CancelJob, core.cancel_job(job_id))
 
     def watch_job(self, job_id: str, *, after_sequence: int = 0) -> AsyncIterator[FineTuneEvent]:
-        """Replays the job's events after `after_sequence`, then follows it until it ends."""
-        request = core.watch_job_request(job_id, after_sequence)
-        return self._events(self._stub.WatchJob(request, metadata=self._metadata))
+        """Replays the job's events after `after_sequence`, then follows it until it ends;
+        a broken stream is re-attached for up to `reattach_seconds`, as in `fine_tune`."""
+        reattach = core.Reattach(
+            self._reattach_seconds, job_id=job_id, after_sequence=after_sequence
+        )
+        return self._followed(reattach, None)
 
     # --- heads ---------------------------------------------------------------------------
 
@@ -228,7 +240,10 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         request = core.export_head_request(head_id)
         with translated_errors(), core.ExportedFile(path) as out:
             async for chunk in self._stub.ExportHead(
-                request, timeout=self._timeout, metadata=self._metadata
+                request,
+                timeout=self._timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
             ):
                 out.add(chunk)
         return out.size
@@ -241,7 +256,12 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         call: core.Unary[RequestT, ResponseT, ResultT],
     ) -> ResultT:
         with translated_errors():
-            response = await method(call.request, timeout=self._timeout, metadata=self._metadata)
+            response = await method(
+                call.request,
+                timeout=self._timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
         return call.result(response)
 
     def _connect(
@@ -257,18 +277,42 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         self._stub = pb_grpc.TransferServiceStub(self._channel)
 
     def _fine_tune(self, request: pb.FineTuneRequest) -> AsyncGenerator[FineTuneEvent]:
-        return self._events(self._stub.FineTune(request, metadata=self._metadata))
+        return self._followed(core.Reattach(self._reattach_seconds), request)
 
-    @staticmethod
-    async def _events(
-        call: grpc.aio.UnaryStreamCall[Any, pb.FineTuneEvent],
+    async def _followed(
+        self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
     ) -> AsyncGenerator[FineTuneEvent]:
-        try:
-            with translated_errors():
-                async for message in call:
-                    event = core.event_from_pb(message)
-                    if event is not None:
-                        yield event
-        finally:
-            # Ends the stream when the caller stops early; the job itself keeps running.
-            call.cancel()
+        """A job's events across broken streams: the FineTune (sent again, same request,
+        until its first event names the job) or WatchJob from the last event seen."""
+        while True:
+            call: grpc.aio.UnaryStreamCall[Any, pb.FineTuneEvent]
+            if reattach.job_id:
+                call = self._stub.WatchJob(
+                    reattach.watch_request(),
+                    metadata=self._metadata,
+                    wait_for_ready=None if reattach.broken else self._wait_for_ready,
+                )
+            else:
+                assert fine_tune is not None
+                call = self._stub.FineTune(
+                    fine_tune,
+                    metadata=self._metadata,
+                    # After a break the loop does the waiting, within reattach_seconds: a
+                    # stream has no deadline, so one waiting for the server would never end.
+                    wait_for_ready=None if reattach.broken else self._wait_for_ready,
+                )
+            try:
+                with translated_errors():
+                    async for message in call:
+                        event = core.event_from_pb(message)
+                        if event is not None and reattach.is_new(event):
+                            yield event
+                return
+            except TransferError as err:
+                delay = reattach.delay(err)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+            finally:
+                # Ends the stream when the caller stops early; the job itself keeps running.
+                call.cancel()

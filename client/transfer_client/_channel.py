@@ -66,11 +66,27 @@ def service_config(
     return config
 
 
+# Keepalive: a ping every 30 s on a connection with calls open, answered within 10 s or the
+# connection is taken as dead, so a stream through a silently dropped connection (a NAT or
+# load balancer that forgot it, a host gone without a FIN) breaks and re-attaches instead of
+# waiting forever. Compatible with the server's defaults (it sets no keepalive options, so
+# gRPC's min_ping_interval_without_data is 5 min and 2 strikes are allowed): no pings
+# without calls, and gRPC's client default `max_pings_without_data` of 2 stops the pings
+# on a connection where nothing is received, so a quiet stream earns at most 2 strikes and
+# never a GOAWAY `too_many_pings`; every message the server sends resets both counts.
+KEEPALIVE_OPTIONS: ChannelOptions = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+
+
 def channel_options(
     max_message_bytes: int,
     *,
     load_balancing: str = "round_robin",
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    keepalive: bool = True,
 ) -> ChannelOptions:
     config = service_config(load_balancing=load_balancing, max_attempts=max_attempts)
     return [
@@ -78,6 +94,7 @@ def channel_options(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.service_config", json.dumps(config)),
         ("grpc.enable_retries", 1),
+        *(KEEPALIVE_OPTIONS if keepalive else []),
     ]
 
 

@@ -35,12 +35,29 @@ class ClientBase(Generic[EventsT]):
         max_message_bytes: int = 64 * 1024 * 1024,
         load_balancing: str = "round_robin",
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        reattach_seconds: float = core.DEFAULT_REATTACH_SECONDS,
+        wait_for_ready: bool = False,
+        keepalive: bool = True,
     ) -> None:
+        """`reattach_seconds`: how long `fine_tune`, `train` and `watch_job` keep trying to
+        re-attach to a job whose stream broke (UNAVAILABLE: a server restart, a dropped
+        connection) before raising the last error; 0 never re-attaches. `wait_for_ready`:
+        calls wait for the server to be reachable (within their deadline) instead of failing
+        UNAVAILABLE at once. `keepalive`: ping the server every 30 s while calls are open,
+        so a silently dropped connection is noticed within about 40 s."""
+        if reattach_seconds < 0:
+            raise ValueError(f"reattach_seconds: {reattach_seconds} is negative")
         options = channel_options(
-            max_message_bytes, load_balancing=load_balancing, max_attempts=max_attempts
+            max_message_bytes,
+            load_balancing=load_balancing,
+            max_attempts=max_attempts,
+            keepalive=keepalive,
         )
         self._metadata = call_metadata(token)
         self._timeout = timeout
+        self._reattach_seconds = reattach_seconds
+        # None rather than False: gRPC's own default, so a call is sent exactly as before.
+        self._wait_for_ready: bool | None = True if wait_for_ready else None
         self._connect(target, credentials, options)
 
     def _connect(
@@ -74,6 +91,11 @@ class ClientBase(Generic[EventsT]):
         `request_id` is the call's idempotency key (default: a new UUID per call): the server
         answers a FineTune sent again with the same key with the job the first one queued,
         so the client can resend one whose connection broke without training twice.
+
+        A stream that breaks UNAVAILABLE (a server restart, a dropped connection) is picked
+        up again for up to `reattach_seconds` (a client option): before the first event by
+        sending the FineTune again with the same `request_id`, after it through
+        `watch_job(job_id, after_sequence=last seen)`; no event is yielded twice.
         """
         request = core.fine_tune_request(
             backbone,

@@ -12,6 +12,8 @@ blocking or awaited, and the streaming loops); the rest is written once, here:
 from __future__ import annotations
 
 import os
+import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,12 @@ from transfer_client._convert import dataset_info_from_pb as dataset_info_from_p
 from transfer_client._convert import event_from_pb as event_from_pb
 from transfer_client._convert import fine_tune_request as fine_tune_request
 from transfer_client._convert import upload_requests as upload_requests
-from transfer_client.errors import UnavailableError, from_job_outcome, from_rpc_error
+from transfer_client.errors import (
+    TransferError,
+    UnavailableError,
+    from_job_outcome,
+    from_rpc_error,
+)
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.types import (
     Backbone,
@@ -265,3 +272,62 @@ def stream_ended(job_id: str) -> UnavailableError:
         f"the event stream of job {job_id or '?'} ended before the job did; "
         "re-attach with watch_job"
     )
+
+
+DEFAULT_REATTACH_SECONDS = 300.0
+_FIRST_BACKOFF = 0.2
+_MAX_BACKOFF = 5.0
+
+
+class Reattach:
+    """How a job's event stream goes on after its connection breaks (`fine_tune`, `train`,
+    `watch_job`): what to call next, which events are new, and how long to keep trying.
+
+    Before the first event the job id is unknown, so the FineTune itself is sent again, with
+    the same request (and `request_id`: the server answers with the job the first try
+    queued, never a second job). After it, `WatchJob(job_id, after_sequence=last seen)`
+    continues the job's one log: a server that stops puts its running jobs back in the queue,
+    and the restarted server (or another replica) runs them again under the same id.
+
+    Only UNAVAILABLE (which is also what gRPC reports for a refused or dropped connection)
+    is retried: any other status is the server's answer. Tries back off exponentially with
+    jitter, from 0.2 s up to 5 s; the clock restarts with every new event, and `seconds`
+    after a break with no event since, the last error is raised (0: never re-attach).
+    """
+
+    def __init__(self, seconds: float, *, job_id: str = "", after_sequence: int = 0) -> None:
+        self.seconds = seconds
+        self.job_id = job_id
+        self.last_sequence = after_sequence
+        self._give_up_at: float | None = None
+        self._tries = 0
+        self.broken = False  # a stream has broken: the next call is a re-attach
+
+    def is_new(self, event: FineTuneEvent) -> bool:
+        """Records the event; False for one already yielded (a replay never shows twice)."""
+        if event.sequence and event.sequence <= self.last_sequence:
+            return False
+        self.job_id = event.job_id or self.job_id
+        self.last_sequence = max(self.last_sequence, event.sequence)
+        self._give_up_at = None  # progress: a later break gets the whole time again
+        self._tries = 0
+        return True
+
+    def delay(self, error: TransferError) -> float | None:
+        """Seconds to wait before the next try after `error`, or None to raise it."""
+        if not isinstance(error, UnavailableError) or self.seconds <= 0:
+            return None
+        self.broken = True
+        now = time.monotonic()
+        if self._give_up_at is None:
+            self._give_up_at = now + self.seconds
+        left = self._give_up_at - now
+        if left <= 0:
+            return None
+        backoff = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2.0**self._tries)
+        self._tries += 1
+        # Jitter keeps the clients of a restarted server from all arriving at the same moment.
+        return min(left, backoff * random.uniform(0.5, 1.0))
+
+    def watch_request(self) -> pb.WatchJobRequest:
+        return watch_job_request(self.job_id, self.last_sequence)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
@@ -16,6 +17,7 @@ from transfer_client import _core as core
 from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
+from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
@@ -35,7 +37,7 @@ from transfer_client.types import (
 
 
 class _EventStream(Protocol):
-    """A server-streaming call as far as `_events` uses it (the stubs leave `cancel` untyped)."""
+    """A server-streaming call as far as `_followed` uses it (the stubs leave `cancel` untyped)."""
 
     def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
     def cancel(self) -> bool: ...
@@ -78,14 +80,20 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
     """A connection to the transfer service.
 
     `timeout` is the deadline of each unary call in seconds (None: no deadline). Streams
-    (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to.
+    (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to; `fine_tune`,
+    `train` and `watch_job` re-attach to the job when their stream breaks UNAVAILABLE (a
+    server restart, a dropped connection), for up to `reattach_seconds` (default 300; 0:
+    never), without showing an event twice.
 
     `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
     (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
     (the default; or "pick_first") spreads calls over. Reads, `predict` and `watch_job` (until
     its first event) are retried on UNAVAILABLE with backoff, within `timeout`, up to
-    `max_attempts` tries in all (1: no retries; at most 5); `fine_tune`, `upload_dataset`,
-    `cancel_job` and the deletes are never retried.
+    `max_attempts` tries in all (1: no retries; at most 5), as is `fine_tune` (its
+    `request_id` makes a resent one return the first one's job); `upload_dataset`,
+    `cancel_job` and the deletes are never retried. `wait_for_ready=True` makes calls wait
+    for an unreachable server (within their deadline) rather than fail at once. Errors carry
+    the server's `request_id` for its logs.
     """
 
     def __enter__(self) -> Self:
@@ -115,7 +123,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
         requests = _GuardedRequests(core.upload_requests(examples, chunk_size))
         call: grpc.Future[pb.UploadDatasetResponse] = self._stub.UploadDataset.future(
-            requests, metadata=self._metadata
+            requests, metadata=self._metadata, wait_for_ready=self._wait_for_ready
         )
         requests.attach(call)
         with translated_errors():
@@ -185,9 +193,12 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         return self._unary(self._stub.CancelJob, core.cancel_job(job_id))
 
     def watch_job(self, job_id: str, *, after_sequence: int = 0) -> Iterator[FineTuneEvent]:
-        """Replays the job's events after `after_sequence`, then follows it until it ends."""
-        request = core.watch_job_request(job_id, after_sequence)
-        return self._events(self._stub.WatchJob(request, metadata=self._metadata))
+        """Replays the job's events after `after_sequence`, then follows it until it ends;
+        a broken stream is re-attached for up to `reattach_seconds`, as in `fine_tune`."""
+        reattach = core.Reattach(
+            self._reattach_seconds, job_id=job_id, after_sequence=after_sequence
+        )
+        return self._followed(reattach, None)
 
     # --- heads ---------------------------------------------------------------------------
 
@@ -261,7 +272,10 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         request = core.export_head_request(head_id)
         with translated_errors(), core.ExportedFile(path) as out:
             for chunk in self._stub.ExportHead(
-                request, timeout=self._timeout, metadata=self._metadata
+                request,
+                timeout=self._timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
             ):
                 out.add(chunk)
         return out.size
@@ -274,7 +288,12 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         call: core.Unary[RequestT, ResponseT, ResultT],
     ) -> ResultT:
         with translated_errors():
-            response = method(call.request, timeout=self._timeout, metadata=self._metadata)
+            response = method(
+                call.request,
+                timeout=self._timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
         return call.result(response)
 
     def _connect(
@@ -290,16 +309,45 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         self._stub = pb_grpc.TransferServiceStub(self._channel)
 
     def _fine_tune(self, request: pb.FineTuneRequest) -> Generator[FineTuneEvent]:
-        return self._events(self._stub.FineTune(request, metadata=self._metadata))
+        return self._followed(core.Reattach(self._reattach_seconds), request)
 
-    @staticmethod
-    def _events(call: _EventStream) -> Generator[FineTuneEvent]:
-        try:
-            with translated_errors():
-                for message in call:
-                    event = core.event_from_pb(message)
-                    if event is not None:
-                        yield event
-        finally:
-            # Ends the stream when the caller stops early; the job itself keeps running.
-            call.cancel()
+    def _open_events(
+        self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
+    ) -> _EventStream:
+        if reattach.job_id:
+            return self._stub.WatchJob(
+                reattach.watch_request(),
+                metadata=self._metadata,
+                wait_for_ready=None if reattach.broken else self._wait_for_ready,
+            )
+        assert fine_tune is not None
+        return self._stub.FineTune(
+            fine_tune,
+            metadata=self._metadata,
+            # After a break the loop does the waiting, within reattach_seconds: a stream has
+            # no deadline, so one waiting for the server to be ready would never end.
+            wait_for_ready=None if reattach.broken else self._wait_for_ready,
+        )
+
+    def _followed(
+        self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
+    ) -> Generator[FineTuneEvent]:
+        """A job's events across broken streams: the FineTune (sent again, same request,
+        until its first event names the job) or WatchJob from the last event seen."""
+        while True:
+            call = self._open_events(reattach, fine_tune)
+            try:
+                with translated_errors():
+                    for message in call:
+                        event = core.event_from_pb(message)
+                        if event is not None and reattach.is_new(event):
+                            yield event
+                return
+            except TransferError as err:
+                delay = reattach.delay(err)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+            finally:
+                # Ends the stream when the caller stops early; the job itself keeps running.
+                call.cancel()

@@ -8,14 +8,19 @@ from transfer_client.types import JobCancelled, JobFailed
 
 
 class TransferError(Exception):
-    """Any failure reported by the service. `code` is the gRPC status name."""
+    """Any failure reported by the service. `code` is the gRPC status name; `request_id` is
+    the id the server gave the call (its `x-request-id`, in every log line of the call), or
+    None when no answer came (the server was unreachable) or the error is the client's own."""
 
     default_code = "UNKNOWN"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
+        self.request_id = request_id
 
     @property
     def details(self) -> str:
@@ -23,7 +28,8 @@ class TransferError(Exception):
         return self.message
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, code={self.code!r})"
+        request_id = f", request_id={self.request_id!r}" if self.request_id else ""
+        return f"{type(self).__name__}({self.message!r}, code={self.code!r}{request_id})"
 
 
 class NotFoundError(TransferError):
@@ -83,10 +89,30 @@ _ERROR_BY_CODE: dict[str, type[TransferError]] = {
 }
 
 
-def error_for_code(code: str, message: str) -> TransferError:
+def error_for_code(code: str, message: str, *, request_id: str | None = None) -> TransferError:
     """The exception for a gRPC status name; codes without a subclass get the base class."""
     code = code.upper() or TransferError.default_code
-    return _ERROR_BY_CODE.get(code, TransferError)(message, code=code)
+    return _ERROR_BY_CODE.get(code, TransferError)(message, code=code, request_id=request_id)
+
+
+_REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(err: grpc.RpcError) -> str | None:
+    """The server's id for the failed call: in its response headers, or in the trailers of a
+    trailers-only answer (a refusal before the call ran, e.g. while the server drains)."""
+    for name in ("initial_metadata", "trailing_metadata"):
+        read = getattr(err, name, None)
+        if not callable(read):
+            continue
+        try:
+            metadata = read()
+        except Exception:  # a call that never reached a server has none
+            continue
+        for key, value in metadata or ():
+            if key == _REQUEST_ID_KEY:
+                return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
 
 
 def from_rpc_error(err: grpc.RpcError) -> TransferError:
@@ -95,7 +121,8 @@ def from_rpc_error(err: grpc.RpcError) -> TransferError:
     status = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else None
     code = status.name if isinstance(status, grpc.StatusCode) else TransferError.default_code
-    return error_for_code(code, details or code.replace("_", " ").lower())
+    message = details or code.replace("_", " ").lower()
+    return error_for_code(code, message, request_id=_request_id(err))
 
 
 def from_job_outcome(event: JobFailed | JobCancelled) -> TransferError:

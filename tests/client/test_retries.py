@@ -145,7 +145,12 @@ def test_idempotent_calls_are_retried_and_the_others_are_not(
     always_refusing: Served, method: str
 ) -> None:
     target, service = always_refusing
-    with TransferClient(target, timeout=20) as client, pytest.raises(UnavailableError):
+    # The channel's retry policy alone: re-attaching streams (tests/client/test_reattach.py)
+    # would send FineTune and WatchJob again for reattach_seconds.
+    with (
+        TransferClient(target, timeout=20, reattach_seconds=0) as client,
+        pytest.raises(UnavailableError),
+    ):
         CALLS[method](client)
     assert service.calls == {method: 4 if method in RETRIED else 1}
 
@@ -205,9 +210,13 @@ def test_a_refusal_after_response_headers_is_not_retried() -> None:
     """gRPC commits a call once its response headers arrive: a server must refuse with a
     trailers-only response (no initial metadata first) for the client to retry elsewhere."""
     with serve(failures=1, headers_first=True) as (target, service):
-        with TransferClient(target, timeout=20) as client, pytest.raises(UnavailableError):
+        with (
+            TransferClient(target, timeout=20) as client,
+            pytest.raises(UnavailableError) as refused,
+        ):
             client.list_backbones()
         assert service.calls == {"ListBackbones": 1}
+        assert refused.value.request_id == "r-1"  # the server's x-request-id, for its logs
 
 
 @pytest.mark.parametrize(
@@ -216,6 +225,7 @@ def test_a_refusal_after_response_headers_is_not_retried() -> None:
         ({"load_balancing": "least_request"}, "load_balancing"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_attempts": 6}, "max_attempts"),
+        ({"reattach_seconds": -1}, "reattach_seconds"),
     ],
 )
 def test_unusable_options_are_refused(options: dict[str, Any], message: str) -> None:
