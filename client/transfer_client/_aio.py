@@ -44,7 +44,8 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
     (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to; `fine_tune`,
     `train` and `watch_job` re-attach to the job when their stream breaks UNAVAILABLE (a
     server restart, a dropped connection), for up to `reattach_seconds` (default 300; 0:
-    never), without showing an event twice.
+    never), without showing an event twice, and with `stream_idle_seconds` set, when no
+    event came for that long.
 
     `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
     (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
@@ -303,11 +304,21 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
                 )
             try:
                 with translated_errors():
-                    async for message in call:
+                    messages = aiter(call)
+                    while True:
+                        try:
+                            # A message, or the idle limit: a silent stream counts as broken.
+                            message = await asyncio.wait_for(
+                                anext(messages), self._stream_idle_seconds
+                            )
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError:
+                            assert self._stream_idle_seconds is not None
+                            raise core.stream_idle(self._stream_idle_seconds) from None
                         event = core.event_from_pb(message)
                         if event is not None and reattach.is_new(event):
                             yield event
-                return
             except TransferError as err:
                 delay = reattach.delay(err)
                 if delay is None:

@@ -38,15 +38,20 @@ class ClientBase(Generic[EventsT]):
         reattach_seconds: float = core.DEFAULT_REATTACH_SECONDS,
         wait_for_ready: bool = False,
         keepalive: bool = True,
+        stream_idle_seconds: float | None = None,
     ) -> None:
         """`reattach_seconds`: how long `fine_tune`, `train` and `watch_job` keep trying to
         re-attach to a job whose stream broke (UNAVAILABLE: a server restart, a dropped
         connection) before raising the last error; 0 never re-attaches. `wait_for_ready`:
         calls wait for the server to be reachable (within their deadline) instead of failing
         UNAVAILABLE at once. `keepalive`: ping the server every 30 s while calls are open,
-        so a silently dropped connection is noticed within about 40 s."""
+        so a silently dropped connection is noticed within about 40 s. `stream_idle_seconds`:
+        a job's event stream with no event for this long is taken as broken and re-attached
+        (None: wait as long as it takes; set it above the longest quiet spell of a job)."""
         if reattach_seconds < 0:
             raise ValueError(f"reattach_seconds: {reattach_seconds} is negative")
+        if stream_idle_seconds is not None and stream_idle_seconds <= 0:
+            raise ValueError(f"stream_idle_seconds: {stream_idle_seconds} is not positive")
         options = channel_options(
             max_message_bytes,
             load_balancing=load_balancing,
@@ -56,6 +61,7 @@ class ClientBase(Generic[EventsT]):
         self._metadata = call_metadata(token)
         self._timeout = timeout
         self._reattach_seconds = reattach_seconds
+        self._stream_idle_seconds = stream_idle_seconds
         # None rather than False: gRPC's own default, so a call is sent exactly as before.
         self._wait_for_ready: bool | None = True if wait_for_ready else None
         self._connect(target, credentials, options)

@@ -331,3 +331,8 @@ class Reattach:
 
     def watch_request(self) -> pb.WatchJobRequest:
         return watch_job_request(self.job_id, self.last_sequence)
+
+
+def stream_idle(seconds: float) -> UnavailableError:
+    """What a stream silent for `stream_idle_seconds` counts as: broken, so re-attached."""
+    return UnavailableError(f"no event for {seconds:g} s: the stream is taken as broken")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -41,6 +42,38 @@ class _EventStream(Protocol):
 
     def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
     def cancel(self) -> bool: ...
+
+
+class _IdleWatchdog:
+    """Cancels a stream that has received nothing for `seconds` (None: never): a blocking
+    gRPC stream cannot be read with a timeout, so a thread watches the time of its last
+    message instead. `fired` tells that cancel from any other."""
+
+    def __init__(self, call: _EventStream, seconds: float | None) -> None:
+        self.fired = False
+        self._call = call
+        self._seconds = seconds
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        if seconds is not None:
+            threading.Thread(target=self._watch, name="stream-idle", daemon=True).start()
+
+    def touch(self) -> None:
+        self._last = time.monotonic()
+
+    def pause(self) -> None:
+        self._last = math.inf  # until the next touch
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        assert self._seconds is not None
+        while not self._stopped.wait(min(1.0, self._seconds / 4)):
+            if time.monotonic() - self._last >= self._seconds:
+                self.fired = True
+                self._call.cancel()
+                return
 
 
 class _GuardedRequests(Iterator[pb.UploadDatasetRequest]):
@@ -83,7 +116,8 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
     (`fine_tune`, `watch_job`, `upload_dataset`) run as long as they need to; `fine_tune`,
     `train` and `watch_job` re-attach to the job when their stream breaks UNAVAILABLE (a
     server restart, a dropped connection), for up to `reattach_seconds` (default 300; 0:
-    never), without showing an event twice.
+    never), without showing an event twice, and with `stream_idle_seconds` set, when no
+    event came for that long.
 
     `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
     (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
@@ -336,18 +370,29 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         until its first event names the job) or WatchJob from the last event seen."""
         while True:
             call = self._open_events(reattach, fine_tune)
+            watchdog = _IdleWatchdog(call, self._stream_idle_seconds)
             try:
                 with translated_errors():
                     for message in call:
+                        watchdog.touch()
                         event = core.event_from_pb(message)
                         if event is not None and reattach.is_new(event):
+                            watchdog.pause()  # the caller's time with the event is not idle
                             yield event
+                            watchdog.touch()
                 return
-            except TransferError as err:
-                delay = reattach.delay(err)
+            except TransferError as caught:
+                error = caught
+                if watchdog.fired:  # our own cancel: the stream went silent
+                    assert self._stream_idle_seconds is not None
+                    error = core.stream_idle(self._stream_idle_seconds)
+                delay = reattach.delay(error)
                 if delay is None:
-                    raise
+                    if error is caught:
+                        raise
+                    raise error from caught
                 time.sleep(delay)
             finally:
+                watchdog.stop()
                 # Ends the stream when the caller stops early; the job itself keeps running.
                 call.cancel()

@@ -9,8 +9,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from transfer_client import (
     AsyncTransferClient,
@@ -23,6 +26,7 @@ from transfer_client import (
     TransferClient,
     UnavailableError,
 )
+from transfer_client.proto import transfer_service_pb2 as pb
 
 from tests.client.test_retries import serve
 from tests.datasets import fashion_mnist
@@ -180,3 +184,82 @@ def test_errors_carry_the_servers_request_id(restarts: Restarts) -> None:
     ):
         client.get_head("no-such-head")
     assert missing.value.request_id, repr(missing.value)
+
+
+class SilentAfterOne(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not subscriptable at run time
+    """WatchJob answers its first call with the queued event and then nothing (a stream stuck
+    behind a dead connection), and later calls with what comes after `after_sequence`."""
+
+    def __init__(self) -> None:
+        self.after: list[int] = []  # each WatchJob's after_sequence
+        self.release = threading.Event()
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if handler_call_details.method != "/transfer.v1.TransferService/WatchJob":  # type: ignore[attr-defined]
+            return None
+
+        def watch(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            after = pb.WatchJobRequest.FromString(request).after_sequence
+            self.after.append(after)
+            log = [
+                pb.FineTuneEvent(job_id="job-1", sequence=1, queued=pb.JobQueued()),
+                pb.FineTuneEvent(job_id="job-1", sequence=2, completed=pb.JobCompleted()),
+            ]
+            if len(self.after) == 1:
+                yield log[0].SerializeToString()
+                self.release.wait(30)
+                return
+            for event in log[after:]:
+                yield event.SerializeToString()
+
+        return grpc.unary_stream_rpc_method_handler(watch)
+
+
+@pytest.fixture
+def silent() -> Iterator[tuple[str, SilentAfterOne]]:
+    service = SilentAfterOne()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[service])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        service.release.set()
+        server.stop(grace=None)
+
+
+def test_a_silent_stream_is_re_attached_after_stream_idle_seconds(
+    silent: tuple[str, SilentAfterOne],
+) -> None:
+    target, service = silent
+    started = time.monotonic()
+    with TransferClient(target, stream_idle_seconds=1.0) as client:
+        events = list(client.watch_job("job-1"))
+    assert time.monotonic() - started < 10
+    assert [e.sequence for e in events] == [1, 2]
+    assert isinstance(events[-1], JobCompleted)
+    assert service.after == [0, 1]
+
+
+async def test_the_async_client_re_attaches_a_silent_stream_alike(
+    silent: tuple[str, SilentAfterOne],
+) -> None:
+    target, service = silent
+    async with AsyncTransferClient(target, stream_idle_seconds=1.0) as client:
+        events = [e async for e in client.watch_job("job-1")]
+    assert [e.sequence for e in events] == [1, 2]
+    assert service.after == [0, 1]
+
+
+def test_a_silent_stream_without_re_attaching_raises_unavailable(
+    silent: tuple[str, SilentAfterOne],
+) -> None:
+    target, service = silent
+    with (
+        TransferClient(target, stream_idle_seconds=1.0, reattach_seconds=0) as client,
+        pytest.raises(UnavailableError, match="no event for 1 s"),
+    ):
+        list(client.watch_job("job-1"))
+    assert service.after == [0]

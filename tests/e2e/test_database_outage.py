@@ -79,8 +79,11 @@ def test_warm_predicts_survive_a_database_outage_and_the_pool_reconnects(
 ) -> None:
     train = fashion_mnist(8, split="train", seed=1, classes=3)
     images = [image for image, _ in fashion_mnist(2, split="test", seed=2, classes=3)]
-    # max_attempts=1: each failure is seen as the server answers it, not after the SDK's retries.
-    with TransferClient(running.address, timeout=CALL_DEADLINE_S, max_attempts=1) as client:
+    # max_attempts=1 and reattach_seconds=0: each failure is seen as the server answers it, not
+    # after the SDK's retries or re-attaching.
+    with TransferClient(
+        running.address, timeout=CALL_DEADLINE_S, max_attempts=1, reattach_seconds=0
+    ) as client:
         config = TrainingConfig(epochs=2, seed=3)
         warm = client.train(BACKBONE, train, head_name="warm", config=config)
         cold = client.train(BACKBONE, train, head_name="cold", config=config)

@@ -66,7 +66,9 @@ def test_a_job_stopped_or_killed_mid_training_runs_again_when_the_server_returns
     server = started(store_env, tmp_path / "server.log")
     try:
         # ---- a stop: the job goes back to the queue, its stream ends UNAVAILABLE ----
-        with TransferClient(server.address, timeout=300) as client:
+        # (reattach_seconds=0: the server's side is checked here, the SDK's re-attaching in
+        # tests/client/test_reattach.py)
+        with TransferClient(server.address, timeout=300, reattach_seconds=0) as client:
             stream = client.fine_tune(
                 "efficientnet_lite0", examples, head_name="stopped", config=SLOW
             )
