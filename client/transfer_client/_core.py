@@ -23,12 +23,13 @@ from typing import BinaryIO, Generic, TypeVar
 import grpc
 
 from transfer_client import _convert as convert
+from transfer_client import _requests as request_messages
 
 # Re-exported for the clients' streaming calls, so that they read the protocol from one module.
 from transfer_client._convert import dataset_info_from_pb as dataset_info_from_pb
 from transfer_client._convert import event_from_pb as event_from_pb
-from transfer_client._convert import fine_tune_request as fine_tune_request
-from transfer_client._convert import upload_requests as upload_requests
+from transfer_client._requests import fine_tune_request as fine_tune_request
+from transfer_client._requests import upload_requests as upload_requests
 from transfer_client.errors import (
     TransferError,
     UnavailableError,
@@ -113,7 +114,8 @@ def evaluate_head(
     head_id: str, examples: Iterable[LabelledExample] | None, dataset_id: str | None
 ) -> Unary[pb.EvaluateHeadRequest, pb.EvaluationReport, EvaluationReport]:
     return Unary(
-        convert.evaluate_head_request(head_id, examples, dataset_id), convert.evaluation_from_pb
+        request_messages.evaluate_head_request(head_id, examples, dataset_id),
+        convert.evaluation_from_pb,
     )
 
 
@@ -131,7 +133,9 @@ def predict(
     head_id: str, inputs: InputData | Iterable[InputData], *, top_k: int, return_embedding: bool
 ) -> Unary[pb.PredictRequest, pb.PredictResponse, list[Prediction]]:
     return Unary(
-        convert.predict_request(head_id, inputs, top_k=top_k, return_embedding=return_embedding),
+        request_messages.predict_request(
+            head_id, inputs, top_k=top_k, return_embedding=return_embedding
+        ),
         lambda response: [convert.prediction_from_pb(p) for p in response.predictions],
     )
 
@@ -143,7 +147,9 @@ def predict_heads(
     top_k: int,
     return_embedding: bool,
 ) -> Unary[pb.PredictRequest, pb.PredictResponse, dict[str, list[Prediction]]]:
-    request = convert.predict_request("", inputs, top_k=top_k, return_embedding=return_embedding)
+    request = request_messages.predict_request(
+        "", inputs, top_k=top_k, return_embedding=return_embedding
+    )
     request.head_ids.extend(head_ids)
     return Unary(
         request,
