@@ -214,9 +214,6 @@ class JobManager:
             return replace(live.record)
         return self._store.get_job(job_id)
 
-    def list(self) -> list[JobRecord]:
-        return self._store.list_jobs()
-
     async def cancel(self, job_id: str) -> JobRecord:
         """Stops the job at its next step when this process runs it; else the store ends a
         queued job at once, or tells the process holding it (which stops it at its next step
