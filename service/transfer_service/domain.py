@@ -142,6 +142,31 @@ class HeadRecord:
     temperature: float = 1.0
     # How good the head is on held-out data; None for heads stored before reports existed.
     evaluation: EvaluationReport | None = None
+    # Its version under (tenant, name): 1, 2, 3 ... in the order versions were reserved
+    # (HeadStore.reserve_head_version); never reused after a delete.
+    version: int = 0
+
+
+# An alias: [a-z][a-z0-9_-]{0,31}. "latest" is reserved (always the newest version); the
+# "production" alias, where set, is what a bare name resolves to.
+ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+LATEST_ALIAS = "latest"
+DEFAULT_ALIAS = "production"
+
+
+@dataclass(frozen=True, slots=True)
+class HeadName:
+    """A head name's versions and aliases within a tenant, as one consistent read."""
+
+    tenant: str
+    name: str
+    # version -> head id, for the versions that exist (deleted ones are absent).
+    versions: dict[int, str]
+    # alias -> version; every alias points at an existing version.
+    aliases: dict[str, int]
+
+    def aliases_of(self, version: int) -> tuple[str, ...]:
+        return tuple(sorted(alias for alias, v in self.aliases.items() if v == version))
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +311,8 @@ class JobCompleted:
     # The head's report without per-class rows (EvaluationReport.summary); None from
     # events stored before reports existed.
     evaluation: EvaluationReport | None = None
+    # The head's version under its name; 0 in events stored before versions existed.
+    head_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

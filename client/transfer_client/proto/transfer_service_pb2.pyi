@@ -103,6 +103,8 @@ class Backbone(_message.Message):
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    MEASURED_INPUTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     modality: Global___Modality.ValueType
     architecture: _builtins.str
@@ -121,6 +123,14 @@ class Backbone(_message.Message):
     device: _builtins.str
     """Device it is resident on ("cpu", "cuda:0"), when loaded."""
     resident_bytes: _builtins.int
+    precision: _builtins.str
+    """Numeric precision its frozen trunk runs Predict at, when loaded: "float32", "bfloat16",
+    "float16" or "int8" (TRANSFER_PRECISION; "auto" measures the candidates at load).
+    """
+    measured_inputs_per_second: _builtins.float
+    """Images (or texts) per second the chosen precision measured at load (0: not measured,
+    e.g. a precision forced by the setting).
+    """
     def __init__(
         self,
         *,
@@ -136,10 +146,12 @@ class Backbone(_message.Message):
         unavailable_reason: _builtins.str = ...,
         device: _builtins.str = ...,
         resident_bytes: _builtins.int = ...,
+        precision: _builtins.str = ...,
+        measured_inputs_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "device", b"device", "feature_dim", b"feature_dim", "input_size", b"input_size", "modality", b"modality", "name", b"name", "parameter_count", b"parameter_count", "pretrained_on", b"pretrained_on", "resident_bytes", b"resident_bytes", "state", b"state", "unavailable_reason", b"unavailable_reason", "unfreezable_blocks", b"unfreezable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "device", b"device", "feature_dim", b"feature_dim", "input_size", b"input_size", "measured_inputs_per_second", b"measured_inputs_per_second", "modality", b"modality", "name", b"name", "parameter_count", b"parameter_count", "precision", b"precision", "pretrained_on", b"pretrained_on", "resident_bytes", b"resident_bytes", "state", b"state", "unavailable_reason", b"unavailable_reason", "unfreezable_blocks", b"unfreezable_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,7 +419,10 @@ class FineTuneRequest(_message.Message):
     backbone: _builtins.str
     """Backbone name from ListBackbones."""
     head_name: _builtins.str
-    """A name for the head; the head id is derived from it. Pattern [a-z0-9][a-z0-9_.-]{0,47}."""
+    """The head's name, stable within a tenant; the head id is derived from it. Each FineTune
+    with a name the tenant already used creates that name's next version (1, 2, 3, ...).
+    Pattern [a-z0-9][a-z0-9_.-]{0,47}.
+    """
     dataset_id: _builtins.str
     """A dataset from UploadDataset. Exclusive with `examples`."""
     validation_dataset_id: _builtins.str
@@ -760,9 +775,12 @@ class JobCompleted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    head_version: _builtins.int
+    """The head's version under its name (FineTuneRequest.head_name)."""
     @_builtins.property
     def metrics(self) -> Global___TrainingMetrics: ...
     @_builtins.property
@@ -775,12 +793,13 @@ class JobCompleted(_message.Message):
         self,
         *,
         head_id: _builtins.str = ...,
+        head_version: _builtins.int = ...,
         metrics: Global___TrainingMetrics | None = ...,
         evaluation: Global___EvaluationReport | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "head_id", b"head_id", "metrics", b"metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "head_id", b"head_id", "head_version", b"head_version", "metrics", b"metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1261,6 +1280,8 @@ class Head(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     HEAD_TYPE_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
     name: _builtins.str
     backbone: _builtins.str
@@ -1272,6 +1293,8 @@ class Head(_message.Message):
     """Bytes of the head's own weights (the shared backbone is not counted)."""
     job_id: _builtins.str
     head_type: _builtins.str
+    version: _builtins.int
+    """Its version under `name` (1, 2, 3, ... in the order they were trained)."""
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1285,6 +1308,10 @@ class Head(_message.Message):
         """How good the head is, on data it was not trained on (empty for heads trained before
         reports existed).
         """
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The aliases of `name` that point at this version, sorted."""
 
     def __init__(
         self,
@@ -1303,10 +1330,12 @@ class Head(_message.Message):
         job_id: _builtins.str = ...,
         head_type: _builtins.str = ...,
         evaluation: Global___EvaluationReport | None = ...,
+        version: _builtins.int = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_time", b"created_time", "evaluation", b"evaluation", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "evaluation", b"evaluation", "head_id", b"head_id", "head_type", b"head_type", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backbone", b"backbone", "class_names", b"class_names", "config", b"config", "created_time", b"created_time", "evaluation", b"evaluation", "head_id", b"head_id", "head_type", b"head_type", "input_size", b"input_size", "job_id", b"job_id", "metrics", b"metrics", "modality", b"modality", "name", b"name", "size_bytes", b"size_bytes", "trainable_blocks", b"trainable_blocks", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1423,6 +1452,7 @@ class EvaluateHeadRequest(_message.Message):
     EXAMPLES_FIELD_NUMBER: _builtins.int
     DATASET_ID_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """A head reference, as PredictRequest.head_id."""
     dataset_id: _builtins.str
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
@@ -1449,6 +1479,7 @@ class ExportHeadRequest(_message.Message):
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """A head reference, as PredictRequest.head_id."""
     def __init__(
         self,
         *,
@@ -1551,6 +1582,7 @@ class GetHeadRequest(_message.Message):
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """A head reference, as PredictRequest.head_id."""
     def __init__(
         self,
         *,
@@ -1569,15 +1601,24 @@ class DeleteHeadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """A head id, or `name@N` (one version). A bare name or an alias is INVALID_ARGUMENT: a
+    delete names exactly the version it removes.
+    """
+    force: _builtins.bool
+    """Deleting a version an alias points at is FAILED_PRECONDITION unless `force`, which also
+    removes those aliases.
+    """
     def __init__(
         self,
         *,
         head_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "head_id", b"head_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1599,6 +1640,71 @@ class DeleteHeadResponse(_message.Message):
 Global___DeleteHeadResponse: _TypeAlias = DeleteHeadResponse  # noqa: Y015
 
 @_typing.final
+class SetHeadAliasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The head name (FineTuneRequest.head_name)."""
+    alias: _builtins.str
+    """Pattern [a-z][a-z0-9_-]{0,31}; "latest" is reserved (it always means the newest version)."""
+    version: _builtins.int
+    """An existing version of `name`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetHeadAliasRequest: _TypeAlias = SetHeadAliasRequest  # noqa: Y015
+
+@_typing.final
+class DeleteHeadAliasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    alias: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteHeadAliasRequest: _TypeAlias = DeleteHeadAliasRequest  # noqa: Y015
+
+@_typing.final
+class DeleteHeadAliasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteHeadAliasResponse: _TypeAlias = DeleteHeadAliasResponse  # noqa: Y015
+
+@_typing.final
 class PredictRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1608,6 +1714,12 @@ class PredictRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     RETURN_EMBEDDING_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """The head: its id, or a reference by name within the caller's tenant: `name` (the version
+    its "production" alias points at where one is set, else its newest version), `name@3`
+    (version 3), `name@latest` or `name@<alias>`. Each reference is resolved once per call,
+    so one call is answered wholly by one version. A text without "@" that is the id of one
+    of the caller's heads reads as that id, else as a name.
+    """
     top_k: _builtins.int
     """How many classes to return per input, best first; 0 means 1, capped at the class count."""
     return_embedding: _builtins.bool
@@ -1618,7 +1730,8 @@ class PredictRequest(_message.Message):
     def head_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """More heads on the same backbone, answered from one pass of the backbone (`head_id` may
         then be empty): the response's `heads` has one entry per head, in request order. Heads on
-        different backbones are INVALID_ARGUMENT. At most 32 heads.
+        different backbones are INVALID_ARGUMENT. At most 32 heads. Each is a reference, as
+        `head_id`.
         """
 
     def __init__(
@@ -1697,8 +1810,11 @@ class PredictResponse(_message.Message):
 
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     HEAD_ID_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
     HEADS_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """The id and version of the head that answered (the request's reference, resolved)."""
+    head_version: _builtins.int
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]:
         """The predictions of `head_id` (the first head of a multi-head request)."""
@@ -1712,11 +1828,12 @@ class PredictResponse(_message.Message):
         *,
         predictions: _abc.Iterable[Global___Prediction] | None = ...,
         head_id: _builtins.str = ...,
+        head_version: _builtins.int = ...,
         heads: _abc.Iterable[Global___HeadPredictions] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "heads", b"heads", "predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "head_version", b"head_version", "heads", b"heads", "predictions", b"predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1728,7 +1845,10 @@ class HeadPredictions(_message.Message):
 
     HEAD_ID_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
     head_id: _builtins.str
+    """The head that answered this entry's reference, and its version."""
+    head_version: _builtins.int
     @_builtins.property
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prediction]: ...
     def __init__(
@@ -1736,10 +1856,11 @@ class HeadPredictions(_message.Message):
         *,
         head_id: _builtins.str = ...,
         predictions: _abc.Iterable[Global___Prediction] | None = ...,
+        head_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_id", b"head_id", "head_version", b"head_version", "predictions", b"predictions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -104,6 +104,16 @@ class TransferServiceStub:
                 request_serializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.SerializeToString,
                 response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.FromString,
                 _registered_method=True)
+        self.SetHeadAlias = channel.unary_unary(
+                '/transfer.v1.TransferService/SetHeadAlias',
+                request_serializer=transfer_dot_v1_dot_transfer__service__pb2.SetHeadAliasRequest.SerializeToString,
+                response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.Head.FromString,
+                _registered_method=True)
+        self.DeleteHeadAlias = channel.unary_unary(
+                '/transfer.v1.TransferService/DeleteHeadAlias',
+                request_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasRequest.SerializeToString,
+                response_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasResponse.FromString,
+                _registered_method=True)
 
 
 class TransferServiceServicer:
@@ -207,6 +217,23 @@ class TransferServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHeadAlias(self, request, context):
+        """Points an alias of a head name (e.g. "production") at one of its versions, creating or
+        moving it atomically: a Predict of `name@alias` (or of `name`, for "production") is
+        answered wholly by the old version or wholly by the new one. This is how a version is
+        promoted or rolled back. Returns the head the alias now points at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteHeadAlias(self, request, context):
+        """Removes an alias; the head it pointed at is not changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +306,16 @@ def add_TransferServiceServicer_to_server(servicer, server):
                     servicer.ExportHead,
                     request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.FromString,
                     response_serializer=transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.SerializeToString,
+            ),
+            'SetHeadAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHeadAlias,
+                    request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.SetHeadAliasRequest.FromString,
+                    response_serializer=transfer_dot_v1_dot_transfer__service__pb2.Head.SerializeToString,
+            ),
+            'DeleteHeadAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHeadAlias,
+                    request_deserializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasRequest.FromString,
+                    response_serializer=transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -659,6 +696,60 @@ class TransferService:
             '/transfer.v1.TransferService/ExportHead',
             transfer_dot_v1_dot_transfer__service__pb2.ExportHeadRequest.SerializeToString,
             transfer_dot_v1_dot_transfer__service__pb2.ExportHeadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHeadAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transfer.v1.TransferService/SetHeadAlias',
+            transfer_dot_v1_dot_transfer__service__pb2.SetHeadAliasRequest.SerializeToString,
+            transfer_dot_v1_dot_transfer__service__pb2.Head.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHeadAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transfer.v1.TransferService/DeleteHeadAlias',
+            transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasRequest.SerializeToString,
+            transfer_dot_v1_dot_transfer__service__pb2.DeleteHeadAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,14 @@ class TransferServiceStub:
     preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
     it expects is in the model's metadata_props.
     """
+    SetHeadAlias: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.SetHeadAliasRequest, _transfer_service_pb2.Head]
+    """Points an alias of a head name (e.g. "production") at one of its versions, creating or
+    moving it atomically: a Predict of `name@alias` (or of `name`, for "production") is
+    answered wholly by the old version or wholly by the new one. This is how a version is
+    promoted or rolled back. Returns the head the alias now points at.
+    """
+    DeleteHeadAlias: _grpc.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteHeadAliasRequest, _transfer_service_pb2.DeleteHeadAliasResponse]
+    """Removes an alias; the head it pointed at is not changed."""
 
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
@@ -101,6 +109,14 @@ class TransferServiceAsyncStub(TransferServiceStub):
     preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
     it expects is in the model's metadata_props.
     """
+    SetHeadAlias: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.SetHeadAliasRequest, _transfer_service_pb2.Head]  # type: ignore[assignment]
+    """Points an alias of a head name (e.g. "production") at one of its versions, creating or
+    moving it atomically: a Predict of `name@alias` (or of `name`, for "production") is
+    answered wholly by the old version or wholly by the new one. This is how a version is
+    promoted or rolled back. Returns the head the alias now points at.
+    """
+    DeleteHeadAlias: _aio.UnaryUnaryMultiCallable[_transfer_service_pb2.DeleteHeadAliasRequest, _transfer_service_pb2.DeleteHeadAliasResponse]  # type: ignore[assignment]
+    """Removes an alias; the head it pointed at is not changed."""
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -218,5 +234,25 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         preprocessed tensor, output the calibrated probabilities Predict gives; the preprocessing
         it expects is in the model's metadata_props.
         """
+
+    @_abc_1.abstractmethod
+    def SetHeadAlias(
+        self,
+        request: _transfer_service_pb2.SetHeadAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_service_pb2.Head, _abc.Awaitable[_transfer_service_pb2.Head]]:
+        """Points an alias of a head name (e.g. "production") at one of its versions, creating or
+        moving it atomically: a Predict of `name@alias` (or of `name`, for "production") is
+        answered wholly by the old version or wholly by the new one. This is how a version is
+        promoted or rolled back. Returns the head the alias now points at.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteHeadAlias(
+        self,
+        request: _transfer_service_pb2.DeleteHeadAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_service_pb2.DeleteHeadAliasResponse, _abc.Awaitable[_transfer_service_pb2.DeleteHeadAliasResponse]]:
+        """Removes an alias; the head it pointed at is not changed."""
 
 def add_TransferServiceServicer_to_server(servicer: TransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,7 @@ from transfer_service.domain import (
     ClaimedJob,
     DatasetInfo,
     FineTuneSpec,
+    HeadName,
     HeadRecord,
     JobEvent,
     JobRecord,
@@ -53,7 +54,34 @@ class HeadStore(Protocol):
         given; with `after` (created time, head id) only the heads past that one, at most
         `limit`. A damaged head is left out, never failing the listing."""
 
-    def delete_head(self, head_id: str) -> None: ...
+    def delete_head(self, head_id: str, *, force: bool = False) -> None:
+        """NotFoundError for an unknown head. When aliases of its name point at it:
+        FailedPreconditionError naming them, unless `force`, which removes those aliases in
+        the same transaction as the head (a concurrent set_head_alias to this version either
+        commits first, and is then refused or removed with it, or fails NOT_FOUND after)."""
+
+    # ---- names, versions and aliases (per tenant) ----
+
+    def reserve_head_version(self, tenant: str, name: str) -> int:
+        """The next version of (tenant, name): 1 for a new name, then one more than any
+        version ever reserved for it, atomically across every process sharing the store.
+        Never reused, even when a reserved version is never saved (its job failed) or is
+        deleted; versions may therefore have gaps. The head saved with it (save_head,
+        complete_job) carries it in HeadRecord.version."""
+
+    def head_name(self, tenant: str, name: str) -> HeadName:
+        """One consistent read of the name's existing versions and its aliases.
+        NotFoundError when the tenant has no head of that name (every version deleted, or
+        never trained)."""
+
+    def set_head_alias(self, tenant: str, name: str, alias: str, version: int) -> HeadName:
+        """Creates or moves `alias` to `version`, atomically, and returns the name as it is
+        after. NotFoundError when that version does not exist (never trained, or deleted).
+        `alias` is valid (ALIAS_PATTERN, not LATEST_ALIAS): the caller checked."""
+
+    def delete_head_alias(self, tenant: str, name: str, alias: str) -> HeadName:
+        """Removes the alias; NotFoundError when the name has no such alias. Returns the name
+        as it is after (its versions are untouched)."""
 
 
 class JobStore(Protocol):
@@ -209,7 +237,17 @@ class DatasetStore(Protocol):
     def delete_dataset(self, dataset_id: str) -> None: ...
 
 
-class Store(HeadStore, JobStore, DatasetStore, Protocol):
+class MeasurementStore(Protocol):
+    """Small facts the server measured about the machine it runs on (issue 20: the chosen
+    precision per backbone and device), kept so that a restart does not measure again. Keys
+    carry the machine's fingerprint; values are JSON text. Last write wins."""
+
+    def read_measurement(self, key: str) -> str | None: ...
+
+    def write_measurement(self, key: str, value: str) -> None: ...
+
+
+class Store(HeadStore, JobStore, DatasetStore, MeasurementStore, Protocol):
     def complete_job(
         self,
         job: JobRecord,
@@ -220,7 +258,8 @@ class Store(HeadStore, JobStore, DatasetStore, Protocol):
         """A job's success: its head, its SUCCEEDED row and its `completed` event commit
         together, or none of them (raises then; LeaseLostError when `job.attempt` no longer
         holds the job). Its stored examples are deleted with it. A re-run of the job can
-        therefore never leave two heads, and no head exists without its job's success."""
+        therefore never leave two heads, and no head exists without its job's success.
+        `head.version` was reserved with reserve_head_version (a re-run reserves anew)."""
 
     def watch_heads(
         self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
