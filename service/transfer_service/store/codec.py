@@ -127,6 +127,8 @@ def decode_head(text: str | bytes) -> tuple[HeadRecord, str | None]:
         # Both optional: heads stored before calibration and reports have neither.
         temperature=_temperature(data),
         evaluation=_optional_report(data.get("evaluation"), "evaluation"),
+        # 0: a head stored before versions existed (the store assigns it one at start-up).
+        version=_count(data, "version") if "version" in data else 0,
     )
     return record, checksum
 
@@ -246,6 +248,8 @@ def payload_from_json(kind: str, text: str) -> EventPayload:
         data["metrics"] = TrainingMetrics(**data["metrics"])
         # Events stored before reports existed have no "evaluation".
         data["evaluation"] = _optional_report(data.get("evaluation"), "evaluation")
+        # Events stored before versions existed have no "head_version": 0.
+        data.setdefault("head_version", 0)
     payload: EventPayload = _EVENT_KINDS[kind](**data)
     return payload
 

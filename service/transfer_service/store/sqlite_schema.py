@@ -1,6 +1,6 @@
-"""The embedded store's SQLite database (jobs, job events, datasets, the head index): its
-tables, opening it (with the checks that refuse an unusable one), migrating older versions,
-and transactions.
+"""The embedded store's SQLite database (jobs, job events, datasets, the head index, head
+names' versions and aliases): its tables, opening it (with the checks that refuse an unusable
+one), migrating older versions, and transactions.
 
 Opening a database that cannot be used is ConfigurationError, saying what to do."""
 
@@ -48,7 +48,13 @@ CREATE TABLE IF NOT EXISTS datasets (
   tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}', bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS heads (
   head_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, backbone TEXT NOT NULL,
-  created TEXT NOT NULL);
+  created TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS head_names (
+  tenant TEXT NOT NULL, name TEXT NOT NULL, next_version INTEGER NOT NULL,
+  PRIMARY KEY (tenant, name));
+CREATE TABLE IF NOT EXISTS head_aliases (
+  tenant TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+  PRIMARY KEY (tenant, name, alias));
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
@@ -63,6 +69,8 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created);
 CREATE INDEX IF NOT EXISTS datasets_by_tenant ON datasets (tenant);
 CREATE INDEX IF NOT EXISTS heads_by_tenant ON heads (tenant, created, head_id);
+CREATE UNIQUE INDEX IF NOT EXISTS heads_by_version ON heads (tenant, name, version)
+  WHERE version > 0;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_request_key ON jobs (tenant, request_key)
   WHERE request_key <> '';
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created, job_id)
@@ -70,8 +78,9 @@ CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created, job_id)
 """
 
 # PRAGMA user_version of the database this code writes. 0: before tenants (no tenant columns);
-# 1: before dataset sizes (no datasets.bytes); 2: before the job queue (no lease columns).
-_SCHEMA_VERSION = 3
+# 1: before dataset sizes (no datasets.bytes); 2: before the job queue (no lease columns);
+# 3: before head versions (no heads.version, head_names, head_aliases).
+_SCHEMA_VERSION = 4
 
 # A stored example's bytes, as sqlite_datasets._example_bytes counts them (CAST: length() of
 # TEXT counts characters, of a BLOB bytes).
@@ -146,6 +155,9 @@ def _migrate(db: sqlite3.Connection) -> None:
     1 -> 2: datasets gain `bytes` (what the per-tenant quota counts), computed from the rows.
     2 -> 3: jobs gain the queue's columns (_QUEUE_COLUMNS): existing rows are held by nobody,
     at attempt 0, without a stored spec (job_examples, a new table, is created above).
+    3 -> 4: the head index gains `version`, 0 on existing rows: sqlite_head_index assigns
+    those heads their versions at start-up (it rewrites their head.json; head_names and
+    head_aliases, new tables, are created above).
     (The CREATE statements above already carry the columns, so a new database only gets its
     version.) One transaction: a crash mid-migration leaves the old version to migrate again.
     """
@@ -167,6 +179,9 @@ def _migrate(db: sqlite3.Connection) -> None:
         for name, kind in _QUEUE_COLUMNS:
             if name not in columns:
                 db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        columns = {str(row[1]) for row in db.execute("PRAGMA table_info(heads)")}
+        if "version" not in columns:
+            db.execute("ALTER TABLE heads ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
         if version < 2:
             db.execute(
                 "UPDATE datasets SET bytes = (SELECT COALESCE(SUM("
