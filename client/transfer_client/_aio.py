@@ -195,8 +195,22 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
             self._stub.EvaluateHead, core.evaluate_head(head_id, examples, dataset_id)
         )
 
-    async def delete_head(self, head_id: str) -> None:
-        await self._unary(self._stub.DeleteHead, core.delete_head(head_id))
+    async def delete_head(self, head_id: str, *, force: bool = False) -> None:
+        """Deletes one head version: its id or `name@N` (a bare name or alias is refused, so a
+        delete always names exactly what it removes). A version an alias points at is
+        FailedPreconditionError unless `force`, which removes those aliases too."""
+        await self._unary(self._stub.DeleteHead, core.delete_head(head_id, force))
+
+    async def set_head_alias(self, name: str, alias: str, version: int) -> Head:
+        """Points `alias` of head name `name` at its `version`, creating or moving it in one
+        step (promotion, rollback): callers of `name@alias` (and of `name`, for
+        "production") are answered wholly by the old version or wholly by the new one.
+        Returns the head the alias now points at."""
+        return await self._unary(self._stub.SetHeadAlias, core.set_head_alias(name, alias, version))
+
+    async def delete_head_alias(self, name: str, alias: str) -> None:
+        """Removes an alias of `name`; the version it pointed at stays."""
+        await self._unary(self._stub.DeleteHeadAlias, core.delete_head_alias(name, alias))
 
     async def delete_dataset(self, dataset_id: str) -> None:
         """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""

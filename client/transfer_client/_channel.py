@@ -19,8 +19,9 @@ _SERVICE = "transfer.v1.TransferService"
 # of request for a retry, so a larger inline FineTune is not resent). Not UploadDataset (a
 # second dataset), nor the deletes or CancelJob: their effect is idempotent, but not their
 # answer. If the reply to a DeleteHead is lost, its retry finds the head gone and turns
-# the success into NOT_FOUND (DeleteDataset alike; CancelJob into FAILED_PRECONDITION once the
-# job is cancelled).
+# the success into NOT_FOUND (DeleteDataset and DeleteHeadAlias alike; CancelJob into
+# FAILED_PRECONDITION once the job is cancelled). SetHeadAlias is retried: setting an alias
+# to the version it already points at is a no-op with the same answer (that head).
 RETRIED_METHODS = (
     "FineTune",
     "ListBackbones",
@@ -32,6 +33,7 @@ RETRIED_METHODS = (
     "GetHead",
     "EvaluateHead",  # a read: the head is not changed
     "ExportHead",  # a read (retried only before its first chunk, as any stream)
+    "SetHeadAlias",  # idempotent, answer included: "point alias at version N"
 )
 
 ChannelOptions = list[tuple[str, int | str]]

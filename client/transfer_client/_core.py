@@ -119,8 +119,26 @@ def evaluate_head(
     )
 
 
-def delete_head(head_id: str) -> Unary[pb.DeleteHeadRequest, pb.DeleteHeadResponse, None]:
-    return Unary(pb.DeleteHeadRequest(head_id=head_id), _nothing)
+def delete_head(
+    head_id: str, force: bool
+) -> Unary[pb.DeleteHeadRequest, pb.DeleteHeadResponse, None]:
+    return Unary(pb.DeleteHeadRequest(head_id=head_id, force=force), _nothing)
+
+
+def set_head_alias(
+    name: str, alias: str, version: int
+) -> Unary[pb.SetHeadAliasRequest, pb.Head, Head]:
+    if version < 1:
+        raise ValueError(f"version: {version} is not a head version (1, 2, 3, ...)")
+    return Unary(
+        pb.SetHeadAliasRequest(name=name, alias=alias, version=version), convert.head_from_pb
+    )
+
+
+def delete_head_alias(
+    name: str, alias: str
+) -> Unary[pb.DeleteHeadAliasRequest, pb.DeleteHeadAliasResponse, None]:
+    return Unary(pb.DeleteHeadAliasRequest(name=name, alias=alias), _nothing)
 
 
 def delete_dataset(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 import grpc
 
@@ -18,6 +16,7 @@ from transfer_client import _core as core
 from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
+from transfer_client._sync_streams import EventStream, GuardedRequests, IdleWatchdog
 from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -35,78 +34,6 @@ from transfer_client.types import (
     Prediction,
     TrainingConfig,
 )
-
-
-class _EventStream(Protocol):
-    """A server-streaming call as far as `_followed` uses it (the stubs leave `cancel` untyped)."""
-
-    def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
-    def cancel(self) -> bool: ...
-
-
-class _IdleWatchdog:
-    """Cancels a stream that has received nothing for `seconds` (None: never): a blocking
-    gRPC stream cannot be read with a timeout, so a thread watches the time of its last
-    message instead. `fired` tells that cancel from any other."""
-
-    def __init__(self, call: _EventStream, seconds: float | None) -> None:
-        self.fired = False
-        self._call = call
-        self._seconds = seconds
-        self._last = time.monotonic()
-        self._stopped = threading.Event()
-        if seconds is not None:
-            threading.Thread(target=self._watch, name="stream-idle", daemon=True).start()
-
-    def touch(self) -> None:
-        self._last = time.monotonic()
-
-    def pause(self) -> None:
-        self._last = math.inf  # until the next touch
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _watch(self) -> None:
-        assert self._seconds is not None
-        while not self._stopped.wait(min(1.0, self._seconds / 4)):
-            if time.monotonic() - self._last >= self._seconds:
-                self.fired = True
-                self._call.cancel()
-                return
-
-
-class _GuardedRequests(Iterator[pb.UploadDatasetRequest]):
-    """Upload chunks as gRPC's sender thread pulls them.
-
-    If building a chunk fails (an unreadable file, say), ending the stream would make the
-    server store a truncated dataset, and raising would leave gRPC to swap the error for an
-    anonymous UNKNOWN status. So the call is cancelled instead, and the error kept for the
-    caller's thread to raise.
-    """
-
-    def __init__(self, chunks: Iterator[pb.UploadDatasetRequest]) -> None:
-        self._chunks = chunks
-        self._call: grpc.Future[pb.UploadDatasetResponse] | None = None
-        self._call_attached = threading.Event()
-        self.error: Exception | None = None
-
-    def attach(self, call: grpc.Future[pb.UploadDatasetResponse]) -> None:
-        self._call = call
-        self._call_attached.set()
-
-    def __next__(self) -> pb.UploadDatasetRequest:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise
-        except Exception as err:
-            self.error = err
-            # The sender thread can run before `future()` has returned the call to attach.
-            self._call_attached.wait()
-            if self._call is not None:
-                self._call.cancel()
-            raise StopIteration from None
 
 
 class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
@@ -155,7 +82,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         self, examples: Iterable[LabelledExample], *, chunk_size: int = 64
     ) -> DatasetInfo:
         """Streams a labelled dataset in chunks; pass the returned id to `fine_tune`."""
-        requests = _GuardedRequests(core.upload_requests(examples, chunk_size))
+        requests = GuardedRequests(core.upload_requests(examples, chunk_size))
         call: grpc.Future[pb.UploadDatasetResponse] = self._stub.UploadDataset.future(
             requests, metadata=self._metadata, wait_for_ready=self._wait_for_ready
         )
@@ -260,8 +187,22 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
             self._stub.EvaluateHead, core.evaluate_head(head_id, examples, dataset_id)
         )
 
-    def delete_head(self, head_id: str) -> None:
-        self._unary(self._stub.DeleteHead, core.delete_head(head_id))
+    def delete_head(self, head_id: str, *, force: bool = False) -> None:
+        """Deletes one head version: its id or `name@N` (a bare name or alias is refused, so a
+        delete always names exactly what it removes). A version an alias points at is
+        FailedPreconditionError unless `force`, which removes those aliases too."""
+        self._unary(self._stub.DeleteHead, core.delete_head(head_id, force))
+
+    def set_head_alias(self, name: str, alias: str, version: int) -> Head:
+        """Points `alias` of head name `name` at its `version`, creating or moving it in one
+        step (promotion, rollback): callers of `name@alias` (and of `name`, for
+        "production") are answered wholly by the old version or wholly by the new one.
+        Returns the head the alias now points at."""
+        return self._unary(self._stub.SetHeadAlias, core.set_head_alias(name, alias, version))
+
+    def delete_head_alias(self, name: str, alias: str) -> None:
+        """Removes an alias of `name`; the version it pointed at stays."""
+        self._unary(self._stub.DeleteHeadAlias, core.delete_head_alias(name, alias))
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Deletes an uploaded dataset, freeing its bytes from the tenant's dataset quota."""
@@ -347,7 +288,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
 
     def _open_events(
         self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
-    ) -> _EventStream:
+    ) -> EventStream:
         if reattach.job_id:
             return self._stub.WatchJob(
                 reattach.watch_request(),
@@ -370,7 +311,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         until its first event names the job) or WatchJob from the last event seen."""
         while True:
             call = self._open_events(reattach, fine_tune)
-            watchdog = _IdleWatchdog(call, self._stream_idle_seconds)
+            watchdog = IdleWatchdog(call, self._stream_idle_seconds)
             try:
                 with translated_errors():
                     for message in call:

@@ -121,6 +121,8 @@ CALLS: dict[str, Callable[[TransferClient], object]] = {
     "CancelJob": lambda client: client.cancel_job("job-1"),
     "DeleteHead": lambda client: client.delete_head("head-1"),
     "DeleteDataset": lambda client: client.delete_dataset("dataset-1"),
+    "SetHeadAlias": lambda client: client.set_head_alias("head", "production", 2),
+    "DeleteHeadAlias": lambda client: client.delete_head_alias("head", "production"),
 }
 RETRIED = {
     "FineTune",
@@ -133,6 +135,7 @@ RETRIED = {
     "GetHead",
     "EvaluateHead",
     "ExportHead",
+    "SetHeadAlias",
 }
 
 
