@@ -3,7 +3,7 @@
 from transfer_client import TransferClient, TrainingConfig
 
 with TransferClient("localhost:50051") as transfer:
-    done = transfer.train("efficientnet-lite0", examples, config=TrainingConfig(epochs=5))
+    done = transfer.train("efficientnet_lite0", examples, config=TrainingConfig(epochs=5))
     predictions = transfer.predict(done.head_id, [Path("cat.jpg")], top_k=3)
 """
 

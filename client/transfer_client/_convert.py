@@ -9,16 +9,16 @@ from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from transfer_client._convert_evaluation import evaluation_from_pb as evaluation_from_pb
+from transfer_client._convert_evaluation import optional_evaluation
 from transfer_client.errors import InternalError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.types import (
     Backbone,
     BackboneState,
     CandidateResult,
-    ClassMetrics,
     ClassScore,
     DatasetInfo,
-    EvaluationReport,
     FineTuneEvent,
     Head,
     Job,
@@ -107,16 +107,29 @@ def backbone_from_pb(message: pb.Backbone) -> Backbone:
         unavailable_reason=message.unavailable_reason,
         device=message.device,
         resident_bytes=message.resident_bytes,
+        precision=message.precision,
+        measured_inputs_per_second=_float32(message.measured_inputs_per_second),
     )
 
 
-def prediction_from_pb(message: pb.Prediction) -> Prediction:
+def prediction_from_pb(
+    message: pb.Prediction, head_id: str = "", head_version: int = 0
+) -> Prediction:
+    """One input's prediction, with the head that answered (from the enclosing response)."""
     return Prediction(
         label=message.label,
         score=_float32(message.score),
         top_k=tuple(ClassScore(s.label, _float32(s.score)) for s in message.top_k),
         embedding=tuple(message.embedding),
+        head_id=head_id,
+        head_version=head_version,
     )
+
+
+def predictions_from_pb(message: pb.PredictResponse | pb.HeadPredictions) -> list[Prediction]:
+    return [
+        prediction_from_pb(p, message.head_id, message.head_version) for p in message.predictions
+    ]
 
 
 def training_config_from_pb(message: pb.TrainingConfig) -> TrainingConfig:
@@ -273,7 +286,8 @@ def event_from_pb(message: pb.FineTuneEvent) -> FineTuneEvent | None:
                 time=time,
                 head_id=message.completed.head_id,
                 metrics=training_metrics_from_pb(message.completed.metrics),
-                evaluation=_optional_evaluation(message.completed),
+                evaluation=optional_evaluation(message.completed),
+                head_version=message.completed.head_version,
             )
         case "failed":
             return JobFailed(
@@ -337,36 +351,6 @@ def job_from_pb(message: pb.Job) -> Job:
     )
 
 
-def evaluation_from_pb(message: pb.EvaluationReport) -> EvaluationReport:
-    classes = len(message.per_class)
-    cells = list(message.confusion_matrix)
-    matrix = (
-        tuple(tuple(cells[row * classes : (row + 1) * classes]) for row in range(classes))
-        if classes and len(cells) == classes * classes
-        else ()
-    )
-    return EvaluationReport(
-        source=message.source,
-        examples=message.examples,
-        accuracy=message.accuracy,
-        macro_f1=message.macro_f1,
-        top_k_accuracy=tuple(message.top_k_accuracy),
-        log_loss=message.log_loss,
-        ece_uncalibrated=message.ece_uncalibrated,
-        ece=message.ece,
-        temperature=message.temperature,
-        per_class=tuple(
-            ClassMetrics(row.label, row.precision, row.recall, row.f1, row.support)
-            for row in message.per_class
-        ),
-        confusion_matrix=matrix,
-    )
-
-
-def _optional_evaluation(message: pb.Head | pb.JobCompleted) -> EvaluationReport | None:
-    return evaluation_from_pb(message.evaluation) if message.HasField("evaluation") else None
-
-
 def head_from_pb(message: pb.Head) -> Head:
     return Head(
         head_id=message.head_id,
@@ -382,7 +366,9 @@ def head_from_pb(message: pb.Head) -> Head:
         size_bytes=message.size_bytes,
         job_id=message.job_id,
         head_type=message.head_type,
-        evaluation=_optional_evaluation(message),
+        evaluation=optional_evaluation(message),
+        version=message.version,
+        aliases=tuple(message.aliases),
     )
 
 

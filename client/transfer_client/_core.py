@@ -154,7 +154,7 @@ def predict(
         request_messages.predict_request(
             head_id, inputs, top_k=top_k, return_embedding=return_embedding
         ),
-        lambda response: [convert.prediction_from_pb(p) for p in response.predictions],
+        convert.predictions_from_pb,
     )
 
 
@@ -168,12 +168,16 @@ def predict_heads(
     request = request_messages.predict_request(
         "", inputs, top_k=top_k, return_embedding=return_embedding
     )
-    request.head_ids.extend(head_ids)
+    references = list(head_ids)
+    request.head_ids.extend(references)
+    # Keyed by the caller's references (a name or `name@alias` resolves to an id the caller
+    # may not know): the response has one entry per reference, in request order. Each
+    # prediction says which head id and version answered.
     return Unary(
         request,
         lambda response: {
-            head.head_id: [convert.prediction_from_pb(p) for p in head.predictions]
-            for head in response.heads
+            reference: convert.predictions_from_pb(head)
+            for reference, head in zip(references, response.heads, strict=True)
         },
     )
 

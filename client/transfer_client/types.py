@@ -56,6 +56,11 @@ class Backbone:
     unavailable_reason: str
     device: str
     resident_bytes: int
+    precision: str = ""
+    """Numeric precision the loaded trunk runs Predict at ("float32", "bfloat16", "float16",
+    "int8"); empty when not loaded."""
+    measured_inputs_per_second: float = 0.0
+    """Inputs per second that precision measured at load (0: not measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,11 @@ class Prediction:
     top_k: tuple[ClassScore, ...]
     embedding: tuple[float, ...]
     """The backbone's pooled features; empty unless asked for with `return_embedding`."""
+    head_id: str = ""
+    """The head that answered: the id a reference (`name`, `name@3`, `name@production`)
+    resolved to; empty from servers older than head names."""
+    head_version: int = 0
+    """That head's version under its name (0: not known)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +266,8 @@ class JobCompleted:
     evaluation: EvaluationReport | None = None
     """The head's report without per-class rows and matrix (`get_head` has it whole); None
     from servers older than reports."""
+    head_version: int = 0
+    """The head's version under its name (1, 2, 3, ...; 0 from servers older than names)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +361,10 @@ class Head:
     head_type: str = "linear"
     evaluation: EvaluationReport | None = None
     """None for heads trained before reports existed (and from servers older than them)."""
+    version: int = 0
+    """Its version under `name` (1, 2, 3, ... in training order; 0 from older servers)."""
+    aliases: tuple[str, ...] = ()
+    """The aliases of `name` that point at this version, sorted (e.g. ("production",))."""
 
 
 @dataclass(frozen=True, slots=True)
