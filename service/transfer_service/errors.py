@@ -23,9 +23,22 @@ class NotFoundError(ServiceError):
 
 
 class InvalidArgumentError(ServiceError):
-    """Malformed input: the message names the offending field."""
+    """Malformed input: the message names the offending field. `field`, when given, is that
+    field's path in the request (e.g. "examples[17].image"), which the edge also sends as a
+    google.rpc.BadRequest field violation, so a client can map it back to its own input (the
+    file behind examples[17]) without parsing the message."""
 
     status_name = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def field_description(self) -> str:
+        """The message without its leading "<field>: ", for the field violation."""
+        prefix = f"{self.field}: "
+        return self.message.removeprefix(prefix) if self.field else self.message
 
 
 class FailedPreconditionError(ServiceError):

@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
@@ -19,7 +22,7 @@ from transfer_service.domain import LabeledExample
 from transfer_service.edge import convert
 from transfer_service.edge.status_codes import status_code_for
 from transfer_service.edge.wire import MalformedRequest
-from transfer_service.errors import ServiceError
+from transfer_service.errors import InvalidArgumentError, ServiceError
 from transfer_service.head_evaluation import HeadEvaluation
 from transfer_service.head_operations import HeadOperations
 from transfer_service.metrics import Metrics
@@ -43,7 +46,22 @@ async def _abort(context: Context, error: BaseException, method: str) -> None:
         message = error.message
         if len(message) > MAX_STATUS_DETAILS:
             message = message[: MAX_STATUS_DETAILS - 3] + "..."
-        await context.abort(status_code_for(error), message)
+        code = status_code_for(error)
+        if not isinstance(error, InvalidArgumentError) or not error.field:
+            await context.abort(code, message)
+        assert isinstance(error, InvalidArgumentError) and error.field
+        # The field also goes as a google.rpc.BadRequest in a google.rpc.Status, in the
+        # `grpc-status-details-bin` trailer (gRPC's rich error model), so that a client can
+        # name its own input behind "examples[17].image" without parsing the message.
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.field_description[:MAX_STATUS_DETAILS]
+        )
+        details = any_pb2.Any()
+        details.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status = rpc_status.to_status(
+            status_pb2.Status(code=code.value[0], message=message, details=[details])
+        )
+        await context.abort(status.code, status.details, status.trailing_metadata)
     log.error("internal error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has details")
 
