@@ -34,11 +34,14 @@ async def store_upload(
                 if example.input.modality is not modality:
                     raise InvalidArgumentError(
                         f"{where}: {example.input.modality.value} input in a "
-                        f"{modality.value} dataset"
+                        f"{modality.value} dataset",
+                        field=where,
                     )
                 check_label(example.label, where)
                 if example.input.text is not None and not example.input.text.strip():
-                    raise InvalidArgumentError(f"{where}.text: text is empty")
+                    raise InvalidArgumentError(
+                        f"{where}.text: text is empty", field=f"{where}.text"
+                    )
                 if example.input.image is not None:
                     await blocking(check_image, example.input.image, f"{where}.image", max_pixels)
                 count += 1

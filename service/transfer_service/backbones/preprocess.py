@@ -106,7 +106,7 @@ class ImagePreprocessor:
 
     def load(self, model_input: ModelInput, field: str) -> torch.Tensor:
         if model_input.image is None:
-            raise InvalidArgumentError(f"{field}: expected an image, got text")
+            raise InvalidArgumentError(f"{field}: expected an image, got text", field=field)
         side = self.input_size
         image = decode_image(model_input.image, field, self.max_pixels, at_least=side)
         width, height = image.size
@@ -148,7 +148,7 @@ def decode_image(
     Every coefficient is still read, so truncated or corrupt data fails the same way (see
     `check_image`)."""
     if not data:
-        raise InvalidArgumentError(f"{field}: image is empty")
+        raise InvalidArgumentError(f"{field}: image is empty", field=field)
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x its own limit raises) on huge images; we check first.
@@ -170,15 +170,16 @@ def decode_image(
         refused = _refused_format(data)
         if refused is not None:
             raise InvalidArgumentError(
-                f"{field}: unsupported image format ({refused}); {_ACCEPTED}"
+                f"{field}: unsupported image format ({refused}); {_ACCEPTED}", field=field
             ) from exc
         raise InvalidArgumentError(
-            f"{field}: not a decodable image (unrecognised format or corrupt data; {_ACCEPTED})"
+            f"{field}: not a decodable image (unrecognised format or corrupt data; {_ACCEPTED})",
+            field=field,
         ) from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgumentError(f"{field}: not a decodable image ({exc})") from exc
+        raise InvalidArgumentError(f"{field}: not a decodable image ({exc})", field=field) from exc
     if image.width < 1 or image.height < 1:
-        raise InvalidArgumentError(f"{field}: image has no pixels")
+        raise InvalidArgumentError(f"{field}: image has no pixels", field=field)
     turn = _orientation(image)  # read before the conversions below, which drop the EXIF
     rgb = _to_rgb(image, field)
     return rgb if turn is None else rgb.transpose(turn)
@@ -197,7 +198,7 @@ def _to_rgb(image: Image.Image, field: str) -> Image.Image:
         return image.convert("RGB")
     except ValueError as exc:  # a colour mode Pillow reads but cannot convert
         raise InvalidArgumentError(
-            f"{field}: unsupported colour mode {image.mode!r} ({exc})"
+            f"{field}: unsupported colour mode {image.mode!r} ({exc})", field=field
         ) from exc
 
 
@@ -316,9 +317,9 @@ class TextPreprocessor:
 
     def load(self, model_input: ModelInput, field: str) -> TextState:
         if model_input.text is None:
-            raise InvalidArgumentError(f"{field}: expected text, got an image")
+            raise InvalidArgumentError(f"{field}: expected text, got an image", field=field)
         if not model_input.text.strip():
-            raise InvalidArgumentError(f"{field}: text is empty")
+            raise InvalidArgumentError(f"{field}: text is empty", field=field)
         values = torch.tensor(self.token_ids(model_input.text), dtype=torch.long)  # [L]
         return TextState(values, torch.ones_like(values))
 

@@ -69,7 +69,7 @@ def model_input(message: pb.Input | pb.Example, field: str) -> ModelInput:
         return ModelInput(image=message.image)
     if kind == "text":
         return ModelInput(text=message.text)
-    raise InvalidArgumentError(f"{field}: neither image nor text is set")
+    raise InvalidArgumentError(f"{field}: neither image nor text is set", field=field)
 
 
 def model_inputs(messages: Iterable[pb.Input]) -> list[ModelInput]:

@@ -248,10 +248,11 @@ def check_head_name(head_name: str, backbone: str) -> str:
 def check_label(label: str, where: str) -> None:
     """A label is not empty and at most MAX_LABEL_CHARS characters."""
     if not label.strip():
-        raise InvalidArgumentError(f"{where}.label: label is empty")
+        raise InvalidArgumentError(f"{where}.label: label is empty", field=f"{where}.label")
     if len(label) > MAX_LABEL_CHARS:
         raise InvalidArgumentError(
-            f"{where}.label: {len(label)} characters is over the limit of {MAX_LABEL_CHARS}"
+            f"{where}.label: {len(label)} characters is over the limit of {MAX_LABEL_CHARS}",
+            field=f"{where}.label",
         )
 
 
@@ -274,10 +275,12 @@ def check_examples(
         check_label(example.label, where)
         if example.input.modality is not modality:
             raise InvalidArgumentError(
-                f"{where}: {example.input.modality.value} input for a {modality.value} backbone"
+                f"{where}: {example.input.modality.value} input for "
+                f"{_with_article(modality.value)} backbone",
+                field=where,
             )
         if example.input.text is not None and not example.input.text.strip():
-            raise InvalidArgumentError(f"{where}.text: text is empty")
+            raise InvalidArgumentError(f"{where}.text: text is empty", field=f"{where}.text")
     counts = Counter(example.label for example in examples)
     if len(counts) < 2:
         raise InvalidArgumentError(
@@ -301,14 +304,22 @@ def check_validation_examples(
         where = f"{field}[{position}]"
         if example.input.modality is not modality:
             raise InvalidArgumentError(
-                f"{where}: {example.input.modality.value} input for a {modality.value} backbone"
+                f"{where}: {example.input.modality.value} input for "
+                f"{_with_article(modality.value)} backbone",
+                field=where,
             )
         if example.label not in training_labels:
             raise InvalidArgumentError(
-                f"{where}.label: {example.label!r} is not one of the training classes"
+                f"{where}.label: {example.label!r} is not one of the training classes",
+                field=f"{where}.label",
             )
         if example.input.text is not None and not example.input.text.strip():
-            raise InvalidArgumentError(f"{where}.text: text is empty")
+            raise InvalidArgumentError(f"{where}.text: text is empty", field=f"{where}.text")
+
+
+def _with_article(noun: str) -> str:
+    """ "an image", "a text"."""
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
