@@ -392,7 +392,7 @@ def test_migration_to_version_2_computes_the_size_of_existing_datasets(tmp_path:
     assert store.dataset_bytes("default") == len("a") + len("hello")
     store.close()
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 

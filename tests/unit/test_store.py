@@ -205,7 +205,8 @@ def test_the_head_index_filters_and_is_rebuilt_from_the_files(tmp_path: Path) ->
     with sqlite3.connect(tmp_path / "store.sqlite3") as db:
         db.execute("DELETE FROM heads WHERE head_id = 'dogs-0002'")
         db.execute(
-            "INSERT INTO heads VALUES ('gone-0009', 'acme', 'gone', 'x', '2026-01-01T00:09:00')"
+            "INSERT INTO heads (head_id, tenant, name, backbone, created) "
+            "VALUES ('gone-0009', 'acme', 'gone', 'x', '2026-01-01T00:09:00')"
         )
     db.close()
     reopened = LocalStore(tmp_path)

@@ -128,6 +128,7 @@ def head(
     name: str = "cats",
     backbone: str = "efficientnet_lite0",
     created: datetime = T0,
+    version: int = 0,
 ) -> HeadRecord:
     return HeadRecord(
         head_id=head_id,
@@ -144,6 +145,7 @@ def head(
         size_bytes=64,
         job_id="job-" + head_id,
         tenant=tenant,
+        version=version,
     )
 
 
@@ -190,7 +192,7 @@ def image(label: str, size: int = 10) -> LabeledExample:
 
 
 def test_a_head_round_trips_and_survives_a_restart(backend: Backend, store: Store) -> None:
-    record = head("cats-1")
+    record = head("cats-1", version=store.reserve_head_version("default", "cats"))
     store.save_head(record, WEIGHTS)
     assert store.get_head("cats-1") == record
     for key, value in store.load_head_weights("cats-1").items():
@@ -437,7 +439,7 @@ def test_complete_job_commits_head_row_and_event_together(store: Store) -> None:
     running = dataclasses.replace(job("job-1", state=JobState.RUNNING), last_sequence=1)
     store.save_job(running)
     store.append_event(event("job-1", 1))
-    record = head("h-1")
+    record = head("h-1", version=store.reserve_head_version("default", "cats"))
     done = dataclasses.replace(running, state=JobState.SUCCEEDED, head_id="h-1", last_sequence=2)
     # A refused event (its sequence is taken): no head, no SUCCEEDED row.
     with pytest.raises(Exception):  # noqa: B017 - the backend's integrity error

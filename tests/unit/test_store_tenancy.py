@@ -72,7 +72,7 @@ def test_a_version_0_database_is_migrated_once(tmp_path: Path) -> None:
     }
     reopened.close()
     db = sqlite3.connect(tmp_path / "store.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 

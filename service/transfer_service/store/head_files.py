@@ -3,6 +3,7 @@
 Layout under the root:
   heads/<head_id>/head.json, weights.safetensors   (a head exists iff its directory does)
   heads/<head_id>/tenant                           (its owner again, see UnreadableHeadError)
+  heads/<head_id>/.head.json.partial               (a version being written in; see set_version)
   heads/.partial-*/                                (saves in progress; removed at start)
   heads/.deleted-*/                                (deletes in progress; removed at start)
 A head is written into a partial directory, fsynced, then renamed into place: a crash at any
@@ -12,6 +13,7 @@ SHA-256, checked on every load. Any store keeping its heads on a filesystem uses
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -93,6 +95,21 @@ class HeadFiles:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
+
+    @disk_faults
+    def set_version(self, head_id: str, version: int) -> HeadRecord:
+        """Writes `version` into the head's head.json (a head stored before versions had
+        none): a new file beside it, fsynced, renamed over it, so a crash leaves the old file
+        or the new one. Returns the record as it is now."""
+        record, checksum = self._read_head(head_id)
+        record = dataclasses.replace(record, version=version)
+        head_dir = self._head_dir(head_id)
+        partial = head_dir / f".{_HEAD_META}.partial"
+        partial.write_text(head_to_json(record, checksum), encoding="utf-8")
+        _fsync_file(partial)
+        os.replace(partial, head_dir / _HEAD_META)
+        _fsync_dir(head_dir)
+        return record
 
     def get_head(self, head_id: str) -> HeadRecord:
         """Raises UnreadableHeadError (a FailedPreconditionError) for a head whose metadata

@@ -14,6 +14,7 @@ wherever it happens (disk_faults); opening a store that cannot be used is Config
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from transfer_service.domain import (
+    HeadName,
     HeadRecord,
     JobEvent,
     JobRecord,
@@ -32,6 +34,7 @@ from transfer_service.errors import ConfigurationError
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.disk_faults import refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
+from transfer_service.store.head_names import aliased_version, version_taken
 from transfer_service.store.paged_query import filled_page
 from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex
@@ -54,6 +57,9 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
         without a word): that one opens with `recreate_database` (an empty database)."""
         self._root = root.resolve()
         self._lock = threading.Lock()
+        # Held across a delete's files and rows and by alias writes, so an alias is never
+        # set on a version while it is being deleted (one process owns the directory).
+        self._names_lock = threading.Lock()
         database = self._root / DATABASE
         try:
             self._heads = HeadFiles(self._root)
@@ -71,6 +77,9 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
         )
         if added or dropped:
             log.info("head index: %d heads added, %d stale rows dropped", added, dropped)
+        assigned = self._assign_versions()
+        if assigned:
+            log.info("head versions: %d heads stored before versions got theirs", assigned)
 
     def close(self) -> None:
         with self._lock:
@@ -84,14 +93,47 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
 
     # ---- heads (head_files) ----
 
+    def _assign_versions(self) -> int:
+        """Versions for the indexed heads without one (see sqlite_head_index): first the
+        versions their head.json already carries (a start cut off mid-assignment), then new
+        ones in created order. Returns how many heads got a version."""
+        pending: list[HeadRecord] = []
+        assigned = 0
+        for head_id in self._head_index.unversioned():
+            record = self._heads.listed_head(head_id)
+            if record is None:
+                continue  # damaged: unlisted, and without a version until repaired
+            if record.version > 0:
+                try:
+                    self._head_index.set_version(head_id, record.version)
+                    assigned += 1
+                    continue
+                except sqlite3.IntegrityError:
+                    pass  # another head holds its version: it gets a fresh one below
+            pending.append(record)
+        for record in pending:
+            version = self._head_index.reserve(record.tenant, record.name)
+            self._heads.set_version(record.head_id, version)
+            self._head_index.set_version(record.head_id, version)
+            assigned += 1
+        return assigned
+
     def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
+        """A record without a version (0) gets the name's next one, in its head.json too.
+        FailedPreconditionError, nothing saved, when another head of the name holds its
+        version."""
+        if record.version == 0:
+            version = self._head_index.reserve(record.tenant, record.name)
+            record = dataclasses.replace(record, version=version)
         self._heads.save_head(record, weights)
         try:
             self._head_index.add(record)
-        except BaseException:
+        except BaseException as exc:
             # Not listed means not saved: the caller sees the failure and no head is left.
             with contextlib.suppress(Exception):
                 self._heads.delete_head(record.head_id)
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise version_taken(record.name, record.version) from exc
             raise
 
     def get_head(self, head_id: str) -> HeadRecord:
@@ -124,9 +166,33 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
 
         return filled_page(read, after, limit)
 
-    def delete_head(self, head_id: str) -> None:
-        self._heads.delete_head(head_id)
-        self._head_index.remove(head_id)
+    def delete_head(self, head_id: str, *, force: bool = False) -> None:
+        """The files first, then the row with the aliases at its version (one transaction);
+        a crash between leaves a row that start-up reconcile drops, aliases with it."""
+        with self._names_lock:
+            place = self._head_index.place(head_id)
+            if place is not None and place[2] > 0 and not force:
+                aliases = self._head_index.aliases_at(*place)
+                if aliases:
+                    raise aliased_version(head_id, place[1], place[2], aliases)
+            self._heads.delete_head(head_id)
+            self._head_index.remove(head_id)
+
+    # ---- names: versions and aliases (sqlite_head_index) ----
+
+    def reserve_head_version(self, tenant: str, name: str) -> int:
+        return self._head_index.reserve(tenant, name)
+
+    def head_name(self, tenant: str, name: str) -> HeadName:
+        return self._head_index.head_name(tenant, name)
+
+    def set_head_alias(self, tenant: str, name: str, alias: str, version: int) -> HeadName:
+        with self._names_lock:
+            return self._head_index.set_alias(tenant, name, alias, version)
+
+    def delete_head_alias(self, tenant: str, name: str, alias: str) -> HeadName:
+        with self._names_lock:
+            return self._head_index.delete_alias(tenant, name, alias)
 
     # ---- jobs and datasets (sqlite_jobs, sqlite_datasets; see delegation) ----
 
@@ -148,5 +214,5 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
             self._jobs.finish_job(job, event)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.delete_head(head.head_id)
+                self.delete_head(head.head_id, force=True)
             raise
