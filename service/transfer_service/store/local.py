@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -32,14 +32,19 @@ from transfer_service.domain import (
 )
 from transfer_service.errors import ConfigurationError
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
-from transfer_service.store.disk_faults import refuse_unusable_volume
+from transfer_service.store.disk_faults import disk_faults, refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
 from transfer_service.store.head_names import aliased_version, version_taken
 from transfer_service.store.paged_query import filled_page
 from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex
 from transfer_service.store.sqlite_job_queue import SqliteJobQueue
-from transfer_service.store.sqlite_schema import DATABASE, open_database, open_failure
+from transfer_service.store.sqlite_schema import (
+    DATABASE,
+    open_database,
+    open_failure,
+    transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +198,25 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
     def delete_head_alias(self, tenant: str, name: str, alias: str) -> HeadName:
         with self._names_lock:
             return self._head_index.delete_alias(tenant, name, alias)
+
+    # ---- measurements (issue 20: the chosen precision per backbone and machine) ----
+
+    @disk_faults
+    def read_measurement(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM measurements WHERE key = ?", (key,))
+            found = row.fetchone()
+        return None if found is None else str(found[0])
+
+    @disk_faults
+    def write_measurement(self, key: str, value: str) -> None:
+        with self._lock, transaction(self._db):
+            self._db.execute(
+                "INSERT INTO measurements (key, value, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "updated = excluded.updated",
+                (key, value, datetime.now(UTC).isoformat()),
+            )
 
     # ---- jobs and datasets (sqlite_jobs, sqlite_datasets; see delegation) ----
 

@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS head_aliases (
 CREATE TABLE IF NOT EXISTS dataset_examples (
   dataset_id TEXT NOT NULL, idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
   PRIMARY KEY (dataset_id, idx));
+CREATE TABLE IF NOT EXISTS measurements (
+  key TEXT PRIMARY KEY, value TEXT NOT NULL, updated TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS job_examples (
   job_id TEXT NOT NULL, split TEXT NOT NULL CHECK (split IN ('train', 'validation')),
   idx INTEGER NOT NULL, label TEXT NOT NULL, image BLOB, text TEXT,
