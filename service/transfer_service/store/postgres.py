@@ -11,24 +11,31 @@ Composed of:
   pg_datasets.py    uploaded datasets and their writer
   pg_head_changes.py  NOTIFY on a deleted or replaced head; the listener (and its backstop)
                     that clears it from every replica's head cache (watch_heads)
+  pg_head_names.py  head names' versions and aliases; deleting a head (under its name's lock)
 and the heads, here: one row per head with its record (codec's JSON), its safetensors bytes
 and their SHA-256, checked on every load. A head is one INSERT, so it is complete or absent.
+Its version is the row's `version` column (unique per tenant and name; a record saved with
+version 0 gets its name's next one from a trigger, migrations/0004_head_versions.sql).
 Semantics and errors are LocalStore's; a database that cannot be reached is UnavailableError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import torch
 from safetensors.torch import save as safetensors_save
 
 from transfer_service.domain import (
     TENANT_PATTERN,
+    HeadName,
     HeadRecord,
     JobEvent,
     JobRecord,
@@ -42,10 +49,12 @@ from transfer_service.store.codec import (
     head_to_json,
 )
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
+from transfer_service.store.head_names import version_taken
 from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import filled_page, postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets
 from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
+from transfer_service.store.pg_head_names import PostgresHeadNames
 from transfer_service.store.pg_job_queue import PostgresJobQueue
 from transfer_service.store.pg_jobs import fence, finish
 from transfer_service.store.pg_migrations import migrate
@@ -85,6 +94,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
             self._jobs = self._queue
             self._datasets = PostgresDatasets(self._db)
             self._datasets.remove_abandoned_uploads(ABANDONED_UPLOAD_SECONDS)
+            self._names = PostgresHeadNames(self._db)
         except BaseException:
             self._db.close()
             raise
@@ -117,12 +127,14 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
 
     def save_head(self, record: HeadRecord, weights: dict[str, torch.Tensor]) -> None:
         """One row: the record, the weights' safetensors bytes and their SHA-256. Saving an
-        id again replaces the head (a retried save)."""
+        id again replaces the head (a retried save; version 0 keeps the version it had). A
+        new head with version 0 gets its name's next version. FailedPreconditionError,
+        nothing saved, when another head of the name holds the record's version."""
         check_id("head_id", record.head_id)
         # Serialised before the transaction (and in memory, so the checksum is of exactly
         # the bytes that are stored).
         data = safetensors_save(weights)
-        with self._db.transaction() as conn:
+        with _version_unique(record), self._db.transaction() as conn:
             _write_head(conn, record, data)
 
     def get_head(self, head_id: str) -> HeadRecord:
@@ -131,11 +143,11 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         check_id("head_id", head_id)
         with self._db.transaction() as conn:
             row = conn.execute(
-                "SELECT record, tenant FROM heads WHERE head_id = %s", (head_id,)
+                "SELECT record, tenant, version FROM heads WHERE head_id = %s", (head_id,)
             ).fetchone()
         if row is None:
             raise NotFoundError(f"head_id: no head {head_id!r}")
-        return _decode(head_id, row[0], row[1])
+        return _decode(head_id, row[0], row[1], row[2])
 
     def load_head_weights(self, head_id: str) -> dict[str, torch.Tensor]:
         """Checks the weights against their SHA-256: damaged bytes fail loudly here rather
@@ -148,7 +160,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
             ).fetchone()
         if row is None:
             raise NotFoundError(f"head_id: no head {head_id!r}")
-        _decode(head_id, row[0], row[1])
+        _decode(head_id, row[0], row[1], 0)
         return decode_weights(head_id, bytes(row[2]), row[3])
 
     def list_heads(
@@ -164,7 +176,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         is left out (with a warning, once per head and process), the page filled from the
         heads past it."""
         filters = (("tenant", tenant), ("backbone", backbone), ("name", name))
-        select = "SELECT head_id, record, tenant, created FROM heads"
+        select = "SELECT head_id, record, tenant, created, version FROM heads"
 
         def read(
             past: tuple[datetime, str] | None, wanted: int | None
@@ -178,27 +190,52 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
 
     def _readable(self, rows: Sequence[tuple[Any, ...]]) -> list[HeadRecord]:
         records = []
-        for head_id, text, owner, _ in rows:
+        for head_id, text, owner, _, version in rows:
             try:
-                records.append(_decode(head_id, text, owner))
+                records.append(_decode(head_id, text, owner, version))
             except FailedPreconditionError as exc:
                 if head_id not in self._unlisted_heads:
                     self._unlisted_heads.add(head_id)
                     log.warning("head %r left out of listings: %s", head_id, exc.message)
         return records
 
-    def delete_head(self, head_id: str) -> None:
-        """Works whatever state the head's row is in (the caller checks ownership)."""
+    def delete_head(self, head_id: str, *, force: bool = False) -> None:
+        """Works whatever state the head's row is in (the caller checks ownership); refused
+        while aliases point at its version, unless `force` (pg_head_names)."""
         check_id("head_id", head_id)
-        with self._db.transaction() as conn:
-            deleted = conn.execute("DELETE FROM heads WHERE head_id = %s", (head_id,)).rowcount
-            if deleted:
-                notify_head_changed(conn, head_id)  # delivered on commit
-        if not deleted:
-            raise NotFoundError(f"head_id: no head {head_id!r}")
+        self._names.delete_head(head_id, force=force)
         self._unlisted_heads.discard(head_id)
 
+    # ---- names: versions and aliases (pg_head_names) ----
+
+    def reserve_head_version(self, tenant: str, name: str) -> int:
+        return self._names.reserve(tenant, name)
+
+    def head_name(self, tenant: str, name: str) -> HeadName:
+        return self._names.head_name(tenant, name)
+
+    def set_head_alias(self, tenant: str, name: str, alias: str, version: int) -> HeadName:
+        return self._names.set_alias(tenant, name, alias, version)
+
+    def delete_head_alias(self, tenant: str, name: str, alias: str) -> HeadName:
+        return self._names.delete_alias(tenant, name, alias)
+
     # ---- jobs and datasets (pg_jobs, pg_datasets; see delegation) ----
+
+    # ---- measurements (issue 20: the chosen precision per backbone and machine) ----
+
+    def read_measurement(self, key: str) -> str | None:
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT value FROM measurements WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def write_measurement(self, key: str, value: str) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO measurements (key, value) VALUES (%s, %s) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value, updated = now()",
+                (key, value),
+            )
 
     def complete_job(
         self,
@@ -214,7 +251,7 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         as well: either way it never gains a head after it ended."""
         check_id("head_id", head.head_id)
         data = safetensors_save(weights)
-        with self._db.transaction() as conn:
+        with _version_unique(head), self._db.transaction() as conn:
             if job.attempt > 0:
                 fence(conn, job.job_id, job.attempt)
             else:
@@ -237,11 +274,13 @@ def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
         created = created.replace(tzinfo=UTC)  # as codec reads a naive time back
     replaced = conn.execute(
         "INSERT INTO heads (head_id, tenant, name, backbone, job_id, created, record, "
-        "weights, weights_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "weights, weights_sha256, version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (head_id) DO UPDATE SET tenant = excluded.tenant, "
         "name = excluded.name, backbone = excluded.backbone, job_id = excluded.job_id, "
         "created = excluded.created, record = excluded.record, "
-        "weights = excluded.weights, weights_sha256 = excluded.weights_sha256 "
+        "weights = excluded.weights, weights_sha256 = excluded.weights_sha256, "
+        # A replacing save without a version keeps the head's (the trigger's is for new rows).
+        "version = CASE WHEN %s > 0 THEN excluded.version ELSE heads.version END "
         "RETURNING xmax <> 0",  # xmax is 0 on an inserted row, set on an updated one
         (
             record.head_id,
@@ -253,15 +292,29 @@ def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
             head_to_json(record),
             data,
             hashlib.sha256(data).hexdigest(),
+            record.version,
+            record.version,
         ),
     ).fetchone()
     if replaced is not None and replaced[0]:
         notify_head_changed(conn, record.head_id)
 
 
-def _decode(head_id: str, text: str, owner: str) -> HeadRecord:
-    """The record stored as `text` for `head_id`; UnreadableHeadError, naming `owner`, if it
-    is damaged or names another head."""
+@contextlib.contextmanager
+def _version_unique(record: HeadRecord) -> Iterator[None]:
+    """The unique index on (tenant, name, version) refusing a save (its transaction rolled
+    back) as FailedPreconditionError."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != "heads_by_version":
+            raise
+        raise version_taken(record.name, record.version) from exc
+
+
+def _decode(head_id: str, text: str, owner: str, version: int) -> HeadRecord:
+    """The record stored as `text` for `head_id`, with the row's `version`; UnreadableHeadError,
+    naming `owner`, if it is damaged or names another head."""
     known_owner = owner if TENANT_PATTERN.fullmatch(owner) else None
     try:
         record, _ = decode_head(text)
@@ -273,4 +326,4 @@ def _decode(head_id: str, text: str, owner: str) -> HeadRecord:
         raise UnreadableHeadError(
             head_id, f"metadata names another head ({record.head_id!r})", known_owner
         )
-    return record
+    return dataclasses.replace(record, version=version) if version else record
