@@ -21,6 +21,7 @@ from transfer_service.backbones.catalog import PreprocessingOptions, default_cat
 from transfer_service.edge.request_interceptor import RequestInterceptor
 from transfer_service.edge.server import HealthReporter, create_server
 from transfer_service.edge.servicer import TransferServicer
+from transfer_service.edge.tenant_admission import AdmissionLimits, TenantAdmission
 from transfer_service.edge.tenant_tokens import load_tenant_tokens
 from transfer_service.errors import ConfigurationError, ResourceExhaustedError, UnavailableError
 from transfer_service.head_evaluation import HeadEvaluation
@@ -289,11 +290,22 @@ def build_application(settings: Settings) -> Application:
         on_predicted=on_predicted,
     )
     health = HealthReporter()
+    admission = TenantAdmission(
+        AdmissionLimits(
+            settings.tenant_requests_per_second,
+            settings.tenant_request_burst,
+            settings.tenant_max_in_flight,
+            settings.tenant_admission_hold_ms / 1000.0,
+        ),
+        on_held=lambda reason: metrics.admission_held.labels(reason=reason).inc(),
+    )
     interceptor = RequestInterceptor(
         tokens,
         on_rejected=lambda method, code: metrics.rpc_requests.labels(
             method=method, code=code
         ).inc(),
+        admission=admission,
+        on_throttled=lambda reason: metrics.admission_refused.labels(reason=reason).inc(),
     )
     evaluations = HeadEvaluation(
         operations=operations,

@@ -49,6 +49,20 @@ class Metrics:
             ["method", "code"],
             registry=registry,
         )
+        self.admission_held = Counter(
+            "transfer_admission_held",
+            "Calls held over their tenant's rate or in-flight bound, by reason (rate, "
+            "in_flight); each then ran or was refused.",
+            ["reason"],
+            registry=registry,
+        )
+        self.admission_refused = Counter(
+            "transfer_admission_refused",
+            "Calls refused RESOURCE_EXHAUSTED over their tenant's rate or in-flight bound, by "
+            "reason (rate, in_flight); the tenant is in the warning log line.",
+            ["reason"],
+            registry=registry,
+        )
         self.rpc_duration = Histogram(
             "transfer_rpc_duration_seconds",
             "gRPC call duration (streams: until the stream ends), by method.",

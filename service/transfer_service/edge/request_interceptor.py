@@ -11,6 +11,11 @@ servicer reads it. Without tokens every caller is DEFAULT_TENANT. Once `begin_dr
 called (SIGTERM), a call that starts is refused UNAVAILABLE, so the caller retries on another
 replica; calls already running are not touched. Health and reflection pass untouched: probes
 and tooling need no token, and a probe must read NOT_SERVING while the server drains.
+
+After auth, the tenant's admission (edge/tenant_admission.py): a call over its tenant's rate
+is held here for its token before its request message is even read, or refused
+RESOURCE_EXHAUSTED with a `retry-after-ms` trailer, its message dropped unparsed; a unary call
+over its tenant's in-flight bound waits for a slot when it starts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import grpc
 
 from transfer_service import request_scope
 from transfer_service.domain import DEFAULT_TENANT
+from transfer_service.edge.tenant_admission import AdmissionLimits, Refusal, TenantAdmission
 from transfer_service.edge.tenant_tokens import TenantTokens
 
 log = logging.getLogger(__name__)
@@ -74,11 +80,17 @@ class RequestInterceptor(InterceptorBase):
         self,
         tokens: TenantTokens,
         on_rejected: Callable[[str, str], None] = lambda method, code: None,
+        admission: TenantAdmission | None = None,
+        on_throttled: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """`on_rejected(method, code)` observes each call refused here (UNAUTHENTICATED, or
-        UNAVAILABLE while draining)."""
+        """`on_rejected(method, code)` observes each call refused here (UNAUTHENTICATED,
+        UNAVAILABLE while draining, RESOURCE_EXHAUSTED over its tenant's admission limits);
+        `on_throttled(reason)` each admission refusal ('rate' or 'in_flight'). Without
+        `admission`, no tenant is limited."""
         self._tokens = tokens
         self._on_rejected = on_rejected
+        self._admission = admission or TenantAdmission(AdmissionLimits(0, 0, 0, 0))
+        self._on_throttled = on_throttled
         self._draining = False
         # New request ids: 32 hex digits like a uuid4's, a random per-process half and a
         # counter (uuid4 reads the OS's randomness each time: 4% of the loop's Predict work).
@@ -101,6 +113,15 @@ class RequestInterceptor(InterceptorBase):
         metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()}
         request_id = self._request_id(metadata.get(REQUEST_ID_KEY))
         tenant, refusal = self._authenticate(metadata.get("authorization"))
+        short_method = method.rsplit("/", 1)[-1]
+        if tenant is not None and not self._draining:
+            # Before the request is read: a held call costs a timer, a refused one no parsing.
+            throttled = await self._admission.take_token(tenant)
+            if throttled is not None:
+                return self._throttled_handler(handler, throttled, request_id, tenant, method)
+        # Unary calls are bounded in flight; streams may run for hours (WatchJob).
+        counted = not handler.request_streaming and not handler.response_streaming
+        admitted: list[str] = []
 
         async def enter(context: Context) -> None:
             request_scope.request_id.set(request_id)
@@ -121,8 +142,55 @@ class RequestInterceptor(InterceptorBase):
                 await _refuse(context, request_id, grpc.StatusCode.UNAUTHENTICATED, refusal)
             assert tenant is not None
             request_scope.tenant.set(tenant)
+            if counted:
+                crowded = await self._admission.enter_flight(tenant)
+                if crowded is not None:
+                    self._count_throttled(short_method, crowded, tenant)
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        crowded.details,
+                        _headers(request_id) + crowded.trailers(),
+                    )
+                admitted.append(tenant)
 
-        return _with_entry(handler, enter, request_id, method)
+        def leave() -> None:
+            if admitted:
+                self._admission.leave_flight(admitted.pop())
+
+        return _with_entry(handler, enter, request_id, method, leave)
+
+    def _throttled_handler(
+        self, handler: Handler, refusal: Refusal, request_id: str, tenant: str, method: str
+    ) -> Handler:
+        """A handler of the same kind that refuses the call RESOURCE_EXHAUSTED, its request
+        message (or messages) dropped unparsed."""
+        self._count_throttled(method.rsplit("/", 1)[-1], refusal, tenant)
+        kind = (handler.request_streaming, handler.response_streaming)
+        trailers = _headers(request_id) + refusal.trailers()
+
+        async def refuse(request: Any, context: Context) -> None:
+            request_scope.request_id.set(request_id)
+            # No headers first: a trailers-only answer, as the draining refusal's.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, trailers)
+
+        behavior: Behavior = refuse
+        if handler.response_streaming:
+
+            async def refuse_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                await refuse(request, context)
+                yield None  # unreachable: abort raises; makes this an async generator
+
+            behavior = refuse_stream
+        return _HANDLER_FACTORY[kind](
+            behavior,
+            request_deserializer=_unparsed,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _count_throttled(self, method: str, refusal: Refusal, tenant: str) -> None:
+        log.warning("refused %s of tenant %r: %s", method, tenant, refusal.details)
+        self._on_rejected(method, "RESOURCE_EXHAUSTED")
+        self._on_throttled(refusal.reason)
 
     def _request_id(self, offered: object) -> str:
         if isinstance(offered, str) and _REQUEST_ID_PATTERN.fullmatch(offered):
@@ -141,6 +209,11 @@ class RequestInterceptor(InterceptorBase):
         if tenant is None:
             return None, "invalid bearer token"
         return tenant, None
+
+
+def _unparsed(message: bytes) -> None:
+    """A refused call's request deserializer: the bytes are dropped, never parsed."""
+    return None
 
 
 def _service_of(method: str) -> str:
@@ -177,10 +250,15 @@ class _HeadersFirstContext:
 
 
 def _with_entry(
-    handler: Handler, enter: Callable[[Context], Awaitable[None]], request_id: str, method: str
+    handler: Handler,
+    enter: Callable[[Context], Awaitable[None]],
+    request_id: str,
+    method: str,
+    leave: Callable[[], None] = lambda: None,
 ) -> Handler:
     """The same handler with `enter(context)` run first inside the call, the request id sent as
-    initial metadata, and a debug line with the duration after it."""
+    initial metadata, and a debug line with the duration after it. `leave()` runs when the
+    call ends, whether `enter` let it run or not."""
     # On the aio server these are coroutine functions (unary responses) or async generator
     # functions (streamed responses); the stubs type them as the sync API's callables.
     kind = (handler.request_streaming, handler.response_streaming)
@@ -192,9 +270,9 @@ def _with_entry(
 
         async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            await enter(context)
-            await context.send_initial_metadata(_headers(request_id))
             try:
+                await enter(context)
+                await context.send_initial_metadata(_headers(request_id))
                 result = inner(request, context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:
@@ -202,6 +280,7 @@ def _with_entry(
                 else:  # a handler that writes with context.write() and returns nothing
                     await result
             finally:
+                leave()
                 _log_finished(method, context, started)
 
         behavior = stream_behavior
@@ -209,7 +288,12 @@ def _with_entry(
 
         async def unary_behavior(request: Any, context: Context) -> Any:
             started = time.perf_counter()
-            await enter(context)
+            try:
+                await enter(context)
+            except BaseException:
+                leave()
+                _log_finished(method, context, started)
+                raise
             # Sent while the handler works; it must be out before the response or the status.
             headers = asyncio.ensure_future(context.send_initial_metadata(_headers(request_id)))
             try:
@@ -222,6 +306,7 @@ def _with_entry(
                 await headers
                 return response
             finally:
+                leave()
                 _log_finished(method, context, started)
 
         behavior = unary_behavior
