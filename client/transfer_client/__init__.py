@@ -9,6 +9,7 @@ with TransferClient("localhost:50051") as transfer:
 
 from transfer_client._aio import AsyncTransferClient
 from transfer_client._channel import tls_credentials
+from transfer_client._history import HistoryRow, TrainingHistory
 from transfer_client._sync import TransferClient
 from transfer_client.errors import (
     AuthenticationError,
@@ -72,6 +73,7 @@ __all__ = [
     "FieldViolation",
     "FineTuneEvent",
     "Head",
+    "HistoryRow",
     "InputData",
     "InternalError",
     "InvalidArgumentError",
@@ -91,6 +93,7 @@ __all__ = [
     "Prediction",
     "ResourceExhaustedError",
     "TrainingConfig",
+    "TrainingHistory",
     "TrainingMetrics",
     "TrainingPlan",
     "TrainingProgress",

@@ -15,9 +15,11 @@ import grpc
 import grpc.aio
 
 from transfer_client import _core as core
+from transfer_client import _predict_files as files
 from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
+from transfer_client._history import HistoryBuilder, TrainingHistory
 from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -169,6 +171,19 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         )
         return self._followed(reattach, None)
 
+    async def job_history(self, job_id: str, *, follow: bool = False) -> TrainingHistory:
+        """The job's per-epoch (or per-C) table from its replayed events: as
+        `TransferClient.job_history` (a running job's rows so far, unless `follow`)."""
+        until = None if follow else (await self.get_job(job_id)).last_sequence
+        builder = HistoryBuilder(job_id, until)
+        if not builder.done:
+            reattach = core.Reattach(self._reattach_seconds, job_id=job_id)
+            async with contextlib.aclosing(self._followed(reattach, None)) as events:
+                async for event in events:
+                    if builder.add(event):
+                        break
+        return builder.history()
+
     # --- heads ---------------------------------------------------------------------------
 
     async def list_heads(self, *, backbone: str = "", name: str = "") -> list[Head]:
@@ -244,6 +259,36 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
         are InvalidArgumentError."""
         call = core.predict_heads(head_ids, inputs, top_k=top_k, return_embedding=return_embedding)
         return await self._unary(self._stub.Predict, call)
+
+    async def predict_files(
+        self,
+        head: str,
+        paths_or_dir: files.Source,
+        *,
+        top_k: int = 1,
+        chunk_size: int = files.DEFAULT_CHUNK_SIZE,
+        on_progress: Callable[[int, int], object] | None = None,
+    ) -> AsyncIterator[tuple[str, Prediction]]:
+        """`TransferClient.predict_files` for `async for`: the folder is walked and each
+        call's files read in a worker thread, off the event loop."""
+        limits = files.chunk_limits(chunk_size, self._max_message_bytes)
+        inputs = await asyncio.to_thread(files.collect_inputs, paths_or_dir)
+        if on_progress is not None:
+            on_progress(0, len(inputs))
+        for first, chunk in files.chunks(inputs, *limits):
+            values = [item.value for item in chunk]
+            call = await asyncio.to_thread(
+                core.predict, head, values, top_k=top_k, return_embedding=False
+            )
+            try:
+                predictions = await self._unary(self._stub.Predict, call)
+            except TransferError as error:
+                raise files.located(error, chunk, first) from error
+            head = files.pinned_head(head, predictions)
+            if on_progress is not None:
+                on_progress(first + len(chunk), len(inputs))
+            for answer in files.answered(chunk, predictions):
+                yield answer
 
     # --- export --------------------------------------------------------------------------
 

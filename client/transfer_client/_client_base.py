@@ -59,6 +59,7 @@ class ClientBase(Generic[EventsT]):
             keepalive=keepalive,
         )
         self._metadata = call_metadata(token)
+        self._max_message_bytes = max_message_bytes
         self._timeout = timeout
         self._reattach_seconds = reattach_seconds
         self._stream_idle_seconds = stream_idle_seconds

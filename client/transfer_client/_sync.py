@@ -13,9 +13,11 @@ from typing import Self
 import grpc
 
 from transfer_client import _core as core
+from transfer_client import _predict_files as files
 from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
+from transfer_client._history import HistoryBuilder, TrainingHistory
 from transfer_client._sync_streams import EventStream, GuardedRequests, IdleWatchdog
 from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
@@ -161,6 +163,21 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         )
         return self._followed(reattach, None)
 
+    def job_history(self, job_id: str, *, follow: bool = False) -> TrainingHistory:
+        """The job's per-epoch (or, for the cross-validated solver, per-C) table, from its
+        events replayed through `watch_job`. For a finished job, the whole table; for a
+        running one, the rows up to its newest event when this is called (`follow=True`
+        waits for the job to end and returns the whole table)."""
+        until = None if follow else self.get_job(job_id).last_sequence
+        builder = HistoryBuilder(job_id, until)
+        if not builder.done:
+            reattach = core.Reattach(self._reattach_seconds, job_id=job_id)
+            with contextlib.closing(self._followed(reattach, None)) as events:
+                for event in events:
+                    if builder.add(event):
+                        break
+        return builder.history()
+
     # --- heads ---------------------------------------------------------------------------
 
     def list_heads(self, *, backbone: str = "", name: str = "") -> list[Head]:
@@ -237,6 +254,28 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         call = core.predict_heads(head_ids, inputs, top_k=top_k, return_embedding=return_embedding)
         return self._unary(self._stub.Predict, call)
 
+    def predict_files(
+        self,
+        head: str,
+        paths_or_dir: files.Source,
+        *,
+        top_k: int = 1,
+        chunk_size: int = files.DEFAULT_CHUNK_SIZE,
+        on_progress: Callable[[int, int], object] | None = None,
+    ) -> Iterator[tuple[str, Prediction]]:
+        """Predicts every input `paths_or_dir` names, yielding `(key, prediction)` in input
+        order: a directory's image files (.jpg .jpeg .png .webp .gif .bmp .tif .tiff, sorted
+        by path, recursively; the key is the file's path), a CSV's `text` column (one per
+        row; the key is the text), or a list of such paths. Inputs go in Predict calls of
+        at most `chunk_size` (at most 512, the server's limit) and 16 MiB; the first call's
+        resolved head id answers the rest, so one version answers them all even if an alias
+        moves. `on_progress(done, total)` is called with 0 first and after each call. A
+        refused input raises the call's error naming its key (field_violations: its
+        position among all the inputs); files are found now, read as their call is built."""
+        inputs = files.collect_inputs(paths_or_dir)
+        limits = files.chunk_limits(chunk_size, self._max_message_bytes)
+        return self._predicted_files(head, inputs, limits, top_k, on_progress)
+
     # --- export --------------------------------------------------------------------------
 
     def export_head(self, head_id: str, path: str | os.PathLike[str]) -> int:
@@ -270,6 +309,26 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
                 wait_for_ready=self._wait_for_ready,
             )
         return call.result(response)
+
+    def _predicted_files(
+        self,
+        head: str,
+        inputs: list[files.FileInput],
+        limits: tuple[int, int],
+        top_k: int,
+        on_progress: Callable[[int, int], object] | None,
+    ) -> Iterator[tuple[str, Prediction]]:
+        if on_progress is not None:
+            on_progress(0, len(inputs))
+        for first, chunk in files.chunks(inputs, *limits):
+            try:
+                predictions = self.predict(head, [item.value for item in chunk], top_k=top_k)
+            except TransferError as error:
+                raise files.located(error, chunk, first) from error
+            head = files.pinned_head(head, predictions)
+            if on_progress is not None:
+                on_progress(first + len(chunk), len(inputs))
+            yield from files.answered(chunk, predictions)
 
     def _connect(
         self,
