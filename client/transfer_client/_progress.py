@@ -1,8 +1,33 @@
-"""A training progress display for a terminal, written by hand to stay dependency-free."""
+"""A training progress display for a terminal: what each phase of a job is doing, and a last
+line that states the result.
+
+Phases, as the server reports them (`TrainingProgress.phase`):
+- "extracting_features": inputs done / total, inputs per second, ETA;
+- "cross_validation" (solver "lbfgs_cv"): each C tried, with its held-out accuracy, and the
+  best so far (lowest held-out loss, as the server picks it);
+- "training" (solver "adamw"): epoch, step, loss, validation loss and accuracy, ETA; a line
+  when progressive unfreezing opens another trunk block.
+The completed line gives the validation accuracy against the majority baseline, the C or best
+epoch chosen, and the head (with its version when the server sends one).
+
+On a terminal one status line is redrawn in place and fitted to the terminal's width by
+dropping its least useful fields first (the bar, throughput, then training accuracy ...), so
+the phase and the ETA survive an 80-column terminal; elsewhere (a log file, CI) it writes one
+full line per finished stage.
+
+Written by hand rather than with rich or tqdm: the client's core install is grpcio and protobuf
+only, so a library would be an optional extra with this renderer kept as the fallback anyway
+(two renderers to keep honest), and neither library's bar fits this display better: tqdm
+fits a narrow terminal by cutting the line's tail, which is where its ETA is, and both model
+one bar of known length, while a cross-validation has no known length and the useful fields
+change per phase. Field priorities here are a few lines.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from transfer_client import _render as render
@@ -16,25 +41,53 @@ from transfer_client.types import (
     JobQueued,
     JobStarted,
     JobWarning,
+    TrainingMetrics,
+    TrainingPlan,
     TrainingProgress,
 )
+
+EXTRACTING = "extracting_features"
+CROSS_VALIDATION = "cross_validation"
+TRAINING = "training"
 
 _BAR_WIDTH = 16
 _FALLBACK_COLUMNS = 80
 
 
+@dataclass(frozen=True, slots=True)
+class _Field:
+    text: str
+    keep: int
+    """Lower is dropped later: 0 is never dropped (the phase), 1 the ETA."""
+
+
+@dataclass(frozen=True, slots=True)
+class _TriedC:
+    c: float
+    validation_loss: float
+    validation_accuracy: float | None
+
+
 class ProgressDisplay:
     """Call it with each event of a job.
 
-    On a terminal one status line is redrawn in place; elsewhere (a log file, CI) it writes
-    one line per epoch so the output stays readable.
+    `columns` fixes the width the status line is fitted to (default: the stream's terminal,
+    asked on each redraw, or 80). `in_place` forces redrawing one line (True) or writing one
+    line per stage (False); default: whether the stream is a terminal.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(
+        self, stream: TextIO, *, columns: int | None = None, in_place: bool | None = None
+    ) -> None:
         self._stream = stream
-        self._redraw_in_place = stream.isatty()
+        self._columns = columns
+        self._redraw_in_place = stream.isatty() if in_place is None else in_place
         self._drawn_width = 0  # length of the line currently being redrawn, 0 if none
-        self._validation_accuracy: float | None = None  # the latest epoch's, on every line
+        self._plan: TrainingPlan | None = None
+        self._validation: tuple[float | None, float | None] = (None, None)  # loss, accuracy
+        self._tried_c: list[_TriedC] = []
+        self._unfrozen: int | None = None  # trunk blocks training in the current epoch
+        self._last: TrainingProgress | None = None
         self.job_id = ""
 
     def __call__(self, event: FineTuneEvent) -> None:
@@ -42,29 +95,16 @@ class ProgressDisplay:
         match event:
             case JobQueued():
                 self._write_line(
-                    f"job {event.job_id} queued: {event.head_name} on {event.backbone}"
+                    f"job {event.job_id} queued: {event.head_name or 'a head'} on "
+                    f"{event.backbone}, waiting for a training slot"
                 )
             case JobStarted():
-                self._write_line(_started_line(event))
+                self._plan = event.plan
+                self._write_line(started_line(event))
             case JobProgress(progress=progress):
-                if progress.validation_accuracy is not None:
-                    self._validation_accuracy = progress.validation_accuracy
-                if self._redraw_in_place:
-                    self._redraw(_status_line(progress, self._validation_accuracy, with_bar=True))
-                    if progress.epoch_end:
-                        self.finish()  # keeps each finished epoch on screen
-                elif progress.epoch_end:
-                    self._write_line(
-                        _status_line(progress, self._validation_accuracy, with_bar=False)
-                    )
-            case JobCompleted(metrics=metrics):
-                self._write_line(
-                    f"trained in {render.duration(metrics.training_seconds)}: "
-                    f"acc {render.percent(metrics.train_accuracy)}, "
-                    f"val acc {render.percent(metrics.validation_accuracy)}, "
-                    f"best epoch {metrics.best_epoch} of {metrics.epochs_run}"
-                    + (" (stopped early)" if metrics.stopped_early else "")
-                )
+                self._progress(progress)
+            case JobCompleted():
+                self._write_line(completed_line(event, self._plan))
             case JobWarning(message=message):
                 self._write_line(f"warning: {message}")
             case CandidateResult() as candidate:
@@ -74,8 +114,11 @@ class ProgressDisplay:
                     f"{candidate.gflops:.2f} GFLOPs, {candidate.latency_ms:.1f} ms/input"
                     + (" <- selected" if candidate.selected else "")
                 )
-            case JobFailed() | JobCancelled():
-                self.finish()
+            # The reason is the error the caller raises and prints; this line says where.
+            case JobFailed():
+                self._write_line(f"job {event.job_id} failed{self._where()} ({event.code})")
+            case JobCancelled():
+                self._write_line(f"job {event.job_id} cancelled{self._where()}")
 
     def finish(self) -> None:
         """Ends a line left open by redrawing, so what follows starts on its own line."""
@@ -84,11 +127,91 @@ class ProgressDisplay:
             self._stream.flush()
             self._drawn_width = 0
 
+    # --- phases ------------------------------------------------------------------------------
+
+    def _progress(self, progress: TrainingProgress) -> None:
+        last, self._last = self._last, progress
+        if progress.phase == EXTRACTING:
+            self._show(extraction_fields(progress), stage_done=_extracted(progress))
+            return
+        if last is not None and last.phase == EXTRACTING and not _extracted(last):
+            # The server coalesces step updates, its last extraction one included: the
+            # next phase is what says extraction finished.
+            self._show(extraction_fields(last, finished=True), stage_done=True)
+        if progress.phase == TRAINING and self._plan is not None and self._tried_c:
+            # Solver "lbfgs_cv" ends with one fit at the chosen C, reported as one epoch.
+            self._show(final_fit_fields(progress, self._best_c()), stage_done=True)
+        elif progress.phase == CROSS_VALIDATION and progress.regularization_c is not None:
+            tried = _TriedC(
+                progress.regularization_c,
+                progress.validation_loss if progress.validation_loss is not None else math.inf,
+                progress.validation_accuracy,
+            )
+            self._tried_c.append(tried)
+            fields = cross_validation_fields(progress, len(self._tried_c), self._best_c())
+            self._show(fields, stage_done=True)
+        else:
+            self._unfreezing(progress)
+            if progress.validation_accuracy is not None or progress.validation_loss is not None:
+                self._validation = (progress.validation_loss, progress.validation_accuracy)
+            fields = epoch_fields(progress, self._validation, self._unfrozen_text())
+            self._show(fields, stage_done=progress.epoch_end)
+
+    def _best_c(self) -> _TriedC:
+        """The lowest held-out loss so far, ties to the smaller C: how the server picks."""
+        return min(self._tried_c, key=lambda tried: (tried.validation_loss, tried.c))
+
+    def _unfreezing(self, progress: TrainingProgress) -> None:
+        """Writes a line when progressive unfreezing changes the trunk blocks that train."""
+        plan = self._plan
+        if plan is None or plan.trainable_blocks == 0 or plan.unfreeze_every_epochs <= 0:
+            return
+        unfrozen = (max(progress.epoch, 1) - 1) // plan.unfreeze_every_epochs
+        if plan.trainable_blocks > 0:
+            unfrozen = min(unfrozen, plan.trainable_blocks)
+        if unfrozen != self._unfrozen:
+            self._unfrozen = unfrozen
+            of = f" of {plan.trainable_blocks}" if plan.trainable_blocks > 0 else ""
+            what = (
+                "classifier only, trunk frozen"
+                if unfrozen == 0
+                else f"unfreezing: the last {unfrozen}{of} trunk blocks train"
+            )
+            self._write_line(f"epoch {progress.epoch}: {what}")
+
+    def _unfrozen_text(self) -> str:
+        plan = self._plan
+        if plan is None or plan.trainable_blocks == 0:
+            return ""
+        if plan.unfreeze_every_epochs > 0 and self._unfrozen is not None:
+            of = f"/{plan.trainable_blocks}" if plan.trainable_blocks > 0 else ""
+            return f"{self._unfrozen}{of} blocks"
+        return ""
+
+    def _where(self) -> str:
+        progress = self._last
+        if progress is None:
+            return ""
+        if progress.phase == EXTRACTING:
+            return f" while extracting features ({progress.step}/{progress.total_steps} inputs)"
+        if progress.phase == CROSS_VALIDATION:
+            return f" while cross-validating, after {len(self._tried_c)} values of C"
+        return f" in epoch {progress.epoch}/{progress.epochs}"
+
+    # --- drawing -----------------------------------------------------------------------------
+
+    def _show(self, fields: list[_Field], stage_done: bool) -> None:
+        if self._redraw_in_place:
+            self._redraw(fit(fields, self._width() - 1))
+            if stage_done:
+                self.finish()  # keeps each finished stage on screen
+        elif stage_done:
+            self._write_line(" ".join(f.text for f in fields if not f.text.startswith("[")))
+
+    def _width(self) -> int:
+        return self._columns if self._columns is not None else terminal_columns(self._stream)
+
     def _redraw(self, text: str) -> None:
-        # A line wider than the terminal wraps, and `\r` would then only rewind its tail.
-        limit = _terminal_columns(self._stream) - 1
-        if len(text) > limit:
-            text = text[: limit + 1].rsplit(" ", 1)[0]  # drops the parts that do not fit whole
         padding = " " * max(0, self._drawn_width - len(text))  # blanks out a longer old line
         self._stream.write(f"\r{text}{padding}")
         self._stream.flush()
@@ -100,10 +223,13 @@ class ProgressDisplay:
         self._stream.flush()
 
 
-def _started_line(event: JobStarted) -> str:
+# --- lines and fields (pure functions of the events) ------------------------------------------
+
+
+def started_line(event: JobStarted) -> str:
     plan = event.plan
-    trunk = "frozen trunk, cached features" if plan.cached_features else "trainable trunk"
     head = f"job {event.job_id}: training {event.head_name or 'a head'} on {event.backbone}: "
+    classes = f"{len(event.class_names)} classes"
     if plan.solver == "lbfgs_cv":
         validation = (
             f"{plan.cv_folds}-fold cross-validation"
@@ -111,41 +237,152 @@ def _started_line(event: JobStarted) -> str:
             else f"{event.validation_examples} validation examples"
         )
         return (
-            f"{head}{len(event.class_names)} classes, {event.train_examples} examples; "
+            f"{head}{classes}, {event.train_examples + event.validation_examples} examples; "
             f"L2-regularised logistic regression (L-BFGS), C chosen by {validation}, "
-            f"{trunk}, on {plan.device}"
+            f"frozen trunk, on {plan.device}"
         )
+    if plan.head_type == "prototype":
+        return (
+            f"{head}{classes}, {event.train_examples} train / {event.validation_examples} "
+            f"validation examples; prototype head (class means), frozen trunk, on {plan.device}"
+        )
+    head_kind = "" if plan.head_type in ("", "linear") else f"{plan.head_type} head, "
     return (
-        f"{head}{len(event.class_names)} classes, {event.train_examples} train / "
-        f"{event.validation_examples} validation examples; up to {plan.epochs} epochs of "
+        f"{head}{classes}, {event.train_examples} train / {event.validation_examples} "
+        f"validation examples; {head_kind}up to {plan.epochs} epochs of "
         f"{plan.steps_per_epoch} steps, batch {plan.batch_size}, lr {plan.learning_rate:g}, "
-        f"{trunk}, on {plan.device}"
+        f"{trunk_text(plan)}, on {plan.device}"
     )
 
 
-def _status_line(
-    progress: TrainingProgress, validation_accuracy: float | None, *, with_bar: bool
-) -> str:
-    if progress.phase == "extracting_features":
-        stage = "extracting features"
-    elif progress.phase == "cross_validation" and progress.regularization_c is not None:
-        stage = f"cross-validating C={progress.regularization_c:.3g}"
+def trunk_text(plan: TrainingPlan) -> str:
+    if plan.trainable_blocks == 0:
+        return "frozen trunk" + (", cached features" if plan.cached_features else "")
+    blocks = (
+        "all trunk blocks"
+        if plan.trainable_blocks < 0
+        else (
+            f"the last {plan.trainable_blocks} trunk block"
+            + ("s" if plan.trainable_blocks > 1 else "")
+        )
+    )
+    if plan.unfreeze_every_epochs > 0:
+        return f"{blocks} unfrozen one every {plan.unfreeze_every_epochs} epochs"
+    return f"{blocks} train"
+
+
+def completed_line(event: JobCompleted, plan: TrainingPlan | None) -> str:
+    metrics = event.metrics
+    parts = [f"done in {render.duration(metrics.training_seconds)}: {_result(metrics)}"]
+    if metrics.regularization_c is not None:
+        folds = f" by {plan.cv_folds}-fold cross-validation" if plan and plan.cv_folds else ""
+        parts.append(f"C={metrics.regularization_c:.3g}{folds}")
+    elif plan is not None and plan.head_type == "prototype":
+        parts.append("prototype head")
     else:
-        stage = f"epoch {progress.epoch}/{progress.epochs}"
-    parts = [stage]
-    if with_bar:
-        parts.append(_bar(progress))
-        if progress.total_steps:
-            parts.append(f"{progress.step}/{progress.total_steps}")
-    parts.append(f"loss {progress.train_loss:.3f}")
-    parts.append(f"acc {render.percent(progress.train_accuracy)}")
+        parts.append(
+            f"best epoch {metrics.best_epoch} of {metrics.epochs_run}"
+            + (" (stopped early)" if metrics.stopped_early else "")
+        )
+    version = getattr(event, "head_version", 0)
+    parts.append(f"head {event.head_id}" + (f" v{version}" if version else ""))
+    return ", ".join(parts)
+
+
+def _result(metrics: TrainingMetrics) -> str:
+    if metrics.validation_accuracy is None:
+        return f"train acc {render.percent(metrics.train_accuracy)} (nothing held out)"
+    text = f"val acc {render.percent(metrics.validation_accuracy)}"
+    if metrics.majority_baseline_accuracy is not None:
+        text += f" (majority baseline {render.percent(metrics.majority_baseline_accuracy)}"
+        text += ")" if metrics.beats_baseline else ", NOT beaten)"
+    return text
+
+
+def _extracted(progress: TrainingProgress) -> bool:
+    return progress.total_steps > 0 and progress.step >= progress.total_steps
+
+
+def extraction_fields(progress: TrainingProgress, *, finished: bool = False) -> list[_Field]:
+    """`finished`: the phase is over though `progress` (the last update seen) is not at its
+    end; its time is then unknown and left out."""
+    done = progress.total_steps if finished else progress.step
+    fields = [
+        _Field("extracting features", 0),
+        _Field(_bar(replace(progress, step=done)), 6),
+        _Field(f"{done}/{progress.total_steps} inputs", 2),
+        _Field(f"{progress.examples_per_second:.1f} inputs/s", 3),
+    ]
+    if _extracted(progress):
+        fields.append(_Field(f"in {render.duration(progress.elapsed_seconds)}", 1))
+    elif not finished:
+        fields.append(_Field(f"ETA {render.duration(progress.eta_seconds)}", 1))
+    return fields
+
+
+def final_fit_fields(progress: TrainingProgress, best: _TriedC) -> list[_Field]:
+    return [
+        _Field(f"final fit at C={best.c:.3g}:", 0),
+        _Field(f"train loss {loss(progress.train_loss)}", 1),
+        _Field(f"train acc {render.percent(progress.train_accuracy)}", 2),
+    ]
+
+
+def cross_validation_fields(progress: TrainingProgress, tried: int, best: _TriedC) -> list[_Field]:
+    assert progress.regularization_c is not None
+    return [
+        _Field(f"cross-validating C={progress.regularization_c:.3g}", 0),
+        _Field(f"({tried} tried)", 5),
+        _Field(f"val acc {render.percent(progress.validation_accuracy)}", 2),
+        _Field(f"val loss {loss(progress.validation_loss)}", 3),
+        _Field(f"best C={best.c:.3g} ({render.percent(best.validation_accuracy)})", 1),
+        _Field(f"train acc {render.percent(progress.train_accuracy)}", 4),
+    ]
+
+
+def epoch_fields(
+    progress: TrainingProgress,
+    validation: tuple[float | None, float | None],
+    unfrozen: str,
+) -> list[_Field]:
+    validation_loss, validation_accuracy = validation
+    fields = [
+        _Field(f"epoch {progress.epoch}/{progress.epochs}", 0),
+        _Field(_bar(progress), 7),
+    ]
+    if progress.total_steps:
+        fields.append(_Field(f"step {progress.step}/{progress.total_steps}", 5))
+    fields.append(_Field(f"loss {loss(progress.train_loss)}", 2))
+    fields.append(_Field(f"acc {render.percent(progress.train_accuracy)}", 4))
+    if validation_loss is not None:
+        fields.append(_Field(f"val loss {loss(validation_loss)}", 3))
     if validation_accuracy is not None:
-        parts.append(f"val acc {render.percent(validation_accuracy)}")
-    parts.append(f"ETA {render.duration(progress.eta_seconds)}")
-    # Last, so it is what a narrow terminal cuts off.
+        fields.append(_Field(f"val acc {render.percent(validation_accuracy)}", 2))
+    if unfrozen:
+        fields.append(_Field(unfrozen, 5))
+    if not progress.epoch_end or progress.step < progress.total_steps:
+        fields.append(_Field(f"ETA {render.duration(progress.eta_seconds)}", 1))
     if progress.examples_per_second:
-        parts.append(f"{progress.examples_per_second:.0f} ex/s")
-    return " ".join(parts)
+        fields.append(_Field(f"{progress.examples_per_second:.0f} ex/s", 6))
+    return fields
+
+
+def fit(fields: list[_Field], width: int) -> str:
+    """The fields in order, joined by spaces, without those (least worth keeping first) that
+    would make the line wider than `width`."""
+    kept = list(fields)
+    while len(line := " ".join(f.text for f in kept)) > width and len(kept) > 1:
+        kept.remove(max(reversed(kept), key=lambda f: f.keep))  # the last of the least kept
+    return line[:width]
+
+
+def loss(value: float | None) -> str:
+    """4 significant digits, or scientific below 1e-3 (a loss of 0.0004 is not 0.000)."""
+    if value is None:
+        return "-"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:#.4g}"
 
 
 def _bar(progress: TrainingProgress) -> str:
@@ -159,9 +396,9 @@ def _bar(progress: TrainingProgress) -> str:
     return "[" + "#" * filled + "-" * (_BAR_WIDTH - filled) + "]"
 
 
-def _terminal_columns(stream: TextIO) -> int:
+def terminal_columns(stream: TextIO) -> int:
     # Asks about the stream drawn on: stdout is often redirected (`transfer finetune > id`).
     try:
         return os.get_terminal_size(stream.fileno()).columns or _FALLBACK_COLUMNS
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return _FALLBACK_COLUMNS
