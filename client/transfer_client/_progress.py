@@ -4,7 +4,7 @@ line that states the result.
 Phases, as the server reports them (`TrainingProgress.phase`):
 - "extracting_features": inputs done / total, inputs per second, ETA;
 - "cross_validation" (solver "lbfgs_cv"): each C tried, with its held-out accuracy, and the
-  best so far (lowest held-out loss, as the server picks it);
+  best so far (lowest held-out loss, as the server picks it), then the fit at the chosen C;
 - "training" (solver "adamw"): epoch, step, loss, validation loss and accuracy, ETA; a line
   when progressive unfreezing opens another trunk block.
 The completed line gives the validation accuracy against the majority baseline, the C or best
@@ -15,12 +15,13 @@ dropping its least useful fields first (the bar, throughput, then training accur
 the phase and the ETA survive an 80-column terminal; elsewhere (a log file, CI) it writes one
 full line per finished stage.
 
-Written by hand rather than with rich or tqdm: the client's core install is grpcio and protobuf
-only, so a library would be an optional extra with this renderer kept as the fallback anyway
-(two renderers to keep honest), and neither library's bar fits this display better: tqdm
-fits a narrow terminal by cutting the line's tail, which is where its ETA is, and both model
-one bar of known length, while a cross-validation has no known length and the useful fields
-change per phase. Field priorities here are a few lines.
+Written by hand rather than with rich or tqdm. The client's core install is grpcio and
+protobuf only, so a library would be an optional extra with this renderer kept as the fallback
+anyway: two renderers to keep honest. And neither fits this display better: both model one bar
+of known length with a fixed set of columns, while a cross-validation has no known length and
+the useful fields change per phase; tqdm fits a narrow terminal by shrinking the bar and then
+cutting the line's end, whatever is there, and rich by column widths set up front, where this
+display drops whole fields by priority. That logic is a few lines (`fit`).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class ProgressDisplay:
             what = (
                 "classifier only, trunk frozen"
                 if unfrozen == 0
-                else f"unfreezing: the last {unfrozen}{of} trunk blocks train"
+                else f"unfreezing: the last {unfrozen}{of} trunk {_blocks(unfrozen, of)} train"
             )
             self._write_line(f"epoch {progress.epoch}: {what}")
 
@@ -261,14 +262,15 @@ def trunk_text(plan: TrainingPlan) -> str:
     blocks = (
         "all trunk blocks"
         if plan.trainable_blocks < 0
-        else (
-            f"the last {plan.trainable_blocks} trunk block"
-            + ("s" if plan.trainable_blocks > 1 else "")
-        )
+        else f"the last {plan.trainable_blocks} trunk {_blocks(plan.trainable_blocks)}"
     )
     if plan.unfreeze_every_epochs > 0:
         return f"{blocks} unfrozen one every {plan.unfreeze_every_epochs} epochs"
     return f"{blocks} train"
+
+
+def _blocks(count: int, of: str = "") -> str:
+    return "block" if count == 1 and not of else "blocks"
 
 
 def completed_line(event: JobCompleted, plan: TrainingPlan | None) -> str:
