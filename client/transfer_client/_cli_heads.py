@@ -26,8 +26,12 @@ def register(add: AddCommand) -> None:
     export = add("export", _export, "write a head with its backbone as an ONNX model")
     export.add_argument("head_id", metavar="HEAD")
     export.add_argument("path", type=Path, metavar="OUT.onnx")
-    add("delete-head", _delete_head, "delete a trained head").add_argument(
-        "head_id", metavar="HEAD_ID"
+    delete_head = add("delete-head", _delete_head, "delete one version of a head")
+    delete_head.add_argument("head_id", metavar="HEAD", help="a head id, or NAME@VERSION")
+    delete_head.add_argument(
+        "--force",
+        action="store_true",
+        help="also when an alias points at it (the aliases are removed with it)",
     )
     add("delete-dataset", _delete_dataset, "delete an uploaded dataset (frees quota)").add_argument(
         "dataset_id", metavar="DATASET_ID"
@@ -68,7 +72,7 @@ def _heads(client: TransferClient, args: argparse.Namespace) -> int:
         return 0
     print(
         render.table(
-            ("HEAD", "BACKBONE", "CLASSES", "VAL ACC", "SIZE", "CREATED"),
+            ("HEAD", "VERSION", "ALIASES", "BACKBONE", "CLASSES", "VAL ACC", "SIZE", "CREATED"),
             (_head_row(head) for head in heads),
         )
     )
@@ -78,12 +82,18 @@ def _heads(client: TransferClient, args: argparse.Namespace) -> int:
 def _head_row(head: Head) -> tuple[str, ...]:
     return (
         head.head_id,
+        _version(head),
+        ",".join(head.aliases) or "-",
         head.backbone,
         str(len(head.class_names)),
         render.percent(head.metrics.validation_accuracy),
         render.size(head.size_bytes),
         render.local_time(head.created_time),
     )
+
+
+def _version(head: Head) -> str:
+    return str(head.version) if head.version else "-"  # 0: a server older than versions
 
 
 def _head(client: TransferClient, args: argparse.Namespace) -> int:
@@ -97,6 +107,8 @@ def _head(client: TransferClient, args: argparse.Namespace) -> int:
             [
                 ("head", head.head_id),
                 ("name", head.name),
+                ("version", _version(head)),
+                ("aliases", ", ".join(head.aliases) or "-"),
                 ("backbone", f"{head.backbone} ({head.modality}, input {head.input_size})"),
                 ("classes", ", ".join(head.class_names)),
                 ("trainable blocks", str(head.trainable_blocks)),
@@ -123,7 +135,7 @@ def _export(client: TransferClient, args: argparse.Namespace) -> int:
 
 
 def _delete_head(client: TransferClient, args: argparse.Namespace) -> int:
-    client.delete_head(args.head_id)
+    client.delete_head(args.head_id, force=args.force)
     if not args.json:
         print(f"deleted {args.head_id}")
     return 0

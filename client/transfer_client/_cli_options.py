@@ -9,7 +9,8 @@ from pathlib import Path
 
 import grpc
 
-from transfer_client._channel import DEFAULT_TARGET, tls_credentials
+from transfer_client._channel import DEFAULT_MAX_ATTEMPTS, DEFAULT_TARGET, tls_credentials
+from transfer_client._core import DEFAULT_REATTACH_SECONDS
 from transfer_client._sync import TransferClient
 
 
@@ -61,6 +62,34 @@ def global_options(*, with_defaults: bool) -> argparse.ArgumentParser:
         help="deadline of each non-streaming call in seconds",
     )
     options.add_argument(
+        "--max-attempts",
+        type=int,
+        default=default(DEFAULT_MAX_ATTEMPTS),
+        help="tries of an idempotent call that fails UNAVAILABLE, the first included "
+        "(1: no retries; at most 5)",
+    )
+    options.add_argument(
+        "--wait-for-ready",
+        action="store_true",
+        default=default(False),
+        help="wait (up to --timeout) for an unreachable server instead of failing at once",
+    )
+    options.add_argument(
+        "--reattach-seconds",
+        type=float,
+        default=default(DEFAULT_REATTACH_SECONDS),
+        metavar="SECONDS",
+        help="how long finetune and watch keep re-attaching to a job whose stream broke (0: never)",
+    )
+    options.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        default=default(None),
+        metavar="SECONDS",
+        help="a job's event stream silent this long is taken as broken and re-attached "
+        "(default: wait as long as it takes)",
+    )
+    options.add_argument(
         "--json", action="store_true", default=default(False), help="print JSON, not tables"
     )
     return options
@@ -72,6 +101,10 @@ def open_client(args: argparse.Namespace) -> TransferClient:
         credentials=credentials(args),
         token=args.token or None,
         timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        wait_for_ready=args.wait_for_ready,
+        reattach_seconds=args.reattach_seconds,
+        stream_idle_seconds=args.stream_idle_seconds,
     )
 
 

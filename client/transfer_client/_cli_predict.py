@@ -1,44 +1,88 @@
-"""`transfer predict`: classify files or texts with a head."""
+"""`transfer predict HEAD INPUT...`: classify image files, folders of them, CSVs of texts
+(their `text` column), or texts given on the command line (--text). Folders and CSVs go in
+chunks within the server's limit per call; the answers stream out as a table, CSV or JSON
+Lines."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from transfer_client import _render as render
 from transfer_client._cli_commands import AddCommand
+from transfer_client._cli_predict_output import CountBar, PredictionWriter
+from transfer_client._predict_files import DEFAULT_CHUNK_SIZE, MAX_PREDICT_INPUTS
 from transfer_client._sync import TransferClient
-from transfer_client.types import ClassScore, InputData
+from transfer_client.types import Prediction
 
 
 def register(add: AddCommand) -> None:
-    predict = add("predict", _predict, "classify images (or texts, with --text)")
-    predict.add_argument("head_id", metavar="HEAD")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, or texts")
+    predict = add(
+        "predict",
+        _predict,
+        "classify image files, folders of them, CSVs of texts, or texts (--text)",
+    )
+    predict.add_argument(
+        "head_id",
+        metavar="HEAD",
+        help="a head id, or a name: NAME (its production alias, else its latest version), "
+        "NAME@3, NAME@production",
+    )
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files; folders (their image files, recursively); .csv files (one text "
+        "per row of their `text` column); or, with --text, texts",
+    )
     predict.add_argument("--top-k", type=int, default=1, help="classes to show per input")
     predict.add_argument("--text", action="store_true", help="the inputs are texts, not files")
+    predict.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"inputs per Predict call (at most {MAX_PREDICT_INPUTS}, the server's limit)",
+    )
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument(
+        "--csv",
+        action="store_true",
+        help="CSV: input, label, score, label_2, score_2, ... (with --top-k), head_id, "
+        "head_version",
+    )
+    output.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="one JSON object per input: input, label, score, top_k, head_id, head_version",
+    )
 
 
 def _predict(client: TransferClient, args: argparse.Namespace) -> int:
-    inputs: list[InputData] = list(args.inputs) if args.text else [Path(i) for i in args.inputs]
-    predictions = client.predict(args.head_id, inputs, top_k=args.top_k)
-    if args.json:
-        print(
-            render.to_json(
-                [
-                    {"input": name, "prediction": prediction}
-                    for name, prediction in zip(args.inputs, predictions, strict=True)
-                ]
-            )
-        )
-        return 0
-    for name, prediction in zip(args.inputs, predictions, strict=True):
-        scores = prediction.top_k or (ClassScore(prediction.label, prediction.score),)
-        ranked = ", ".join(f"{score.label} {render.percent(score.score)}" for score in scores)
-        print(f"{_shorten(name)}\t{ranked}")
+    style = "csv" if args.csv else "jsonl" if args.jsonl else "json" if args.json else "table"
+    writer = PredictionWriter(style, args.top_k, sys.stdout)
+    bar = CountBar(sys.stderr, "predicting")
+    try:
+        for name, prediction in _answers(client, args, bar):
+            writer.write(name, prediction)
+    finally:
+        bar.finish()
+    writer.close()
     return 0
 
 
-def _shorten(text: str, limit: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+def _answers(
+    client: TransferClient, args: argparse.Namespace, bar: CountBar
+) -> Iterator[tuple[str, Prediction]]:
+    if args.text:
+        # A command line's texts are few: one call (the server says if there are too many).
+        predictions = client.predict(args.head_id, list(args.inputs), top_k=args.top_k)
+        yield from zip(args.inputs, predictions, strict=True)
+        return
+    yield from client.predict_files(
+        args.head_id,
+        [Path(item) for item in args.inputs],
+        top_k=args.top_k,
+        chunk_size=args.chunk_size,
+        on_progress=bar,
+    )

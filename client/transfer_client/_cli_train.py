@@ -7,14 +7,25 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import cast
 
 from transfer_client import _render as render
 from transfer_client._cli_commands import AddCommand
-from transfer_client._loaders import load_examples, payload_bytes
+from transfer_client._loaders import indexed_sources, load_examples, payload_bytes
 from transfer_client._progress import ProgressDisplay
 from transfer_client._sync import TransferClient
 from transfer_client.errors import TransferError, UnavailableError, from_job_outcome
-from transfer_client.types import JobCancelled, JobCompleted, JobFailed, TrainingConfig
+from transfer_client.types import (
+    CandidateResult,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobProgress,
+    JobQueued,
+    JobStarted,
+    JobWarning,
+    TrainingConfig,
+)
 
 # Above this much data, examples go up through UploadDataset first rather than inline in
 # FineTune, whose single message would otherwise hit the server's message size limit.
@@ -30,7 +41,12 @@ def register(add: AddCommand) -> None:
         metavar="DIR_OR_CSV",
         help="a folder with one sub-folder of images per class, or a CSV with text,label columns",
     )
-    finetune.add_argument("--head-name", default="", help="name the head id is derived from")
+    finetune.add_argument(
+        "--head-name",
+        default="",
+        help="the head's name (the head id is derived from it); a name used before makes its "
+        "next version",
+    )
     finetune.add_argument("--epochs", type=int, default=0, help="maximum epochs (server default)")
     finetune.add_argument("--batch-size", type=int, default=0)
     finetune.add_argument("--lr", type=float, default=0.0, help="learning rate of the head")
@@ -51,11 +67,27 @@ def register(add: AddCommand) -> None:
         help="image augmentation (server default: only when the trunk trains)",
     )
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument(
+        "--solver",
+        choices=("auto", "lbfgs_cv", "adamw"),
+        default="",
+        help="lbfgs_cv: logistic regression, its L2 strength C by cross-validation (a linear "
+        "probe only); adamw: epochs with early stopping; auto (server default): lbfgs_cv "
+        "where it applies and no epoch option is set",
+    )
+    finetune.add_argument(
+        "--cv-folds", type=int, default=0, help="folds of the lbfgs_cv cross-validation"
+    )
 
     watch = add("watch", _watch, "follow a training job until it ends")
     watch.add_argument("job_id", metavar="JOB_ID")
     watch.add_argument(
         "--after-sequence", type=int, default=0, help="skip events up to this sequence number"
+    )
+    watch.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="print every event as it comes, one JSON object a line (its kind in `event`)",
     )
 
 
@@ -70,17 +102,19 @@ def _finetune(client: TransferClient, args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience,
         augment=args.augment,
         seed=args.seed,
+        solver=args.solver,
+        cv_folds=args.cv_folds,
     )
     data_bytes = payload_bytes(examples)
     dataset_id: str | None = None
-    if data_bytes > INLINE_DATA_LIMIT_BYTES:
-        print(
-            f"uploading {len(examples)} examples ({render.size(data_bytes)})...",
-            file=sys.stderr,
-        )
-        dataset_id = client.upload_dataset(examples).dataset_id
     progress = ProgressDisplay(sys.stderr)
     try:
+        if data_bytes > INLINE_DATA_LIMIT_BYTES:
+            print(
+                f"uploading {len(examples)} examples ({render.size(data_bytes)})...",
+                file=sys.stderr,
+            )
+            dataset_id = client.upload_dataset(examples).dataset_id
         completed = client.train(
             args.backbone,
             None if dataset_id else examples,
@@ -91,6 +125,10 @@ def _finetune(client: TransferClient, args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return _detached(progress)
+    except TransferError as err:
+        for field, source in indexed_sources(err, "examples", [value for value, _ in examples]):
+            err.add_note(f"{field} is {source}")
+        raise
     finally:
         progress.finish()
         if dataset_id:
@@ -103,6 +141,8 @@ def _finetune(client: TransferClient, args: argparse.Namespace) -> int:
 
 
 def _watch(client: TransferClient, args: argparse.Namespace) -> int:
+    if args.jsonl:
+        return _watch_jsonl(client, args)
     progress = ProgressDisplay(sys.stderr)
     try:
         for event in client.watch_job(args.job_id, after_sequence=args.after_sequence):
@@ -118,6 +158,32 @@ def _watch(client: TransferClient, args: argparse.Namespace) -> int:
     finally:
         progress.finish()
     raise UnavailableError(f"the event stream of job {args.job_id} ended before the job did")
+
+
+def _watch_jsonl(client: TransferClient, args: argparse.Namespace) -> int:
+    """Each event on its own line, flushed, so `transfer watch JOB --jsonl | jq` follows the
+    job live; the last line is the job's outcome."""
+    for event in client.watch_job(args.job_id, after_sequence=args.after_sequence):
+        line: dict[str, object] = {"event": _EVENT_KINDS.get(type(event), type(event).__name__)}
+        line.update(cast(dict[str, object], render.jsonable(event)))
+        print(render.to_json_line(line), flush=True)
+        if isinstance(event, JobCompleted):
+            return 0
+        if isinstance(event, JobFailed | JobCancelled):
+            raise from_job_outcome(event)
+    raise UnavailableError(f"the event stream of job {args.job_id} ended before the job did")
+
+
+_EVENT_KINDS: dict[type, str] = {
+    JobQueued: "queued",
+    JobStarted: "started",
+    JobProgress: "progress",
+    JobWarning: "warning",
+    CandidateResult: "candidate",
+    JobCompleted: "completed",
+    JobFailed: "failed",
+    JobCancelled: "cancelled",
+}
 
 
 def _detached(progress: ProgressDisplay) -> int:

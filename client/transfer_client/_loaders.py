@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 # Other files in a class folder (notes, thumbnails caches) are skipped, as ImageFolder does.
@@ -68,3 +70,28 @@ def payload_bytes(examples: list[tuple[Path, str]] | list[tuple[str, str]]) -> i
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+_INDEXED_FIELD = re.compile(r"^(?P<collection>[a-z_]+)\[(?P<index>\d+)\]")
+
+
+def indexed_sources(
+    error: Exception, collection: str, sources: Sequence[Path | str]
+) -> list[tuple[str, str]]:
+    """(field, local source) for each field of `error` that names an element of the request's
+    `collection` ("examples[17].image" -> the file examples[17] was read from), so a message
+    about an index can name the user's file. The fields come from the error's structured
+    field violations; a job that failed after it started carries none, so its message's
+    leading field is read instead."""
+    fields = [violation.field for violation in getattr(error, "field_violations", ())]
+    if not fields:
+        fields = [str(getattr(error, "message", error)).split(":", 1)[0]]
+    named: list[tuple[str, str]] = []
+    for field in fields:
+        match = _INDEXED_FIELD.match(field)
+        if match is None or match["collection"] != collection:
+            continue
+        index = int(match["index"])
+        if index < len(sources):
+            named.append((field, str(sources[index])))
+    return named

@@ -13,6 +13,16 @@ def to_json(value: object) -> str:
     return json.dumps(_jsonable(value), indent=2, ensure_ascii=False)
 
 
+def to_json_line(value: object) -> str:
+    """One line of JSON Lines: compact, no newline inside."""
+    return json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def jsonable(value: object) -> object:
+    """Dataclasses, enums and datetimes as plain JSON values (dicts, strings, numbers)."""
+    return _jsonable(value)
+
+
 def _jsonable(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from transfer_client import _render as render
+from transfer_client._history import CROSS_VALIDATION, TrainingHistory
 from transfer_client._sync import TransferClient
-from transfer_client.types import EvaluationReport, FineTuneEvent, Head, JobProgress
+from transfer_client.types import EvaluationReport, Head
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +37,19 @@ def report(client: TransferClient, args: argparse.Namespace) -> int:
     else:
         print(text(head, evaluation))
     if args.plots is not None:
-        pyplot = _pyplot()
+        pyplot = pyplot_module()
         args.plots.mkdir(parents=True, exist_ok=True)
         if evaluation is not None and evaluation.confusion_matrix:
             path = args.plots / "confusion_matrix.png"
             plot_confusion(pyplot, head, evaluation, path)
             print(f"wrote {path}")
         path = args.plots / "training_curves.png"
-        plot_curves(pyplot, list(client.watch_job(head.job_id)), path)
-        print(f"wrote {path}")
+        try:
+            plot_curves(pyplot, client.job_history(head.job_id), path)
+        except ValueError as err:  # no epochs or C search recorded
+            print(f"no {path.name}: {err}")
+        else:
+            print(f"wrote {path}")
     return 0
 
 
@@ -86,7 +91,9 @@ def text(head: Head, evaluation: EvaluationReport) -> str:
     return render.table(("class", "precision", "recall", "f1", "support"), rows) + "\n\n" + summary
 
 
-def _pyplot() -> Any:
+def pyplot_module(command: str = "transfer report --plots") -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or a SystemExit saying how to
+    install the `plots` extra."""
     try:
         import matplotlib
 
@@ -94,7 +101,7 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as pyplot
     except ImportError:
         raise SystemExit(
-            "transfer report --plots needs matplotlib: pip install 'transfer-client[plots]'"
+            f"{command} needs matplotlib: pip install 'transfer-client[plots]'"
         ) from None
     return pyplot
 
@@ -119,29 +126,32 @@ def plot_confusion(pyplot: Any, head: Head, evaluation: EvaluationReport, path: 
     pyplot.close(figure)
 
 
-def plot_curves(pyplot: Any, events: list[FineTuneEvent], path: Path) -> None:
-    """Loss and accuracy per epoch, training and validation, from the job's epoch-end events."""
-    epochs = [
-        event.progress
-        for event in events
-        if isinstance(event, JobProgress)
-        and event.progress.epoch_end
-        and event.progress.phase == "training"
-    ]
+def plot_curves(pyplot: Any, history: TrainingHistory, path: Path) -> None:
+    """Loss and accuracy, training and validation, from a job's history: per epoch (gradient
+    solvers), or per inverse L2 strength C on a log axis (solver lbfgs_cv)."""
+    if not history.rows:
+        raise ValueError(f"job {history.job_id} has no epochs or cross-validation results yet")
+    by_c = history.kind == CROSS_VALIDATION
+    rows = list(history.rows)
+    if by_c:
+        rows.sort(key=lambda row: row.regularization_c or 0.0)
+    xs = [(row.regularization_c or 0.0) if by_c else float(row.epoch) for row in rows]
     figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
-    numbers = [progress.epoch for progress in epochs]
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        axes.plot(numbers, [getattr(p, f"train_{metric}") for p in epochs], "o-", label="train")
+        axes.plot(xs, [getattr(row, f"train_{metric}") for row in rows], "o-", label="train")
         validated = [
-            (p.epoch, getattr(p, f"validation_{metric}"))
-            for p in epochs
-            if getattr(p, f"validation_{metric}") is not None
+            (x, getattr(row, f"validation_{metric}"))
+            for x, row in zip(xs, rows, strict=True)
+            if getattr(row, f"validation_{metric}") is not None
         ]
         if validated:
             axes.plot(*zip(*validated, strict=True), "o-", label="validation")
-        axes.set_xlabel("epoch")
+        if by_c:
+            axes.set_xscale("log")
+        axes.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         axes.set_ylabel(metric)
         axes.legend()
+    figure.suptitle(f"job {history.job_id}")
     figure.tight_layout()
     figure.savefig(path)
     pyplot.close(figure)
