@@ -74,6 +74,9 @@ def make_settings(store_dir: Path, **overrides: object) -> Settings:
         "store_dir": store_dir,
         "image_size": TEST_IMAGE_SIZE,
         "weights_dir": store_dir / "no-weights",
+        # Measured precision (auto) may pick bf16: tests comparing paths want exact fp32,
+        # and a measurement at every server start would cost seconds.
+        "precision": "fp32",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

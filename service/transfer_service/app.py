@@ -178,6 +178,8 @@ def build_application(settings: Settings) -> Application:
         budget_bytes=settings.backbone_cache_bytes,
         precision=settings.precision,
         compile=settings.compile,
+        measurements=store,
+        predict_threads=cpu_share.predict_threads,
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
         on_load=metrics.cache_load.labels(cache="backbone").observe,
     )

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from transfer_service.backbones.cache import LoadedBackbone, choose_compute_dtype
+from transfer_service.backbones.cache import LoadedBackbone, forced_compute_dtype
 from transfer_service.domain import FineTuneSpec, LabeledExample, ModelInput, TrainingConfig
 from transfer_service.heads import TaskHead, build_head
 from transfer_service.training.features import (
@@ -52,11 +52,10 @@ def logits(loaded: LoadedBackbone, head: TaskHead, images: list[bytes]) -> torch
         return head(prefix)
 
 
-def test_auto_precision_is_fp32_on_a_cpu_without_amx() -> None:
-    expected = torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
-    assert choose_compute_dtype("auto", torch.device("cpu")) == expected
-    assert choose_compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert choose_compute_dtype("fp32", torch.device("cpu")) == torch.float32
+def test_an_explicit_precision_forces_it_and_auto_is_measured() -> None:
+    assert forced_compute_dtype("auto") is None  # tests/unit/test_precision_choice.py
+    assert forced_compute_dtype("bf16") == torch.bfloat16
+    assert forced_compute_dtype("fp32") == torch.float32
 
 
 def test_bf16_trunk_agrees_with_fp32_on_real_images() -> None:

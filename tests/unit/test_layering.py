@@ -27,7 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": set(),
     "torch_threads": set(),
     "structured_logs": {"request_scope", ""},  # "" is the package itself
-    "backbones": CORE | {"backbones"},
+    # torch_threads and the store contract: the measured precision (issue 20) times on the
+    # Predict thread count and keeps its choice in the store.
+    "backbones": CORE | {"backbones", "torch_threads"} | STORE_CONTRACT,
     "heads": CORE | {"backbones"},
     "store": CORE | {"store"},
     "predict": CORE | {"backbones", "heads", "predict", "torch_threads"},

@@ -18,15 +18,18 @@ from typing import Any
 
 import torch
 
+from transfer_service.backbones.calibration import calibration_inputs
 from transfer_service.backbones.catalog import (
     BackboneSpec,
     PreprocessingOptions,
     WeightsUnavailableError,
 )
 from transfer_service.backbones.compiled import WARM_UP_BATCH_SIZES, CompiledStages, warm_up_inputs
+from transfer_service.backbones.measured_precision import DTYPE_NAMES, DTYPES, PrecisionMeasurer
 from transfer_service.backbones.preprocess import Preprocessor
 from transfer_service.backbones.trunks import Trunk
 from transfer_service.errors import FailedPreconditionError, NotFoundError
+from transfer_service.store.interface import MeasurementStore
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,17 @@ class LoadedBackbone:
     preprocessor: Preprocessor
     device: torch.device
     resident_bytes: int
-    compute_dtype: torch.dtype  # of the frozen trunk's matmuls/convs (autocast)
+    compute_dtype: torch.dtype  # of the frozen trunk's matmuls/convs (autocast) for Predict
     compiled: CompiledStages | None = None  # TRANSFER_COMPILE: run_prefix runs these
+    # What training's run_prefix computes in: fp32 under TRANSFER_PRECISION=auto (heads train
+    # on exact features, the same on every machine), the forced precision otherwise.
+    training_dtype: torch.dtype = torch.float32
+    measured_inputs_per_second: float = 0.0  # of compute_dtype at load; 0: not measured
+
+    @property
+    def precision(self) -> str:
+        """Predict's trunk precision: "float32", "bfloat16" or "float16"."""
+        return DTYPE_NAMES[self.compute_dtype]
 
     @property
     def name(self) -> str:
@@ -61,32 +73,41 @@ class LoadedBackbone:
             state = self.stack([self.preprocessor.load(x, "warm-up") for x in inputs])
             self.trunk.pool(self.run_prefix(state, 0, self.trunk.num_stages))
 
-    def run_prefix(self, state: Any, start: int, stop: int) -> Any:
-        """Frozen stages [start, stop) without autograd, in the compute precision; the output
-        is fp32 so heads (and their training) always see full-precision inputs."""
+    def run_prefix(self, state: Any, start: int, stop: int, *, training: bool = False) -> Any:
+        """Frozen stages [start, stop) without autograd, in Predict's compute precision (or
+        training's, `training`); the output is fp32 so heads (and their training) always see
+        full-precision inputs."""
         if start == stop:
             return state
+        dtype = self.training_dtype if training else self.compute_dtype
+        # Compiled graphs are specialised to the serving dtype's autocast state.
+        eager = self.compiled is None or dtype != self.compute_dtype
+        run = self.trunk.run_stages if eager else self.compiled.run  # type: ignore[union-attr]
         # no_grad, not inference_mode: training feeds these outputs into trainable blocks.
-        run = self.trunk.run_stages if self.compiled is None else self.compiled.run
         with torch.no_grad():
-            if self.compute_dtype == torch.float32:
+            if dtype == torch.float32:
                 return run(state, start, stop)
-            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+            with torch.autocast(self.device.type, dtype=dtype):
                 out = run(state, start, stop)
             return self.trunk.to_float(out)
 
+    def at_precision(self, dtype: torch.dtype) -> Callable[[Any], torch.Tensor]:
+        """A first-stage batch -> pooled features [B, D] through the whole trunk at `dtype`
+        (eagerly), as Predict would compute them: a precision candidate."""
+        eager = replace(self, compute_dtype=dtype, compiled=None)
 
-def choose_compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' picks reduced precision only where it is fast: CUDA, or CPUs with AMX tiles
-    (on AVX-512-only CPUs bf16 autocast measured slower than fp32 here)."""
-    explicit = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision in explicit:
-        return explicit[precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
-        return torch.bfloat16
-    return torch.float32
+        def features(state: Any) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.trunk.pool(eager.run_prefix(state, 0, self.trunk.num_stages))
+
+        return features
+
+
+def forced_compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype an explicit TRANSFER_PRECISION forces; None for 'auto' (measured at load by
+    backbones/measured_precision.py: no rule on CPU flags held on every machine)."""
+    forced = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return forced.get(precision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +137,15 @@ class BackboneCache:
         compile: bool = False,
         on_event: CacheEvent | None = None,
         on_load: Callable[[float], None] | None = None,
+        measurements: MeasurementStore | None = None,
+        predict_threads: int = 1,
     ) -> None:
+        """`measurements` keeps 'auto' precision choices across restarts (none: measured at
+        every load); `predict_threads`: the Predict compute thread's torch threads, which the
+        measurement runs on."""
         self._on_load = on_load or (lambda seconds: None)
-        self._compute_dtype = choose_compute_dtype(precision, device)
+        self._forced_dtype = forced_compute_dtype(precision)
+        self._measurer = PrecisionMeasurer(measurements, device, predict_threads)
         self._compile = compile
         self._specs = {spec.name: spec for spec in catalog}
         self._weights_dir = weights_dir
@@ -200,21 +227,45 @@ class BackboneCache:
             trunk.to(memory_format=torch.channels_last)
         preprocessor = spec.build_preprocessor(weights, self._options)
         resident = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
-        loaded = LoadedBackbone(
-            spec, trunk, preprocessor, self._device, resident, self._compute_dtype
-        )
+        loaded = LoadedBackbone(spec, trunk, preprocessor, self._device, resident, torch.float32)
+        if self._forced_dtype is not None:
+            forced = self._forced_dtype
+            loaded = replace(loaded, compute_dtype=forced, training_dtype=forced)
+        else:
+            loaded = self._measured(loaded)
         if self._compile:
             loaded = self._compiled(loaded)
         log.info(
             "loaded backbone %s on %s, %s compute%s (%.1f MB) in %.2fs",
             spec.name,
             self._device,
-            self._compute_dtype,
+            loaded.compute_dtype,
             ", compiled" if self._compile else "",
             resident / 1e6,
             time.perf_counter() - started,
         )
         return loaded
+
+    def _measured(self, loaded: LoadedBackbone) -> LoadedBackbone:
+        """`loaded` at the fastest precision that keeps its features within tolerance on
+        the shipped calibration set (TRANSFER_PRECISION=auto)."""
+        preprocessor = loaded.preprocessor
+        calibration = [
+            preprocessor.load(x, f"calibration[{i}]")
+            for i, x in enumerate(calibration_inputs(loaded.spec.modality))
+        ]
+        choice = self._measurer.choose(
+            loaded.name,
+            loaded.spec.input_size(self._options),
+            loaded.at_precision,
+            loaded.stack,
+            calibration,
+        )
+        return replace(
+            loaded,
+            compute_dtype=DTYPES[choice.precision],
+            measured_inputs_per_second=choice.inputs_per_second,
+        )
 
     def _compiled(self, eager: LoadedBackbone) -> LoadedBackbone:
         """The backbone with compiled stages, compiled now: torch.compile is lazy, so a batch

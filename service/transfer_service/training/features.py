@@ -91,7 +91,7 @@ def extract(
         ]
         padding = batch_size - len(loaded) if pad_short_batch else 0
         batch = backbone.stack(loaded + [loaded[-1]] * padding)
-        prefix = backbone.run_prefix(batch, 0, prefix_end)
+        prefix = backbone.run_prefix(batch, 0, prefix_end, training=True)
         with torch.inference_mode():
             pooled = head.features(prefix).float()[: len(chunk)]
         pooled_chunks.append(pooled)
@@ -173,7 +173,7 @@ def plan_feature_memory(
     state_bytes = 0
     if not probe:
         loaded = backbone.preprocessor.load(example.input, "examples[0]")
-        state = backbone.run_prefix(backbone.stack([loaded]), 0, prefix_end)
+        state = backbone.run_prefix(backbone.stack([loaded]), 0, prefix_end, training=True)
         state_bytes = trunk.example_bytes(trunk.split(state)[0])
     fixed = pooled_bytes(train_count + validation_count, trunk.feature_dim) + (
         validation_count * state_bytes

@@ -211,4 +211,4 @@ def _train_state(
         loaded.append(preprocessor.load(encoded, f"examples[{i}]"))
     inputs = preprocessor.finish(loaded, augment)
     batch = trunk.to_device(trunk.collate(inputs), context.device)
-    return backbone.run_prefix(batch, 0, prefix_end)
+    return backbone.run_prefix(batch, 0, prefix_end, training=True)
