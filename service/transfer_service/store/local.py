@@ -34,7 +34,7 @@ from transfer_service.errors import ConfigurationError
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
 from transfer_service.store.disk_faults import disk_faults, refuse_unusable_volume
 from transfer_service.store.head_files import HeadFiles
-from transfer_service.store.head_names import aliased_version, version_taken
+from transfer_service.store.head_name_errors import aliased_version, version_taken
 from transfer_service.store.paged_query import filled_page
 from transfer_service.store.sqlite_datasets import SqliteDatasets
 from transfer_service.store.sqlite_head_index import SqliteHeadIndex

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transfer_service.domain import HeadName
 from transfer_service.errors import NotFoundError
-from transfer_service.store.head_names import (
+from transfer_service.store.head_name_errors import (
     aliased_version,
     no_such_alias,
     no_such_name,

@@ -49,7 +49,7 @@ from transfer_service.store.codec import (
     head_to_json,
 )
 from transfer_service.store.delegation import DatasetsByDelegation, JobsByDelegation
-from transfer_service.store.head_names import version_taken
+from transfer_service.store.head_name_errors import version_taken
 from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import filled_page, postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets

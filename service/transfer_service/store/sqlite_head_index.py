@@ -30,7 +30,7 @@ from datetime import datetime
 
 from transfer_service.domain import HeadName, HeadRecord
 from transfer_service.store.disk_faults import disk_faults
-from transfer_service.store.head_names import no_such_alias, no_such_name, no_such_version
+from transfer_service.store.head_name_errors import no_such_alias, no_such_name, no_such_version
 from transfer_service.store.paged_query import sqlite_page
 from transfer_service.store.sqlite_schema import transaction
 
