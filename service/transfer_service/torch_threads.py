@@ -14,17 +14,39 @@ loading) runs it on one. On a CPU a training job gets a fresh thread that exits 
 ends, which frees its team: the slowdown lasts only while a job runs, not for good. With an
 accelerator jobs run on long-lived threads instead (jobs_train_on_fresh_threads says why).
 
-While a job runs on a CPU, its team and the compute thread's share the cores, and both run
-throttled. `CpuShare` can instead split the cores between them for as long as a job runs
-(TRANSFER_TRAINING_TORCH_THREADS).
+While a job runs on a CPU, its team and the compute thread's would share the cores, and both
+run throttled. `CpuShare` splits them instead: by default a job yields to Predict (it trains
+on every core while no Predict batch ran for PREDICT_RECENT_SECONDS, on half of them while
+Predicts come), or TRANSFER_TRAINING_TORCH_THREADS fixes the job's share for as long as it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
+
+# A job trains on every core only once no Predict batch started for this long: Predict's
+# callers come back within milliseconds, so a gap this long means they stopped.
+PREDICT_RECENT_SECONDS = 0.5
+
+# The pacing of the running job's thread (CpuShare.training sets it; run_in_fresh_thread
+# carries it to the job's thread): training code calls pace_training() between batches.
+_training_pace: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "training_pace", default=None
+)
+
+
+def pace_training() -> None:
+    """Called by a training job between its batches (feature extraction): sets the calling
+    thread's torch count to the job's share now (CpuShare.pace_job_thread); a no-op outside a
+    job run by CpuShare.training."""
+    pace = _training_pace.get()
+    if pace is not None:
+        pace()
 
 
 def default_intra_op_threads() -> int:
@@ -82,7 +104,9 @@ def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads:
         except BaseException as exc:  # re-raised on the calling thread
             failure.append(exc)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    # The caller's context variables (the job's pacing, see pace_training) go with it.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(run,), name=name, daemon=True)
     thread.start()
     thread.join()
     if failure:
@@ -92,34 +116,49 @@ def run_in_fresh_thread(target: Callable[[], None], name: str, intra_op_threads:
 class CpuShare:
     """How a CPU's torch threads are split between Predict and running training jobs.
 
-    By default (`training_threads` 0, or not below `predict_threads`) a job runs torch on as
-    many threads as the Predict compute thread, and while it runs the two teams hold twice as
-    many threads as there are cores. With fewer `training_threads`, each running job takes
-    that many and the compute thread runs each batch on what is left (at least one) until the
-    jobs end. Measured on 2 CPUs with 1 (bench/predict_during_training.py): single-image
-    Predict p99 during a probe FineTune 119 -> 51 ms, the FineTune as fast while Predicts come
-    and 1.3-1.6x slower when none do."""
+    By default (`training_threads` 0) a job yields to Predict: between its batches
+    (pace_training) it runs on every core when no Predict batch started for
+    PREDICT_RECENT_SECONDS, and on `yield_threads` (half, at least one) when one did; while a
+    job runs, the compute thread runs each batch on what the yielded jobs leave (at least
+    one). Measured on 2 CPUs (bench/noisy_neighbour.py, many_tiny_images): victim Predict p99
+    3.34x idle with the teams sharing the cores, see bench/RESULTS.md for after. A fixed
+    `training_threads` below `predict_threads` gives each job that many for as long as it
+    runs instead (measured with 1: single-image Predict p99 during a probe FineTune 119 ->
+    51 ms, the FineTune 1.3-1.6x slower when no Predicts come). At or above
+    `predict_threads`: no split, both teams share every core."""
 
-    def __init__(self, predict_threads: int, training_threads: int) -> None:
+    def __init__(
+        self,
+        predict_threads: int,
+        training_threads: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.predict_threads = predict_threads
+        self.yields = training_threads == 0 and predict_threads > 1
         self.training_threads = training_threads or predict_threads
+        self.yield_threads = max(1, predict_threads // 2)
+        self._clock = clock
         self._lock = threading.Lock()
         self._running_jobs = 0
         self._decoding = 0
+        self._last_predict = -float("inf")
 
     @property
     def splits(self) -> bool:
-        """Whether a running job leaves the compute thread fewer threads."""
+        """Whether a running job leaves the compute thread fewer threads (fixed split)."""
         return self.training_threads < self.predict_threads
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """Marks one job as running (on its own thread) inside the block."""
+        """Marks one job as running inside the block; the job's thread (run_in_fresh_thread,
+        which carries this context) paces itself with pace_training()."""
         with self._lock:
             self._running_jobs += 1
+        reset = _training_pace.set(self.pace_job_thread if self.yields else None)
         try:
             yield
         finally:
+            _training_pace.reset(reset)
             with self._lock:
                 self._running_jobs -= 1
 
@@ -138,17 +177,41 @@ class CpuShare:
             with self._lock:
                 self._decoding -= 1
 
+    def note_predict_batch(self) -> None:
+        """A Predict batch starts now (yielding jobs read it)."""
+        self._last_predict = self._clock()
+
+    def predict_recent(self) -> bool:
+        return self._clock() - self._last_predict < PREDICT_RECENT_SECONDS
+
+    def job_threads_now(self) -> int:
+        """A yielding job's torch threads at this moment."""
+        return self.yield_threads if self.predict_recent() else self.predict_threads
+
+    def pace_job_thread(self) -> None:
+        """Runs on a job's thread between its batches: its count for the Predicts now. At 1
+        its team's workers stay, asleep, and come back at the next larger count."""
+        import torch
+
+        wanted = self.job_threads_now()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
     def predict_threads_now(self) -> int:
         busy = self._decoding
         if self.splits:
             busy += self._running_jobs * self.training_threads
+        elif self.yields:
+            busy += self._running_jobs * self.yield_threads
         return max(1, self.predict_threads - busy)
 
     def fit_compute_thread(self) -> None:
-        """Runs on the compute thread before each batch: its count for the jobs running now.
-        At 1 its team's workers stay, asleep; at 2 or more libgomp ends the extra ones."""
+        """Runs on the compute thread before each batch: its count for the jobs running now
+        (and the moment, which yielding jobs read). At 1 its team's workers stay, asleep; at
+        2 or more libgomp ends the extra ones."""
         import torch
 
+        self.note_predict_batch()
         wanted = self.predict_threads_now()
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)

@@ -44,7 +44,7 @@ def _run_two_jobs(
     store_dir: Path, fresh_thread_per_job: bool, share: CpuShare | None = None
 ) -> list[Started]:
     """How each of two jobs, one after the other, starts running; both must succeed.
-    Without `share`: 2 threads each for Predict and a job (no split)."""
+    Without `share`: 2 threads for Predict and a job that yields to Predict (the default)."""
     share = share or CpuShare(predict_threads=2, training_threads=0)
     backbones = backbone_cache(48, device=torch.device("cpu"))
     store = LocalStore(store_dir)
@@ -97,7 +97,8 @@ def test_on_a_cpu_each_job_trains_on_a_fresh_thread_of_its_own(tmp_path: Path) -
     started = _run_two_jobs(tmp_path, fresh_thread_per_job=True)
     assert [job.thread for job in started] == [f"job-{job.job_id}" for job in started]
     assert [job.torch_threads for job in started] == [2, 2]
-    assert [job.predict_threads for job in started] == [2, 2]
+    # A job yields to Predict by default: a batch meanwhile runs on what its half leaves.
+    assert [job.predict_threads for job in started] == [1, 1]
 
 
 def test_with_an_accelerator_jobs_share_a_long_lived_thread(tmp_path: Path) -> None:
@@ -115,3 +116,38 @@ def test_with_a_cpu_share_a_job_trains_on_its_threads_and_leaves_predict_the_res
     assert [job.torch_threads for job in started] == [1, 1]
     assert [job.predict_threads for job in started] == [1, 1]
     assert share.predict_threads_now() == 2  # both jobs over
+
+
+def test_a_job_trains_on_every_core_until_predicts_come_then_on_half() -> None:
+    now = [100.0]
+    share = CpuShare(predict_threads=2, training_threads=0, clock=lambda: now[0])
+    assert share.yields and not share.splits
+    assert share.job_threads_now() == 2  # no Predict yet
+    with share.training():
+        share.fit_compute_thread()  # a Predict batch starts: the job's share shrinks
+        assert share.job_threads_now() == 1
+        assert share.predict_threads_now() == 1
+        now[0] += 0.6  # no Predict batch since: the job takes every core again
+        assert share.job_threads_now() == 2
+    assert share.predict_threads_now() == 2  # no job: Predict has every core
+
+
+def test_a_yielding_job_sets_its_own_thread_count_between_batches() -> None:
+    """pace_training reaches the job's fresh thread through run_in_fresh_thread's context."""
+    from transfer_service.torch_threads import pace_training, run_in_fresh_thread
+
+    now = [100.0]
+    share = CpuShare(predict_threads=2, training_threads=0, clock=lambda: now[0])
+    seen: list[int] = []
+
+    def job() -> None:
+        pace_training()
+        seen.append(torch.get_num_threads())
+        share.note_predict_batch()  # a Predict batch started meanwhile
+        pace_training()
+        seen.append(torch.get_num_threads())
+
+    with share.training():
+        run_in_fresh_thread(job, "job-test", 2)
+    assert seen == [2, 1]
+    pace_training()  # outside a job: nothing happens

@@ -18,6 +18,7 @@ from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.domain import LabeledExample, ModelInput
 from transfer_service.errors import JobCancelledError, ResourceExhaustedError
 from transfer_service.heads import TaskHead
+from transfer_service.torch_threads import pace_training
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ def extract(
     for start in range(0, len(examples), batch_size):
         if cancelled.is_set():
             raise JobCancelledError("cancelled during feature extraction")
+        pace_training()  # on a CPU: fewer threads while Predicts come (torch_threads.CpuShare)
         chunk = examples[start : start + batch_size]
         loaded = [
             preprocessor.load(example.input, f"examples[{start + offset}]")
