@@ -237,6 +237,21 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
                 (key, value),
             )
 
+    # ---- measurements (issue 20: the chosen precision per backbone and machine) ----
+
+    def read_measurement(self, key: str) -> str | None:
+        with self._db.transaction() as conn:
+            row = conn.execute("SELECT value FROM measurements WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def write_measurement(self, key: str, value: str) -> None:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO measurements (key, value) VALUES (%s, %s) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value, updated = now()",
+                (key, value),
+            )
+
     def complete_job(
         self,
         job: JobRecord,
