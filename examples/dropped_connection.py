@@ -37,7 +37,10 @@ def connect(target: str, timeout: float, reattach_seconds: float) -> TransferCli
         target,
         timeout=timeout,  # each unary call's deadline, in seconds
         max_attempts=5,  # reads, Predict and WatchJob retried on UNAVAILABLE, with backoff
-        wait_for_ready=True,  # a call waits (within its deadline) for a server coming up
+        # True: unary calls wait for a server coming up (within their deadline). Left off
+        # here: a FineTune stream has no deadline, and would then wait for a server that
+        # never comes instead of giving up after reattach_seconds.
+        wait_for_ready=False,
         reattach_seconds=reattach_seconds,  # how long a broken job stream keeps re-attaching
         keepalive=True,  # pings notice a silently dead connection within about 40 s
         stream_idle_seconds=None,  # or N: a stream silent for N s counts as broken too

@@ -63,7 +63,11 @@ def plot_curves(history: TrainingHistory, path: Path) -> None:
         epochs, [row.validation_accuracy for row in history.rows], label="validation"
     )
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.05))
+    best = history.best  # the epoch whose weights the head kept
     for axes in (loss_axes, accuracy_axes):
+        if best is not None:
+            axes.axvline(best.epoch, color="grey", linestyle=":", label="kept")
+        axes.xaxis.get_major_locator().set_params(integer=True)
         axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
