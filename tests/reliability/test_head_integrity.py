@@ -401,8 +401,9 @@ def copy_head(
     tenant: str = DEFAULT_TENANT,
 ) -> Path:
     head_record, weights = stored_head
+    # version=0: the copy is saved as its name's next version (a version is saved once).
     server.app.store.save_head(
-        dataclasses.replace(head_record, head_id=head_id, tenant=tenant), weights
+        dataclasses.replace(head_record, head_id=head_id, tenant=tenant, version=0), weights
     )
     return server.app.settings.store_dir / "heads" / head_id
 
