@@ -152,7 +152,7 @@ def test_an_old_head_without_a_report_loads_and_predicts(
     store = server.app.store
     record = store.get_head(image_head)
     old = dataclasses.replace(
-        record, head_id="old-head", temperature=1.0, evaluation=None, tenant="default"
+        record, head_id="old-head", temperature=1.0, evaluation=None, tenant="default", version=0
     )
     store.save_head(old, store.load_head_weights(image_head))
     head_json = server.app.settings.store_dir / "heads" / "old-head" / "head.json"
