@@ -139,6 +139,8 @@ def bench_server(
     from tests.conftest import make_settings, start_server
 
     values: dict[str, object] = {"image_size": None, "metrics_port": -1, "log_level": "WARNING"}
+    # make_settings pins the tests' fp32; a benchmark serves what a deployment would.
+    values["precision"] = os.environ.get("TRANSFER_PRECISION", "auto")
     values.update(overrides)
     with contextlib.ExitStack() as stack:
         if store_dir is None:
