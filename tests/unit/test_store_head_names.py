@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -346,5 +347,68 @@ def test_a_postgres_database_from_before_versions_numbers_its_heads(database_url
             pytest.raises(psycopg.errors.ForeignKeyViolation),
         ):
             conn.execute("DELETE FROM heads WHERE head_id = 'cats-a'")
+    finally:
+        store.close()
+
+
+def test_a_local_store_whose_database_was_recreated_keeps_the_versions(tmp_path: Path) -> None:
+    """The head files are the truth: a database recreated beside them (TRANSFER_RECREATE_
+    DATABASE) gets each head's version back, and next_version continues after them."""
+    store = LocalStore(tmp_path)
+    saved(store, "cats-1")
+    saved(store, "cats-2")
+    store.close()
+    (tmp_path / "store.sqlite3").unlink()
+    recreated = LocalStore(tmp_path, recreate_database=True)
+    try:
+        assert recreated.head_name("default", "cats").versions == {1: "cats-1", 2: "cats-2"}
+        assert recreated.reserve_head_version("default", "cats") == 3
+    finally:
+        recreated.close()
+
+
+def test_a_postgres_delete_waits_for_an_alias_being_set_and_then_sees_it(
+    database_url: str,
+) -> None:
+    """An alias write in flight holds its name's row: a delete of that version waits for it,
+    then finds the alias and refuses (not a delete that leaves the alias dangling)."""
+    store = PostgresStore(database_url)
+    try:
+        saved(store, "cats-1")
+        outcome: list[BaseException | None] = []
+        with psycopg.connect(database_url) as writer:
+            # What set_head_alias does, held open: the name's row locked, the alias written.
+            writer.execute(
+                "SELECT 1 FROM head_names WHERE tenant = 'default' AND name = 'cats' FOR UPDATE"
+            )
+            writer.execute(
+                "INSERT INTO head_aliases (tenant, name, alias, version) "
+                "VALUES ('default', 'cats', 'production', 1)"
+            )
+
+            def delete() -> None:
+                try:
+                    store.delete_head("cats-1")
+                    outcome.append(None)
+                except BaseException as exc:  # surfaced below
+                    outcome.append(exc)
+
+            deleter = threading.Thread(target=delete)
+            deleter.start()
+            with psycopg.connect(database_url, autocommit=True) as watcher:
+                for _ in range(600):
+                    waiting = watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"
+                    ).fetchone()
+                    if waiting is not None and waiting[0] >= 1:
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the delete never waited on the name's lock")
+            writer.commit()
+        deleter.join(timeout=30)
+        assert len(outcome) == 1 and isinstance(outcome[0], FailedPreconditionError)
+        assert store.head_name("default", "cats").aliases == {"production": 1}
     finally:
         store.close()
