@@ -100,7 +100,9 @@ class ProgressDisplay:
                     f"{event.backbone}, waiting for a training slot"
                 )
             case JobStarted():
-                self._plan = event.plan
+                # Again after a server restart requeued the job: it starts over.
+                self._plan, self._last, self._tried_c = event.plan, None, []
+                self._validation, self._unfrozen = (None, None), None
                 self._write_line(started_line(event))
             case JobProgress(progress=progress):
                 self._progress(progress)
@@ -139,7 +141,7 @@ class ProgressDisplay:
             # The server coalesces step updates, its last extraction one included: the
             # next phase is what says extraction finished.
             self._show(extraction_fields(last, finished=True), stage_done=True)
-        if progress.phase == TRAINING and self._plan is not None and self._tried_c:
+        if progress.phase == TRAINING and self._tried_c:
             # Solver "lbfgs_cv" ends with one fit at the chosen C, reported as one epoch.
             self._show(final_fit_fields(progress, self._best_c()), stage_done=True)
         elif progress.phase == CROSS_VALIDATION and progress.regularization_c is not None:

@@ -323,6 +323,20 @@ def test_queued_failed_and_cancelled(columns: int) -> None:
     assert log.getvalue().splitlines()[-1] == f"job {JOB} cancelled"
 
 
+def test_a_requeued_job_starts_its_display_over() -> None:
+    """After a server restart the job runs again from JobStarted: the Cs tried before do
+    not count, and the new run's best is its own."""
+    log = Log()
+    first_run = phases("lbfgs_cv")[1:-2]  # started .. the Cs, not the final fit
+    second_run = [started(plan("lbfgs_cv")), cross_validation(30, 1, 100.0, 0.9, 0.5)]
+    shown([*first_run, *second_run], log, 80)
+    assert (
+        log.getvalue()
+        .splitlines()[-1]
+        .endswith("(1 tried) val acc 50.0% val loss 0.9000 best C=100 (50.0%) train acc 97.0%")
+    )
+
+
 def test_the_width_comes_from_the_terminal_of_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """As the CLI builds it, `ProgressDisplay(sys.stderr)`, the width is the terminal's."""
     asked: list[int] = []
