@@ -18,13 +18,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from transfer_service.backbones.cache import BackboneCache
 from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.domain import HeadRecord
 from transfer_service.edge.request_interceptor import RequestInterceptor
 from transfer_service.edge.server import HealthReporter, create_server
 from transfer_service.edge.servicer import TransferServicer
 from transfer_service.edge.tenant_admission import AdmissionLimits, TenantAdmission
 from transfer_service.edge.tenant_tokens import load_tenant_tokens
 from transfer_service.errors import ConfigurationError, ResourceExhaustedError, UnavailableError
+from transfer_service.head_catalog import HeadCatalog
 from transfer_service.head_evaluation import HeadEvaluation
+from transfer_service.head_names import HeadNameCache
 from transfer_service.head_operations import HeadOperations
 from transfer_service.heads import HeadCache
 from transfer_service.metrics import Metrics
@@ -33,6 +36,7 @@ from transfer_service.predict.batcher import PredictTimings
 from transfer_service.predict.padding import padded_batch_sizes, pads_predict_batches
 from transfer_service.predict.predictor import Predictor
 from transfer_service.settings import Settings
+from transfer_service.store import pg_head_changes as head_changes
 from transfer_service.store.interface import Store
 from transfer_service.store.local import LocalStore
 from transfer_service.store.postgres import PostgresStore
@@ -198,6 +202,15 @@ def build_application(settings: Settings) -> Application:
     metrics.watch_caches(backbones.resident_bytes, lambda: len(heads), heads.resident_bytes)
     if device.type == "cuda":
         metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))
+    # Names, versions and aliases: read through to the store, at most CHECK_SECONDS old (the
+    # bound within which a delete on another replica is seen, too).
+    head_names = HeadNameCache(store.head_name, max_age_seconds=head_changes.CHECK_SECONDS)
+
+    def on_job_finished(outcome: str, head: HeadRecord | None) -> None:
+        metrics.job_finished(outcome, head)
+        if head is not None:  # a new version: `name` and `name@latest` answer with it now
+            head_names.invalidate(head.tenant, head.name)
+
     jobs = JobManager(
         store,
         backbones,
@@ -217,7 +230,7 @@ def build_application(settings: Settings) -> Application:
             ),
             on_step=metrics.training_step.observe,
             on_epoch=metrics.record_epoch,
-            on_finished=metrics.job_finished,
+            on_finished=on_job_finished,
         ),
     )
     blocking_pool = ThreadPoolExecutor(
@@ -264,10 +277,17 @@ def build_application(settings: Settings) -> Application:
     def on_predicted(backbone: str, seconds: float) -> None:
         metrics.predict_duration.labels(backbone=backbone).observe(seconds)
 
-    operations = TransferOperations(
+    catalog = HeadCatalog(
         store=store,
         backbones=backbones,
         heads=heads,
+        names=head_names,
+        blocking_pool=blocking_pool,
+    )
+    operations = TransferOperations(
+        store=store,
+        backbones=backbones,
+        resolve_head=catalog.resolve_head,
         jobs=jobs,
         predictor=predictor,
         blocking_pool=blocking_pool,
@@ -284,7 +304,7 @@ def build_application(settings: Settings) -> Application:
         1, thread_name_prefix="export", initializer=use_intra_op_threads, initargs=(1,)
     )
     head_operations = HeadOperations(
-        resolve_head=operations.resolve_head,
+        resolve_head=catalog.resolve_head,
         backbones=backbones,
         predictor=predictor,
         blocking_pool=blocking_pool,
@@ -310,7 +330,7 @@ def build_application(settings: Settings) -> Application:
         on_throttled=lambda reason: metrics.admission_refused.labels(reason=reason).inc(),
     )
     evaluations = HeadEvaluation(
-        operations=operations,
+        resolve_head=catalog.resolve_head,
         store=store,
         predictor=predictor,
         blocking_pool=blocking_pool,
@@ -320,7 +340,9 @@ def build_application(settings: Settings) -> Application:
     )
     server, port = create_server(
         settings,
-        TransferServicer(operations, metrics, evaluations=evaluations, heads=head_operations),
+        TransferServicer(
+            operations, metrics, evaluations=evaluations, heads=head_operations, catalog=catalog
+        ),
         health,
         interceptor,
     )

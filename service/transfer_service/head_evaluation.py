@@ -28,7 +28,7 @@ from transfer_service.domain import (
 )
 from transfer_service.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from transfer_service.evaluation import evaluation_report, logits_from_probabilities
-from transfer_service.operations import TransferOperations
+from transfer_service.head_catalog import ResolveHead
 from transfer_service.predict.predictor import Predictor
 from transfer_service.store.ids import check_id
 from transfer_service.store.interface import Store
@@ -43,7 +43,7 @@ class HeadEvaluation:
     def __init__(
         self,
         *,
-        operations: TransferOperations,
+        resolve_head: ResolveHead,
         store: Store,
         predictor: Predictor,
         blocking_pool: Executor,
@@ -53,7 +53,7 @@ class HeadEvaluation:
     ) -> None:
         """`max_examples`: FineTune's limit (TRANSFER_MAX_DATASET_EXAMPLES);
         `max_inputs_per_call`: Predict's (the chunk each predictor call takes)."""
-        self._operations = operations
+        self._resolve_head = resolve_head
         self._store = store
         self._predictor = predictor
         self._pool = blocking_pool
@@ -73,7 +73,7 @@ class HeadEvaluation:
     ) -> EvaluationReport:
         # The head as Predict resolves it (owner checked before its weights are read: another
         # tenant's head is NOT_FOUND), before any example is looked at.
-        head = await self._operations.resolve_head(tenant, head_id)
+        head = await self._resolve_head(tenant, head_id, "head_id")
         record = head.record
         examples, field = await self._examples(tenant, examples, dataset_id)
         if not examples:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -20,10 +20,10 @@ from typing import IO, Any, TypeVar
 from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
 from transfer_service.domain import ModelInput, PredictionResult
 from transfer_service.errors import InvalidArgumentError, ResourceExhaustedError
+from transfer_service.head_catalog import ResolveHead
 from transfer_service.heads import LoadedHead
 from transfer_service.onnx_export import export_onnx
 from transfer_service.predict.predictor import Predictor
-from transfer_service.store.ids import check_id
 
 T = TypeVar("T")
 
@@ -37,8 +37,6 @@ EXPORT_CHUNK_BYTES = 1 << 20
 # (each costs seconds of CPU; a burst should not queue minutes of them).
 MAX_WAITING_EXPORTS = 4
 
-ResolveHead = Callable[[str, str, str], Awaitable[LoadedHead]]  # (tenant, head_id, field)
-
 
 @dataclass(frozen=True, slots=True)
 class HeadPredictions:
@@ -46,6 +44,7 @@ class HeadPredictions:
 
     head_id: str
     predictions: list[PredictionResult]
+    head_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +103,6 @@ class HeadOperations:
             )
         first_field: dict[str, str] = {}
         for field, value in named:
-            check_id(field, value)
             if value in first_field:
                 raise InvalidArgumentError(
                     f"{field}: head {value!r} is named twice (also as {first_field[value]}); "
@@ -112,6 +110,16 @@ class HeadOperations:
                 )
             first_field[value] = field
         heads = await self._resolve_all(tenant, named)
+        answered_by: dict[str, str] = {}
+        for (field, value), head in zip(named, heads, strict=True):
+            # Two references to one version (`cats` and `cats@production`, say).
+            head_id = head.record.head_id
+            if head_id in answered_by:
+                raise InvalidArgumentError(
+                    f"{field}: {value!r} is head {head_id!r}, which {answered_by[head_id]} "
+                    "names too; name each head once"
+                )
+            answered_by[head_id] = field
         first = heads[0].record
         for (field, _), head in zip(named[1:], heads[1:], strict=True):
             record = head.record
@@ -132,7 +140,7 @@ class HeadOperations:
         )
         self._on_predicted(first.backbone, time.perf_counter() - started)
         return [
-            HeadPredictions(head.record.head_id, results)
+            HeadPredictions(head.record.head_id, results, head.record.version)
             for head, results in zip(heads, answers, strict=True)
         ]
 
@@ -154,7 +162,7 @@ class HeadOperations:
         """The head with its backbone as an ONNX file (onnx_export), in EXPORT_CHUNK_BYTES
         pieces. Built on the export thread into an anonymous temporary file (gone once
         closed), so a slow reader holds no model in memory and no export slot."""
-        head = await self._resolve_head(tenant, check_id("head_id", head_id), "head_id")
+        head = await self._resolve_head(tenant, head_id, "head_id")
         if self._exports > MAX_WAITING_EXPORTS:
             raise ResourceExhaustedError(
                 f"head_id: {self._exports} exports are running or waiting on this server; "

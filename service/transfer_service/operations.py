@@ -7,7 +7,6 @@ exactly like unknown ones (NOT_FOUND, same message), so ids do not leak across t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -20,7 +19,6 @@ from transfer_service.backbones.cache import BackboneCache, BackboneStatus
 from transfer_service.backbones.preprocess import check_image
 from transfer_service.dataset_upload import store_upload
 from transfer_service.domain import (
-    DEFAULT_TENANT,
     DatasetInfo,
     FineTuneSpec,
     HeadRecord,
@@ -36,9 +34,8 @@ from transfer_service.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    UnreadableHeadError,
 )
-from transfer_service.heads import HeadCache, LoadedHead
+from transfer_service.head_catalog import ResolveHead
 from transfer_service.list_pages import read_page
 from transfer_service.predict.predictor import Predictor
 from transfer_service.store.ids import check_id
@@ -84,7 +81,7 @@ class TransferOperations:
         *,
         store: Store,
         backbones: BackboneCache,
-        heads: HeadCache,
+        resolve_head: ResolveHead,
         jobs: JobManager,
         predictor: Predictor,
         blocking_pool: Executor,
@@ -99,7 +96,7 @@ class TransferOperations:
         `max_dataset_bytes_per_tenant`: the quota on one tenant's stored dataset bytes."""
         self._store = store
         self._backbones = backbones
-        self._heads = heads
+        self._resolve_head = resolve_head
         self._jobs = jobs
         self._predictor = predictor
         self._pool = blocking_pool
@@ -238,14 +235,15 @@ class TransferOperations:
         inputs: Sequence[ModelInput],
         top_k: int,
         return_embedding: bool,
-    ) -> list[PredictionResult]:
+    ) -> tuple[HeadRecord, list[PredictionResult]]:
+        """The head `head_id` refers to (HeadCatalog.resolve_head) and its results."""
         started = time.perf_counter()
-        head = await self.resolve_head(tenant, check_id("head_id", head_id))
+        head = await self._resolve_head(tenant, head_id, "head_id")
         results = await self._predictor.predict(
             head, inputs, top_k=top_k, return_embedding=return_embedding
         )
         self._on_predicted(head.record.backbone, time.perf_counter() - started)
-        return results
+        return head.record, results
 
     async def upload_dataset(
         self, tenant: str, chunks: AsyncIterator[list[LabeledExample]]
@@ -316,81 +314,6 @@ class TransferOperations:
                 f"job_id: job {job_id} is {record.state.value}; not cancellable"
             )
         return await self._jobs.cancel(job_id)
-
-    async def list_heads(
-        self,
-        tenant: str,
-        backbone: str = "",
-        *,
-        name: str = "",
-        page_size: int = 0,
-        page_token: str = "",
-    ) -> tuple[list[HeadRecord], str]:
-        """One page of the tenant's heads, oldest first, filtered, and the token of the next
-        page ("" on the last); the store reads only that page's heads."""
-        if backbone:
-            self._backbones.spec(backbone)
-
-        return await read_page(
-            functools.partial(
-                self._store.list_heads, tenant, backbone=backbone or None, name=name or None
-            ),
-            self._blocking,
-            lambda head: (head.created_time, head.head_id),
-            page_size,
-            page_token,
-            (backbone, name),
-        )
-
-    async def resolve_head(self, tenant: str, head_id: str, field: str = "head_id") -> LoadedHead:
-        """The loaded head for a Predict, its record read once: from the cache, or from the
-        store by the load itself, owner-checked before its weights are read. Answers as
-        get_head does to every tenant but the owner (errors name `field`)."""
-        not_found = f"{field}: no head {head_id!r}"
-
-        def admit(record: HeadRecord) -> None:
-            _check_owner(record.tenant, tenant, not_found)
-
-        # Warm: on the event loop, counted as a hit; cold: `get` counts the hit or miss.
-        resident = self._heads.get_resident(head_id, admit)
-        if resident is not None:
-            return resident
-        try:
-            loaded: LoadedHead = await self._blocking(self._heads.get, head_id, admit)
-        except UnreadableHeadError as exc:
-            _check_owner(exc.owner if exc.owner is not None else DEFAULT_TENANT, tenant, not_found)
-            raise
-        return loaded
-
-    async def get_head(self, tenant: str, head_id: str) -> HeadRecord:
-        """The head's record. A damaged head is FAILED_PRECONDITION to its owner (as in
-        delete_head) and NOT_FOUND to every other tenant, like any head of theirs."""
-        not_found = f"head_id: no head {head_id!r}"
-        try:
-            record: HeadRecord = await self._blocking(
-                self._store.get_head, check_id("head_id", head_id)
-            )
-        except UnreadableHeadError as exc:
-            _check_owner(exc.owner if exc.owner is not None else DEFAULT_TENANT, tenant, not_found)
-            raise
-        _check_owner(record.tenant, tenant, not_found)
-        return record
-
-    async def delete_head(self, tenant: str, head_id: str) -> None:
-        """Deletes a head, damaged or not. A head whose metadata cannot be read is deleted by
-        its owner as the store still knows it (UnreadableHeadError.owner), or, where even
-        that is unknown, by DEFAULT_TENANT: never by just any tenant."""
-        # get_head answers NOT_FOUND to everyone but the owner, damaged head or not; an
-        # UnreadableHeadError that comes through is the owner's, who may delete it.
-        with contextlib.suppress(UnreadableHeadError):
-            await self.get_head(tenant, head_id)
-        # Out of the cache before the files go (no more hits meanwhile) and again after: the
-        # second discard also stops a Predict that was loading it from caching it.
-        self._heads.discard(head_id)
-        try:
-            await self._blocking(self._store.delete_head, head_id)
-        finally:
-            self._heads.discard(head_id)
 
 
 def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:

@@ -39,16 +39,22 @@ ALLOWED: dict[str, set[str]] = {
     | STORE_CONTRACT,
     "dataset_upload": CORE | {"backbones", "training.validation"} | STORE_CONTRACT,
     "list_pages": CORE | STORE_CONTRACT,
+    "head_names": CORE | {"store.ids"},
+    "head_catalog": CORE | {"backbones", "heads", "head_names", "list_pages"} | STORE_CONTRACT,
     "operations": CORE
     | {"backbones", "heads", "predict", "training", "dataset_upload", "list_pages"}
+    | {"head_catalog"}
     | STORE_CONTRACT,
     "head_evaluation": CORE
-    | {"backbones", "heads", "predict", "training", "evaluation", "operations"}
+    | {"backbones", "heads", "predict", "training", "evaluation", "head_catalog"}
     | STORE_CONTRACT,
     "onnx_export": CORE | {"backbones", "heads"},
-    "head_operations": CORE | {"backbones", "heads", "predict", "onnx_export"} | STORE_CONTRACT,
+    "head_operations": CORE
+    | {"backbones", "heads", "predict", "onnx_export", "head_catalog"}
+    | STORE_CONTRACT,
     "edge": CORE
-    | {"edge", "operations", "head_evaluation", "head_operations", "backbones.cache"}
+    | {"edge", "operations", "head_evaluation", "head_operations", "head_catalog"}
+    | {"backbones.cache"}
     | {"training.validation", "metrics"}
     | {"request_scope", "settings", ""},
     "app": {"*"},  # the composition root wires everything

@@ -180,11 +180,26 @@ def multi_head_response(answers: list[HeadPredictions]) -> pb.PredictResponse:
     """Every head's predictions in `heads`; the first head's also where a single-head
     Predict puts them (`head_id`, `predictions`)."""
     heads = [
-        pb.HeadPredictions(head_id=a.head_id, predictions=[prediction(r) for r in a.predictions])
+        pb.HeadPredictions(
+            head_id=a.head_id,
+            head_version=a.head_version,
+            predictions=[prediction(r) for r in a.predictions],
+        )
         for a in answers
     ]
     return pb.PredictResponse(
-        head_id=heads[0].head_id, predictions=heads[0].predictions, heads=heads
+        head_id=heads[0].head_id,
+        head_version=heads[0].head_version,
+        predictions=heads[0].predictions,
+        heads=heads,
+    )
+
+
+def predict_response(head: HeadRecord, results: list[PredictionResult]) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        head_id=head.head_id,
+        head_version=head.version,
+        predictions=[prediction(r) for r in results],
     )
 
 
@@ -274,7 +289,11 @@ def event(value: JobEvent) -> pb.FineTuneEvent:
     elif isinstance(payload, TrainingProgress):
         message.progress.CopyFrom(progress(payload))
     elif isinstance(payload, JobCompleted):
-        completed = pb.JobCompleted(head_id=payload.head_id, metrics=metrics(payload.metrics))
+        completed = pb.JobCompleted(
+            head_id=payload.head_id,
+            head_version=payload.head_version,
+            metrics=metrics(payload.metrics),
+        )
         if payload.evaluation is not None:
             completed.evaluation.CopyFrom(evaluation_report(payload.evaluation.summary()))
         message.completed.CopyFrom(completed)
@@ -319,9 +338,10 @@ def job(record: JobRecord) -> pb.Job:
     return message
 
 
-def head(record: HeadRecord, *, summary: bool = False) -> pb.Head:
-    """`summary`: the evaluation without per-class rows and confusion matrix (listings: a
-    page of 100-class heads would otherwise carry a million matrix cells)."""
+def head(record: HeadRecord, aliases: tuple[str, ...] = (), *, summary: bool = False) -> pb.Head:
+    """`aliases`: those of its name pointing at it. `summary`: the evaluation without
+    per-class rows and confusion matrix (listings: a page of 100-class heads would otherwise
+    carry a million matrix cells)."""
     message = pb.Head(
         head_id=record.head_id,
         name=record.name,
@@ -336,6 +356,8 @@ def head(record: HeadRecord, *, summary: bool = False) -> pb.Head:
         size_bytes=record.size_bytes,
         job_id=record.job_id,
         head_type=record.head_type,
+        version=record.version,
+        aliases=aliases,
     )
     if record.evaluation is not None:
         report = record.evaluation.summary() if summary else record.evaluation

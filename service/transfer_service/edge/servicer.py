@@ -23,6 +23,7 @@ from transfer_service.edge import convert
 from transfer_service.edge.status_codes import status_code_for
 from transfer_service.edge.wire import MalformedRequest
 from transfer_service.errors import InvalidArgumentError, ServiceError
+from transfer_service.head_catalog import HeadCatalog
 from transfer_service.head_evaluation import HeadEvaluation
 from transfer_service.head_operations import HeadOperations
 from transfer_service.metrics import Metrics
@@ -126,8 +127,10 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
         *,
         evaluations: HeadEvaluation,
         heads: HeadOperations,
+        catalog: HeadCatalog,
     ) -> None:
         self._ops = operations
+        self._catalog = catalog
         self._metrics = metrics
         self._evaluations = evaluations
         self._heads = heads
@@ -171,16 +174,14 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
                 request.return_embedding,
             )
             return convert.multi_head_response(answers)
-        results = await self._ops.predict(
+        head, results = await self._ops.predict(
             current_tenant(),
             request.head_id,
             convert.model_inputs(request.inputs),
             request.top_k,
             request.return_embedding,
         )
-        return pb.PredictResponse(
-            head_id=request.head_id, predictions=[convert.prediction(r) for r in results]
-        )
+        return convert.predict_response(head, results)
 
     @unary
     async def UploadDataset(
@@ -227,7 +228,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     async def ListHeads(
         self, request: pb.ListHeadsRequest, context: Context
     ) -> pb.ListHeadsResponse:
-        heads, next_page = await self._ops.list_heads(
+        heads, next_page = await self._catalog.list_heads(
             current_tenant(),
             request.backbone,
             name=request.name,
@@ -235,12 +236,13 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
             page_token=request.page_token,
         )
         return pb.ListHeadsResponse(
-            heads=[convert.head(h, summary=True) for h in heads], next_page_token=next_page
+            heads=[convert.head(h, aliases, summary=True) for h, aliases in heads],
+            next_page_token=next_page,
         )
 
     @unary
     async def GetHead(self, request: pb.GetHeadRequest, context: Context) -> pb.Head:
-        return convert.head(await self._ops.get_head(current_tenant(), request.head_id))
+        return convert.head(*await self._catalog.get_head(current_tenant(), request.head_id))
 
     @unary
     async def EvaluateHead(
@@ -265,5 +267,20 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     async def DeleteHead(
         self, request: pb.DeleteHeadRequest, context: Context
     ) -> pb.DeleteHeadResponse:
-        await self._ops.delete_head(current_tenant(), request.head_id)
+        await self._catalog.delete_head(current_tenant(), request.head_id, force=request.force)
         return pb.DeleteHeadResponse()
+
+    @unary
+    async def SetHeadAlias(self, request: pb.SetHeadAliasRequest, context: Context) -> pb.Head:
+        return convert.head(
+            *await self._catalog.set_head_alias(
+                current_tenant(), request.name, request.alias, request.version
+            )
+        )
+
+    @unary
+    async def DeleteHeadAlias(
+        self, request: pb.DeleteHeadAliasRequest, context: Context
+    ) -> pb.DeleteHeadAliasResponse:
+        await self._catalog.delete_head_alias(current_tenant(), request.name, request.alias)
+        return pb.DeleteHeadAliasResponse()

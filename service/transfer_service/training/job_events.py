@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +38,8 @@ from transfer_service.domain import (
 )
 from transfer_service.errors import LeaseLostError, UnavailableError
 from transfer_service.store.interface import Store
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +187,14 @@ class JobEventLog:
             live.record = finished
         return event
 
-    def retrying(self, write: Callable[..., None], *args: object, **kwargs: object) -> None:
+    def retrying(self, write: Callable[..., T], *args: object, **kwargs: object) -> T:
         """`write(*args, **kwargs)`, tried again while the store answers UnavailableError (a
         database restart), with backoff, for up to `outage_seconds`; then that error."""
         deadline = time.monotonic() + self._outage_seconds
         pause = _FIRST_RETRY_PAUSE
         while True:
             try:
-                write(*args, **kwargs)
-                return
+                return write(*args, **kwargs)
             except UnavailableError:
                 if time.monotonic() + pause > deadline:
                     raise

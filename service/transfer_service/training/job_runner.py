@@ -171,8 +171,15 @@ class JobRunner:
             del trainer
             head_id = f"{spec.head_name}-{secrets.token_hex(4)}"
             weights = head_weights(result.head)
+            # Reserved now, not in the commit: the completed event stored with the head
+            # names it. A commit that then fails leaves a gap in the versions, never a
+            # version twice.
+            version = self._events.retrying(
+                self._store.reserve_head_version, spec.tenant, spec.head_name
+            )
             record = HeadRecord(
                 head_id=head_id,
+                version=version,
                 name=spec.head_name,
                 backbone=spec.backbone,
                 modality=backbone.spec.modality,
@@ -230,7 +237,12 @@ class JobRunner:
         try:
             event = self._events.store_completion(
                 live,
-                JobCompleted(record.head_id, result.metrics, result.evaluation.summary()),
+                JobCompleted(
+                    record.head_id,
+                    result.metrics,
+                    result.evaluation.summary(),
+                    head_version=record.version,
+                ),
                 record,
                 weights,
             )
