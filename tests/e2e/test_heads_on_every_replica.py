@@ -5,7 +5,9 @@ called through the real client. A head trained on A and warm in B's cache:
 - with B deaf to notifications, B's backstop (one check of its resident ids a second) still
   gets it there within 2 s (1 s interval + the query + the polling here);
 - a warm Predict on B touches the database not at all: 50 of them open no connection from
-  B's pool, and (the backstop's interval made long meanwhile) run no backstop query either."""
+  B's pool, and (the backstop's interval made long meanwhile) run no backstop query either;
+- an alias moved on A (issue 18) answers `name` on B within HeadNameCache's bound
+  (CHECK_SECONDS, 1 s) plus the polling here, and B's calls meanwhile never fail."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from transfer_client import NotFoundError, TrainingConfig, TransferClient
-from transfer_service.store.pg_head_changes import HeadWatcher
+from transfer_service.store.pg_head_changes import CHECK_SECONDS, HeadWatcher
 from transfer_service.store.postgres import PostgresStore
 
 from tests.conftest import RunningServer, make_settings, start_server
@@ -168,3 +170,34 @@ def test_a_lost_notification_is_made_up_by_the_backstop_within_two_seconds(
         time.sleep(0.01)
     assert heard == [head_id]  # the notification came and was ignored: the backstop evicted
     assert elapsed < watcher.check_seconds + 1.0
+
+
+def test_an_alias_moved_on_one_replica_answers_on_the_other_within_the_bound(
+    replicas: tuple[RunningServer, RunningServer], images: list[bytes]
+) -> None:
+    a, b = replicas
+    first, second = train_on(a, "promoted"), train_on(a, "promoted")
+    with (
+        TransferClient(a.address, timeout=120) as on_a,
+        TransferClient(b.address, timeout=120) as on_b,
+    ):
+        assert on_a.get_head(first).version == 1 and on_a.get_head(second).version == 2
+        on_a.set_head_alias("promoted", "production", 1)
+        time.sleep(CHECK_SECONDS + 0.1)  # whatever B cached before the alias existed is gone
+        [answer] = on_b.predict("promoted", images[0])
+        assert (answer.head_id, answer.head_version) == (first, 1)  # the name is warm on B
+        on_a.set_head_alias("promoted", "production", 2)
+        started = time.monotonic()
+        while True:
+            [answer] = on_b.predict("promoted", images[0])
+            if answer.head_version == 2:
+                break
+            assert answer.head_id == first
+            assert time.monotonic() - started < 10, "B never saw the alias move"
+            time.sleep(0.01)
+        elapsed = time.monotonic() - started
+        assert answer.head_id == second
+        on_a.delete_head(first)
+        on_a.delete_head(second, force=True)
+    print(f"alias moved on A -> answered on B: {elapsed * 1000:.1f} ms")
+    assert elapsed < CHECK_SECONDS + 1.0
