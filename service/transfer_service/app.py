@@ -198,13 +198,14 @@ def build_application(settings: Settings) -> Application:
     )
     # Heads deleted or replaced by another replica leave this one's cache (PostgreSQL: NOTIFY,
     # with a once-a-second check of the resident ids behind it); stopped by store.close().
-    store.watch_heads(heads.discard, heads.resident_ids)
+    # Names, versions and aliases: read through to the store, at most CHECK_SECONDS old (the
+    # bound within which a delete on another replica is seen, too); PostgreSQL's NOTIFY
+    # drops an entry sooner.
+    head_names = HeadNameCache(store.head_name, max_age_seconds=head_changes.CHECK_SECONDS)
+    store.watch_heads(heads.discard, heads.resident_ids, head_names.invalidate)
     metrics.watch_caches(backbones.resident_bytes, lambda: len(heads), heads.resident_bytes)
     if device.type == "cuda":
         metrics.watch_device_memory(lambda: torch.cuda.memory_allocated(device))
-    # Names, versions and aliases: read through to the store, at most CHECK_SECONDS old (the
-    # bound within which a delete on another replica is seen, too).
-    head_names = HeadNameCache(store.head_name, max_age_seconds=head_changes.CHECK_SECONDS)
 
     def on_job_finished(outcome: str, head: HeadRecord | None) -> None:
         metrics.job_finished(outcome, head)

@@ -262,13 +262,18 @@ class Store(HeadStore, JobStore, DatasetStore, MeasurementStore, Protocol):
         `head.version` was reserved with reserve_head_version (a re-run reserves anew)."""
 
     def watch_heads(
-        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+        self,
+        on_changed: Callable[[str], None],
+        resident: Callable[[], list[str]],
+        on_name_changed: Callable[[str, str], None] = lambda tenant, name: None,
     ) -> None:
         """From now until close(), calls `on_changed(head_id)` (on a thread of the store's)
         for each head deleted or replaced by another process sharing the store, within about
         a second; `resident()` names the heads the caller holds, for the check that covers
-        a lost notice. A store no other process shares does nothing: its own deletes are
-        the only ones."""
+        a lost notice; and `on_name_changed(tenant, name)` soon after another process
+        changed that name's versions or aliases (a best-effort hint: the name cache's age
+        bound is what guarantees it). A store no other process shares does nothing: its own
+        changes are the only ones."""
 
     def close(self) -> None:
         """Also stops what watch_heads started."""

@@ -91,10 +91,13 @@ class LocalStore(JobsByDelegation, DatasetsByDelegation):
             self._db.close()
 
     def watch_heads(
-        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+        self,
+        on_changed: Callable[[str], None],
+        resident: Callable[[], list[str]],
+        on_name_changed: Callable[[str, str], None] = lambda tenant, name: None,
     ) -> None:
-        """Nothing to watch: one process owns the directory, and its deletes discard their
-        heads themselves (operations.delete_head)."""
+        """Nothing to watch: one process owns the directory, and its deletes and alias moves
+        drop their cached heads and names themselves (HeadCatalog)."""
 
     # ---- heads (head_files) ----
 

@@ -12,6 +12,7 @@ differs from what the previous check saw. Nothing here runs on the Predict path.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +21,9 @@ from collections.abc import Callable
 from transfer_service.store.pg_pool import Connection, Database, keep_listening
 
 CHANNEL = "transfer_heads"
+# A head name whose versions or aliases changed (issue 18): payload JSON [tenant, name]. The
+# name caches (head_names.HeadNameCache) drop the entry; their age bound is the backstop.
+NAMES_CHANNEL = "transfer_head_names"
 # How often the backstop checks the resident heads (seconds); a module default so that a
 # deployment (or a test) can change it.
 CHECK_SECONDS = 1.0
@@ -30,6 +34,12 @@ MAX_BACKOFF_SECONDS = 5.0
 _POLL_SECONDS = 0.2
 
 log = logging.getLogger(__name__)
+
+
+def notify_name_changed(conn: Connection, tenant: str, name: str) -> None:
+    """Tells every replica's name cache that (tenant, name)'s versions or aliases changed,
+    when `conn`'s transaction commits."""
+    conn.execute("SELECT pg_notify(%s, %s)", (NAMES_CHANNEL, json.dumps([tenant, name])))
 
 
 def notify_head_changed(conn: Connection, head_id: str) -> None:
@@ -51,9 +61,11 @@ class HeadWatcher:
         resident: Callable[[], list[str]],
         *,
         check_seconds: float | None = None,
+        on_name_changed: Callable[[str, str], None] = lambda tenant, name: None,
     ) -> None:
         self._db = db
         self._on_changed = on_changed
+        self._on_name_changed = on_name_changed
         self._resident = resident
         # Read before every wait: a change applies at once.
         self.check_seconds = CHECK_SECONDS if check_seconds is None else check_seconds
@@ -78,7 +90,7 @@ class HeadWatcher:
     def _run(self) -> None:
         keep_listening(
             self._db,
-            [CHANNEL],
+            [CHANNEL, NAMES_CHANNEL],
             self._stop,
             self._serve,
             name="head watcher",
@@ -111,9 +123,19 @@ class HeadWatcher:
                 continue
             wait = min(_POLL_SECONDS, last_check + self.check_seconds - now)
             for notification in conn.notifies(timeout=wait):
-                self._notified(notification.payload)
+                if notification.channel == NAMES_CHANNEL:
+                    self._name_notified(notification.payload)
+                else:
+                    self._notified(notification.payload)
                 if self._stop.is_set():
                     return
+
+    def _name_notified(self, payload: str) -> None:
+        try:
+            tenant, name = json.loads(payload)
+            self._on_name_changed(str(tenant), str(name))
+        except Exception:
+            log.exception("head watcher: name notification %r failed", payload)
 
     def _notified(self, head_id: str) -> None:
         self._seen.pop(head_id, None)

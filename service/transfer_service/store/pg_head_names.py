@@ -18,7 +18,7 @@ from transfer_service.store.head_name_errors import (
     no_such_name,
     no_such_version,
 )
-from transfer_service.store.pg_head_changes import notify_head_changed
+from transfer_service.store.pg_head_changes import notify_head_changed, notify_name_changed
 from transfer_service.store.pg_pool import Connection, Database
 
 
@@ -57,6 +57,7 @@ class PostgresHeadNames:
                 "DO UPDATE SET version = excluded.version",
                 (tenant, name, alias, version),
             )
+            notify_name_changed(conn, tenant, name)  # delivered on commit
             return read_head_name(conn, tenant, name)
 
     def delete_alias(self, tenant: str, name: str, alias: str) -> HeadName:
@@ -68,6 +69,7 @@ class PostgresHeadNames:
             ).rowcount
             if not deleted:
                 raise no_such_alias(name, alias)
+            notify_name_changed(conn, tenant, name)
             return read_head_name(conn, tenant, name)
 
     def delete_head(self, head_id: str, *, force: bool) -> None:
@@ -106,6 +108,7 @@ class PostgresHeadNames:
                 )
             conn.execute("DELETE FROM heads WHERE head_id = %s", (head_id,))
             notify_head_changed(conn, head_id)  # delivered on commit
+            notify_name_changed(conn, tenant, name)
 
 
 def read_head_name(conn: Connection, tenant: str, name: str) -> HeadName:

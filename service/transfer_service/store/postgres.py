@@ -53,7 +53,11 @@ from transfer_service.store.head_name_errors import version_taken
 from transfer_service.store.ids import check_id
 from transfer_service.store.paged_query import filled_page, postgres_page
 from transfer_service.store.pg_datasets import PostgresDatasets
-from transfer_service.store.pg_head_changes import HeadWatcher, notify_head_changed
+from transfer_service.store.pg_head_changes import (
+    HeadWatcher,
+    notify_head_changed,
+    notify_name_changed,
+)
 from transfer_service.store.pg_head_names import PostgresHeadNames
 from transfer_service.store.pg_job_queue import PostgresJobQueue
 from transfer_service.store.pg_jobs import fence, finish
@@ -113,14 +117,18 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
         self._db.close()
 
     def watch_heads(
-        self, on_changed: Callable[[str], None], resident: Callable[[], list[str]]
+        self,
+        on_changed: Callable[[str], None],
+        resident: Callable[[], list[str]],
+        on_name_changed: Callable[[str, str], None] = lambda tenant, name: None,
     ) -> None:
         """Calls `on_changed(head_id)` (from a thread of its own) for every head any replica
         deletes or replaces: on its NOTIFY, or, for a lost one, within a second by a check
-        of the ids `resident()` names (pg_head_changes). Stopped by close()."""
+        of the ids `resident()` names (pg_head_changes); and `on_name_changed(tenant, name)`
+        on the NOTIFY of a name whose versions or aliases changed. Stopped by close()."""
         if self.watcher is not None:
             self.watcher.close()
-        self.watcher = HeadWatcher(self._db, on_changed, resident)
+        self.watcher = HeadWatcher(self._db, on_changed, resident, on_name_changed=on_name_changed)
         self.watcher.start()
 
     # ---- heads ----
@@ -237,21 +245,6 @@ class PostgresStore(JobsByDelegation, DatasetsByDelegation):
                 (key, value),
             )
 
-    # ---- measurements (issue 20: the chosen precision per backbone and machine) ----
-
-    def read_measurement(self, key: str) -> str | None:
-        with self._db.transaction() as conn:
-            row = conn.execute("SELECT value FROM measurements WHERE key = %s", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def write_measurement(self, key: str, value: str) -> None:
-        with self._db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO measurements (key, value) VALUES (%s, %s) ON CONFLICT (key) "
-                "DO UPDATE SET value = excluded.value, updated = now()",
-                (key, value),
-            )
-
     def complete_job(
         self,
         job: JobRecord,
@@ -313,6 +306,8 @@ def _write_head(conn: Connection, record: HeadRecord, data: bytes) -> None:
     ).fetchone()
     if replaced is not None and replaced[0]:
         notify_head_changed(conn, record.head_id)
+    # A new version: every replica's `name` and `name@latest` answer with it at once.
+    notify_name_changed(conn, record.tenant, record.name)
 
 
 @contextlib.contextmanager
