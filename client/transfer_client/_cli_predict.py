@@ -75,9 +75,15 @@ def _answers(
     client: TransferClient, args: argparse.Namespace, bar: CountBar
 ) -> Iterator[tuple[str, Prediction]]:
     if args.text:
-        # A command line's texts are few: one call (the server says if there are too many).
-        predictions = client.predict(args.head_id, list(args.inputs), top_k=args.top_k)
-        yield from zip(args.inputs, predictions, strict=True)
+        if not 1 <= args.chunk_size <= MAX_PREDICT_INPUTS:
+            raise ValueError(f"--chunk-size: {args.chunk_size} is not from 1 to 512")
+        head = args.head_id
+        for first in range(0, len(args.inputs), args.chunk_size):
+            texts = args.inputs[first : first + args.chunk_size]
+            predictions = client.predict(head, texts, top_k=args.top_k)
+            # The id the reference resolved to answers the rest: one version for all.
+            head = predictions[0].head_id or head
+            yield from zip(texts, predictions, strict=True)
         return
     yield from client.predict_files(
         args.head_id,

@@ -28,11 +28,12 @@ Transfer = Callable[..., Result]
 
 @pytest.fixture()
 def transfer(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> Transfer:
-    """Runs `transfer --target <server> ARGS...` and returns its exit code and output."""
+    """Runs `transfer --target <server> --timeout 120 ARGS...` and returns its exit code and
+    output. (The generous deadline: the machine running the tests may be busy.)"""
 
     def run(*args: str) -> Result:
         capsys.readouterr()  # drop whatever came before
-        code = main(["--target", server.address, *args])
+        code = main(["--target", server.address, "--timeout", "120", *args])
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 
