@@ -726,6 +726,27 @@ def test_only_expired_leases_are_abandoned_while_replicas_run(store: Store) -> N
     assert store.get_job("job-done").state is JobState.FAILED
 
 
+def test_recovery_while_replicas_run_reads_no_job_waiting_in_the_queue(store: Store) -> None:
+    """With `abandoned_before`, a queued job no process has claimed (or one released back to
+    the queue) holds no lease, so it is not returned: recovery would only skip it, and the
+    queue may be long. Only the expired lease's job and the finished log without its end."""
+    now = datetime.now(UTC)
+    for index in range(40):
+        enqueue(store, f"job-{index:02d}", created=T0 + timedelta(seconds=index))
+    run = dataclasses.replace(claim(store, "replica-a").record, state=JobState.RUNNING)
+    assert run.job_id == "job-00"
+    assert claim(store, "replica-b").record.job_id == "job-01"
+    store.save_job(run)
+    stopping = event("job-00", 2, JobWarning("SERVER_STOPPING", "the server is stopping"))
+    store.release_job(dataclasses.replace(run, last_sequence=2), stopping)
+    store.hold_jobs("replica-b", ["job-01"], now - timedelta(seconds=1))  # then it died
+    store.save_job(dataclasses.replace(job("no-end", state=JobState.FAILED), last_sequence=2))
+    store.append_event(event("no-end", 1))
+    later = sorted(j.job_id for j in store.unsettled_jobs(now))
+    assert later == (["job-01", "no-end"] if store.holds_leases else ["no-end"])
+    assert len(store.unsettled_jobs()) == 41  # at its only process's start: all of them
+
+
 def test_a_cancel_request_reaches_the_lease_holder(store: Store) -> None:
     """CancelJob on a process that does not hold the job: recorded in the store and returned
     to the holder by its next renewal."""

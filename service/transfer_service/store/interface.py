@@ -189,8 +189,9 @@ class JobStore(Protocol):
         """Jobs recovery must look at: finished ones whose event log does not end in a
         terminal event, and unfinished ones nobody runs any more. With `abandoned_before`
         None (the start of a store's only process) every unfinished job is abandoned; with
-        a time, only those whose lease expired before it (none, in a store without
-        leases), so jobs other live processes run are left alone."""
+        a time, only those held by a lease that expired before it (none, in a store without
+        leases), so jobs other live processes run are left alone, and so is the queue: a
+        job no process has claimed, or one released back to it, holds no lease."""
 
     def delete_finished_jobs(self, finished_before: datetime) -> int:
         """Retention: deletes jobs that finished before `finished_before` and their events

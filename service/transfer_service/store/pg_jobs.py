@@ -95,15 +95,16 @@ class PostgresJobs:
     holds_leases = True  # replicas share the database
 
     def unsettled_jobs(self, abandoned_before: datetime | None = None) -> list[JobRecord]:
-        """Unfinished jobs (with `abandoned_before`, only those whose lease expired before
-        it: a live replica renews its jobs' leases), and finished jobs whose newest event is
-        not a terminal one at or past the row's last sequence."""
+        """Unfinished jobs (with `abandoned_before`, only those held by a lease that expired
+        before it: a live replica renews its jobs' leases, and a queued job nobody claimed,
+        or one released, holds none, so the waiting queue is not read), and finished jobs
+        whose newest event is not a terminal one at or past the row's last sequence."""
         expired = aware(abandoned_before) if abandoned_before is not None else None
         with self._db.transaction() as conn:
+            # `lease_expires < t` is NULL, so false, for a job that holds no lease.
             rows = conn.execute(
                 f"SELECT {JOB_COLUMNS} FROM jobs AS j WHERE (j.state <> ALL(%s) AND "
-                "(%s::timestamptz IS NULL OR j.lease_expires IS NULL "
-                "OR j.lease_expires < %s::timestamptz)) "
+                "(%s::timestamptz IS NULL OR j.lease_expires < %s::timestamptz)) "
                 "OR (j.state = ANY(%s) AND NOT EXISTS (SELECT 1 FROM job_events AS e "
                 "WHERE e.job_id = j.job_id "
                 "AND e.sequence = (SELECT MAX(sequence) FROM job_events WHERE job_id = j.job_id) "
