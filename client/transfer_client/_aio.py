@@ -51,13 +51,13 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
 
     `target` is `host:port`, or `dns:///host:port` for every address the name resolves to
     (a headless Kubernetes Service: one per replica), which `load_balancing="round_robin"`
-    (the default; or "pick_first") spreads calls over. Reads, `predict` and `watch_job` (until
-    its first event) are retried on UNAVAILABLE with backoff, within `timeout`, up to
+    (the default; or "pick_first") spreads calls over. Reads, `predict`, `set_head_alias` and
+    `watch_job` (until its first event) are retried on UNAVAILABLE, within `timeout`, up to
     `max_attempts` tries in all (1: no retries; at most 5), as is `fine_tune` (its
     `request_id` makes a resent one return the first one's job); `upload_dataset`,
     `cancel_job` and the deletes are never retried. `wait_for_ready=True` makes calls wait
     for an unreachable server (within their deadline) rather than fail at once. Errors carry
-    the server's `request_id` for its logs.
+    the server's `request_id` for its logs, and the fields at fault in `field_violations`.
     """
 
     async def __aenter__(self) -> Self:
