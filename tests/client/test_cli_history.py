@@ -21,9 +21,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _trained(server: RunningServer, fashion_small: FashionSmall, config: TrainingConfig) -> str:
     with TransferClient(server.address, timeout=120) as client:
-        return client.train(
+        done = client.train(
             "efficientnet_lite0", fashion_small[0], head_name="cli-history", config=config
-        ).job_id
+        )
+    return done.job_id
 
 
 @pytest.fixture(scope="module")

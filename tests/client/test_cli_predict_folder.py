@@ -156,9 +156,10 @@ def test_progress_bar_only_on_a_terminal(
     assert drawn.endswith(f"\rpredicting [{'#' * 24}] {FILES}/{FILES}\n")
     assert len(capsys.readouterr().out.splitlines()) == FILES  # stdout: the answers only
 
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    not_a_terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", not_a_terminal)
     assert main([*args, "--chunk-size", "8"]) == 0
-    assert sys.stderr.getvalue() == ""
+    assert not_a_terminal.getvalue() == ""  # no bar
 
 
 def test_a_bad_file_is_named_and_limits_are_checked(
