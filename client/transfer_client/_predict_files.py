@@ -41,14 +41,19 @@ Source = str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 def collect_inputs(source: Source) -> list[FileInput]:
     """The inputs `source` names, in order: a directory gives its image files (by suffix,
-    sorted by path, recursively, hidden files and folders skipped), a `.csv` file one text
-    per row of its `text` column, any other file itself; a list gives each item's in turn."""
+    sorted by path, recursively, hidden files and folders skipped; none is ValueError), a
+    `.csv` file one text per row of its `text` column, any other file itself; a list gives
+    each item's in turn."""
     items = [source] if isinstance(source, str | os.PathLike) else list(source)
     inputs: list[FileInput] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            inputs.extend(_image_file(file) for file in _walk_images(path))
+            found = _walk_images(path)
+            if not found:
+                suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+                raise ValueError(f"{path}: no image files ({suffixes}) in this folder")
+            inputs.extend(_image_file(file) for file in found)
         elif path.suffix.lower() == ".csv":
             inputs.extend(_csv_texts(path))
         elif path.is_file():

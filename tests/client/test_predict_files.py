@@ -197,6 +197,10 @@ def test_a_list_of_paths_and_a_missing_one(
     assert [key for key, _ in results] == [str(paths[2]), str(paths[0])]
     with pytest.raises(FileNotFoundError):
         client.predict_files(image_head, tmp_path / "missing")
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(fashion_small[1][0][0])
+    with pytest.raises(ValueError, match="no image files"):
+        client.predict_files(image_head, tmp_path / "empty")
 
 
 async def test_the_async_client_gives_the_same(
