@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 from transfer_client import (
     JobCompleted,
     JobStarted,
@@ -57,7 +56,8 @@ from transfer_service.store.postgres import PostgresStore
 
 from bench.common import Environment, median, percentile, short_texts, spread, table
 from tests.postgres_server import PostgresServer
-from tools.reliability.common import ServerProcess, server_env
+from tools.reliability.common import ServerProcess
+from tools.reliability.replica_set import ReplicaSet, query_one
 
 BACKBONE = "minilm_l6"
 LEASE_SECONDS = 3.0
@@ -85,71 +85,33 @@ QUICK = Plan(cold_rounds=1, cold_heads=5, completions=2, takeovers=1, streamed_j
 # --- replicas ------------------------------------------------------------------------------
 
 
-class Replicas:
-    """Server processes on one database; a restarted one keeps its ports."""
+class Replicas(ReplicaSet):
+    """Server processes on one database, and a client for each; a restarted one keeps its
+    ports."""
 
     def __init__(self, url: str, directory: Path, count: int) -> None:
-        self.url = url
-        self.directory = directory
-        extra = {
-            "TRANSFER_DATABASE_URL": url,
-            "TRANSFER_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
-            "TRANSFER_MAX_JOBS_PER_TENANT": "64",
-            # Several processes on a small machine: one torch thread each.
-            "TRANSFER_TORCH_THREADS": "1",
-            "TRANSFER_LOG_LEVEL": "WARNING",
-        }
-        self.envs = [
-            server_env(directory / f"r{index}", preload=BACKBONE, extra=extra)
-            for index in range(count)
-        ]
-        self.processes: list[ServerProcess] = []
-        try:
-            for index in range(count):
-                self.processes.append(self._spawn(index))
-            for process in self.processes:
-                process.wait_serving()
-        except BaseException:
-            self.close()
-            raise
-        self.clients = [TransferClient(p.address, timeout=120) for p in self.processes]
-
-    def _spawn(self, index: int) -> ServerProcess:
-        return ServerProcess(self.envs[index], self.directory / f"r{index}.log")
+        super().__init__(
+            url,
+            directory,
+            [f"r{index}" for index in range(count)],
+            lease_seconds=LEASE_SECONDS,
+            preload=BACKBONE,
+            extra={"TRANSFER_MAX_JOBS_PER_TENANT": "64", "TRANSFER_LOG_LEVEL": "WARNING"},
+        )
+        self.clients = [TransferClient(address, timeout=120) for address in self.addresses]
 
     def restart(self, index: int) -> ServerProcess:
         """Starts replica `index` again, and a fresh client for it (the old channel backs
         off reconnecting to the dead process for seconds)."""
-        self.processes[index].close()
-        self.processes[index] = self._spawn(index)
+        process = super().restart(index)
         self.clients[index].close()
-        self.clients[index] = TransferClient(self.processes[index].address, timeout=120)
-        return self.processes[index]
-
-    def runner_of(self, job_id: str, timeout: float = 60.0) -> int:
-        """The index of the replica holding (or that last held) the job's lease."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = query(self.url, "SELECT lease_owner FROM jobs WHERE job_id = %s", job_id)
-            if row is not None and row[0]:
-                pid = int(str(row[0]).rsplit("-", 2)[1])  # host-pid-random
-                for index, process in enumerate(self.processes):
-                    if process.pid == pid:
-                        return index
-                raise RuntimeError(f"no replica has pid {pid}")
-            time.sleep(0.02)
-        raise RuntimeError(f"job {job_id} not claimed within {timeout} s")
+        self.clients[index] = TransferClient(process.address, timeout=120)
+        return process
 
     def close(self) -> None:
         for client in getattr(self, "clients", []):
             client.close()
-        for process in self.processes:
-            process.close()
-
-
-def query(url: str, sql: str, *params: object) -> tuple[object, ...] | None:
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        return conn.execute(sql.encode(), params).fetchone()
+        super().close()
 
 
 def texts() -> list[tuple[str, str]]:
@@ -246,7 +208,7 @@ def completions(replicas: Replicas, plan: Plan) -> list[Completion]:
         ):
             if isinstance(event, JobStarted):
                 # Off the critical path: who runs it (A), so B is another replica.
-                other = (replicas.runner_of(event.job_id) + 1) % count
+                other = (replicas.holding(event.job_id) + 1) % count
             if isinstance(event, JobCompleted):
                 done = event
         assert done is not None and other >= 0
@@ -303,7 +265,7 @@ def takeovers(replicas: Replicas, plan: Plan) -> list[Takeover]:
     results = []
     for number in range(plan.takeovers):
         job_id = submit(replicas.clients[number % count], ENDLESS_JOB, f"endless-{number}")
-        doomed = replicas.runner_of(job_id)
+        doomed = replicas.holding(job_id)
         survivor = (doomed + 1) % count
         started = threading.Event()
         restarted = threading.Event()
@@ -318,7 +280,7 @@ def takeovers(replicas: Replicas, plan: Plan) -> list[Takeover]:
         time.sleep(0.5 + number * 0.37 % 1.0)  # kill at varying points of the renewal cycle
         replicas.processes[doomed].kill()
         killed = time.time()
-        row = query(
+        row = query_one(
             replicas.url,
             "SELECT extract(epoch FROM lease_expires) FROM jobs WHERE job_id = %s",
             job_id,
@@ -381,7 +343,7 @@ def event_latencies(replicas: Replicas, plan: Plan) -> tuple[dict[str, Streamed]
     head_bytes = 0
     for number in range(plan.streamed_jobs + 1):
         job_id = submit(replicas.clients[number % count], STREAMED_JOB, f"streamed-{number}")
-        runner = replicas.runner_of(job_id)
+        runner = replicas.holding(job_id)
         paths = {SAME: runner, OTHER: (runner + 1) % count}
         begun = time.time()
         latencies: dict[str, list[tuple[float, str]]] = {path: [] for path in paths}

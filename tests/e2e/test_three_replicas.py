@@ -24,12 +24,11 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import psycopg
 import pytest
 from transfer_client import (
     JobCompleted,
@@ -44,6 +43,13 @@ from transfer_client.types import FineTuneEvent, JobState
 
 from tests.postgres_server import PostgresServer
 from tools.reliability.common import ServerProcess, server_env
+from tools.reliability.replica_set import (
+    ReplicaSet,
+    query_all,
+    query_one,
+    replica_extra,
+    serving,
+)
 
 BACKBONE = "minilm_l6"
 LEASE_SECONDS = 3.0
@@ -66,121 +72,22 @@ MAX_JOBS_PER_TENANT = 32
 # ---- the replicas -------------------------------------------------------------------------
 
 
-class Replicas:
-    """Three server processes on one database. Each keeps its environment (so its ports) when
-    restarted: a client's target names the same three addresses throughout."""
-
-    def __init__(self, url: str, directory: Path) -> None:
-        self.url = url
-        self.directory = directory
-        extra = {
-            "TRANSFER_DATABASE_URL": url,
-            "TRANSFER_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
+def start_three(url: str, directory: Path) -> ReplicaSet:
+    """Three server processes on one database (tools/reliability/replica_set.py). Each keeps
+    its environment (so its ports) when restarted: a client's target names the same three
+    addresses throughout."""
+    return ReplicaSet(
+        url,
+        directory,
+        NAMES,
+        lease_seconds=LEASE_SECONDS,
+        preload=BACKBONE,
+        metrics=True,
+        extra={
             "TRANSFER_MAX_JOBS_PER_TENANT": str(MAX_JOBS_PER_TENANT),
-            # Three processes on 2 CPUs: one torch thread each.
-            "TRANSFER_TORCH_THREADS": "1",
             "TRANSFER_GRACE_SECONDS": "5",
-        }
-        self._extra = extra
-        self.envs = [self._fresh_env(index) for index in range(len(NAMES))]
-        self.processes: list[ServerProcess] = []
-        try:
-            for index in range(len(NAMES)):
-                self.processes.append(self._spawn(index))
-            for index in range(len(NAMES)):
-                self._wait_first_start(index)
-        except BaseException:
-            self.close()
-            raise
-
-    def _fresh_env(self, index: int) -> dict[str, str]:
-        """An environment on free ports (free when looked at)."""
-        return server_env(
-            self.directory / NAMES[index], preload=BACKBONE, metrics=True, extra=self._extra
-        )
-
-    def _wait_first_start(self, index: int) -> None:
-        def respawn() -> ServerProcess:
-            self.envs[index] = self._fresh_env(index)
-            return self._spawn(index)
-
-        self.processes[index] = serving(self.processes[index], respawn)
-
-    def _spawn(self, index: int) -> ServerProcess:
-        return ServerProcess(self.envs[index], self.directory / f"{NAMES[index]}.log")
-
-    @property
-    def addresses(self) -> list[str]:
-        return [process.address for process in self.processes]
-
-    def target(self) -> str:
-        """One target resolving to all three (gRPC's ipv4: scheme takes a list)."""
-        return "ipv4:" + ",".join(self.addresses)
-
-    def restart(self, index: int) -> ServerProcess:
-        """Starts replica `index` again (same ports) once its process has ended; does not
-        wait for it to serve."""
-        old = self.processes[index]
-        old.close()
-        self.processes[index] = self._spawn(index)
-        return self.processes[index]
-
-    def revive(self) -> None:
-        """Every replica serving again, after a test that left one down (or failed)."""
-        for index, process in enumerate(self.processes):
-            if not process.alive():
-                self.restart(index)
-        for process in self.processes:
-            process.wait_serving()
-
-    def holding(self, job_id: str, timeout: float = 60.0) -> int:
-        """The index of the replica holding `job_id`'s lease (its owner name holds its pid),
-        once the job runs."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = query_one(self.url, "SELECT lease_owner FROM jobs WHERE job_id = %s", job_id)
-            if row is not None and row[0]:
-                pid = int(str(row[0]).rsplit("-", 2)[1])  # host-pid-random
-                for index, process in enumerate(self.processes):
-                    if process.pid == pid:
-                        return index
-                raise AssertionError(f"no replica has pid {pid} (lease owner {row[0]})")
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} was not claimed within {timeout} s")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.log_path.name}\n{p.log_tail(3000)}" for p in self.processes)
-
-    def close(self) -> None:
-        for process in self.processes:
-            process.close()
-
-
-def serving(
-    process: ServerProcess, respawn: Callable[[], ServerProcess], tries: int = 3
-) -> ServerProcess:
-    """`process` once it serves. On a shared machine another process may take a port between
-    free_port() and the server's bind: then `respawn()` (on other ports) and wait again."""
-    for attempt in range(tries):
-        try:
-            process.wait_serving()
-            return process
-        except RuntimeError:
-            if "Failed to bind" not in process.log_tail() or attempt + 1 == tries:
-                raise
-        process.close()
-        process = respawn()
-    raise AssertionError("unreachable")
-
-
-def query_one(url: str, sql: str, *params: object) -> tuple[object, ...] | None:
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        return conn.execute(sql.encode(), params).fetchone()
-
-
-def query_all(url: str, sql: str, *params: object) -> list[tuple[object, ...]]:
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        return conn.execute(sql.encode(), params).fetchall()
+        },
+    )
 
 
 def predicts_served(process: ServerProcess) -> int:
@@ -235,14 +142,14 @@ def module_database(postgres_server: object) -> str:
 
 
 @pytest.fixture(scope="module")
-def three(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    replicas = Replicas(module_database, tmp_path_factory.mktemp("replicas"))
+def three(module_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet]:
+    replicas = start_three(module_database, tmp_path_factory.mktemp("replicas"))
     yield replicas
     replicas.close()
 
 
 @pytest.fixture()
-def replicas(three: Replicas) -> Replicas:
+def replicas(three: ReplicaSet) -> ReplicaSet:
     """The module's replicas, all three serving (a test that killed one restarted it)."""
     three.revive()
     return three
@@ -251,7 +158,7 @@ def replicas(three: Replicas) -> Replicas:
 # ---- 1 ------------------------------------------------------------------------------------
 
 
-def test_1_train_through_a_watch_through_b_predict_through_c(replicas: Replicas) -> None:
+def test_1_train_through_a_watch_through_b_predict_through_c(replicas: ReplicaSet) -> None:
     a, b, c = replicas.addresses
     with client_of(a) as on_a, client_of(b) as on_b, client_of(c) as on_c:
         stream = on_a.fine_tune(BACKBONE, TEXTS, head_name="abc", config=QUICK)
@@ -293,7 +200,7 @@ def test_1_train_through_a_watch_through_b_predict_through_c(replicas: Replicas)
 
 
 def test_2_a_killed_replicas_job_is_finished_by_another_in_one_stream(
-    replicas: Replicas,
+    replicas: ReplicaSet,
 ) -> None:
     with client_of(replicas.addresses[0]) as on_a:
         job_id = submit(on_a, LONG, "survivor")
@@ -348,7 +255,7 @@ def test_2_a_killed_replicas_job_is_finished_by_another_in_one_stream(
 
 
 def test_3_a_head_deleted_on_a_is_not_found_on_all_three_within_1_5_s(
-    replicas: Replicas,
+    replicas: ReplicaSet,
 ) -> None:
     clients = [client_of(address) for address in replicas.addresses]
     try:
@@ -380,7 +287,7 @@ def test_3_a_head_deleted_on_a_is_not_found_on_all_three_within_1_5_s(
 # ---- 4 ------------------------------------------------------------------------------------
 
 
-def test_4_restarting_all_three_one_at_a_time_fails_no_predict(replicas: Replicas) -> None:
+def test_4_restarting_all_three_one_at_a_time_fails_no_predict(replicas: ReplicaSet) -> None:
     with client_of(replicas.addresses[2]) as on_c:
         head_id = on_c.train(BACKBONE, TEXTS, head_name="rolling", config=QUICK).head_id
     stop = threading.Event()
@@ -427,7 +334,7 @@ def test_4_restarting_all_three_one_at_a_time_fails_no_predict(replicas: Replica
 # ---- 6 ------------------------------------------------------------------------------------
 
 
-def test_6_twenty_fine_tunes_across_the_three_each_run_exactly_once(replicas: Replicas) -> None:
+def test_6_twenty_fine_tunes_across_the_three_each_run_exactly_once(replicas: ReplicaSet) -> None:
     clients = [client_of(address) for address in replicas.addresses]
     try:
         job_ids = [submit(clients[i % len(clients)], QUICK, f"many-{i}") for i in range(20)]
@@ -497,13 +404,9 @@ def test_7_a_job_finishes_once_through_a_postgresql_restart(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
     url = own_postgres.create_database()
-    extra = {
-        "TRANSFER_DATABASE_URL": url,
-        # Job writes retry through an outage for up to a lease: ample for a restart here, so
-        # the job is not taken over (run again) but goes on.
-        "TRANSFER_JOB_LEASE_SECONDS": "15",
-        "TRANSFER_TORCH_THREADS": "1",
-    }
+    # Job writes retry through an outage for up to a lease: ample for a restart here, so the
+    # job is not taken over (run again) but goes on.
+    extra = replica_extra(url, lease_seconds=15)
 
     def spawn(name: str) -> ServerProcess:
         env = server_env(tmp_path / name, preload=BACKBONE, extra=extra)

@@ -41,6 +41,7 @@ from tests.postgres_server import PostgresServer
 from tools.reliability import chaos_checks as checks
 from tools.reliability.chaos_checks import ReplicaReport
 from tools.reliability.common import BIG_MESSAGES, ServerProcess, server_env
+from tools.reliability.replica_set import owner_pid, replica_extra
 
 LEASE_SECONDS = 3
 IN_FLIGHT = 4  # client jobs at once (the tenant's quota is 8)
@@ -139,11 +140,7 @@ class ReplicaChaos:
     # ---- replicas ----
 
     def _spawn(self, number: int) -> ServerProcess:
-        extra = {
-            "TRANSFER_DATABASE_URL": self.url,
-            "TRANSFER_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
-            "TRANSFER_TORCH_THREADS": "1",  # three processes on a few cores
-        }
+        extra = replica_extra(self.url, LEASE_SECONDS)
         env = server_env(self.work_dir / f"replica-{number}", grace_seconds=2.0, extra=extra)
         return ServerProcess(env, self.work_dir / f"replica-{number}.log")
 
@@ -178,13 +175,12 @@ class ReplicaChaos:
             setattr(self.report, name, getattr(self.report, name) + increment)
 
     def _running_on(self) -> set[int]:
-        """The serving replicas holding a running job's current lease (lease_owner is
-        host-pid-random)."""
+        """The serving replicas holding a running job's current lease."""
         with psycopg.connect(self.url, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT lease_owner FROM jobs WHERE state = 'running' AND lease_expires > now()"
             ).fetchall()
-        pids = {int(owner.rsplit("-", 2)[1]) for (owner,) in rows if owner}
+        pids = {owner_pid(owner) for (owner,) in rows if owner}
         with self._lock:
             return {n for n in self.serving if self.servers[n].pid in pids}
 
