@@ -136,6 +136,8 @@ def plot_curves(pyplot: Any, history: TrainingHistory, path: Path) -> None:
     if by_c:
         rows.sort(key=lambda row: row.regularization_c or 0.0)
     xs = [(row.regularization_c or 0.0) if by_c else float(row.epoch) for row in rows]
+    best = history.best
+    best_label = "kept" if history.completed is not None else "best so far"
     figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(xs, [getattr(row, f"train_{metric}") for row in rows], "o-", label="train")
@@ -146,8 +148,13 @@ def plot_curves(pyplot: Any, history: TrainingHistory, path: Path) -> None:
         ]
         if validated:
             axes.plot(*zip(*validated, strict=True), "o-", label="validation")
+        if best is not None:
+            kept = (best.regularization_c or 0.0) if by_c else float(best.epoch)
+            axes.axvline(kept, linestyle=":", color="gray", label=best_label)
         if by_c:
             axes.set_xscale("log")
+        else:
+            axes.xaxis.set_major_locator(pyplot.MaxNLocator(integer=True))
         axes.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         axes.set_ylabel(metric)
         axes.legend()
