@@ -150,6 +150,13 @@ def located(error: TransferError, chunk: Sequence[FileInput], first: int) -> Tra
         rest = violation.field.split("]", 1)[1]
         violations.append(FieldViolation(f"inputs[{first + index}]{rest}", violation.description))
         keys.append(f"{chunk[index].key}: {violation.description}")
+    if not keys and error.message.startswith("inputs["):
+        # An error without field details (e.g. RESOURCE_EXHAUSTED for an image's pixel
+        # count) still leads with the input's field in its message.
+        field, _, description = error.message.partition(": ")
+        index = FieldViolation(field, description).index
+        if index is not None and 0 <= index < len(chunk):
+            keys.append(f"{chunk[index].key}: {description}")
     message = "; ".join(keys) if keys else error.message
     return error_for_code(
         error.code, message, request_id=error.request_id, field_violations=violations

@@ -16,9 +16,11 @@ from transfer_client import (
     AsyncTransferClient,
     InvalidArgumentError,
     Prediction,
+    ResourceExhaustedError,
     TransferClient,
 )
 from transfer_client._predict_files import FileInput, chunks
+from transfer_client._predict_files import located as _located
 from transfer_client.proto import transfer_service_pb2 as pb
 
 from tests.conftest import RunningServer
@@ -240,3 +242,11 @@ def test_chunks_keep_within_both_limits(
     inputs = [FileInput(str(i), str(i), size) for i, size in enumerate(sizes)]
     got = [(first, len(chunk)) for first, chunk in chunks(inputs, max_inputs, max_bytes)]
     assert got == expected
+
+
+def test_an_error_without_details_still_names_the_file() -> None:
+    chunk = [FileInput(f"dir/{i}.png", Path(f"dir/{i}.png"), 10) for i in range(3)]
+    error = ResourceExhaustedError("inputs[1]: image is 9000x9000 pixels, over the limit")
+    located = _located(error, chunk, 6)
+    assert isinstance(located, ResourceExhaustedError)
+    assert located.message == "dir/1.png: image is 9000x9000 pixels, over the limit"
