@@ -404,15 +404,16 @@ def _store_description(settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m transfer_service [--log-format json|text]`; every setting is a TRANSFER_*
-    variable."""
+    """`python -m transfer_service [--log-format auto|json|text]`; every setting is a
+    TRANSFER_* variable."""
     parser = argparse.ArgumentParser(
         prog="python -m transfer_service", description="The transfer-learning gRPC server."
     )
     parser.add_argument(
         "--log-format",
-        choices=("json", "text"),
-        help="log lines as JSON objects (default, env TRANSFER_LOG_FORMAT) or text for humans",
+        choices=("auto", "json", "text"),
+        help="log lines as JSON objects or text for humans (env TRANSFER_LOG_FORMAT; default "
+        "auto: text on a terminal, JSON elsewhere)",
     )
     args = parser.parse_args(argv)
     overrides = {"log_format": args.log_format} if args.log_format else {}

@@ -211,9 +211,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the service's loggers (libraries log from INFO)."
     )
-    log_format: Literal["json", "text"] = Field(
-        "json",
-        description="'json': one JSON object per line (with request_id); 'text' for humans.",
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="'json': one JSON object per line (with request_id), for log collectors; "
+        "'text' for humans; 'auto': text when stderr is a terminal, else json.",
     )
     tls_cert_file: Path | None = Field(
         None,

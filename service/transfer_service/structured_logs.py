@@ -14,7 +14,7 @@ from typing import Literal, TextIO
 
 from transfer_service import request_scope
 
-LogFormat = Literal["json", "text"]
+LogFormat = Literal["auto", "json", "text"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
@@ -55,12 +55,15 @@ class JsonLineFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: LogFormat, stream: TextIO = sys.stderr) -> None:
-    """Replaces the root logger's handlers with one writing `log_format` lines to `stream`;
+    """Replaces the root logger's handlers with one writing `log_format` lines to `stream`
+    ("auto": text on a terminal, JSON elsewhere);
     Python warnings are logged too, so they come out in the same format. `level` applies to
     the service's own loggers; libraries log from INFO up (their DEBUG output is per-call
     noise, e.g. grpc's event-loop messages)."""
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestScopeFilter())
+    if log_format == "auto":  # a person at a terminal reads text; collectors parse JSON
+        log_format = "text" if stream.isatty() else "json"
     if log_format == "json":
         handler.setFormatter(JsonLineFormatter())
     else:

@@ -72,3 +72,24 @@ def test_text_lines_and_levels(restore_logging: None) -> None:
     assert len(lines) == 2, lines
     assert lines[0].endswith(" DEBUG transfer_service.example [req-2]: detail")
     assert lines[1].endswith(" INFO some.library: library news")
+
+
+class FakeTerminal(io.StringIO):
+    def __init__(self, *, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_auto_writes_text_to_a_terminal_and_json_elsewhere(restore_logging: None) -> None:
+    for tty in (True, False):
+        stream = FakeTerminal(tty=tty)
+        configure_logging("INFO", "auto", stream)
+        logging.getLogger("transfer_service.example").info("hello")
+        line = stream.getvalue().strip()
+        if tty:
+            assert "hello" in line and not line.startswith("{")
+        else:
+            assert json.loads(line)["message"] == "hello"
