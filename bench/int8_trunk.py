@@ -10,7 +10,7 @@ int8 rates at batch 1 + 8 (medians of 5 per size per round).
 
 torchao is not a dependency of the service; install it beside this run, e.g.
     pip install --target /tmp/ao --no-deps torchao==0.18.0
-    PYTHONPATH=/tmp/ao:. .venv/bin/python -m bench.int8_trunk [--rounds 3]
+    PYTHONPATH=/tmp/ao:. .venv/bin/python -m bench.int8_trunk [--rounds 3] [--fp32-stages 0,1,7,8]
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class WholeTrunk(nn.Module):
         return images.mean(dim=(2, 3))
 
 
-def quantised(model: nn.Module, calibration: Sequence[torch.Tensor]) -> nn.Module:
+def quantised(
+    model: nn.Module, calibration: Sequence[torch.Tensor], fp32_stages: Sequence[int]
+) -> nn.Module:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -54,6 +56,8 @@ def quantised(model: nn.Module, calibration: Sequence[torch.Tensor]) -> nn.Modul
     exported = torch.export.export(model, (calibration[0],), dynamic_shapes=({0: batch},)).module()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    for index in fp32_stages:  # left unquantised
+        quantizer.set_module_name_qconfig(f"stages.{index}", None)
     prepared = prepare_pt2e(exported, quantizer)  # type: ignore[arg-type]
     for images in calibration:
         prepared(images)
@@ -81,6 +85,11 @@ def rate(run: Features, timing: Sequence[torch.Tensor]) -> float:
 def main() -> None:
     arguments = parser(__doc__ or "")
     arguments.add_argument("--rounds", type=int, default=3)
+    arguments.add_argument(
+        "--fp32-stages",
+        default="",
+        help="comma-separated stage indices left in fp32 (e.g. 0,1,7,8); default: none",
+    )
     options = arguments.parse_args()
     environment = Environment()
     side = options.image_size or 224
@@ -97,7 +106,8 @@ def main() -> None:
 
     started = time.perf_counter()
     with torch.no_grad():
-        converted = quantised(model, shipped_batches[:3])
+        fp32_stages = [int(i) for i in options.fp32_stages.split(",") if i]
+        converted = quantised(model, shipped_batches[:3], fp32_stages)
     quantise_seconds = time.perf_counter() - started
     import torch._inductor.config as inductor
 
@@ -129,7 +139,8 @@ def main() -> None:
             for label, run in (("fp32", model), ("bf16 autocast", bf16), ("int8 PT2E", int8)):
                 rates[label].append(rate(run, timing))
     print(
-        f"## efficientnet_lite0 int8 at {side} px: quantise {quantise_seconds:.1f} s, "
+        f"## efficientnet_lite0 int8 (fp32 stages: {options.fp32_stages or 'none'}) at "
+        f"{side} px: quantise {quantise_seconds:.1f} s, "
         f"compile {compile_seconds:.1f} s\n"
     )
     print(table(("inputs", "candidate", "cosine mean", "cosine min"), agreement_rows))
