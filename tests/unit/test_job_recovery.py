@@ -27,7 +27,9 @@ from transfer_service.domain import (
     TrainingMetrics,
     TrainingProgress,
 )
+from transfer_service.store.interface import Store
 from transfer_service.store.local import LocalStore
+from transfer_service.store.postgres import PostgresStore
 from transfer_service.store.sqlite_jobs import SqliteJobs
 from transfer_service.training.recovery import recover_jobs
 
@@ -51,7 +53,7 @@ def progress(epoch: int, *, epoch_end: bool = False) -> TrainingProgress:
     )
 
 
-def running_job(store: LocalStore, job_id: str, *, events: int) -> JobRecord:
+def running_job(store: Store, job_id: str, *, events: int) -> JobRecord:
     """A RUNNING job with `events` progress events, the row written as the server does (not
     rewritten for per-step progress, so its last_sequence lags the log)."""
     job = JobRecord(job_id, JobState.RUNNING, "efficientnet_lite0", "cats", NOW, NOW)
@@ -67,7 +69,7 @@ def claim_next(store: LocalStore) -> JobRecord | None:
     return None if claimed is None else claimed.record
 
 
-def assert_log_ends_once(store: LocalStore, job: JobRecord) -> list[JobEvent]:
+def assert_log_ends_once(store: Store, job: JobRecord) -> list[JobEvent]:
     events = store.events_after(job.job_id, 0)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert [e.terminal for e in events].count(True) == 1 and events[-1].terminal
@@ -195,6 +197,38 @@ def test_recovery_leaves_an_interrupted_job_claimable_after_its_last_logged_even
     assert claimed.state is JobState.RUNNING and claimed.last_sequence == 5
     assert claimed.attempt == 2  # the crash counts as a run cut off
     assert not any(event.terminal for event in store.events_after("job-1", 0))
+
+
+def test_recovery_beside_live_replicas_ends_finished_logs_and_leaves_the_queue(
+    database_url: str,
+) -> None:
+    """On PostgreSQL a starting replica repairs only finished logs: the queue (jobs nobody
+    claimed, and one whose lease ran out) is the claim loop's, and stays as it was."""
+    store = PostgresStore(database_url)
+    try:
+        expired = running_job(store, "job-expired", events=2)
+        assert store.claim_job("dead-replica", datetime.now(UTC) - timedelta(seconds=1))
+        waiting = [running_job(store, f"job-{index:02d}", events=1) for index in range(30)]
+        for job in waiting:
+            job.state = JobState.QUEUED  # never claimed: no lease
+            store.save_job(job)
+        failed = running_job(store, "job-failed", events=2)
+        failed.state, failed.error, failed.last_sequence = JobState.FAILED, "boom", 1
+        store.save_job(failed)
+
+        recover_jobs(store, sole_process=False)
+
+        assert isinstance(
+            assert_log_ends_once(store, store.get_job("job-failed"))[-1].payload, JobFailed
+        )
+        for job in waiting:
+            assert store.get_job(job.job_id) == job
+            assert len(store.events_after(job.job_id, 0)) == 1
+        assert store.get_job("job-expired").state is JobState.RUNNING
+        assert len(store.events_after(expired.job_id, 0)) == 2
+        assert store.unsettled_jobs(datetime.now(UTC)) == [store.get_job("job-expired")]
+    finally:
+        store.close()
 
 
 def test_a_job_killed_after_its_head_was_renamed_into_place_adopts_the_head(

@@ -49,6 +49,9 @@ def recover_jobs(store: Store, *, sole_process: bool) -> None:
     """Repairs what a previous process left half-done (see the module docstring).
     `sole_process`: the store is the embedded one, and this process is its only user."""
     if not sole_process:
+        # Unfinished jobs here are only those whose lease ran out (never the waiting queue,
+        # which may be long): the claim loop takes them over, so only finished logs are
+        # repaired.
         for job in store.unsettled_jobs(datetime.now(UTC)):
             if job.state.finished:
                 _end_event_log(store, job)
