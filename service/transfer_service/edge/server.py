@@ -17,6 +17,12 @@ from transfer_service.errors import ConfigurationError
 from transfer_service.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransferService"].full_name
+# Clients may ping every 30 s while their calls are open (the SDK's keepalive). gRPC's
+# default policy takes pings under 5 min apart, with no data sent between them, as abuse and
+# ends the connection with GOAWAY too_many_pings: a call that stays silent for about 3
+# minutes (a long Predict on a busy host, a WatchJob of a queued job) failed UNAVAILABLE, and
+# a retried Predict was sent again. Pings 20 s apart are accepted.
+MIN_CLIENT_PING_INTERVAL_MS = 20_000
 
 
 class HealthReporter:
@@ -48,6 +54,7 @@ def create_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ],
     )
     add_transfer_service(servicer, server)
