@@ -71,11 +71,11 @@ def service_config(
 # Keepalive: a ping every 30 s on a connection with calls open, answered within 10 s or the
 # connection is taken as dead, so a stream through a silently dropped connection (a NAT or
 # load balancer that forgot it, a host gone without a FIN) breaks and re-attaches instead of
-# waiting forever. Compatible with the server's defaults (it sets no keepalive options, so
-# gRPC's min_ping_interval_without_data is 5 min and 2 strikes are allowed): no pings
-# without calls, and gRPC's client default `max_pings_without_data` of 2 stops the pings
-# on a connection where nothing is received, so a quiet stream earns at most 2 strikes and
-# never a GOAWAY `too_many_pings`; every message the server sends resets both counts.
+# waiting forever. No pings without calls. The transfer server accepts pings 20 s apart
+# (service edge/server.py). A server on gRPC's default policy (5 min) counts pings on a
+# silent call as abuse and ends the connection with GOAWAY too_many_pings after about 3
+# minutes (measured: 180 s), which fails a long silent call UNAVAILABLE: use
+# `keepalive=False` against such a server.
 KEEPALIVE_OPTIONS: ChannelOptions = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
