@@ -27,24 +27,45 @@ class HeadRequest(Protocol):
     extra_heads: tuple[LoadedHead, ...]  # more heads on the same rows (multi-head Predict)
 
 
-def run_heads(
+def collate_rows(
     backbone: LoadedBackbone, batch: Sequence[HeadRequest], padded_sizes: Sequence[int]
+) -> Any:
+    """The batch's rows, request by request, stacked on the device: the trunk's first input."""
+    trunk = backbone.trunk
+    examples = [row for item in batch for row in item.examples]
+    # Padding rows (copies of the last) go after every real row: real row r is row r of
+    # `state`, and each head's results are read from its first rows.
+    examples += examples[-1:] * padding_count(len(examples), padded_sizes)
+    return trunk.to_device(trunk.collate(examples), backbone.device)
+
+
+def first_split(backbone: LoadedBackbone, batch: Sequence[HeadRequest]) -> int:
+    """The stage up to which every row of the batch runs the same frozen trunk."""
+    return min(
+        backbone.trunk.prefix_end(head.record.trainable_blocks)
+        for item in batch
+        for head in (item.head, *item.extra_heads)
+    )
+
+
+def run_heads(
+    backbone: LoadedBackbone,
+    batch: Sequence[HeadRequest],
+    padded_sizes: Sequence[int],
+    start: tuple[Any, int] | None = None,
 ) -> list[list[PredictionResult]]:
     """Each request's results, in batch order; a request with `extra_heads` gets its rows'
     results head by head (`head` first), its rows stacked once. `padded_sizes`
     (predict.padding): every trunk and head pass is padded up to one of these row counts;
-    empty: no padding."""
+    empty: no padding. `start`: (state, stage), the batch's rows already run up to `stage`
+    (collate_rows, then run_prefix; at most first_split), instead of from their inputs."""
     trunk = backbone.trunk
     device = backbone.device
     # Rows are stacked request by request: request i owns rows [starts[i], starts[i+1]).
     starts = [0]
     for item in batch:
         starts.append(starts[-1] + len(item.examples))
-    examples = [row for item in batch for row in item.examples]
-    # Padding rows (copies of the last) go after every real row: real row r is row r of
-    # `state`, and each head's results are read from its first rows.
-    examples += examples[-1:] * padding_count(len(examples), padded_sizes)
-    state = trunk.to_device(trunk.collate(examples), device)
+    state, stage = start if start is not None else (collate_rows(backbone, batch, padded_sizes), 0)
     # Requests grouped by head (each head runs once, over all of its rows) and heads by
     # where they attach; the trunk advances stage by stage over the rows still needed
     # and each group branches off at its split point.
@@ -62,7 +83,6 @@ def run_heads(
     outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
     total_rows = starts[-1]
     active = torch.arange(total_rows)  # batch rows still inside `state`, in order
-    stage = 0
     with torch.inference_mode():
         for split in split_points:
             state = backbone.run_prefix(state, stage, split)

@@ -1,0 +1,77 @@
+"""A large Predict's chunks run their trunk in segments of stages, each its own compute-thread
+task (predict/batcher.py, SEGMENTS_PER_SLICE), so another backbone's batch runs between them;
+the answers are those of the same inputs predicted one by one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from transfer_client.proto import transfer_service_pb2 as pb
+from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
+from transfer_service.predict.batcher import BackboneBatcher
+
+from tests.conftest import RunningServer, make_settings, start_server
+from tests.datasets import fashion_mnist
+from tools.reliability.common import BIG_MESSAGES
+
+
+@pytest.fixture(scope="module")
+def sliced_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    # A 2 ms slice: every chunk is one input or a few, each expected over a segment.
+    running = start_server(
+        make_settings(
+            Path(tmp_path_factory.mktemp("segments")),
+            preload_backbones=["efficientnet_lite0"],
+            predict_slice_ms=2.0,
+        )
+    )
+    yield running
+    running.stop()
+
+
+def test_segmented_chunks_answer_as_whole_requests(
+    sliced_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    segmented: list[int] = []
+    real = BackboneBatcher._run_in_segments
+
+    async def counting(self: BackboneBatcher, batch: Any, stages: int) -> Any:
+        segmented.append(stages)
+        return await real(self, batch, stages)
+
+    monkeypatch.setattr(BackboneBatcher, "_run_in_segments", counting)
+    examples = [pb.Example(image=x, label=y) for x, y in fashion_mnist(6, classes=2, seed=3)]
+    images = [image for image, _ in fashion_mnist(10, split="test", classes=2, seed=4)]
+    with grpc.insecure_channel(sliced_server.address, options=BIG_MESSAGES) as channel:
+        stub = pb_grpc.TransferServiceStub(channel)
+        request = pb.FineTuneRequest(
+            backbone="efficientnet_lite0", head_name="s", examples=examples
+        )
+        head_id = ""
+        for event in stub.FineTune(request, timeout=300):
+            if event.WhichOneof("event") == "completed":
+                head_id = event.completed.head_id
+        assert head_id
+        one_by_one = [
+            stub.Predict(
+                pb.PredictRequest(head_id=head_id, inputs=[pb.Input(image=image)], top_k=2),
+                timeout=60,
+            ).predictions[0]
+            for image in images
+        ]
+        inputs = [pb.Input(image=images[i % len(images)]) for i in range(40)]
+        large = stub.Predict(
+            pb.PredictRequest(head_id=head_id, inputs=inputs, top_k=2), timeout=300
+        )
+    assert segmented, "no chunk ran in segments"
+    assert len(large.predictions) == 40
+    for position, prediction in enumerate(large.predictions):
+        alone = one_by_one[position % len(images)]
+        assert prediction.label == alone.label
+        for mine, theirs in zip(prediction.top_k, alone.top_k, strict=True):
+            assert mine.label == theirs.label
+            assert mine.score == pytest.approx(theirs.score, abs=1e-4)
