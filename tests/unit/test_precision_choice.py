@@ -84,6 +84,21 @@ def test_a_candidate_outside_the_tolerance_is_rejected_however_fast(
     assert broken.inputs_per_second == 0.0  # a failing candidate is not even timed
 
 
+def test_a_candidate_that_cannot_run_is_rejected_not_fatal(lite0: LoadedBackbone) -> None:
+    def unsupported(state: Any) -> torch.Tensor:
+        raise RuntimeError("no kernel for this dtype on this device")
+
+    candidates = [
+        Candidate("float32", lite0.at_precision(torch.float32)),
+        Candidate("float16", unsupported),
+    ]
+    choice = choose_precision(
+        candidates, batches(lite0), [], timer=injected_rates({"float32": 40.0, "float16": 99.0})
+    )
+    assert choice.precision == "float32"
+    assert not choice.figures[1].passed and choice.figures[1].inputs_per_second == 0.0
+
+
 def test_the_first_candidate_must_be_fp32(lite0: LoadedBackbone) -> None:
     with pytest.raises(ValueError, match="fp32 reference"):
         choose_precision([Candidate("bfloat16", lite0.at_precision(torch.bfloat16))], [], [])

@@ -19,6 +19,7 @@ same bf16 trunk kept top-1 on >= 95% of Fashion-MNIST inputs (tests/unit/test_fa
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 REFERENCE_PRECISION = "float32"
 
@@ -102,21 +105,40 @@ def time_candidate(candidate: Candidate, batches: Sequence[Any], repeats: int = 
     total_inputs = 0
     total_seconds = 0.0
     for batch in batches:
-        candidate.features(batch)
+        _finished(candidate.features(batch))
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            candidate.features(batch)
+            _finished(candidate.features(batch))
             seconds.append(time.perf_counter() - started)
         total_inputs += batch_rows(batch)
         total_seconds += statistics.median(seconds)
     return total_inputs / max(total_seconds, 1e-9)
 
 
+def _finished(output: torch.Tensor) -> None:
+    """Waits for an accelerator's queued kernels, so the time taken is the work's."""
+    if output.device.type == "cuda":
+        torch.cuda.synchronize(output.device)
+
+
 def agreement(reference: torch.Tensor, features: torch.Tensor) -> tuple[float, float]:
     """(mean, min) cosine similarity of each row of `features` [N, D] to `reference`'s."""
     cosine = torch.nn.functional.cosine_similarity(features.float(), reference.float(), dim=1)
     return float(cosine.mean()), float(cosine.min())
+
+
+def _agreement_of(
+    candidate: Candidate, calibration_batches: Sequence[Any], reference: torch.Tensor
+) -> tuple[float, float]:
+    """(mean, min) cosine to the reference; a candidate this device cannot run (an op without
+    a kernel in that dtype, say) does not pass, rather than failing the load."""
+    try:
+        features = torch.cat([candidate.features(b) for b in calibration_batches])
+    except Exception:
+        log.warning("precision candidate %s failed to run", candidate.precision, exc_info=True)
+        return -1.0, -1.0
+    return agreement(reference, features)
 
 
 def choose_precision(
@@ -137,8 +159,7 @@ def choose_precision(
             if candidate is candidates[0]:
                 mean, worst = 1.0, 1.0
             else:
-                features = torch.cat([candidate.features(b) for b in calibration_batches])
-                mean, worst = agreement(reference, features)
+                mean, worst = _agreement_of(candidate, calibration_batches, reference)
             passed = mean >= tolerance.mean_cosine and worst >= tolerance.min_cosine
             rate = timer(candidate, timing_batches) if passed else 0.0
             figures.append(CandidateFigures(candidate.precision, rate, mean, worst, passed))
