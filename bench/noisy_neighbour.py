@@ -12,6 +12,11 @@ server was still SERVING at the end, and its peak RSS.
 Target: victim p99 during every attack within 2x of idle.
 
     .venv/bin/python -m bench.noisy_neighbour [--seconds 12] [--only eps,large_images]
+        [--repeats 2]
+
+With --repeats N each attack is measured N times (a fresh server each, rows in turn), and
+its row gives the median ratios; the 1-minute load average at each attack's start is in the
+last column (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
+import os
 import tempfile
 import threading
 import time
@@ -207,6 +213,7 @@ class Outcome:
     attacker: str
     serving_after: bool
     peak_rss_mb: float
+    load_at_start: float = 0.0
 
 
 def _env(store: Path) -> dict[str, str]:
@@ -259,6 +266,7 @@ def _measure(
     seconds: float,
     victims: ProcessPoolExecutor,
 ) -> Outcome:
+    load = os.getloadavg()[0]
     with ServerProcess(_env(store), store / f"server-{name}.log") as server:
         server.wait_serving()
         victims.submit(
@@ -289,6 +297,7 @@ def _measure(
         attacker_result[0] if attacker_result else "attacker still blocked",
         serving,
         rss,
+        load,
     )
     print(f"  {name}: {_row(outcome)}", flush=True)
     return outcome
@@ -311,6 +320,7 @@ def _row(outcome: Outcome) -> list[str]:
             "-",
             "-",
             outcome.attacker,
+            f"{outcome.load_at_start:.1f}",
         ]
     idle50, idle99 = percentile(idle, 50), percentile(idle, 99)
     p50, p99 = percentile(during, 50), percentile(during, 99)
@@ -324,6 +334,7 @@ def _row(outcome: Outcome) -> list[str]:
         "yes" if outcome.serving_after else "NO",
         f"{outcome.peak_rss_mb:.0f}",
         outcome.attacker,
+        f"{outcome.load_at_start:.1f}",
     ]
 
 
@@ -331,6 +342,7 @@ def main() -> None:
     arguments = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     arguments.add_argument("--seconds", type=float, default=12.0, help="per phase")
     arguments.add_argument("--only", default="", help="comma-separated attacks (default: all)")
+    arguments.add_argument("--repeats", type=int, default=1, help="measurements per attack")
     options = arguments.parse_args()
     chosen = [name for name in options.only.split(",") if name] or list(ATTACKS)
     environment = Environment()
@@ -345,7 +357,7 @@ def main() -> None:
         context = multiprocessing.get_context("spawn")
         outcomes = []
         with ProcessPoolExecutor(1, mp_context=context) as victims:
-            for name in chosen:
+            for name in chosen * options.repeats:
                 outcomes.append(
                     _measure(
                         name, ATTACKS[name], store, heads, victim_image, options.seconds, victims
@@ -360,6 +372,7 @@ def main() -> None:
         "SERVING after",
         "server peak RSS MB",
         "attacker's calls",
+        "load (1 min) at start",
     ]
     print()
     print(f"## Noisy neighbour, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
@@ -372,6 +385,17 @@ def main() -> None:
     )
     print()
     print(table(headers, [_row(outcome) for outcome in outcomes]))
+    if options.repeats > 1:
+        print()
+        for name in chosen:
+            mine = [o for o in outcomes if o.attack == name and _ok(o.during)]
+            p99s = [percentile(_ok(o.during), 99) / percentile(_ok(o.idle), 99) for o in mine]
+            p50s = [percentile(_ok(o.during), 50) / percentile(_ok(o.idle), 50) for o in mine]
+            listed = ", ".join(f"{ratio:.2f}" for ratio in p99s)
+            print(
+                f"- {name}: median p50 / p99 ratio {median(p50s):.2f} / {median(p99s):.2f} "
+                f"(p99 ratios {listed})"
+            )
     met = [
         o
         for o in outcomes
