@@ -20,7 +20,7 @@ from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client._history import HistoryBuilder, TrainingHistory
-from transfer_client.errors import TransferError
+from transfer_client.errors import TransferError, UnavailableError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 from transfer_client.types import (
@@ -310,6 +310,15 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
 
     # --- internals -----------------------------------------------------------------------
 
+    async def _await_ready(self) -> None:
+        """wait_for_ready for a stream, which has no deadline to end the wait: the channel
+        must be ready within the client's timeout (as a unary call's wait would end)."""
+        limit = core.ready_wait_seconds(self._timeout, self._reattach_seconds)
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), limit)
+        except TimeoutError:
+            raise UnavailableError(core.not_ready_message(limit)) from None
+
     async def _unary(
         self,
         method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
@@ -354,6 +363,8 @@ class AsyncTransferClient(ClientBase[AsyncIterator[FineTuneEvent]]):
                 )
             else:
                 assert fine_tune is not None
+                if self._wait_for_ready and not reattach.broken:
+                    await self._await_ready()
                 call = self._stub.FineTune(
                     fine_tune,
                     metadata=self._metadata,

@@ -364,3 +364,13 @@ class Reattach:
 def stream_idle(seconds: float) -> UnavailableError:
     """What a stream silent for `stream_idle_seconds` counts as: broken, so re-attached."""
     return UnavailableError(f"no event for {seconds:g} s: the stream is taken as broken")
+
+
+def ready_wait_seconds(timeout: float | None, reattach_seconds: float) -> float:
+    """How long a stream opened with wait_for_ready waits for the server: the client's call
+    timeout, or reattach_seconds for a client without one."""
+    return timeout if timeout is not None else reattach_seconds
+
+
+def not_ready_message(seconds: float) -> str:
+    return f"no server became ready within {seconds:g} s (wait_for_ready)"

@@ -18,7 +18,12 @@ from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client._history import HistoryBuilder, TrainingHistory
-from transfer_client._sync_streams import EventStream, GuardedRequests, IdleWatchdog
+from transfer_client._sync_streams import (
+    EventStream,
+    GuardedRequests,
+    IdleWatchdog,
+    await_channel_ready,
+)
 from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -355,6 +360,10 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
                 wait_for_ready=None if reattach.broken else self._wait_for_ready,
             )
         assert fine_tune is not None
+        if self._wait_for_ready and not reattach.broken:
+            await_channel_ready(
+                self._channel, core.ready_wait_seconds(self._timeout, self._reattach_seconds)
+            )
         return self._stub.FineTune(
             fine_tune,
             metadata=self._metadata,

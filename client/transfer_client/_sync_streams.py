@@ -1,5 +1,5 @@
-"""The blocking client's stream helpers: a watchdog for silent event streams, and upload
-chunks built on gRPC's sender thread."""
+"""The blocking client's stream helpers: a watchdog for silent event streams, upload chunks
+built on gRPC's sender thread, and a bounded wait for a server to be ready."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Protocol
 
 import grpc
 
+from transfer_client._core import not_ready_message
+from transfer_client.errors import UnavailableError
 from transfer_client.proto import transfer_service_pb2 as pb
 
 
@@ -84,3 +86,13 @@ class GuardedRequests(Iterator[pb.UploadDatasetRequest]):
             if self._call is not None:
                 self._call.cancel()
             raise StopIteration from None
+
+
+def await_channel_ready(channel: grpc.Channel, seconds: float) -> None:
+    """wait_for_ready for a stream, which has no deadline to end the wait: the channel must
+    be ready within `seconds` (the client's call timeout, as a unary call's wait would end),
+    else UnavailableError."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        raise UnavailableError(not_ready_message(seconds)) from None

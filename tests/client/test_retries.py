@@ -234,3 +234,35 @@ def test_a_refusal_after_response_headers_is_not_retried() -> None:
 def test_unusable_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TransferClient("localhost:1", **options)
+
+
+def _dead_target() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_stream_waiting_for_ready_gives_up_after_the_timeout() -> None:
+    """wait_for_ready on a FineTune stream (no deadline of its own) waits for the server as
+    long as a unary call would, then raises UNAVAILABLE, instead of waiting forever."""
+    import time
+
+    started = time.monotonic()
+    with (
+        pytest.raises(UnavailableError, match="no server became ready within 1 s"),
+        TransferClient(_dead_target(), wait_for_ready=True, timeout=1.0) as client,
+    ):
+        client.train("efficientnet_lite0", [(b"not used", "a")])
+    assert time.monotonic() - started < 10
+
+
+async def test_an_async_stream_waiting_for_ready_gives_up_after_the_timeout() -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="no server became ready within 1 s"):
+        async with AsyncTransferClient(_dead_target(), wait_for_ready=True, timeout=1.0) as client:
+            await client.train("efficientnet_lite0", [(b"not used", "a")])
+    assert time.monotonic() - started < 10
