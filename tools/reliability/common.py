@@ -85,6 +85,10 @@ def server_env(
         TRANSFER_GRACE_SECONDS=str(grace_seconds),
         TRANSFER_WEIGHTS_DIR=str(store_dir.parent / "no-weights"),
     )
+    # fp32 unless the caller's environment says otherwise: replicas and restarts are compared
+    # answer for answer, and TRANSFER_PRECISION=auto may choose differently on replicas that
+    # measure at once (bf16 answers also vary with the batch by ~1e-5).
+    env.setdefault("TRANSFER_PRECISION", "fp32")
     env.update(extra or {})
     return env
 
