@@ -14,6 +14,7 @@ import torch
 from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
 from transfer_service.backbones.calibration import calibration_inputs
 from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.backbones.measured_precision import PrecisionMeasurer
 from transfer_service.backbones.precision_choice import (
     DEFAULT_TOLERANCE,
     Candidate,
@@ -181,3 +182,30 @@ def test_the_real_measurement_picks_a_passing_precision_in_budget_and_restarts_r
     assert again.precision == loaded.precision
     assert again.measured_inputs_per_second == pytest.approx(loaded.measured_inputs_per_second)
     reopened.close()
+
+
+class ReplicaWritesWhileWeMeasure:
+    """A MeasurementStore another replica writes to between this one's read and its write."""
+
+    def __init__(self, theirs: PrecisionChoice) -> None:
+        self.theirs = theirs
+        self.reads = 0
+        self.writes: list[str] = []
+
+    def read_measurement(self, key: str) -> str | None:
+        self.reads += 1
+        return None if self.reads == 1 else self.theirs.to_json()
+
+    def write_measurement(self, key: str, value: str) -> None:
+        self.writes.append(value)
+
+
+def test_a_choice_another_replica_stored_meanwhile_is_adopted(lite0: LoadedBackbone) -> None:
+    theirs = PrecisionChoice("float32", 12.5, ())
+    store = ReplicaWritesWhileWeMeasure(theirs)
+    measurer = PrecisionMeasurer(store, torch.device("cpu"), 1)
+    examples = [
+        lite0.preprocessor.load(x, "calibration") for x in calibration_inputs(Modality.IMAGE)
+    ]
+    choice = measurer.choose(lite0.name, 48, lite0.at_precision, lite0.stack, examples[:8])
+    assert choice == theirs and store.writes == []  # measured, then took the stored one

@@ -144,6 +144,16 @@ class PrecisionMeasurer:
             self._threads,
             choice.summary(),
         )
+        # Replicas sharing a store that start together each measure; the first to store its
+        # choice wins, so that they serve alike (a narrow race remains: last write wins).
+        stored = self._read(key)
+        if stored is not None and stored.precision in names:
+            log.info(
+                "backbone %s precision %s, stored by another replica meanwhile",
+                backbone,
+                stored.precision,
+            )
+            return stored
         if self._store is not None:
             try:
                 self._store.write_measurement(key, choice.to_json())
