@@ -4,6 +4,7 @@ a second load on the same store reuses the stored choice instead of timing again
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,3 +210,15 @@ def test_a_choice_another_replica_stored_meanwhile_is_adopted(lite0: LoadedBackb
     ]
     choice = measurer.choose(lite0.name, 48, lite0.at_precision, lite0.stack, examples[:8])
     assert choice == theirs and store.writes == []  # measured, then took the stored one
+
+
+def test_training_features_stay_fp32_when_predict_runs_bf16(lite0: LoadedBackbone) -> None:
+    measured_bf16 = dataclasses.replace(lite0, compute_dtype=torch.bfloat16)
+    state = batches(lite0)[0]
+    stop = lite0.trunk.num_stages
+    exact = lite0.run_prefix(state, 0, stop)
+    for_training = measured_bf16.run_prefix(state, 0, stop, training=True)
+    for_predict = measured_bf16.run_prefix(state, 0, stop)
+    assert torch.equal(for_training, exact)  # heads train on exactly what fp32 computes
+    assert for_predict.dtype == torch.float32 and not torch.equal(for_predict, exact)
+    assert measured_bf16.precision == "bfloat16" and lite0.precision == "float32"
