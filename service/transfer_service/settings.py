@@ -193,10 +193,11 @@ class Settings(BaseSettings):
     training_torch_threads: int = Field(
         0,
         ge=0,
-        description="torch intra-op threads of a running training job; 0: as "
-        "TRANSFER_TORCH_THREADS. On a CPU, fewer (1 on a small machine) keep Predict latency "
-        "steady while a job runs: Predict batches then run on the remaining threads (at least "
-        "one) until it ends, and a job trains slower when no Predicts come.",
+        description="torch intra-op threads of a running training job. 0: the job yields to "
+        "Predict on a CPU (every core while no Predict batch started in the last 0.5 s, half "
+        "of them while Predicts come). A count below TRANSFER_TORCH_THREADS fixes the split "
+        "for the whole job (steady Predicts, a job alone trains slower); at or above it, the "
+        "job and Predict share every core.",
     )
     grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long in-flight calls get before the server stops."
