@@ -745,7 +745,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         address = arguments.address
         if address is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fuzz-")))
-            env = server_env(work / "store", preload="efficientnet_lite0,minilm_l6")
+            # Every answer is checked, not admission: the per-tenant rate (100 calls/s by
+            # default) would hold this one sequential caller to it.
+            env = server_env(
+                work / "store",
+                preload="efficientnet_lite0,minilm_l6",
+                extra={"TRANSFER_TENANT_REQUESTS_PER_SECOND": "0"},
+            )
             server = stack.enter_context(ServerProcess(env, work / "server.log"))
             server.wait_serving()
             address = server.address
