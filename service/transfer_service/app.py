@@ -151,6 +151,14 @@ class Application:
         self.store.close()
 
 
+def tenant_rate(settings: Settings) -> float:
+    """TRANSFER_TENANT_REQUESTS_PER_SECOND, or 50 per CPU when unset: a call's fixed cost is
+    CPU, so what one tenant's calls may take scales with the cores (100 on 2)."""
+    if settings.tenant_requests_per_second is not None:
+        return settings.tenant_requests_per_second
+    return 50.0 * default_intra_op_threads()
+
+
 def build_application(settings: Settings) -> Application:
     """Raises ConfigurationError when a setting points at something unusable."""
     # The building thread runs the event loop: one torch thread there (see torch_threads).
@@ -315,7 +323,7 @@ def build_application(settings: Settings) -> Application:
     health = HealthReporter()
     admission = TenantAdmission(
         AdmissionLimits(
-            settings.tenant_requests_per_second,
+            tenant_rate(settings),
             settings.tenant_request_burst,
             settings.tenant_max_in_flight,
             settings.tenant_admission_hold_ms / 1000.0,

@@ -232,13 +232,13 @@ class Settings(BaseSettings):
         description='JSON file {"token": "tenant", ...}; any token configured turns bearer '
         "auth on.",
     )
-    tenant_requests_per_second: float = Field(
-        100.0,
+    tenant_requests_per_second: float | None = Field(
+        None,
         ge=0,
-        description="Calls one tenant may start a second (a token bucket; 0: no limit). A call "
-        "over it waits for its tenant's next token, up to TRANSFER_TENANT_ADMISSION_HOLD_MS, "
-        "then is RESOURCE_EXHAUSTED with a retry-after-ms trailer. Without auth every caller "
-        "is one tenant.",
+        description="Calls one tenant may start a second (a token bucket; 0: no limit; unset: "
+        "50 per CPU this process may use, 100 on 2). A call over it waits for its tenant's "
+        "next token, up to TRANSFER_TENANT_ADMISSION_HOLD_MS, then is RESOURCE_EXHAUSTED with "
+        "a retry-after-ms trailer. Without auth every caller is one tenant.",
     )
     tenant_request_burst: int = Field(
         200, ge=1, description="Calls a tenant may start at once above its rate, after a pause."
