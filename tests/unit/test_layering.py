@@ -58,13 +58,14 @@ ALLOWED: dict[str, set[str]] = {
     | {"training.validation", "metrics"}
     | {"request_scope", "settings", ""},
     "app": {"*"},  # the composition root wires everything
+    "lifecycle": {"*"},  # the composition root's other half: start, retention, stop
     "__main__": {"app"},
     "": set(),  # the package's __init__
 }
 # Top-level modules that carry the wire: gRPC, protobuf and the generated stubs (which come
 # with the SDK's distribution).
 WIRE = {"grpc", "grpc_health", "grpc_reflection", "google", "transfer_client"}
-WIRE_ALLOWED = ("edge", "app")
+WIRE_ALLOWED = ("edge", "app", "lifecycle")
 # torch's training code (optimisers, schedulers), imported or reached as torch.optim.X.
 TRAINING_CODE = "torch.optim"
 TRAINING_ALLOWED = ("training",)
