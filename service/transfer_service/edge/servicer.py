@@ -19,7 +19,7 @@ from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
 
 from transfer_service.domain import LabeledExample
-from transfer_service.edge import convert
+from transfer_service.edge import convert, convert_jobs
 from transfer_service.edge.status_codes import status_code_for
 from transfer_service.edge.wire import MalformedRequest
 from transfer_service.errors import InvalidArgumentError, ServiceError
@@ -152,7 +152,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     ) -> AsyncIterator[pb.FineTuneEvent]:
         job = await self._ops.start_fine_tune(current_tenant(), convert.fine_tune_call(request))
         async for event in self._ops.watch_job(current_tenant(), job.job_id):
-            yield convert.event(event)
+            yield convert_jobs.event(event)
 
     @streaming
     async def WatchJob(
@@ -160,7 +160,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
     ) -> AsyncIterator[pb.FineTuneEvent]:
         events = self._ops.watch_job(current_tenant(), request.job_id, request.after_sequence)
         async for event in events:
-            yield convert.event(event)
+            yield convert_jobs.event(event)
 
     @unary
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
@@ -206,7 +206,7 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        return convert.job(await self._ops.get_job(current_tenant(), request.job_id))
+        return convert_jobs.job(await self._ops.get_job(current_tenant(), request.job_id))
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
@@ -218,11 +218,13 @@ class TransferServicer(pb_grpc.TransferServiceServicer):
             backbone=request.backbone,
             head_name=request.head_name,
         )
-        return pb.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=next_page)
+        return pb.ListJobsResponse(
+            jobs=[convert_jobs.job(j) for j in jobs], next_page_token=next_page
+        )
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
-        return convert.job(await self._ops.cancel_job(current_tenant(), request.job_id))
+        return convert_jobs.job(await self._ops.cancel_job(current_tenant(), request.job_id))
 
     @unary
     async def ListHeads(
