@@ -75,7 +75,10 @@ def test_by_default_a_cpu_share_does_not_split(training_threads: int) -> None:
     assert not share.splits
     assert share.training_threads == (training_threads or 2)
     with share.training():
-        assert share.predict_threads_now() == 2
+        # The default (0) yields: a running job takes half the cores back from Predict
+        # while Predicts arrive (issue 15), so the compute thread runs on what is left.
+        # A training count of every core or more neither splits nor yields.
+        assert share.predict_threads_now() == (1 if training_threads == 0 else 2)
 
 
 def test_fit_compute_thread_sets_the_calling_threads_count_while_a_job_runs() -> None:
