@@ -40,11 +40,11 @@ import torch
 if TYPE_CHECKING:
     from transfer_client import AsyncTransferClient
     from transfer_client.types import InputData
-    from transfer_service.app import Application
     from transfer_service.backbones.cache import LoadedBackbone
     from transfer_service.backbones.preprocess import Preprocessor
     from transfer_service.domain import ModelInput
     from transfer_service.heads import TaskHead
+    from transfer_service.lifecycle import Application
 
     from tests.conftest import RunningServer
 

@@ -73,7 +73,7 @@ from bench.common import (
 
 if TYPE_CHECKING:
     from transfer_client import AsyncTransferClient
-    from transfer_service.app import Application
+    from transfer_service.lifecycle import Application
 
     from tests.conftest import RunningServer
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from transfer_client.types import InputData
-from transfer_service.app import Application
+from transfer_service.lifecycle import Application
 
 from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transfer_client.types import InputData
-from transfer_service.app import Application
+from transfer_service.lifecycle import Application
 
 from bench.callers import Callers, add_callers_option, open_callers
 from bench.common import (

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transfer_client import AsyncTransferClient, TrainingConfig
-from transfer_service.app import Application
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.trunks import Trunk
 from transfer_service.domain import ModelInput
+from transfer_service.lifecycle import Application
 
 from bench.common import (
     Environment,

@@ -62,9 +62,9 @@ from typing import Any
 import numpy as np
 import torch
 from transfer_client import InputData, TrainingConfig, TransferClient
-from transfer_service.app import Application
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.trunks import Trunk
+from transfer_service.lifecycle import Application
 
 from bench.common import (
     CLIENT_TIMEOUT_S,

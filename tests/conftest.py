@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from transfer_client import TrainingConfig, TransferClient
-from transfer_service.app import Application, build_application
+from transfer_service.app import build_application
+from transfer_service.lifecycle import Application
 from transfer_service.settings import Settings
 
 from tests.datasets import bbc_news, fashion_mnist

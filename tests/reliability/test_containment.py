@@ -216,19 +216,29 @@ def test_an_out_of_memory_batch_fails_only_the_request_that_caused_it(
     image_head: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Out of memory simulated on CPU: a trunk pass over a batch holding any part of one
-    16-input request (marked by return_embedding, since a large request may be chunked when
-    the machine is slow) raises torch.OutOfMemoryError, as CUDA would. Small requests queued
+    """Out of memory simulated on CPU: a trunk pass (whole, or in segments) over a batch
+    holding any part of one 16-input request (marked by return_embedding, since a large
+    request may be chunked when the machine is slow) raises torch.OutOfMemoryError, as CUDA
+    would. Small requests queued
     into the same batch (behind a busy compute thread) must still succeed."""
     batcher = batcher_module.BackboneBatcher
     real = batcher._run_batch
+    real_in_segments = batcher._run_in_segments
 
     def run_batch(self: Any, batch: list[Any]) -> Any:
         if any(item.return_embedding for item in batch):
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real(self, batch)
 
+    async def run_in_segments(self: Any, batch: list[Any], stages: int) -> Any:
+        # A chunk of a large request may run its trunk in segments (issue 15): the same
+        # simulated failure there, as a segment's pass would raise it.
+        if any(item.return_embedding for item in batch):
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return await real_in_segments(self, batch, stages)
+
     monkeypatch.setattr(batcher, "_run_batch", run_batch)
+    monkeypatch.setattr(batcher, "_run_in_segments", run_in_segments)
     images = probe_images(4)
     busy = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=images[0])] * 300)
     small = pb.PredictRequest(head_id=image_head, inputs=[pb.Input(image=x) for x in images[:2]])
