@@ -10,7 +10,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,21 +104,6 @@ def _postgres(url: str) -> Backend:
         lambda head_id, data: update("weights", head_id, data),
         job_examples,
     )
-
-
-@pytest.fixture(params=["local", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local(tmp_path / "store")
-    url: str = request.getfixturevalue("database_url")
-    return _postgres(url)
-
-
-@pytest.fixture()
-def store(backend: Backend) -> Iterator[Store]:
-    opened = backend.open()
-    yield opened
-    opened.close()
 
 
 def head(

@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,28 +30,10 @@ from tests.unit.test_store_contract import (
     T0,
     WEIGHTS,
     Backend,
-    _local,
-    _postgres,
     event,
     head,
     job,
 )
-
-
-# The contract suite's fixtures: each test runs against both backends.
-@pytest.fixture(params=["local", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local(tmp_path / "store")
-    url: str = request.getfixturevalue("database_url")
-    return _postgres(url)
-
-
-@pytest.fixture()
-def store(backend: Backend) -> Iterator[Store]:
-    opened = backend.open()
-    yield opened
-    opened.close()
 
 
 def saved(store: Store, head_id: str, *, name: str = "cats", tenant: str = "default") -> int:

@@ -4,29 +4,9 @@ LocalStore and PostgresStore on a real PostgreSQL, as the contract suite does.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from transfer_service.store.interface import Store
 
-from tests.unit.test_store_contract import Backend, _local, _postgres
-
-
-@pytest.fixture(params=["local", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local(tmp_path / "store")
-    url: str = request.getfixturevalue("database_url")
-    return _postgres(url)
-
-
-@pytest.fixture()
-def store(backend: Backend) -> Iterator[Store]:
-    opened = backend.open()
-    yield opened
-    opened.close()
-
+from tests.unit.test_store_contract import Backend
 
 KEY = "precision/v1/efficientnet_lite0/input224/cpu/0123456789abcdef/float32,bfloat16"
 
