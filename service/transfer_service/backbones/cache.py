@@ -27,6 +27,7 @@ from transfer_service.backbones.catalog import (
 from transfer_service.backbones.compiled import WARM_UP_BATCH_SIZES, CompiledStages, warm_up_inputs
 from transfer_service.backbones.measured_precision import DTYPE_NAMES, DTYPES, PrecisionMeasurer
 from transfer_service.backbones.preprocess import Preprocessor
+from transfer_service.backbones.serving_path import ServingPath, ServingPathSlot
 from transfer_service.backbones.trunks import Trunk
 from transfer_service.errors import FailedPreconditionError, NotFoundError
 from transfer_service.store.interface import MeasurementStore
@@ -47,11 +48,24 @@ class LoadedBackbone:
     # on exact features, the same on every machine), the forced precision otherwise.
     training_dtype: torch.dtype = torch.float32
     measured_inputs_per_second: float = 0.0  # of compute_dtype at load; 0: not measured
+    # Predict's current way through the frozen stages (backbones/serving_path.py): set by the
+    # cache at load; a faster verified runner may be installed in it later. None: eager at
+    # compute_dtype (copies made for one precision, e.g. `at_precision`).
+    serving: ServingPathSlot | None = None
 
     @property
     def precision(self) -> str:
-        """Predict's trunk precision: "float32", "bfloat16" or "float16"."""
+        """Predict's trunk precision now: "float32", "bfloat16", "float16" or "int8"."""
+        if self.serving is not None and self.serving.current.runner is not None:
+            return self.serving.current.precision
         return DTYPE_NAMES[self.compute_dtype]
+
+    @property
+    def serving_inputs_per_second(self) -> float:
+        """What Predict's current path measured (0: not measured)."""
+        if self.serving is not None and self.serving.current.runner is not None:
+            return self.serving.current.inputs_per_second
+        return self.measured_inputs_per_second
 
     @property
     def name(self) -> str:
@@ -79,6 +93,10 @@ class LoadedBackbone:
         full-precision inputs."""
         if start == stop:
             return state
+        runner = None if training or self.serving is None else self.serving.current.runner
+        if runner is not None:  # installed after load: it returns fp32 itself
+            with torch.no_grad():
+                return runner.run(state, start, stop)
         dtype = self.training_dtype if training else self.compute_dtype
         # Compiled graphs are specialised to the serving dtype's autocast state.
         eager = self.compiled is None or dtype != self.compute_dtype
@@ -94,7 +112,7 @@ class LoadedBackbone:
     def at_precision(self, dtype: torch.dtype) -> Callable[[Any], torch.Tensor]:
         """A first-stage batch -> pooled features [B, D] through the whole trunk at `dtype`
         (eagerly), as Predict would compute them: a precision candidate."""
-        eager = replace(self, compute_dtype=dtype, compiled=None)
+        eager = replace(self, compute_dtype=dtype, compiled=None, serving=None)
 
         def features(state: Any) -> torch.Tensor:
             with torch.inference_mode():
@@ -235,6 +253,13 @@ class BackboneCache:
             loaded = self._measured(loaded)
         if self._compile:
             loaded = self._compiled(loaded)
+        initial = ServingPath(
+            loaded.precision,
+            loaded.measured_inputs_per_second,
+            compiled=loaded.compiled is not None,
+            description=f"{'compiled' if loaded.compiled else 'eager'} {loaded.precision}",
+        )
+        loaded = replace(loaded, serving=ServingPathSlot(initial))
         log.info(
             "loaded backbone %s on %s, %s compute%s (%.1f MB) in %.2fs",
             spec.name,

@@ -149,7 +149,7 @@ def backbone(status: BackboneStatus) -> pb.Backbone:
         message.device = str(status.loaded.device)
         message.resident_bytes = status.loaded.resident_bytes
         message.precision = status.loaded.precision
-        message.measured_inputs_per_second = status.loaded.measured_inputs_per_second
+        message.measured_inputs_per_second = status.loaded.serving_inputs_per_second
     elif status.available:
         message.state = pb.BACKBONE_STATE_AVAILABLE
     else:
