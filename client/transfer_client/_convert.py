@@ -109,6 +109,7 @@ def backbone_from_pb(message: pb.Backbone) -> Backbone:
         resident_bytes=message.resident_bytes,
         precision=message.precision,
         measured_inputs_per_second=_float32(message.measured_inputs_per_second),
+        compiled=message.compiled,
     )
 
 

@@ -60,7 +60,10 @@ class Backbone:
     """Numeric precision the loaded trunk runs Predict at ("float32", "bfloat16", "float16",
     "int8"); empty when not loaded."""
     measured_inputs_per_second: float = 0.0
-    """Inputs per second that precision measured at load (0: not measured)."""
+    """Inputs per second Predict's current path measured (0: not measured)."""
+    compiled: bool = False
+    """Whether Predict runs the frozen stages through torch.compile graphs now (compiled at
+    load, or swapped in while serving once verified and timed faster)."""
 
 
 @dataclass(frozen=True, slots=True)

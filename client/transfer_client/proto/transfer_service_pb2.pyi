@@ -105,6 +105,7 @@ class Backbone(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     MEASURED_INPUTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    COMPILED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     modality: Global___Modality.ValueType
     architecture: _builtins.str
@@ -131,6 +132,11 @@ class Backbone(_message.Message):
     """Images (or texts) per second the chosen precision measured at load (0: not measured,
     e.g. a precision forced by the setting).
     """
+    compiled: _builtins.bool
+    """Whether Predict runs its frozen stages through torch.compile graphs now: compiled at load
+    (TRANSFER_COMPILE=true), or swapped in while serving once they were verified against fp32
+    and timed faster (TRANSFER_COMPILE=auto, the default).
+    """
     def __init__(
         self,
         *,
@@ -148,10 +154,11 @@ class Backbone(_message.Message):
         resident_bytes: _builtins.int = ...,
         precision: _builtins.str = ...,
         measured_inputs_per_second: _builtins.float = ...,
+        compiled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "device", b"device", "feature_dim", b"feature_dim", "input_size", b"input_size", "measured_inputs_per_second", b"measured_inputs_per_second", "modality", b"modality", "name", b"name", "parameter_count", b"parameter_count", "precision", b"precision", "pretrained_on", b"pretrained_on", "resident_bytes", b"resident_bytes", "state", b"state", "unavailable_reason", b"unavailable_reason", "unfreezable_blocks", b"unfreezable_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "compiled", b"compiled", "device", b"device", "feature_dim", b"feature_dim", "input_size", b"input_size", "measured_inputs_per_second", b"measured_inputs_per_second", "modality", b"modality", "name", b"name", "parameter_count", b"parameter_count", "precision", b"precision", "pretrained_on", b"pretrained_on", "resident_bytes", b"resident_bytes", "state", b"state", "unavailable_reason", b"unavailable_reason", "unfreezable_blocks", b"unfreezable_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -150,6 +150,10 @@ def backbone(status: BackboneStatus) -> pb.Backbone:
         message.resident_bytes = status.loaded.resident_bytes
         message.precision = status.loaded.precision
         message.measured_inputs_per_second = status.loaded.serving_inputs_per_second
+        serving = status.loaded.serving
+        message.compiled = (
+            serving.current.compiled if serving is not None else status.loaded.compiled is not None
+        )
     elif status.available:
         message.state = pb.BACKBONE_STATE_AVAILABLE
     else:
