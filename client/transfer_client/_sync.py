@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
@@ -18,12 +17,8 @@ from transfer_client._channel import ChannelOptions
 from transfer_client._client_base import ClientBase
 from transfer_client._core import RequestT, ResponseT, ResultT, translated_errors
 from transfer_client._history import HistoryBuilder, TrainingHistory
-from transfer_client._sync_streams import (
-    EventStream,
-    GuardedRequests,
-    IdleWatchdog,
-    await_channel_ready,
-)
+from transfer_client._sync_job_events import JobEventStreams
+from transfer_client._sync_streams import GuardedRequests
 from transfer_client.errors import TransferError
 from transfer_client.proto import transfer_service_pb2 as pb
 from transfer_client.proto import transfer_service_pb2_grpc as pb_grpc
@@ -166,7 +161,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         reattach = core.Reattach(
             self._reattach_seconds, job_id=job_id, after_sequence=after_sequence
         )
-        return self._followed(reattach, None)
+        return self._events.followed(reattach, None)
 
     def job_history(self, job_id: str, *, follow: bool = False) -> TrainingHistory:
         """The job's per-epoch (or, for the cross-validated solver, per-C) table, from its
@@ -177,7 +172,7 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         builder = HistoryBuilder(job_id, until)
         if not builder.done:
             reattach = core.Reattach(self._reattach_seconds, job_id=job_id)
-            with contextlib.closing(self._followed(reattach, None)) as events:
+            with contextlib.closing(self._events.followed(reattach, None)) as events:
                 for event in events:
                     if builder.add(event):
                         break
@@ -346,62 +341,15 @@ class TransferClient(ClientBase[Iterator[FineTuneEvent]]):
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.TransferServiceStub(self._channel)
-
-    def _fine_tune(self, request: pb.FineTuneRequest) -> Generator[FineTuneEvent]:
-        return self._followed(core.Reattach(self._reattach_seconds), request)
-
-    def _open_events(
-        self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
-    ) -> EventStream:
-        if reattach.job_id:
-            return self._stub.WatchJob(
-                reattach.watch_request(),
-                metadata=self._metadata,
-                wait_for_ready=None if reattach.broken else self._wait_for_ready,
-            )
-        assert fine_tune is not None
-        if self._wait_for_ready and not reattach.broken:
-            await_channel_ready(
-                self._channel, core.ready_wait_seconds(self._timeout, self._reattach_seconds)
-            )
-        return self._stub.FineTune(
-            fine_tune,
-            metadata=self._metadata,
-            # After a break the loop does the waiting, within reattach_seconds: a stream has
-            # no deadline, so one waiting for the server to be ready would never end.
-            wait_for_ready=None if reattach.broken else self._wait_for_ready,
+        self._events = JobEventStreams(
+            self._channel,
+            self._stub,
+            self._metadata,
+            self._wait_for_ready,
+            self._timeout,
+            self._reattach_seconds,
+            self._stream_idle_seconds,
         )
 
-    def _followed(
-        self, reattach: core.Reattach, fine_tune: pb.FineTuneRequest | None
-    ) -> Generator[FineTuneEvent]:
-        """A job's events across broken streams: the FineTune (sent again, same request,
-        until its first event names the job) or WatchJob from the last event seen."""
-        while True:
-            call = self._open_events(reattach, fine_tune)
-            watchdog = IdleWatchdog(call, self._stream_idle_seconds)
-            try:
-                with translated_errors():
-                    for message in call:
-                        watchdog.touch()
-                        event = core.event_from_pb(message)
-                        if event is not None and reattach.is_new(event):
-                            watchdog.pause()  # the caller's time with the event is not idle
-                            yield event
-                            watchdog.touch()
-                return
-            except TransferError as caught:
-                error = caught
-                if watchdog.fired:  # our own cancel: the stream went silent
-                    assert self._stream_idle_seconds is not None
-                    error = core.stream_idle(self._stream_idle_seconds)
-                delay = reattach.delay(error)
-                if delay is None:
-                    if error is caught:
-                        raise
-                    raise error from caught
-                time.sleep(delay)
-            finally:
-                watchdog.stop()
-                # Ends the stream when the caller stops early; the job itself keeps running.
-                call.cancel()
+    def _fine_tune(self, request: pb.FineTuneRequest) -> Generator[FineTuneEvent]:
+        return self._events.followed(core.Reattach(self._reattach_seconds), request)

@@ -17,7 +17,8 @@ from transfer_client.proto import transfer_service_pb2 as pb
 
 
 class EventStream(Protocol):
-    """A server-streaming call as far as `_followed` uses it (the stubs leave `cancel` untyped)."""
+    """A server-streaming call as far as `JobEventStreams` uses it (the stubs leave `cancel`
+    untyped)."""
 
     def __iter__(self) -> Iterator[pb.FineTuneEvent]: ...
     def cancel(self) -> bool: ...
