@@ -21,17 +21,27 @@ anyway: two renderers to keep honest. And neither fits this display better: both
 of known length with a fixed set of columns, while a cross-validation has no known length and
 the useful fields change per phase; tqdm fits a narrow terminal by shrinking the bar and then
 cutting the line's end, whatever is there, and rich by column widths set up front, where this
-display drops whole fields by priority. That logic is a few lines (`fit`).
+display drops whole fields by priority. That logic is a few lines (`fit`, in
+_progress_fields.py, with the fields of each phase).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
 from typing import TextIO
 
 from transfer_client import _render as render
+from transfer_client._progress_fields import (
+    Field,
+    TriedC,
+    cross_validation_fields,
+    epoch_fields,
+    extracted,
+    extraction_fields,
+    final_fit_fields,
+    fit,
+)
 from transfer_client.types import (
     CandidateResult,
     FineTuneEvent,
@@ -51,22 +61,7 @@ EXTRACTING = "extracting_features"
 CROSS_VALIDATION = "cross_validation"
 TRAINING = "training"
 
-_BAR_WIDTH = 16
 _FALLBACK_COLUMNS = 80
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    text: str
-    keep: int
-    """Lower is dropped later: 0 is never dropped (the phase), 1 the ETA."""
-
-
-@dataclass(frozen=True, slots=True)
-class _TriedC:
-    c: float
-    validation_loss: float
-    validation_accuracy: float | None
 
 
 class ProgressDisplay:
@@ -86,7 +81,7 @@ class ProgressDisplay:
         self._drawn_width = 0  # length of the line currently being redrawn, 0 if none
         self._plan: TrainingPlan | None = None
         self._validation: tuple[float | None, float | None] = (None, None)  # loss, accuracy
-        self._tried_c: list[_TriedC] = []
+        self._tried_c: list[TriedC] = []
         self._unfrozen: int | None = None  # trunk blocks training in the current epoch
         self._last: TrainingProgress | None = None
         self.job_id = ""
@@ -135,9 +130,9 @@ class ProgressDisplay:
     def _progress(self, progress: TrainingProgress) -> None:
         last, self._last = self._last, progress
         if progress.phase == EXTRACTING:
-            self._show(extraction_fields(progress), stage_done=_extracted(progress))
+            self._show(extraction_fields(progress), stage_done=extracted(progress))
             return
-        if last is not None and last.phase == EXTRACTING and not _extracted(last):
+        if last is not None and last.phase == EXTRACTING and not extracted(last):
             # The server coalesces step updates, its last extraction one included: the
             # next phase is what says extraction finished.
             self._show(extraction_fields(last, finished=True), stage_done=True)
@@ -145,7 +140,7 @@ class ProgressDisplay:
             # Solver "lbfgs_cv" ends with one fit at the chosen C, reported as one epoch.
             self._show(final_fit_fields(progress, self._best_c()), stage_done=True)
         elif progress.phase == CROSS_VALIDATION and progress.regularization_c is not None:
-            tried = _TriedC(
+            tried = TriedC(
                 progress.regularization_c,
                 progress.validation_loss if progress.validation_loss is not None else math.inf,
                 progress.validation_accuracy,
@@ -160,7 +155,7 @@ class ProgressDisplay:
             fields = epoch_fields(progress, self._validation, self._unfrozen_text())
             self._show(fields, stage_done=progress.epoch_end)
 
-    def _best_c(self) -> _TriedC:
+    def _best_c(self) -> TriedC:
         """The lowest held-out loss so far, ties to the smaller C: how the server picks."""
         return min(self._tried_c, key=lambda tried: (tried.validation_loss, tried.c))
 
@@ -203,7 +198,7 @@ class ProgressDisplay:
 
     # --- drawing -----------------------------------------------------------------------------
 
-    def _show(self, fields: list[_Field], stage_done: bool) -> None:
+    def _show(self, fields: list[Field], stage_done: bool) -> None:
         if self._redraw_in_place:
             self._redraw(fit(fields, self._width() - 1))
             if stage_done:
@@ -301,103 +296,6 @@ def _result(metrics: TrainingMetrics) -> str:
         text += f" (majority baseline {render.percent(metrics.majority_baseline_accuracy)}"
         text += ")" if metrics.beats_baseline else ", NOT beaten)"
     return text
-
-
-def _extracted(progress: TrainingProgress) -> bool:
-    return progress.total_steps > 0 and progress.step >= progress.total_steps
-
-
-def extraction_fields(progress: TrainingProgress, *, finished: bool = False) -> list[_Field]:
-    """`finished`: the phase is over though `progress` (the last update seen) is not at its
-    end; its time is then unknown and left out."""
-    done = progress.total_steps if finished else progress.step
-    fields = [
-        _Field("extracting features", 0),
-        _Field(_bar(replace(progress, step=done)), 6),
-        _Field(f"{done}/{progress.total_steps} inputs", 2),
-        _Field(f"{progress.examples_per_second:.1f} inputs/s", 3),
-    ]
-    if _extracted(progress):
-        fields.append(_Field(f"in {render.duration(progress.elapsed_seconds)}", 1))
-    elif not finished:
-        fields.append(_Field(f"ETA {render.duration(progress.eta_seconds)}", 1))
-    return fields
-
-
-def final_fit_fields(progress: TrainingProgress, best: _TriedC) -> list[_Field]:
-    return [
-        _Field(f"final fit at C={best.c:.3g}:", 0),
-        _Field(f"train loss {loss(progress.train_loss)}", 1),
-        _Field(f"train acc {render.percent(progress.train_accuracy)}", 2),
-    ]
-
-
-def cross_validation_fields(progress: TrainingProgress, tried: int, best: _TriedC) -> list[_Field]:
-    assert progress.regularization_c is not None
-    return [
-        _Field(f"cross-validating C={progress.regularization_c:.3g}", 0),
-        _Field(f"({tried} tried)", 5),
-        _Field(f"val acc {render.percent(progress.validation_accuracy)}", 2),
-        _Field(f"val loss {loss(progress.validation_loss)}", 3),
-        _Field(f"best C={best.c:.3g} ({render.percent(best.validation_accuracy)})", 1),
-        _Field(f"train acc {render.percent(progress.train_accuracy)}", 4),
-    ]
-
-
-def epoch_fields(
-    progress: TrainingProgress,
-    validation: tuple[float | None, float | None],
-    unfrozen: str,
-) -> list[_Field]:
-    validation_loss, validation_accuracy = validation
-    fields = [
-        _Field(f"epoch {progress.epoch}/{progress.epochs}", 0),
-        _Field(_bar(progress), 7),
-    ]
-    if progress.total_steps:
-        fields.append(_Field(f"step {progress.step}/{progress.total_steps}", 5))
-    fields.append(_Field(f"loss {loss(progress.train_loss)}", 2))
-    fields.append(_Field(f"acc {render.percent(progress.train_accuracy)}", 4))
-    if validation_loss is not None:
-        fields.append(_Field(f"val loss {loss(validation_loss)}", 3))
-    if validation_accuracy is not None:
-        fields.append(_Field(f"val acc {render.percent(validation_accuracy)}", 2))
-    if unfrozen:
-        fields.append(_Field(unfrozen, 5))
-    if not progress.epoch_end or progress.step < progress.total_steps:
-        fields.append(_Field(f"ETA {render.duration(progress.eta_seconds)}", 1))
-    if progress.examples_per_second:
-        fields.append(_Field(f"{progress.examples_per_second:.0f} ex/s", 6))
-    return fields
-
-
-def fit(fields: list[_Field], width: int) -> str:
-    """The fields in order, joined by spaces, without those (least worth keeping first) that
-    would make the line wider than `width`."""
-    kept = list(fields)
-    while len(line := " ".join(f.text for f in kept)) > width and len(kept) > 1:
-        kept.remove(max(reversed(kept), key=lambda f: f.keep))  # the last of the least kept
-    return line[:width]
-
-
-def loss(value: float | None) -> str:
-    """4 significant digits, or scientific below 1e-3 (a loss of 0.0004 is not 0.000)."""
-    if value is None:
-        return "-"
-    if value != 0 and abs(value) < 1e-3:
-        return f"{value:.3e}"
-    return f"{value:#.4g}"
-
-
-def _bar(progress: TrainingProgress) -> str:
-    if progress.total_steps:
-        fraction = progress.step / progress.total_steps
-    elif progress.epochs:
-        fraction = progress.epoch / progress.epochs
-    else:
-        fraction = 0.0
-    filled = round(min(max(fraction, 0.0), 1.0) * _BAR_WIDTH)
-    return "[" + "#" * filled + "-" * (_BAR_WIDTH - filled) + "]"
 
 
 def terminal_columns(stream: TextIO) -> int:

@@ -27,7 +27,8 @@ from transfer_client import (
 )
 from transfer_client import _progress as progress_module
 from transfer_client._cli import main
-from transfer_client._progress import ProgressDisplay, loss
+from transfer_client._progress import ProgressDisplay
+from transfer_client._progress_fields import loss
 
 from tests.conftest import RunningServer
 
