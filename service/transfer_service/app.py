@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
+from transfer_service.backbones.background_upgrade import BackgroundUpgrader
 from transfer_service.backbones.cache import BackboneCache
 from transfer_service.backbones.catalog import PreprocessingOptions, default_catalog
+from transfer_service.backbones.upgrade_candidates import UpgradeCandidates
 from transfer_service.domain import HeadRecord
 from transfer_service.edge.request_interceptor import RequestInterceptor
 from transfer_service.edge.server import HealthReporter, create_server
@@ -88,20 +90,32 @@ def build_application(settings: Settings) -> Application:
             raise ConfigurationError(f"TRANSFER_DATABASE_URL: {exc.message}") from exc
     else:
         store = LocalStore(settings.store_dir, recreate_database=settings.recreate_database)
+    options = PreprocessingOptions(
+        settings.image_size, settings.max_text_tokens, settings.max_image_pixels
+    )
+    # TRANSFER_COMPILE=auto: faster serving paths built after SERVING, swapped in when
+    # verified and faster (backbones/background_upgrade.py); "true" compiles at load instead.
+    upgrader = None
+    if settings.compile == "auto":
+        upgrader = BackgroundUpgrader(
+            store=store,
+            options=options,
+            predict_threads=cpu_share.predict_threads,
+            candidates=UpgradeCandidates(settings.precision),
+        )
     backbones = BackboneCache(
         default_catalog(),
         weights_dir=settings.weights_dir,
         device=device,
-        options=PreprocessingOptions(
-            settings.image_size, settings.max_text_tokens, settings.max_image_pixels
-        ),
+        options=options,
         budget_bytes=settings.backbone_cache_bytes,
         precision=settings.precision,
-        compile=settings.compile,
+        compile=settings.compile == "true",
         measurements=store,
         predict_threads=cpu_share.predict_threads,
         on_event=lambda event, name: metrics.cache_event(event, "backbone"),
         on_load=metrics.cache_load.labels(cache="backbone").observe,
+        on_loaded=upgrader.offer if upgrader is not None else None,
     )
     heads = HeadCache(
         backbones,
@@ -281,6 +295,7 @@ def build_application(settings: Settings) -> Application:
         port=port,
         metrics_port=metrics_port,
         pools=(blocking_pool, compute_pool, export_pool),
+        upgrader=upgrader,
     )
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
+from transfer_service.backbones.background_upgrade import BackgroundUpgrader
 from transfer_service.backbones.cache import BackboneCache
 from transfer_service.edge.request_interceptor import RequestInterceptor
 from transfer_service.edge.server import HealthReporter
@@ -40,6 +41,7 @@ class Application:
     port: int
     metrics_port: int | None
     pools: tuple[ThreadPoolExecutor, ...]  # (blocking/preprocessing, Predict compute, ...)
+    upgrader: BackgroundUpgrader | None = None  # TRANSFER_COMPILE=auto
     retention: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
@@ -60,6 +62,8 @@ class Application:
             backbone = await loop.run_in_executor(self.pools[0], self.backbones.get, name)
             await self.predictor.warm_up(backbone)
         await self.health.set_serving(True)
+        if self.upgrader is not None:  # after SERVING: no request waits for a compile
+            self.upgrader.start()
 
     async def _apply_job_retention(self) -> None:
         """Deletes finished jobs (and their events) older than TRANSFER_JOB_RETENTION_SECONDS:
@@ -90,6 +94,8 @@ class Application:
         replica). One deadline covers the whole stop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.grace_seconds
+        if self.upgrader is not None:  # a compile running now finishes in its daemon thread
+            self.upgrader.close()
         # Refusing first: no call is answered after a client could have read NOT_SERVING.
         self.interceptor.begin_draining()
         await self.health.servicer.enter_graceful_shutdown()

@@ -8,6 +8,16 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# What pydantic reads as a bool, for TRANSFER_COMPILE's old bool spellings.
+_BOOL_SPELLINGS = {
+    "1": "true",
+    "yes": "true",
+    "on": "true",
+    "0": "false",
+    "no": "false",
+    "off": "false",
+}
+
 
 def _default_weights_dir() -> Path:
     # torchvision's own cache layout, so weights fetched by torchvision are found as they are.
@@ -70,11 +80,16 @@ class Settings(BaseSettings):
         "the store per machine fingerprint. An explicit value forces it for Predict and "
         "training. Heads always run in fp32.",
     )
-    compile: bool = Field(
-        False,
-        description="torch.compile each loaded backbone's frozen stages, warmed up at batch "
-        "sizes 1, 2 and 16: a slower first load (minutes on a small CPU) for faster "
-        "steady-state inference. A compile failure fails the load.",
+    compile: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="torch.compile of each loaded backbone's frozen stages. 'auto': after "
+        "SERVING, one low-priority background thread builds faster candidates (compiled "
+        "stages; int8 on CPU for image backbones under TRANSFER_PRECISION=auto), checks each "
+        "against fp32 on the calibration set, times it against the serving path and swaps in "
+        "the fastest that is >= 5% faster; the verdict is kept in the store per machine "
+        "fingerprint. 'true': compiled at load, warmed up at batch sizes 1, 2 and 16 (a "
+        "slower load, minutes on a small CPU; a compile failure fails the load). 'false': "
+        "eager only.",
     )
     weights_dir: Path = Field(
         default_factory=_default_weights_dir,
@@ -268,6 +283,18 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TRANSFER_TLS_CLIENT_CA_FILE (mutual TLS) needs TLS: set the cert")
         return self
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_spelling(cls, value: object) -> object:
+        """The setting was a bool before 'auto': its spellings (1/0, yes/no, on/off) still
+        mean 'true'/'false'."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return _BOOL_SPELLINGS.get(word, word)
+        return value
 
     @field_validator("preload_backbones", mode="before")
     @classmethod

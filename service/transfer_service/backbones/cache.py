@@ -157,11 +157,14 @@ class BackboneCache:
         on_load: Callable[[float], None] | None = None,
         measurements: MeasurementStore | None = None,
         predict_threads: int = 1,
+        on_loaded: Callable[[LoadedBackbone], None] | None = None,
     ) -> None:
         """`measurements` keeps 'auto' precision choices across restarts (none: measured at
         every load); `predict_threads`: the Predict compute thread's torch threads, which the
-        measurement runs on."""
+        measurement runs on; `on_loaded` sees each backbone once it is resident (the
+        background upgrade of TRANSFER_COMPILE=auto queues it)."""
         self._on_load = on_load or (lambda seconds: None)
+        self._on_loaded = on_loaded or (lambda loaded: None)
         self._forced_dtype = forced_compute_dtype(precision)
         self._measurer = PrecisionMeasurer(measurements, device, predict_threads)
         self._compile = compile
@@ -229,6 +232,7 @@ class BackboneCache:
             with self._lock:
                 self._loaded[name] = loaded
                 self._evict_over_budget(keep=name)
+            self._on_loaded(loaded)
             return loaded
 
     def _load(self, spec: BackboneSpec) -> LoadedBackbone:

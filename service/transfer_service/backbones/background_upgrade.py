@@ -1,0 +1,344 @@
+"""TRANSFER_COMPILE=auto: after SERVING, faster ways through each loaded backbone's frozen stages
+are built in the background and swapped in once verified and timed faster (issue 20).
+
+One daemon thread, at lowered CPU priority, takes one backbone at a time (start-up ones, then
+any loaded later). For each candidate (backbones/upgrade_candidates.py) it builds the runner,
+checks its pooled features against the fp32 eager trunk on the shipped calibration set with
+the precision chooser's Tolerance, and times it against the backbone's current serving path
+in paired rounds (backbones/upgrade_choice.py). The fastest that passes and is at least
+REQUIRED_SPEEDUP faster is installed in the backbone's ServingPathSlot; Predict never waits
+for any of it, and a candidate that fails only costs a log line. The verdict is stored per
+machine fingerprint: a restart builds only the winner, checks it again and installs it
+without timing, or builds nothing when nothing won.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from transfer_service.backbones.cache import LoadedBackbone
+from transfer_service.backbones.catalog import PreprocessingOptions
+from transfer_service.backbones.compiled_runner import UpgradeCancelled
+from transfer_service.backbones.measured_precision import machine_fingerprint
+from transfer_service.backbones.precision_choice import DEFAULT_TOLERANCE, Tolerance, agreement
+from transfer_service.backbones.serving_path import ServingPath, StageRunner
+from transfer_service.backbones.upgrade_candidates import UpgradeCandidate
+from transfer_service.backbones.upgrade_choice import (
+    PairedTimer,
+    UpgradeFigures,
+    UpgradeVerdict,
+    choose_winner,
+    pooled_features,
+    shipped_batches,
+    time_paired,
+    upgrade_key,
+)
+from transfer_service.store.interface import MeasurementStore
+from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_threads
+
+log = logging.getLogger(__name__)
+
+# The upgrade thread's nice value (Linux; its compiler child processes inherit it). CFS weighs
+# nice 10 at ~1/9 of nice 0, so while Predict keeps the cores busy the build gets about a
+# tenth of them and still finishes; when the cores are idle it runs at full speed.
+UPGRADE_NICENESS = 10
+
+Candidates = Callable[[LoadedBackbone], list[UpgradeCandidate]]
+OnOutcome = Callable[[str, str], None]  # (backbone, outcome)
+
+
+class BackgroundUpgrader:
+    def __init__(
+        self,
+        *,
+        store: MeasurementStore | None,
+        options: PreprocessingOptions,
+        predict_threads: int,
+        candidates: Candidates,
+        tolerance: Tolerance = DEFAULT_TOLERANCE,
+        timer: PairedTimer = time_paired,
+        niceness: int = UPGRADE_NICENESS,
+        on_outcome: OnOutcome | None = None,
+    ) -> None:
+        """`predict_threads`: the Predict compute thread's torch threads, which the builds
+        (inductor sizes its kernels' loops by them) and the timings run on."""
+        self._store = store
+        self._options = options
+        self._predict_threads = predict_threads
+        self._candidates = candidates
+        self._tolerance = tolerance
+        self._timer = timer
+        self._niceness = niceness
+        self._on_outcome = on_outcome or (lambda backbone, outcome: None)
+        self._queue: queue.SimpleQueue[LoadedBackbone | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def offer(self, loaded: LoadedBackbone) -> None:
+        """Queues a freshly loaded backbone (the cache's load hook); it is upgraded after
+        start(), in the order offered."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put(loaded)
+
+    def start(self) -> None:
+        """Starts the thread (the server reports SERVING first: start-up never waits)."""
+        if self._thread is None and not self._stopping.is_set():
+            self._thread = threading.Thread(target=self._run, name="backbone-upgrade", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stops the upgrades without waiting: a step running now (a compile, say) may finish
+        in the daemon thread, but nothing more is built, timed, stored or installed."""
+        self._stopping.set()
+        self._queue.put(None)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every backbone offered so far was dealt with within `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _cancelled(self) -> bool:
+        return self._stopping.is_set()
+
+    def _run(self) -> None:
+        use_intra_op_threads(1)  # this thread only waits; the work runs on fresh threads
+        _lower_priority(self._niceness)
+        while True:
+            loaded = self._queue.get()
+            if loaded is None or self._cancelled():
+                return
+            outcome = "failed"
+            try:
+                outcome = self._upgrade(loaded)
+            except UpgradeCancelled:
+                outcome = "cancelled"
+                log.info("backbone %s: background upgrade cancelled (stopping)", loaded.name)
+            except Exception:  # Predict keeps its path; a bug here must not end the thread
+                log.exception("backbone %s: background upgrade failed", loaded.name)
+            self._on_outcome(loaded.name, outcome)
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def _upgrade(self, loaded: LoadedBackbone) -> str:
+        """One backbone, on a fresh thread at the Predict thread count (its OpenMP team ends
+        with it); returns the outcome for logs and metrics."""
+        import torch._inductor.config as inductor  # heavy: imported in auto mode only
+
+        outcomes: list[str] = []
+
+        # One compile thread: inductor's default pool (a process per CPU) would compete with
+        # Predict for the cores. Dynamic threads: kernels use the calling thread's OpenMP
+        # count at run time, so they follow CpuShare's per-batch count instead of the one
+        # they were compiled under.
+        with inductor.patch({"compile_threads": 1, "cpp.dynamic_threads": True}):
+            run_in_fresh_thread(
+                lambda: outcomes.append(self._upgrade_here(loaded)),
+                f"upgrade-{loaded.name}",
+                self._predict_threads,
+            )
+        return outcomes[0]
+
+    def _upgrade_here(self, loaded: LoadedBackbone) -> str:
+        candidates = self._candidates(loaded)
+        if not candidates or loaded.serving is None:
+            return "no_candidates"
+        names = [candidate.name for candidate in candidates]
+        fingerprint = machine_fingerprint(loaded.device, self._predict_threads)
+        input_size = loaded.spec.input_size(self._options)
+        key = upgrade_key(loaded.name, input_size, loaded.device, fingerprint, names)
+        stored = self._read(key)
+        if stored is not None and stored.winner is None:
+            log.info(
+                "backbone %s: no faster serving path (measured before on this machine: %s)",
+                loaded.name,
+                stored.summary(),
+            )
+            return "stored_none"
+        calibration_batches, timing_batches = shipped_batches(loaded)
+        with torch.inference_mode():
+            fp32 = loaded.at_precision(torch.float32)
+            reference = torch.cat([fp32(batch) for batch in calibration_batches])
+        if stored is not None and stored.winner in names:
+            winner = next(c for c in candidates if c.name == stored.winner)
+            return self._reinstall(loaded, winner, stored, calibration_batches, reference)
+        return self._measure(
+            loaded, candidates, key, calibration_batches, timing_batches, reference
+        )
+
+    def _reinstall(
+        self,
+        loaded: LoadedBackbone,
+        winner: UpgradeCandidate,
+        stored: UpgradeVerdict,
+        calibration_batches: Sequence[Any],
+        reference: torch.Tensor,
+    ) -> str:
+        """The stored winner, built and checked again (it is cheap next to timing), installed
+        with its stored rate."""
+        figures, runner = self._build_and_check(loaded, winner, calibration_batches, reference)
+        remembered = stored.winner_figures()
+        if runner is None or not figures.passed or remembered is None:
+            log.warning(
+                "backbone %s: the stored winner %s no longer passes: %s",
+                loaded.name,
+                winner.name,
+                figures.summary(),
+            )
+            return "stored_rejected"
+        self._install(loaded, winner, runner, remembered.inputs_per_second)
+        log.info(
+            "backbone %s: serving path %s, its check %s (chosen before on this machine: %s)",
+            loaded.name,
+            winner.name,
+            figures.summary(),
+            stored.summary(),
+        )
+        return "installed"
+
+    def _measure(
+        self,
+        loaded: LoadedBackbone,
+        candidates: list[UpgradeCandidate],
+        key: str,
+        calibration_batches: Sequence[Any],
+        timing_batches: Sequence[Any],
+        reference: torch.Tensor,
+    ) -> str:
+        started = time.perf_counter()
+        serving = pooled_features(loaded, None)
+        all_figures: list[UpgradeFigures] = []
+        runners: dict[str, StageRunner] = {}
+        for candidate in candidates:
+            figures, runner = self._build_and_check(
+                loaded, candidate, calibration_batches, reference
+            )
+            if runner is not None and figures.passed:
+                try:
+                    with torch.inference_mode():
+                        serving_rate, rate = self._timer(
+                            serving,
+                            pooled_features(loaded, runner),
+                            timing_batches,
+                            self._cancelled,
+                        )
+                except Exception as exc:
+                    log.warning("candidate %s failed its timing", candidate.name, exc_info=True)
+                    figures = UpgradeFigures(candidate.name, False, error=_reason(exc))
+                else:
+                    figures = replace(
+                        figures, inputs_per_second=rate, serving_inputs_per_second=serving_rate
+                    )
+                    runners[candidate.name] = runner
+            if self._cancelled():
+                raise UpgradeCancelled
+            log.info("backbone %s: candidate %s", loaded.name, figures.summary())
+            all_figures.append(figures)
+        verdict = UpgradeVerdict(choose_winner(all_figures), tuple(all_figures))
+        log.info(
+            "backbone %s: serving path %s after %.1fs of background work on %d threads: %s",
+            loaded.name,
+            verdict.winner or "unchanged (no candidate passed and was faster)",
+            time.perf_counter() - started,
+            self._predict_threads,
+            verdict.summary(),
+        )
+        self._write(key, verdict)
+        winner = verdict.winner_figures()
+        if winner is None:
+            return "none_faster"
+        chosen = next(c for c in candidates if c.name == winner.candidate)
+        self._install(loaded, chosen, runners[chosen.name], winner.inputs_per_second)
+        return "installed"
+
+    def _build_and_check(
+        self,
+        loaded: LoadedBackbone,
+        candidate: UpgradeCandidate,
+        calibration_batches: Sequence[Any],
+        reference: torch.Tensor,
+    ) -> tuple[UpgradeFigures, StageRunner | None]:
+        """The candidate's runner and its agreement with fp32; (figures with the error, None)
+        when it cannot be built or run. Raises UpgradeCancelled once stopping."""
+        if self._cancelled():
+            raise UpgradeCancelled
+        started = time.perf_counter()
+        try:
+            runner = candidate.build(loaded, calibration_batches, self._cancelled)
+            built = time.perf_counter() - started
+            if self._cancelled():
+                raise UpgradeCancelled
+            features = pooled_features(loaded, runner)
+            with torch.inference_mode():
+                got = torch.cat([features(b) for b in calibration_batches])
+        except UpgradeCancelled:
+            raise
+        except Exception as exc:
+            if self._cancelled():  # the candidate's own cancellation, or a fault on the way out
+                raise UpgradeCancelled from exc
+            log.warning("candidate %s failed on %s", candidate.name, loaded.name, exc_info=True)
+            return UpgradeFigures(candidate.name, False, error=_reason(exc)), None
+        if got.shape != reference.shape:
+            error = f"features {tuple(got.shape)}, expected {tuple(reference.shape)}"
+            return UpgradeFigures(candidate.name, False, build_seconds=built, error=error), None
+        mean, worst = agreement(reference, got)
+        passed = mean >= self._tolerance.mean_cosine and worst >= self._tolerance.min_cosine
+        return UpgradeFigures(candidate.name, passed, mean, worst, build_seconds=built), runner
+
+    def _install(
+        self, loaded: LoadedBackbone, candidate: UpgradeCandidate, runner: StageRunner, rate: float
+    ) -> None:
+        if self._cancelled():
+            raise UpgradeCancelled
+        assert loaded.serving is not None  # checked in _upgrade_here
+        path = ServingPath(candidate.precision, rate, runner, candidate.compiled, candidate.name)
+        loaded.serving.install(path)
+
+    def _read(self, key: str) -> UpgradeVerdict | None:
+        if self._store is None:
+            return None
+        try:
+            text = self._store.read_measurement(key)
+            return None if text is None else UpgradeVerdict.from_json(text)
+        except Exception:  # unreadable or from older code: measure again
+            log.warning("ignoring an unreadable stored upgrade verdict (%s)", key)
+            return None
+
+    def _write(self, key: str, verdict: UpgradeVerdict) -> None:
+        if self._store is None or self._cancelled():
+            return
+        try:
+            self._store.write_measurement(key, verdict.to_json())
+        except Exception:  # a store fault costs a measurement at the next start, no more
+            log.warning("could not store the upgrade verdict (%s)", key)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line only: torch appends pages of debugging hints."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def _lower_priority(niceness: int) -> None:
+    """Lowers the calling thread's CPU priority (Linux: nice is per thread, and the threads
+    and processes it starts inherit it)."""
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread_id = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, max(current, niceness))
+    except OSError as exc:
+        log.warning("could not lower the upgrade thread's priority: %s", exc)
