@@ -141,6 +141,8 @@ def bench_server(
     values: dict[str, object] = {"image_size": None, "metrics_port": -1, "log_level": "WARNING"}
     # make_settings pins the tests' fp32; a benchmark serves what a deployment would.
     values["precision"] = os.environ.get("TRANSFER_PRECISION", "auto")
+    # make_settings pins compile off too; TRANSFER_COMPILE=auto measures the background swap.
+    values["compile"] = os.environ.get("TRANSFER_COMPILE", "false")
     values.update(overrides)
     with contextlib.ExitStack() as stack:
         if store_dir is None:

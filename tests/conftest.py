@@ -78,6 +78,8 @@ def make_settings(store_dir: Path, **overrides: object) -> Settings:
         # Measured precision (auto) may pick bf16: tests comparing paths want exact fp32,
         # and a measurement at every server start would cost seconds.
         "precision": "fp32",
+        # No background compile (TRANSFER_COMPILE=auto): it would eat CI's 2 cores.
+        "compile": "false",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -89,6 +89,9 @@ def server_env(
     # answer for answer, and TRANSFER_PRECISION=auto may choose differently on replicas that
     # measure at once (bf16 answers also vary with the batch by ~1e-5).
     env.setdefault("TRANSFER_PRECISION", "fp32")
+    # No background compile (TRANSFER_COMPILE=auto) either: it swaps paths mid-run and eats
+    # the cores the runs measure.
+    env.setdefault("TRANSFER_COMPILE", "false")
     env.update(extra or {})
     return env
 
