@@ -60,53 +60,69 @@ class HeadCatalog:
 
     async def resolve_head(self, tenant: str, text: str, field: str = "head_id") -> LoadedHead:
         """The loaded head `text` refers to, its record read once: from the cache, or from
-        the store by the load itself, owner-checked before its weights are read. A text
-        without "@" is tried as a head id first, then as a name."""
+        the store by the load itself, owner-checked before its weights are read."""
+
+        async def by_id(head_id: str, resident: LoadedHead | None, not_found: str) -> LoadedHead:
+            return (
+                resident if resident is not None else await self._load(tenant, head_id, not_found)
+            )
+
+        async def by_name(ref: HeadRef, not_found: str) -> LoadedHead:
+            for attempt in range(2):
+                entry = await self._head_name(tenant, ref.name, not_found, fresh=attempt > 0)
+                head_id = _version_id(entry, ref, not_found)
+                try:
+                    return await self._load(tenant, head_id, not_found)
+                except NotFoundError:
+                    # The cached name pointed at a version deleted since (by another
+                    # replica): read the name again, once.
+                    if attempt:
+                        raise
+            raise AssertionError("unreachable")
+
+        return await self._by_id_or_name(tenant, text, field, by_id, by_name)
+
+    async def _head_record(self, tenant: str, text: str) -> tuple[HeadRecord, HeadName | None]:
+        """The record of the head `text` refers to, for calls that need no weights (GetHead,
+        DeleteHead), read once from the store, with its name's entry when `text` named it
+        (read fresh, so another replica's alias moves show at once; None for a head id)."""
+
+        async def by_id(
+            head_id: str, resident: LoadedHead | None, not_found: str
+        ) -> tuple[HeadRecord, HeadName | None]:
+            # Read even when resident: a head deleted by another replica is NOT_FOUND here too.
+            return await self._record(tenant, head_id, not_found), None
+
+        async def by_name(ref: HeadRef, not_found: str) -> tuple[HeadRecord, HeadName | None]:
+            entry = await self._head_name(tenant, ref.name, not_found, fresh=True)
+            return await self._record(tenant, _version_id(entry, ref, not_found), not_found), entry
+
+        return await self._by_id_or_name(tenant, text, "head_id", by_id, by_name)
+
+    async def _by_id_or_name(
+        self,
+        tenant: str,
+        text: str,
+        field: str,
+        by_id: Callable[[str, LoadedHead | None, str], Awaitable[T]],
+        by_name: Callable[[HeadRef, str], Awaitable[T]],
+    ) -> T:
+        """The one rule for what a reference names. With "@" it is a name. Without, it is a
+        head id when a head by that id is resident here, or, when no cached name is spelled
+        so, when the store has it (`by_id` raising NotFoundError: not an id); else a bare
+        name. `by_id(head_id, the resident head or None, not_found)`,
+        `by_name(ref, not_found)`."""
         ref = parse_head_ref(field, text)
         not_found = f"{field}: no head {text!r}"
         if not ref.by_name:
             resident = self._heads.get_resident(ref.text, self._admit(tenant, not_found))
             if resident is not None:
-                return resident
+                return await by_id(ref.text, resident, not_found)
             if self._names.lookup(tenant, ref.text) is None:
                 with contextlib.suppress(NotFoundError):
-                    return await self._load(tenant, ref.text, not_found)
+                    return await by_id(ref.text, None, not_found)
             ref = HeadRef(text, name=text)
-        for attempt in range(2):
-            entry = await self._head_name(tenant, ref.name, not_found, fresh=attempt > 0)
-            version = version_of(entry, ref)
-            if version is None:
-                raise NotFoundError(not_found)
-            try:
-                return await self._load(tenant, entry.versions[version], not_found)
-            except NotFoundError:
-                # The cached name pointed at a version deleted since (by another replica):
-                # read the name again, once.
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def head_id_of(self, tenant: str, text: str, field: str = "head_id") -> str:
-        """The id of the head `text` refers to, for calls that need no weights (GetHead,
-        DeleteHead): the same rules as resolve_head, without loading."""
-        ref = parse_head_ref(field, text)
-        not_found = f"{field}: no head {text!r}"
-        if not ref.by_name:
-            resident = self._heads.get_resident(ref.text, self._admit(tenant, not_found))
-            if resident is not None:
-                return ref.text
-            if self._names.lookup(tenant, ref.text) is None:
-                try:
-                    await self._record(tenant, ref.text, not_found)
-                    return ref.text
-                except NotFoundError:
-                    pass
-            ref = HeadRef(text, name=text)
-        entry = await self._head_name(tenant, ref.name, not_found, fresh=True)
-        version = version_of(entry, ref)
-        if version is None:
-            raise NotFoundError(not_found)
-        return entry.versions[version]
+        return await by_name(ref, not_found)
 
     def _admit(self, tenant: str, not_found: str) -> Callable[[HeadRecord], None]:
         def admit(record: HeadRecord) -> None:
@@ -157,9 +173,11 @@ class HeadCatalog:
         return record
 
     async def get_head(self, tenant: str, text: str) -> tuple[HeadRecord, tuple[str, ...]]:
-        """The head's record and the aliases of its name that point at it."""
-        head_id = await self.head_id_of(tenant, text)
-        record = await self._record(tenant, head_id, f"head_id: no head {text!r}")
+        """The head's record and the aliases of its name that point at it: the store read
+        once for each (a reference by name has read the name already)."""
+        record, entry = await self._head_record(tenant, text)
+        if entry is not None:
+            return record, entry.aliases_of(record.version)
         return record, await self._aliases_of(record)
 
     async def _aliases_of(self, record: HeadRecord) -> tuple[str, ...]:
@@ -221,8 +239,7 @@ class HeadCatalog:
         # Answers NOT_FOUND to everyone but the owner, damaged head or not; an
         # UnreadableHeadError that comes through is the owner's, who may delete it.
         with contextlib.suppress(UnreadableHeadError):
-            head_id = await self.head_id_of(tenant, text)
-            record = await self._record(tenant, head_id, f"head_id: no head {text!r}")
+            record, _ = await self._head_record(tenant, text)
         head_id = record.head_id if record is not None else ref.text
         # Out of the cache before the files go (no more hits meanwhile) and again after: the
         # second discard also stops a Predict that was loading it from caching it.
@@ -269,6 +286,14 @@ class HeadCatalog:
     def head_saved(self, record: HeadRecord) -> None:
         """A version trained here: `name` and `name@latest` answer with it at once."""
         self._names.invalidate(record.tenant, record.name)
+
+
+def _version_id(entry: HeadName, ref: HeadRef, not_found: str) -> str:
+    """The head id of the version `ref` selects in `entry`; NotFoundError if none."""
+    version = version_of(entry, ref)
+    if version is None:
+        raise NotFoundError(not_found)
+    return entry.versions[version]
 
 
 def _check_owner(owner: str, tenant: str, not_found_message: str) -> None:

@@ -1,7 +1,7 @@
 """RPCs over a head's whole model, beside operations.py: Predict with several heads on one
 backbone, and ExportHead (the head with its backbone as one ONNX file).
 
-Heads are resolved as a single-head Predict resolves them (TransferOperations.resolve_head):
+Heads are resolved as a single-head Predict resolves them (HeadCatalog.resolve_head):
 another tenant's head is NOT_FOUND, exactly like a missing one, and is refused before
 anything about it (its backbone) shows in an answer.
 """
