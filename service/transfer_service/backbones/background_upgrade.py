@@ -236,7 +236,7 @@ class BackgroundUpgrader:
                             self._cancelled,
                         )
                 except Exception as exc:
-                    log.warning("candidate %s failed its timing", candidate.name, exc_info=True)
+                    _log_failure(loaded, candidate, " its timing", exc)
                     figures = UpgradeFigures(candidate.name, False, error=_reason(exc))
                 else:
                     figures = replace(
@@ -289,7 +289,7 @@ class BackgroundUpgrader:
         except Exception as exc:
             if self._cancelled():  # the candidate's own cancellation, or a fault on the way out
                 raise UpgradeCancelled from exc
-            log.warning("candidate %s failed on %s", candidate.name, loaded.name, exc_info=True)
+            _log_failure(loaded, candidate, "", exc)
             return UpgradeFigures(candidate.name, False, error=_reason(exc)), None
         if got.shape != reference.shape:
             error = f"features {tuple(got.shape)}, expected {tuple(reference.shape)}"
@@ -324,6 +324,20 @@ class BackgroundUpgrader:
             self._store.write_measurement(key, verdict.to_json())
         except Exception:  # a store fault costs a measurement at the next start, no more
             log.warning("could not store the upgrade verdict (%s)", key)
+
+
+def _log_failure(
+    loaded: LoadedBackbone, candidate: UpgradeCandidate, where: str, exc: BaseException
+) -> None:
+    """One line with the reason; the traceback (pages, for a compile) at debug level."""
+    log.warning(
+        "backbone %s: candidate %s failed%s (serving as before): %s",
+        loaded.name,
+        candidate.name,
+        where,
+        _reason(exc),
+    )
+    log.debug("candidate %s failure", candidate.name, exc_info=exc)
 
 
 def _reason(exc: BaseException) -> str:
