@@ -1,16 +1,17 @@
-"""int8 for the frozen image trunk on CPU (issue 20): PyTorch's maintained path, PT2E with the
-x86 Inductor quantiser (torchao; torch 2.14 no longer ships torch.ao's PT2E), static int8
-activations and per-channel int8 weights, calibrated on the shipped calibration set, then
-compiled by inductor (which is what turns the quantise/dequantise pairs into int8 kernels).
+"""int8 for the frozen image trunk on CPU (issue 20), as the service builds it:
+`transfer_service.backbones.int8_stages` (per-stage PT2E with torchao's x86 Inductor quantiser,
+static int8 activations and per-channel int8 weights, calibrated on the shipped calibration
+set, each stage compiled by inductor with freezing; the stages in FP32_STAGES stay fp32).
 
-Reported: the time to quantise and to compile, the pooled features' cosine similarity to
-fp32 on the shipped set and on 100 Fashion-MNIST test images (the precision chooser's
-tolerance: >= 0.99 mean, >= 0.98 min), and alternating rounds of fp32 / bf16 autocast /
-int8 rates at batch 1 + 8 (medians of 5 per size per round).
+Reported: the time to build the runner (quantise + compile + warm up batch sizes 1, 2, 16), the
+pooled features' cosine similarity to fp32 on the shipped set and on 100 Fashion-MNIST test
+images (the precision chooser's tolerance: >= 0.99 mean, >= 0.98 min), for bf16 autocast and
+int8, and alternating rounds of fp32 / bf16 autocast / int8 rates at batch 1 + 8 (medians of
+5 per size per round), all on the eager trunk as Predict runs it (channels-last).
+`--sensitivity` first quantises each stage alone (eager PT2E, not compiled) and prints what it
+costs the pooled features: how FP32_STAGES was chosen.
 
-torchao is not a dependency of the service; install it beside this run, e.g.
-    pip install --target /tmp/ao --no-deps torchao==0.18.0
-    PYTHONPATH=/tmp/ao:. .venv/bin/python -m bench.int8_trunk [--rounds 3] [--fp32-stages 0,1,7,8]
+    .venv/bin/python -m bench.int8_trunk [--image-size 224] [--rounds 3] [--fp32-stages 1,2]
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.calibration import calibration_inputs
+from transfer_service.backbones.int8_stages import FP32_STAGES, build_int8_runner, quantised_stage
+from transfer_service.backbones.precision_choice import agreement
 from transfer_service.domain import Modality, ModelInput
 
 from bench.common import Environment, median, parser, table
@@ -31,37 +33,7 @@ from tests.datasets import fashion_mnist
 from tests.devices import backbone_cache
 
 Features = Callable[[torch.Tensor], torch.Tensor]
-
-
-class WholeTrunk(nn.Module):
-    """Every frozen stage and the pooling, as one module to export: [B, 3, H, W] -> [B, D]."""
-
-    def __init__(self, loaded: LoadedBackbone) -> None:
-        super().__init__()
-        self.stages = loaded.trunk.stages
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
-            images = stage(images)
-        return images.mean(dim=(2, 3))
-
-
-def quantised(
-    model: nn.Module, calibration: Sequence[torch.Tensor], fp32_stages: Sequence[int]
-) -> nn.Module:
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    batch = torch.export.Dim("batch", min=1, max=64)
-    exported = torch.export.export(model, (calibration[0],), dynamic_shapes=({0: batch},)).module()
-    quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    for index in fp32_stages:  # left unquantised
-        quantizer.set_module_name_qconfig(f"stages.{index}", None)
-    prepared = prepare_pt2e(exported, quantizer)  # type: ignore[arg-type]
-    for images in calibration:
-        prepared(images)
-    return convert_pt2e(prepared)  # type: ignore[no-any-return]
+BACKBONE = "efficientnet_lite0"
 
 
 def features(run: Features, batches: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,19 +54,54 @@ def rate(run: Features, timing: Sequence[torch.Tensor]) -> float:
     return sum(int(images.shape[0]) for images in timing) / seconds
 
 
+def sensitivity(loaded: LoadedBackbone, batches: Sequence[torch.Tensor]) -> list[tuple[str, ...]]:
+    """Per stage, quantised alone: its own output's cosine to fp32, and the pooled features'."""
+    trunk = loaded.trunk
+    with torch.no_grad():
+        states = [list(batches)]
+        for stage in trunk.stages:
+            states.append([stage(state) for state in states[-1]])
+        reference = torch.cat([trunk.pool(state) for state in states[-1]])
+        rows = []
+        for index in range(trunk.num_stages):
+            started = time.perf_counter()
+            outputs = [
+                quantised_stage(trunk.stages[index], states[index])(s) for s in states[index]
+            ]
+            seconds = time.perf_counter() - started
+            local = agreement(
+                torch.cat([s.flatten(1) for s in states[index + 1]]),
+                torch.cat([s.flatten(1) for s in outputs]),
+            )
+            for stage in trunk.stages[index + 1 :]:
+                outputs = [stage(state) for state in outputs]
+            mean, worst = agreement(reference, torch.cat([trunk.pool(s) for s in outputs]))
+            rows.append(
+                (
+                    str(index),
+                    f"{local[0]:.5f} / {local[1]:.5f}",
+                    f"{mean:.5f} / {worst:.5f}",
+                    f"{1 - mean:.5f}",
+                    f"{seconds:.1f}",
+                )
+            )
+    return rows
+
+
 def main() -> None:
     arguments = parser(__doc__ or "")
     arguments.add_argument("--rounds", type=int, default=3)
     arguments.add_argument(
         "--fp32-stages",
-        default="",
-        help="comma-separated stage indices left in fp32 (e.g. 0,1,7,8); default: none",
+        default=None,
+        help="comma-separated stage indices left in fp32 (default: FP32_STAGES; '' for none)",
     )
+    arguments.add_argument("--sensitivity", action="store_true")
     options = arguments.parse_args()
     environment = Environment()
     side = options.image_size or 224
-    loaded = backbone_cache(side, precision="fp32").get("efficientnet_lite0")
-    model = WholeTrunk(loaded).eval()
+    loaded = backbone_cache(side, precision="fp32").get(BACKBONE)
+    trunk = loaded.trunk
 
     def stack(inputs: Sequence[ModelInput]) -> Any:
         return loaded.stack([loaded.preprocessor.load(x, "input") for x in inputs])
@@ -104,44 +111,48 @@ def main() -> None:
     fashion = [ModelInput(image=png) for png, _ in fashion_mnist(10, split="test", seed=7)]
     fashion_batches = [stack(fashion[i : i + 8]) for i in range(0, len(fashion), 8)]
 
-    started = time.perf_counter()
-    with torch.no_grad():
-        fp32_stages = [int(i) for i in options.fp32_stages.split(",") if i]
-        converted = quantised(model, shipped_batches[:3], fp32_stages)
-    quantise_seconds = time.perf_counter() - started
-    import torch._inductor.config as inductor
+    if options.sensitivity:
+        print(f"## {BACKBONE} at {side} px: each stage quantised alone (shipped set)\n")
+        header = ("stage", "stage output cos mean / min", "pooled cos mean / min", "1 - mean", "s")
+        print(table(header, sensitivity(loaded, shipped_batches)))
+        print()
 
-    inductor.freezing = True  # the frozen weights as constants: int8 weight pre-packing
-    int8 = torch.compile(converted)
-    timing = [stack(shipped[:1]), stack(shipped[:8])]
+    if options.fp32_stages is None:
+        fp32_stages = FP32_STAGES[BACKBONE]
+    else:
+        fp32_stages = frozenset(int(i) for i in options.fp32_stages.split(",") if i)
     started = time.perf_counter()
-    with torch.no_grad():
-        for images in timing:
-            int8(images)
-    compile_seconds = time.perf_counter() - started
+    runner = build_int8_runner(loaded, shipped_batches, lambda: False, fp32_stages=fp32_stages)
+    build_seconds = time.perf_counter() - started
+
+    def fp32(images: torch.Tensor) -> torch.Tensor:
+        return trunk.pool(trunk.run_stages(images, 0, trunk.num_stages))
 
     def bf16(images: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(images)  # type: ignore[no-any-return]
+            return fp32(images)
+
+    def int8(images: torch.Tensor) -> torch.Tensor:
+        return trunk.pool(runner.run(images, 0, trunk.num_stages))
 
     agreement_rows = []
     for name, batches in (
         ("shipped set (30)", shipped_batches),
         ("Fashion-MNIST test (100)", fashion_batches),
     ):
-        reference = features(model, batches)
-        for label, run in (("bf16 autocast", bf16), ("int8 PT2E", int8)):
-            cosine = torch.nn.functional.cosine_similarity(features(run, batches), reference, dim=1)
-            agreement_rows.append((name, label, f"{cosine.mean():.4f}", f"{cosine.min():.4f}"))
-    rates: dict[str, list[float]] = {"fp32": [], "bf16 autocast": [], "int8 PT2E": []}
+        reference = features(fp32, batches)
+        for label, run in (("bf16 autocast", bf16), ("int8", int8)):
+            mean, worst = agreement(reference, features(run, batches))
+            agreement_rows.append((name, label, f"{mean:.4f}", f"{worst:.4f}"))
+    timing = [stack(shipped[:1]), stack(shipped[:8])]
+    rates: dict[str, list[float]] = {"fp32": [], "bf16 autocast": [], "int8": []}
     with torch.no_grad():
         for _ in range(options.rounds):
-            for label, run in (("fp32", model), ("bf16 autocast", bf16), ("int8 PT2E", int8)):
+            for label, run in (("fp32", fp32), ("bf16 autocast", bf16), ("int8", int8)):
                 rates[label].append(rate(run, timing))
     print(
-        f"## efficientnet_lite0 int8 (fp32 stages: {options.fp32_stages or 'none'}) at "
-        f"{side} px: quantise {quantise_seconds:.1f} s, "
-        f"compile {compile_seconds:.1f} s\n"
+        f"## {BACKBONE} int8 stages (fp32 stages: {sorted(fp32_stages) or 'none'}) at {side} px: "
+        f"built (quantise + compile + warm up 1, 2, 16) in {build_seconds:.1f} s\n"
     )
     print(table(("inputs", "candidate", "cosine mean", "cosine min"), agreement_rows))
     print()
