@@ -125,7 +125,7 @@ def test_the_watcher_reconnects_checks_at_once_and_hears_notifications_again(
     database_url: str, writer: PostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pg_head_changes, "CHECK_SECONDS", 3600.0)
-    monkeypatch.setattr(pg_head_changes, "FIRST_BACKOFF_SECONDS", 1.0)
+    monkeypatch.setattr(HeadWatcher, "first_backoff_seconds", 1.0)
     writer.save_head(head("h1"), weights(1.0))
     writer.save_head(head("h2"), weights(2.0))
     replica = Replica(database_url, {"h1", "h2"})

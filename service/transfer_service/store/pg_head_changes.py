@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 
-from transfer_service.store.pg_pool import Connection, Database, keep_listening
+from transfer_service.store.pg_pool import Connection, Database, ListenerThread
 
 CHANNEL = "transfer_heads"
 # A head name whose versions or aliases changed (issue 18): payload JSON [tenant, name]. The
@@ -27,9 +26,6 @@ NAMES_CHANNEL = "transfer_head_names"
 # How often the backstop checks the resident heads (seconds); a module default so that a
 # deployment (or a test) can change it.
 CHECK_SECONDS = 1.0
-# Reconnect backoff after the connection drops: doubled per failure up to the maximum.
-FIRST_BACKOFF_SECONDS = 0.1
-MAX_BACKOFF_SECONDS = 5.0
 # The longest the thread waits for a notification before looking at the clock and at close().
 _POLL_SECONDS = 0.2
 
@@ -48,7 +44,7 @@ def notify_head_changed(conn: Connection, head_id: str) -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, head_id))
 
 
-class HeadWatcher:
+class HeadWatcher(ListenerThread):
     """Calls `on_changed(head_id)` for every head another replica (or this one) deletes or
     replaces: at once on its notification, and within `check_seconds` (plus one query) when
     the notification was lost. Start with `start()`, stop with `close()` (returns within
@@ -63,44 +59,18 @@ class HeadWatcher:
         check_seconds: float | None = None,
         on_name_changed: Callable[[str, str], None] = lambda tenant, name: None,
     ) -> None:
-        self._db = db
+        # `connected` is set from the first check on, while LISTENing.
+        super().__init__(db, [CHANNEL, NAMES_CHANNEL], name="head watcher")
         self._on_changed = on_changed
         self._on_name_changed = on_name_changed
         self._resident = resident
         # Read before every wait: a change applies at once.
         self.check_seconds = CHECK_SECONDS if check_seconds is None else check_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="head-watcher", daemon=True)
         # Content fingerprints of resident heads as the previous check saw them (this
         # thread's own).
         self._seen: dict[str, str] = {}
-        self.connected = threading.Event()  # set while LISTENing, from the first check on
         self.backend_pid: int | None = None
         self.checks = 0  # backstop queries run, for tests and logs
-        self.reconnects = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        keep_listening(
-            self._db,
-            [CHANNEL, NAMES_CHANNEL],
-            self._stop,
-            self._serve,
-            name="head watcher",
-            on_reconnect=self._reconnected,
-            first_backoff=FIRST_BACKOFF_SECONDS,  # read now: a test may have changed them
-            max_backoff=MAX_BACKOFF_SECONDS,
-        )
-
-    def _reconnected(self) -> None:
-        self.reconnects += 1
 
     def _serve(self, conn: Connection) -> None:
         self.backend_pid = conn.info.backend_pid

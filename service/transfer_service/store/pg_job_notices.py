@@ -12,17 +12,13 @@ there is no backstop here (the callers poll the store as well)."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
-from transfer_service.store.pg_pool import Connection, Database, keep_listening
+from transfer_service.store.pg_pool import Connection, Database, ListenerThread
 
 EVENTS_CHANNEL = "transfer_job_events"
 QUEUED_CHANNEL = "transfer_jobs_queued"
 CANCEL_CHANNEL = "transfer_job_cancel"
-# Reconnect backoff after the connection drops: doubled per failure up to the maximum.
-FIRST_BACKOFF_SECONDS = 0.1
-MAX_BACKOFF_SECONDS = 5.0
 # The longest the thread waits for a notification before looking at close().
 _POLL_SECONDS = 0.2
 
@@ -41,7 +37,7 @@ def notify_cancel(conn: Connection, job_id: str) -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, job_id))
 
 
-class JobWatcher:
+class JobWatcher(ListenerThread):
     """Calls `on_events(job_id)`, `on_queued()` or `on_cancel(job_id)` for each notice, from
     its own thread. Start with `start()`, stop with `close()` (returns within about 0.2 s)."""
 
@@ -52,39 +48,12 @@ class JobWatcher:
         on_queued: Callable[[], None],
         on_cancel: Callable[[str], None],
     ) -> None:
-        self._db = db
         self._handlers: dict[str, Callable[[str], None]] = {
             EVENTS_CHANNEL: on_events,
             QUEUED_CHANNEL: lambda _: on_queued(),
             CANCEL_CHANNEL: on_cancel,
         }
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
-        self.connected = threading.Event()  # set while LISTENing
-        self.reconnects = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        keep_listening(
-            self._db,
-            list(self._handlers),
-            self._stop,
-            self._serve,
-            name="job watcher",
-            on_reconnect=self._reconnected,
-            first_backoff=FIRST_BACKOFF_SECONDS,
-            max_backoff=MAX_BACKOFF_SECONDS,
-        )
-
-    def _reconnected(self) -> None:
-        self.reconnects += 1
+        super().__init__(db, list(self._handlers), name="job watcher")
 
     def _serve(self, conn: Connection) -> None:
         self.connected.set()

@@ -216,6 +216,54 @@ def keep_listening(
             stop.wait(max_backoff)
 
 
+class ListenerThread:
+    """A daemon thread of its own running keep_listening on `channels`: each connection goes
+    to `_serve`, which a subclass writes (it returns once `_stop` is set). Start with
+    `start()`, stop with `close()` (returns once `_serve` sees `_stop`, plus any query in
+    flight). `connected` is for `_serve` to set while it listens; `reconnects` counts the
+    times the database dropped the connection and it came back."""
+
+    # Reconnect backoff after the connection drops: doubled per failure up to the maximum;
+    # read when the thread starts (a test may change them).
+    first_backoff_seconds = 0.1
+    max_backoff_seconds = 5.0
+
+    def __init__(self, db: Database, channels: Sequence[str], *, name: str) -> None:
+        self._db = db
+        self._channels = tuple(channels)
+        self._name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name.replace(" ", "-"), daemon=True)
+        self.connected = threading.Event()
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _serve(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        keep_listening(
+            self._db,
+            self._channels,
+            self._stop,
+            self._serve,
+            name=self._name,
+            on_reconnect=self._reconnected,
+            first_backoff=self.first_backoff_seconds,
+            max_backoff=self.max_backoff_seconds,
+        )
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
