@@ -63,9 +63,9 @@ class HeadCatalog:
         the store by the load itself, owner-checked before its weights are read."""
 
         async def by_id(head_id: str, resident: LoadedHead | None, not_found: str) -> LoadedHead:
-            return (
-                resident if resident is not None else await self._load(tenant, head_id, not_found)
-            )
+            if resident is not None:
+                return resident
+            return await self._load(tenant, head_id, not_found)
 
         async def by_name(ref: HeadRef, not_found: str) -> LoadedHead:
             for attempt in range(2):
