@@ -139,13 +139,7 @@ def evaluate(
     loss_sum, correct = 0.0, 0
     with torch.inference_mode():
         for chunk in torch.split(rows, 256):
-            device_chunk = chunk.to(context.device)
-            if probe:
-                logits = head.classify(data.pooled.index_select(0, device_chunk))
-            else:
-                assert data.prefix_states is not None
-                states = [data.prefix_states[i] for i in chunk.tolist()]
-                logits = head(context.backbone.trunk.collate(states))
+            device_chunk, logits = _chunk_logits(context, head, data, chunk, probe)
             targets = labels.index_select(0, device_chunk)
             loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(dim=1) == targets).sum())
@@ -168,13 +162,7 @@ def held_out_logits(
     with torch.inference_mode():
         for chunk in torch.split(rows, 256):
             context.raise_if_cancelled()
-            device_chunk = chunk.to(context.device)
-            if probe:
-                logits = head.classify(data.pooled.index_select(0, device_chunk))
-            else:
-                assert data.prefix_states is not None
-                states = [data.prefix_states[i] for i in chunk.tolist()]
-                logits = head(context.backbone.trunk.collate(states))
+            _, logits = _chunk_logits(context, head, data, chunk, probe)
             chunks.append(logits.float().cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
@@ -183,3 +171,22 @@ def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
     """Per-class weights [C] from class counts [C]: inverse frequency, mean 1 over the
     examples counted."""
     return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+def _chunk_logits(
+    context: SolverContext,
+    head: TaskHead,
+    data: ExtractedData,
+    chunk: torch.Tensor,
+    probe: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk` (extracted row indices, CPU) on the device, and the head's [len(chunk), C]
+    logits on those rows: its classifier on the pooled features for a probe, else its trunk
+    blocks from the stored prefix states. The one computation evaluation and held-out
+    predictions share."""
+    device_chunk = chunk.to(context.device)
+    if probe:
+        return device_chunk, head.classify(data.pooled.index_select(0, device_chunk))
+    assert data.prefix_states is not None
+    states = [data.prefix_states[i] for i in chunk.tolist()]
+    return device_chunk, head(context.backbone.trunk.collate(states))
