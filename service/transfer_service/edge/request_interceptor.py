@@ -15,7 +15,8 @@ and tooling need no token, and a probe must read NOT_SERVING while the server dr
 After auth, the tenant's admission (edge/tenant_admission.py): a call over its tenant's rate
 is held here for its token before its request message is even read, or refused
 RESOURCE_EXHAUSTED with a `retry-after-ms` trailer, its message dropped unparsed; a unary call
-over its tenant's in-flight bound waits for a slot when it starts.
+over its tenant's in-flight bound waits for a slot when it starts. A call that ends
+INVALID_ARGUMENT costs its tenant more tokens when it ends (TenantAdmission.charge_invalid_call).
 """
 
 from __future__ import annotations
@@ -153,9 +154,11 @@ class RequestInterceptor(InterceptorBase):
                     )
                 admitted.append(tenant)
 
-        def leave() -> None:
+        def leave(context: Context) -> None:
             if admitted:
                 self._admission.leave_flight(admitted.pop())
+            if tenant is not None and context.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                self._admission.charge_invalid_call(tenant)  # garbage costs more tokens
 
         return _with_entry(handler, enter, request_id, method, leave)
 
@@ -254,11 +257,11 @@ def _with_entry(
     enter: Callable[[Context], Awaitable[None]],
     request_id: str,
     method: str,
-    leave: Callable[[], None] = lambda: None,
+    leave: Callable[[Context], None] = lambda context: None,
 ) -> Handler:
     """The same handler with `enter(context)` run first inside the call, the request id sent as
-    initial metadata, and a debug line with the duration after it. `leave()` runs when the
-    call ends, whether `enter` let it run or not."""
+    initial metadata, and a debug line with the duration after it. `leave(context)` runs when
+    the call ends, whether `enter` let it run or not."""
     # On the aio server these are coroutine functions (unary responses) or async generator
     # functions (streamed responses); the stubs type them as the sync API's callables.
     kind = (handler.request_streaming, handler.response_streaming)
@@ -280,7 +283,7 @@ def _with_entry(
                 else:  # a handler that writes with context.write() and returns nothing
                     await result
             finally:
-                leave()
+                leave(context)
                 _log_finished(method, context, started)
 
         behavior = stream_behavior
@@ -291,7 +294,7 @@ def _with_entry(
             try:
                 await enter(context)
             except BaseException:
-                leave()
+                leave(context)
                 _log_finished(method, context, started)
                 raise
             # Sent while the handler works; it must be out before the response or the status.
@@ -306,7 +309,7 @@ def _with_entry(
                 await headers
                 return response
             finally:
-                leave()
+                leave(context)
                 _log_finished(method, context, started)
 
         behavior = unary_behavior

@@ -13,6 +13,13 @@ tenant's next token, and runs then; only when that token is further away than th
 the rate, never refused; a concurrent flood is held and refused at the rate too. A unary call
 over the in-flight bound waits the same way for one of its tenant's calls to end.
 
+A call that ends INVALID_ARGUMENT costs its tenant `invalid_call_tokens` more tokens (4: five
+in all): its caller sent something that cannot work and will not work on a retry, such as
+the EPS of bench/noisy_neighbour.py, so a tenant looping on garbage is slowed to a fifth of
+the rate that its good calls get, and its neighbours pay for a fifth of the refusals. The debt
+this runs up is bounded by the hold bound's worth of tokens, so a tenant that stops sending
+garbage is served again within about `hold_seconds`.
+
 Held calls are themselves bounded (`max_held`, per tenant): past it a call is refused at once,
 so a flood of thousands of concurrent calls cannot park thousands of timers.
 
@@ -45,6 +52,7 @@ class AdmissionLimits:
     max_in_flight: int
     hold_seconds: float
     max_held: int = 256
+    invalid_call_tokens: float = 4.0
 
     @property
     def enabled(self) -> bool:
@@ -157,6 +165,17 @@ class TenantAdmission:
             return None
         finally:
             state.held -= 1
+
+    def charge_invalid_call(self, tenant: str) -> None:
+        """A call of `tenant` that took a token ended INVALID_ARGUMENT: it costs
+        `invalid_call_tokens` more, down to at most a hold bound's worth of debt."""
+        limits = self._limits
+        if limits.requests_per_second <= 0 or limits.invalid_call_tokens <= 0:
+            return
+        state = self._tenant(tenant)
+        self._refill(state)
+        floor = -limits.requests_per_second * limits.hold_seconds
+        state.tokens = max(state.tokens - limits.invalid_call_tokens, min(state.tokens, floor))
 
     def leave_flight(self, tenant: str) -> None:
         """A call that `enter_flight` admitted ended."""

@@ -20,7 +20,11 @@ from typing import Any
 import torch
 
 from transfer_service.backbones.cache import BackboneCache, LoadedBackbone
-from transfer_service.backbones.preprocess import Preprocessor, declared_pixels
+from transfer_service.backbones.preprocess import (
+    Preprocessor,
+    check_image_format,
+    declared_pixels,
+)
 from transfer_service.domain import Modality, ModelInput, PredictionResult
 from transfer_service.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from transfer_service.heads import LoadedHead
@@ -129,13 +133,6 @@ class Predictor:
             )
         if top_k < 0:
             raise InvalidArgumentError(f"top_k: {top_k} is negative")
-        loop = asyncio.get_running_loop()
-        # Resident backbones (the normal case) without a thread hop; loads off the loop.
-        backbone = self._backbones.peek(head.record.backbone)
-        if backbone is None:
-            backbone = await loop.run_in_executor(
-                self._preprocess_pool, self._backbones.get, head.record.backbone
-            )
         modality = head.record.modality
         for position, model_input in enumerate(inputs):
             if model_input.modality is not modality:
@@ -143,6 +140,17 @@ class Predictor:
                     f"inputs[{position}]: {model_input.modality.value} input for head "
                     f"{head.record.head_id!r}, which takes {modality.value}"
                 )
+            if model_input.image is not None:
+                # Bytes of a refused format end here, before any thread hop, decoding or
+                # queueing: a caller looping on them costs the others as little as it can.
+                check_image_format(model_input.image, f"inputs[{position}]")
+        loop = asyncio.get_running_loop()
+        # Resident backbones (the normal case) without a thread hop; loads off the loop.
+        backbone = self._backbones.peek(head.record.backbone)
+        if backbone is None:
+            backbone = await loop.run_in_executor(
+                self._preprocess_pool, self._backbones.get, head.record.backbone
+            )
         preprocessor = backbone.preprocessor
         if preprocessor.input_size != head.record.input_size:
             preprocessor = preprocessor.resized(head.record.input_size)
