@@ -108,7 +108,7 @@ def test_a_range_mid_trunk_matches_the_eager_fp32_stages(
 
 
 def test_an_empty_range_returns_the_state(built: Built) -> None:
-    loaded, runner, calibration = built
+    _, runner, calibration = built
     out = runner.run(calibration[0], 4, 4)
     assert torch.equal(out, calibration[0])
 
