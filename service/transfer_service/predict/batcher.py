@@ -6,7 +6,8 @@ the batcher waits only while another request is on its way (admitted and being d
 a lone request starts at once, and then runs on the compute thread in one hop
 (`run_alone`). A batch runs on the compute thread (mixed_heads: the trunk stage by stage
 over all rows, each head once over its rows; with an accelerator every pass padded up to a
-size warmed at start-up, padding) and results go back to each caller in its own order.
+size warmed at start-up, padding) and results go back to each caller in its own order; a
+batch holding a chunk of a large request runs its trunk in segments (segmented_pass).
 The Predictor (predictor.py) decides what is queued here and how large requests are cut.
 """
 
@@ -28,8 +29,9 @@ from transfer_service.domain import PredictionResult
 from transfer_service.errors import ResourceExhaustedError, UnavailableError
 from transfer_service.heads import LoadedHead
 from transfer_service.predict.fair_queue import FairQueue, PendingRequest
-from transfer_service.predict.mixed_heads import collate_rows, first_split, run_heads
+from transfer_service.predict.mixed_heads import run_heads
 from transfer_service.predict.padding import padding_count
+from transfer_service.predict.segmented_pass import Computed, SegmentedPass, stages_per_segment
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,6 @@ OUT_OF_MEMORY = "inputs: out of accelerator memory for this request"
 # Chunks of large requests give way to small requests, but never for more than this many
 # batches in a row, so a steady stream of small requests cannot starve them.
 MAX_CHUNK_SKIPS = 2
-
-# A batch holding a chunk runs its trunk in segments of stages, each a compute-thread task of
-# its own, of about a slice / SEGMENTS_PER_SLICE: another backbone's batch (they share the
-# compute thread) waits for one segment, not the whole chunk. One input can be a whole slice
-# or more: a 256-token MiniLM text takes ~50 ms on 2 CPUs, and a victim's lite0 Predict
-# waited behind each one (bench/noisy_neighbour.py, long_texts).
-SEGMENTS_PER_SLICE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +87,7 @@ class BackboneBatcher:
         self._backbone = backbone
         self._padded_sizes = padded_sizes
         self._compute = compute
+        self._segmented = SegmentedPass(backbone, compute, padded_sizes, before_batch)
         self._max_inputs = max_inputs
         self._max_input_bytes = max_input_bytes
         self._max_wait = max_wait_seconds
@@ -287,7 +283,9 @@ class BackboneBatcher:
     async def _execute(self, batch: list[PendingRequest]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        stages = self._stages_per_segment(batch)
+        stages = stages_per_segment(
+            batch, self._seconds_per_input, self._slice_seconds, self._backbone.trunk.num_stages
+        )
         try:
             if stages:
                 computed, spent = await self._run_in_segments(batch, stages)
@@ -326,69 +324,14 @@ class BackboneBatcher:
             )
         )
 
-    def _stages_per_segment(self, batch: list[PendingRequest]) -> int:
-        """0: the batch runs in one compute-thread task; else how many trunk stages each of
-        its segments runs (a batch with a chunk expected to take longer than a segment)."""
-        if all(item.chunk_of is None for item in batch):
-            return 0
-        expected = sum(len(item.examples) for item in batch) * self._seconds_per_input
-        segment = self._slice_seconds / SEGMENTS_PER_SLICE
-        stages = self._backbone.trunk.num_stages
-        if expected <= segment or stages < 2:
-            return 0
-        return max(1, int(stages * segment / expected))
-
     async def _run_in_segments(
         self, batch: list[PendingRequest], stages_per_segment: int
-    ) -> tuple[list[tuple[PendingRequest, list[PredictionResult]]], float]:
-        """As _run_batch, the trunk `stages_per_segment` stages per compute-thread task, so
-        other batches run in between; also the compute seconds spent (the tasks' own)."""
-        loop = asyncio.get_running_loop()
-        backbone = self._backbone
+    ) -> tuple[Computed, float]:
+        """As _run_batch, the trunk in segments (segmented_pass); also the compute seconds
+        spent (the segments' own)."""
+        return await self._segmented.run(batch, stages_per_segment, _nothing)
 
-        def begin() -> tuple[list[PendingRequest], Any, float]:
-            started = time.perf_counter()
-            live = [item for item in batch if not item.future.done()]
-            if not live:
-                return live, None, 0.0
-            self._before_batch()
-            with torch.inference_mode():
-                state = collate_rows(backbone, live, self._padded_sizes)
-            return live, state, time.perf_counter() - started
-
-        def advance(state: Any, start: int, stop: int) -> tuple[Any, float]:
-            started = time.perf_counter()
-            self._before_batch()  # the thread count may have changed meanwhile
-            with torch.inference_mode():
-                state = backbone.run_prefix(state, start, stop)
-            return state, time.perf_counter() - started
-
-        def finish(
-            live: list[PendingRequest], state: Any, stage: int
-        ) -> tuple[list[tuple[PendingRequest, list[PredictionResult]]], float]:
-            started = time.perf_counter()
-            self._before_batch()
-            results = run_heads(backbone, live, self._padded_sizes, start=(state, stage))
-            return list(zip(live, results, strict=True)), time.perf_counter() - started
-
-        live, state, spent = await loop.run_in_executor(self._compute, begin)
-        if not live:
-            return [], spent
-        stop = first_split(backbone, live)
-        stage = 0
-        while stage < stop:
-            if all(item.future.done() for item in live):
-                return [], spent  # every caller left: the rest is not computed
-            end = min(stop, stage + stages_per_segment)
-            state, seconds = await loop.run_in_executor(self._compute, advance, state, stage, end)
-            spent += seconds
-            stage = end
-        computed, seconds = await loop.run_in_executor(self._compute, finish, live, state, stage)
-        return computed, spent + seconds
-
-    def _run_batch(
-        self, batch: list[PendingRequest]
-    ) -> list[tuple[PendingRequest, list[PredictionResult]]]:
+    def _run_batch(self, batch: list[PendingRequest]) -> Computed:
         """Runs on the compute thread; returns each request it computed with its results."""
         # The batch may have waited in the compute pool's queue behind another backbone's
         # batch; callers that left meanwhile (deadline passed, cancelled) are dropped here, the
@@ -406,3 +349,7 @@ def _fail(batch: list[PendingRequest], error: BaseException) -> None:
     for item in batch:
         if not item.future.done():
             item.future.set_exception(error)
+
+
+async def _nothing() -> None:
+    return None
