@@ -329,7 +329,29 @@ class BackboneBatcher:
     ) -> tuple[Computed, float]:
         """As _run_batch, the trunk in segments (segmented_pass); also the compute seconds
         spent (the segments' own)."""
-        return await self._segmented.run(batch, stages_per_segment, _nothing)
+        return await self._segmented.run(batch, stages_per_segment, self._run_queued_whole)
+
+    async def _run_queued_whole(self) -> None:
+        """Between two segments of a chunk's batch: the whole requests queued meanwhile run
+        as one batch of their own, so a small request on this backbone waits for a segment
+        of a chunk, not the chunk (bench/noisy_neighbour.py, large_images: the attacker's
+        chunks are on the victim's backbone). Queued chunks wait for their turn."""
+        batch: list[PendingRequest] = []
+        inputs, input_bytes = 0, 0
+
+        def fits(item: PendingRequest) -> bool:
+            return (
+                inputs + len(item.examples) <= self._max_inputs
+                and input_bytes + item.input_bytes <= self._max_input_bytes
+            )
+
+        while (item := self._queue.take(lambda item: False, fits)) is not None:
+            batch.append(item)
+            inputs += len(item.examples)
+            input_bytes += item.input_bytes
+        batch = [item for item in batch if not item.future.cancelled()]
+        if batch:
+            await self._execute(batch)
 
     def _run_batch(self, batch: list[PendingRequest]) -> Computed:
         """Runs on the compute thread; returns each request it computed with its results."""
@@ -349,7 +371,3 @@ def _fail(batch: list[PendingRequest], error: BaseException) -> None:
     for item in batch:
         if not item.future.done():
             item.future.set_exception(error)
-
-
-async def _nothing() -> None:
-    return None

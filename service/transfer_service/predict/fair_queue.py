@@ -58,9 +58,13 @@ class FairQueue:
     def has_chunks(self) -> bool:
         return bool(self._chunks)
 
-    def take(self, chunk_allowed: Callable[[PendingRequest], bool]) -> PendingRequest | None:
-        """The next whole request by tenant rotation, else the next allowed chunk."""
-        item = _rotate(self._whole, lambda item: True) or _rotate(self._chunks, chunk_allowed)
+    def take(
+        self,
+        chunk_allowed: Callable[[PendingRequest], bool],
+        whole_allowed: Callable[[PendingRequest], bool] = lambda item: True,
+    ) -> PendingRequest | None:
+        """The next allowed whole request by tenant rotation, else the next allowed chunk."""
+        item = _rotate(self._whole, whole_allowed) or _rotate(self._chunks, chunk_allowed)
         if item is not None:
             self._size -= 1
         return item
