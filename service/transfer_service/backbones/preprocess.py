@@ -16,6 +16,7 @@ import dataclasses
 import io
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -339,12 +340,18 @@ class TextPreprocessor:
     whole-text tokenisation with the real MiniLM tokenizer.
     """
 
-    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, max_tokens: int, lock: threading.Lock | None = None) -> None:
         self._tokenizer = tokenizer
+        # A HF fast tokenizer keeps its truncation setting between calls (each call sets it,
+        # then encodes), and every thread shares this one: unlocked, another thread's
+        # untruncated prefix call could land in between and let a text through whole (765
+        # tokens into MiniLM's 512 positions: INTERNAL under 4 concurrent text callers on a
+        # busy CPU, tests/grpc/test_compiled_swap.py).
+        self._tokenizer_lock = lock or threading.Lock()
         self.input_size = max_tokens
 
     def resized(self, input_size: int) -> TextPreprocessor:
-        return TextPreprocessor(self._tokenizer, input_size)
+        return TextPreprocessor(self._tokenizer, input_size, self._tokenizer_lock)
 
     def load(self, model_input: ModelInput, field: str) -> TextState:
         if model_input.text is None:
@@ -363,15 +370,17 @@ class TextPreprocessor:
             if ids is not None:
                 return ids
             length *= 2
-        encoded = self._tokenizer(
-            _WHITESPACE_RUN.sub(" ", text), truncation=True, max_length=self.input_size
-        )
+        with self._tokenizer_lock:
+            encoded = self._tokenizer(
+                _WHITESPACE_RUN.sub(" ", text), truncation=True, max_length=self.input_size
+            )
         return list(encoded["input_ids"])
 
     def _ids_of_whole_words(self, prefix: str) -> list[int] | None:
         """The truncated ids, if the words of `prefix` before its last fill `input_size`."""
         # verbose=False: no warning that the prefix exceeds the model's length; cut below.
-        encoded = self._tokenizer(_WHITESPACE_RUN.sub(" ", prefix), verbose=False)
+        with self._tokenizer_lock:
+            encoded = self._tokenizer(_WHITESPACE_RUN.sub(" ", prefix), verbose=False)
         ids = list(encoded["input_ids"])
         words = encoded.word_ids()  # word index per token; None for [CLS] and [SEP]
         content = [i for i, word in enumerate(words) if word is not None]
