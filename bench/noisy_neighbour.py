@@ -107,12 +107,17 @@ Attack = Callable[[pb_grpc.TransferServiceStub, Heads, float], str]
 
 
 def attack_eps(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
+    """A 60-byte EPS in a Predict, again and again: refused by its leading bytes, and each
+    INVALID_ARGUMENT costs the attacker five admission tokens (edge/tenant_admission.py)."""
     request = pb.PredictRequest(head_id=heads.attacker_image, inputs=[pb.Input(image=EPS)])
     return _predicts(stub, request, seconds)
 
 
 def attack_large_images(stub: pb_grpc.TransferServiceStub, heads: Heads, seconds: float) -> str:
-    """512 1-bit PNGs of 4000 x 4000 pixels in one Predict (a few MB on the wire)."""
+    """512 1-bit PNGs of 4000 x 4000 pixels in one Predict (a few MB on the wire), on the
+    attacker's lite0 head: the victim's backbone and input size, so one batcher serves both
+    and the victim's request runs between two segments of the attacker's chunk
+    (predict/segmented_pass.py) rather than on another backbone's turn."""
     image = _one_bit_png(4000)
     request = pb.PredictRequest(
         head_id=heads.attacker_image, inputs=[pb.Input(image=image) for _ in range(512)]
