@@ -93,6 +93,14 @@ def build_application(settings: Settings) -> Application:
     options = PreprocessingOptions(
         settings.image_size, settings.max_text_tokens, settings.max_image_pixels
     )
+    # One compute thread: torch already parallelises inside an op; two batches at once would
+    # only fight over the same cores. It alone (and a running training job) gets them all.
+    compute_pool = ThreadPoolExecutor(
+        1,
+        thread_name_prefix="predict",
+        initializer=use_intra_op_threads,
+        initargs=(cpu_share.predict_threads,),
+    )
     # TRANSFER_COMPILE=auto: faster serving paths built after SERVING, swapped in when
     # verified and faster (backbones/background_upgrade.py); "true" compiles at load instead.
     upgrader = None
@@ -102,6 +110,7 @@ def build_application(settings: Settings) -> Application:
             options=options,
             predict_threads=cpu_share.predict_threads,
             candidates=UpgradeCandidates(settings.precision),
+            on_predict_thread=lambda work: compute_pool.submit(work).result(),
         )
     backbones = BackboneCache(
         default_catalog(),
@@ -166,14 +175,6 @@ def build_application(settings: Settings) -> Application:
     )
     blocking_pool = ThreadPoolExecutor(
         4, thread_name_prefix="blocking", initializer=use_intra_op_threads, initargs=(1,)
-    )
-    # One compute thread: torch already parallelises inside an op; two batches at once would
-    # only fight over the same cores. It alone (and a running training job) gets them all.
-    compute_pool = ThreadPoolExecutor(
-        1,
-        thread_name_prefix="predict",
-        initializer=use_intra_op_threads,
-        initargs=(cpu_share.predict_threads,),
     )
 
     def on_batch(timings: PredictTimings) -> None:

@@ -1,5 +1,6 @@
-"""TRANSFER_COMPILE: compiled frozen stages predict what the eager ones do, at batch sizes
-the load's warm-up did not use, without compiling again.
+"""TRANSFER_COMPILE=true (compiled at load; `auto`'s background swap builds the same stages,
+tests/grpc/test_compiled_swap.py): compiled frozen stages predict what the eager ones do, at
+batch sizes the load's warm-up did not use, without compiling again.
 
 The tolerance is the one docs/design.md states. Compiled kernels reorder floating-point sums
 (fused, vectorised, weights pre-packed), so outputs differ in the last bits: measured here,

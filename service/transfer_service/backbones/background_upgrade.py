@@ -28,7 +28,7 @@ import torch
 
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.catalog import PreprocessingOptions
-from transfer_service.backbones.compiled_runner import UpgradeCancelled
+from transfer_service.backbones.compiled_runner import UpgradeCancelled, prime_inductor_tracing
 from transfer_service.backbones.measured_precision import machine_fingerprint
 from transfer_service.backbones.precision_choice import DEFAULT_TOLERANCE, Tolerance, agreement
 from transfer_service.backbones.serving_path import ServingPath, StageRunner
@@ -67,11 +67,15 @@ class BackgroundUpgrader:
         candidates: Candidates,
         tolerance: Tolerance = DEFAULT_TOLERANCE,
         timer: PairedTimer = time_paired,
-        niceness: int = UPGRADE_NICENESS,
+        niceness: int | None = None,
         on_outcome: OnOutcome | None = None,
+        on_predict_thread: Callable[[Callable[[], None]], None] = lambda work: work(),
     ) -> None:
         """`predict_threads`: the Predict compute thread's torch threads, which the builds
-        (inductor sizes its kernels' loops by them) and the timings run on."""
+        (inductor sizes its kernels' loops by them) and the timings run on;
+        `niceness`: the thread's nice value (None: UPGRADE_NICENESS); `on_predict_thread`
+        runs a short step there, between batches (prime_inductor_tracing
+        says why)."""
         self._store = store
         self._options = options
         self._predict_threads = predict_threads
@@ -85,6 +89,8 @@ class BackgroundUpgrader:
         self._idle = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
+        self._on_predict_thread = on_predict_thread
+        self._primed = False
 
     def offer(self, loaded: LoadedBackbone) -> None:
         """Queues a freshly loaded backbone (the cache's load hook); it is upgraded after
@@ -115,7 +121,7 @@ class BackgroundUpgrader:
 
     def _run(self) -> None:
         use_intra_op_threads(1)  # this thread only waits; the work runs on fresh threads
-        _lower_priority(self._niceness)
+        _lower_priority(UPGRADE_NICENESS if self._niceness is None else self._niceness)
         while True:
             loaded = self._queue.get()
             if loaded is None or self._cancelled():
@@ -144,6 +150,9 @@ class BackgroundUpgrader:
         # Predict for the cores. Dynamic threads: kernels use the calling thread's OpenMP
         # count at run time, so they follow CpuShare's per-batch count instead of the one
         # they were compiled under.
+        if not self._primed:
+            prime_inductor_tracing(self._on_predict_thread)
+            self._primed = True
         with inductor.patch({"compile_threads": 1, "cpp.dynamic_threads": True}):
             run_in_fresh_thread(
                 lambda: outcomes.append(self._upgrade_here(loaded)),

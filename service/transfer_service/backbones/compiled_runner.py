@@ -40,6 +40,24 @@ class CompiledRunner:
             return self._trunk.to_float(out)
 
 
+def prime_inductor_tracing(run_exclusively: Callable[[Callable[[], None]], None]) -> None:
+    """Runs, once, the one plain `torch.fx.symbolic_trace` inductor's lowering makes (its
+    InterpreterShim's cached placeholder graph) through `run_exclusively` (on the Predict
+    compute thread). fx tracing patches `nn.Module.__call__` process-wide while it runs, so a
+    Predict batch running eagerly on another thread at that moment fails ("module is not
+    installed as a submodule": seen in tests/grpc/test_compiled_swap.py). make_fx's tracer,
+    which compiling uses otherwise, patches it too but passes every call through unchanged.
+    The import (seconds) runs here, on the calling thread; only the trace (milliseconds) runs
+    where Predict does."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+    except ImportError:  # another torch: nothing known to prime
+        return
+    dummy_graph = getattr(InterpreterShim, "_dummy_gm", None)
+    if callable(dummy_graph):
+        run_exclusively(dummy_graph)
+
+
 def build_compiled_runner(loaded: LoadedBackbone, cancelled: Callable[[], bool]) -> CompiledRunner:
     """Compiles on the calling thread: torch.compile is lazy, so one batch of each size range
     (WARM_UP_BATCH_SIZES) runs through every stage; after it no batch size or split point
