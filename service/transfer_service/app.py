@@ -111,6 +111,9 @@ def build_application(settings: Settings) -> Application:
             predict_threads=cpu_share.predict_threads,
             candidates=UpgradeCandidates(settings.precision),
             on_predict_thread=lambda work: compute_pool.submit(work).result(),
+            on_outcome=lambda backbone, outcome: metrics.backbone_upgrades.labels(
+                backbone=backbone, outcome=outcome
+            ).inc(),
         )
     backbones = BackboneCache(
         default_catalog(),

@@ -111,6 +111,14 @@ class Metrics:
             ["backbone"],
             registry=registry,
         )
+        self.backbone_upgrades = Counter(
+            "transfer_backbone_upgrades",
+            "Background upgrades of a backbone's serving path (TRANSFER_COMPILE=auto) by "
+            "backbone and outcome: installed, none_faster, stored_none, stored_rejected, "
+            "failed, cancelled, no_candidates.",
+            ["backbone", "outcome"],
+            registry=registry,
+        )
         self.training_step = Histogram(
             "transfer_training_step_duration_seconds",
             "Duration of one optimiser step.",

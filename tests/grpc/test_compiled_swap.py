@@ -94,6 +94,9 @@ def test_compiled_stages_swap_in_under_concurrent_predicts(
             for thread in threads:
                 thread.join(timeout=120)
             (backbone,) = [b for b in client.list_backbones() if b.name == BACKBONE]
+        upgrades = server.app.metrics.registry.get_sample_value(
+            "transfer_backbone_upgrades_total", {"backbone": BACKBONE, "outcome": "installed"}
+        )
     finally:
         stop.set()
         server.stop()
@@ -102,6 +105,7 @@ def test_compiled_stages_swap_in_under_concurrent_predicts(
     assert swapped_at, f"no compiled swap within {SWAP_TIMEOUT_S:.0f} s"
     assert backbone.compiled and backbone.precision == "float32"
     assert backbone.measured_inputs_per_second > 0
+    assert upgrades == 1
     before = [a for a in answers if a[0] < swapped_at[0]]
     after = [a for a in answers if a[0] > swapped_at[0] + 0.5]
     assert before and len(after) >= CALLERS, (len(before), len(after))
