@@ -74,8 +74,7 @@ class BackgroundUpgrader:
         """`predict_threads`: the Predict compute thread's torch threads, which the builds
         (inductor sizes its kernels' loops by them) and the timings run on;
         `niceness`: the thread's nice value (None: UPGRADE_NICENESS); `on_predict_thread`
-        runs a short step there, between batches (prime_inductor_tracing
-        says why)."""
+        runs a short step there, between batches (prime_inductor_tracing says why)."""
         self._store = store
         self._options = options
         self._predict_threads = predict_threads
@@ -144,15 +143,14 @@ class BackgroundUpgrader:
         with it); returns the outcome for logs and metrics."""
         import torch._inductor.config as inductor  # heavy: imported in auto mode only
 
+        if not self._primed:
+            prime_inductor_tracing(self._on_predict_thread)
+            self._primed = True
         outcomes: list[str] = []
-
         # One compile thread: inductor's default pool (a process per CPU) would compete with
         # Predict for the cores. Dynamic threads: kernels use the calling thread's OpenMP
         # count at run time, so they follow CpuShare's per-batch count instead of the one
         # they were compiled under.
-        if not self._primed:
-            prime_inductor_tracing(self._on_predict_thread)
-            self._primed = True
         with inductor.patch({"compile_threads": 1, "cpp.dynamic_threads": True}):
             run_in_fresh_thread(
                 lambda: outcomes.append(self._upgrade_here(loaded)),
