@@ -16,6 +16,13 @@ from transfer_service.domain import Modality
 
 log = logging.getLogger(__name__)
 
+# int8_stages quantises through torch.export (PT2E), whose tracer patches nn.Module.__call__
+# process-wide for the whole export. Measured with lite0 at 224 px: an eager Predict batch
+# running meanwhile was routed into the export's tracer and failed (INTERNAL, a fake-tensor
+# assertion), and the export failed too ("Unexpected key _export_root.1"). So int8 is not
+# built while serving until its build traces in a window where no other thread runs modules.
+INT8_WHILE_SERVING = False
+
 # (backbone, calibration batches, cancelled) -> a runner; raises when it cannot be built.
 BuildRunner = Callable[[LoadedBackbone, Sequence[Any], Callable[[], bool]], StageRunner]
 
@@ -55,6 +62,8 @@ class UpgradeCandidates:
         return candidates
 
     def _int8_candidate(self, loaded: LoadedBackbone) -> UpgradeCandidate | None:
+        if not INT8_WHILE_SERVING:
+            return None
         if self._precision != "auto" or loaded.device.type != "cpu":
             return None
         if loaded.spec.modality is not Modality.IMAGE:
