@@ -12,6 +12,7 @@ int8, and alternating rounds of fp32 / bf16 autocast / int8 rates at batch 1 + 8
 costs the pooled features: how FP32_STAGES was chosen.
 
     .venv/bin/python -m bench.int8_trunk [--image-size 224] [--rounds 3] [--fp32-stages 1,2]
+        [--sensitivity] [--threads 1 --cpu-clock]
 """
 
 from __future__ import annotations
@@ -41,15 +42,15 @@ def features(run: Features, batches: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat([run(images).float() for images in batches])
 
 
-def rate(run: Features, timing: Sequence[torch.Tensor]) -> float:
+def rate(run: Features, timing: Sequence[torch.Tensor], clock: Callable[[], float]) -> float:
     seconds = 0.0
     for images in timing:
         run(images)
         samples = []
         for _ in range(5):
-            started = time.perf_counter()
+            started = clock()
             run(images)
-            samples.append(time.perf_counter() - started)
+            samples.append(clock() - started)
         seconds += statistics.median(samples)
     return sum(int(images.shape[0]) for images in timing) / seconds
 
@@ -97,7 +98,17 @@ def main() -> None:
         help="comma-separated stage indices left in fp32 (default: FP32_STAGES; '' for none)",
     )
     arguments.add_argument("--sensitivity", action="store_true")
+    arguments.add_argument("--threads", type=int, default=None, help="torch threads (default: 2)")
+    arguments.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="rates from this process's CPU time, not wall time: with --threads 1 it measures "
+        "the work itself, robust to other load on a shared machine",
+    )
     options = arguments.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)  # before compiling: kernels keep the count
+    clock = time.process_time if options.cpu_clock else time.perf_counter
     environment = Environment()
     side = options.image_size or 224
     loaded = backbone_cache(side, precision="fp32").get(BACKBONE)
@@ -149,7 +160,7 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(options.rounds):
             for label, run in (("fp32", fp32), ("bf16 autocast", bf16), ("int8", int8)):
-                rates[label].append(rate(run, timing))
+                rates[label].append(rate(run, timing, clock))
     print(
         f"## {BACKBONE} int8 stages (fp32 stages: {sorted(fp32_stages) or 'none'}) at {side} px: "
         f"built (quantise + compile + warm up 1, 2, 16) in {build_seconds:.1f} s\n"
@@ -158,7 +169,12 @@ def main() -> None:
     print()
     print(
         table(
-            ("candidate", "images/s batch 1 + 8, median of rounds", "rounds"),
+            (
+                "candidate",
+                f"images/s batch 1 + 8 ({'CPU' if options.cpu_clock else 'wall'} time), "
+                f"median of rounds",
+                "rounds",
+            ),
             [
                 (label, f"{median(values):.1f}", ", ".join(f"{v:.1f}" for v in values))
                 for label, values in rates.items()
