@@ -17,6 +17,7 @@ costs the pooled features: how FP32_STAGES was chosen.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,8 @@ def main() -> None:
         "the work itself, robust to other load on a shared machine",
     )
     options = arguments.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger(build_int8_runner.__module__).setLevel(logging.INFO)  # build time split
     if options.threads:
         torch.set_num_threads(options.threads)  # before compiling: kernels keep the count
     clock = time.process_time if options.cpu_clock else time.perf_counter
