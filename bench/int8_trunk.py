@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.calibration import calibration_inputs
-from transfer_service.backbones.int8_stages import FP32_STAGES, build_int8_runner, quantised_stage
+from transfer_service.backbones.int8_stages import (
+    FP32_STAGES,
+    build_int8_runner,
+    exported_stage,
+    quantised_stage,
+)
 from transfer_service.backbones.precision_choice import agreement
 from transfer_service.domain import Modality, ModelInput
 
@@ -67,9 +72,9 @@ def sensitivity(loaded: LoadedBackbone, batches: Sequence[torch.Tensor]) -> list
         rows = []
         for index in range(trunk.num_stages):
             started = time.perf_counter()
-            outputs = [
-                quantised_stage(trunk.stages[index], states[index])(s) for s in states[index]
-            ]
+            exported = exported_stage(trunk.stages[index], states[index])
+            quantised = quantised_stage(exported, states[index])
+            outputs = [quantised(state) for state in states[index]]
             seconds = time.perf_counter() - started
             local = agreement(
                 torch.cat([s.flatten(1) for s in states[index + 1]]),

@@ -5,6 +5,7 @@ after the build's warm-up, and a build that stops when cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -126,19 +127,47 @@ def test_no_batch_size_or_split_point_compiles_after_the_build(built: Built) -> 
     assert counters["stats"]["unique_graphs"] == graphs_after_build
 
 
-def test_cancelled_stops_the_build_between_stages() -> None:
+def test_exports_run_in_the_tracing_window_and_cancel_stops_the_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.export patches nn.Module process-wide, so every export runs inside the one window
+    a serving caller can make exclusive; `cancelled()` is asked between steps."""
     loaded = backbone_cache(TEST_IMAGE_SIZE, device=torch.device("cpu")).get("efficientnet_lite0")
     calibration = batches_of(loaded, calibration_inputs(Modality.IMAGE)[:8])
+    inside = []
+    windows = []
+    exports_outside = []
+    real_export = torch.export.export
+
+    def spied_export(*args: Any, **kwargs: Any) -> Any:
+        if not inside:
+            exports_outside.append(args)
+        windows[-1] += 1
+        return real_export(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def window() -> Iterator[None]:
+        windows.append(0)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(torch.export, "export", spied_export)
     asked = []
 
     def cancelled() -> bool:
         asked.append(True)
-        return len(asked) >= 2  # after the first stage
+        return len(asked) >= 3  # after quantising the first stage
 
-    with pytest.raises(int8_stages.Int8BuildCancelled, match="before stage 1") as raised:
-        int8_stages.build_int8_runner(loaded, calibration, cancelled)
+    with pytest.raises(int8_stages.Int8BuildCancelled, match="before quantising") as raised:
+        int8_stages.build_int8_runner(loaded, calibration, cancelled, tracing_window=window)
     assert isinstance(raised.value, UpgradeCancelled)  # the upgrader counts it as cancelled
-    assert len(asked) == 2
+    assert len(asked) == 3
+    quantised = loaded.trunk.num_stages - len(int8_stages.FP32_STAGES["efficientnet_lite0"])
+    assert windows == [quantised]  # one window, every stage's export in it
+    assert exports_outside == []
 
 
 def test_unavailable_reason_says_why(built: Built) -> None:

@@ -82,11 +82,18 @@ def build_int8_runner(
     cancelled: Callable[[], bool],
     *,
     fp32_stages: Collection[int] | None = None,
+    tracing_window: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> Int8Stages:
     """Quantises, compiles and warms up every frozen stage of `loaded` (minutes on a busy
     2-core machine: call off the serving threads). `calibration_batches`: first-stage batches
     (`loaded.stack`) of the shipped calibration set. `fp32_stages` overrides FP32_STAGES (the
-    benchmark's sensitivity runs). Raises Int8BuildCancelled when `cancelled()` turns true."""
+    benchmark's sensitivity runs). Raises Int8BuildCancelled when `cancelled()` turns true.
+
+    torch.export patches nn.Module.__call__ and __getattr__ process-wide while it traces
+    (strict or not), so a module another thread runs meanwhile is routed into its tracer.
+    Every stage is therefore exported first, all within one `tracing_window()` (a few seconds),
+    which a caller that serves can make exclusive (no other thread running modules); the
+    calibration, conversion and compile happen after it."""
     reason = int8_unavailable_reason(loaded)
     if reason is not None:
         raise ValueError(f"cannot build an int8 runner for {loaded.name}: {reason}")
@@ -95,14 +102,19 @@ def build_int8_runner(
     kept = FP32_STAGES[loaded.name] if fp32_stages is None else frozenset(fp32_stages)
     trunk = loaded.trunk
     started = time.perf_counter()
-    stage_inputs = [trunk.to_device(batch, loaded.device) for batch in calibration_batches]
-    modules: list[nn.Module] = []
-    for index, stage in enumerate(trunk.stages):
-        _check(cancelled, loaded.name, f"before stage {index}")
-        modules.append(stage if index in kept else quantised_stage(stage, stage_inputs))
-        if index + 1 < trunk.num_stages:  # the next stage calibrates on fp32 eager outputs
-            with torch.no_grad():
-                stage_inputs = [stage(state) for state in stage_inputs]
+    # stage_inputs[i]: stage i's calibration inputs, the fp32 eager outputs of stages < i.
+    stage_inputs = [[trunk.to_device(batch, loaded.device) for batch in calibration_batches]]
+    with torch.no_grad():
+        for stage in trunk.stages[:-1]:
+            stage_inputs.append([stage(state) for state in stage_inputs[-1]])
+    _check(cancelled, loaded.name, "before exporting")
+    quantised = [index for index in range(trunk.num_stages) if index not in kept]
+    with tracing_window():
+        exported = {i: exported_stage(trunk.stages[i], stage_inputs[i]) for i in quantised}
+    modules: list[nn.Module] = list(trunk.stages)
+    for index in quantised:
+        _check(cancelled, loaded.name, f"before quantising stage {index}")
+        modules[index] = quantised_stage(exported[index], stage_inputs[index])
     quantised_seconds = time.perf_counter() - started
     runner = Int8Stages(trunk, modules, kept, loaded.device)
     for batch_size in WARM_UP_BATCH_SIZES:  # inductor compiles lazily: pay for it here
@@ -161,20 +173,25 @@ class Int8Stages:
             return trunk.to_device(state, self._device)  # channels-last, as the eager stages
 
 
-def quantised_stage(stage: nn.Module, stage_inputs: Sequence[torch.Tensor]) -> nn.Module:
-    """`stage` exported with a dynamic batch, calibrated on `stage_inputs` (its fp32 inputs),
-    converted: quantise/dequantise ops around int8-annotated convolutions, run by inductor."""
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
+def exported_stage(stage: nn.Module, stage_inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """`stage` as an exported graph with a dynamic batch dimension (see tracing_window)."""
     # Exported on all calibration rows at once: a batch of 1 would be specialised to 1.
     example = torch.cat(list(stage_inputs))
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         exported = torch.export.export(stage, (example,), dynamic_shapes=({0: batch},))
+    return exported.module()  # type: ignore[return-value]
+
+
+def quantised_stage(exported: nn.Module, stage_inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """An exported stage calibrated on `stage_inputs` (its fp32 inputs) and converted:
+    quantise/dequantise ops around int8-annotated convolutions, which inductor runs as int8."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported.module(), quantizer)  # type: ignore[arg-type]
+    prepared = prepare_pt2e(exported, quantizer)  # type: ignore[arg-type]
     with torch.no_grad():
         for state in stage_inputs:  # observers record each activation's range
             prepared(state)
