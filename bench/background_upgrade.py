@@ -34,11 +34,17 @@ def main() -> None:
     parser.add_argument("--niceness", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--swap-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="an earlier run's folder (printed): its store and inductor cache, a restart",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in ("transfer_service.backbones", "transfer_service.backbones.int8_stages"):
         logging.getLogger(name).setLevel(logging.INFO)
-    work = Path(tempfile.mkdtemp(prefix="bench-upgrade-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-upgrade-"))
+    print("work folder:", work)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
 
     from transfer_service.app import build_application
