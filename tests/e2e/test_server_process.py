@@ -81,6 +81,8 @@ def server_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         TRANSFER_IMAGE_SIZE="64",
         TRANSFER_PRELOAD_BACKBONES="efficientnet_lite0",
         TRANSFER_GRACE_SECONDS="5",
+        # No background compile (TRANSFER_COMPILE=auto): it would eat CI's cores mid-test.
+        TRANSFER_COMPILE="false",
     )
     yield env
 
