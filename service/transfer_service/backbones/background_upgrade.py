@@ -38,10 +38,13 @@ from transfer_service.backbones.upgrade_choice import (
     UpgradeFigures,
     UpgradeVerdict,
     choose_winner,
+    failure_reason,
     pooled_features,
+    read_verdict,
     shipped_batches,
     time_paired,
     upgrade_key,
+    write_verdict,
 )
 from transfer_service.store.interface import MeasurementStore
 from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_threads
@@ -167,7 +170,7 @@ class BackgroundUpgrader:
         fingerprint = machine_fingerprint(loaded.device, self._predict_threads)
         input_size = loaded.spec.input_size(self._options)
         key = upgrade_key(loaded.name, input_size, loaded.device, fingerprint, names)
-        stored = self._read(key)
+        stored = read_verdict(self._store, key)
         if stored is not None and stored.winner is None:
             log.info(
                 "backbone %s: no faster serving path (measured before on this machine: %s)",
@@ -244,7 +247,7 @@ class BackgroundUpgrader:
                         )
                 except Exception as exc:
                     _log_failure(loaded, candidate, " its timing", exc)
-                    figures = UpgradeFigures(candidate.name, False, error=_reason(exc))
+                    figures = UpgradeFigures(candidate.name, False, error=failure_reason(exc))
                 else:
                     figures = replace(
                         figures, inputs_per_second=rate, serving_inputs_per_second=serving_rate
@@ -263,7 +266,8 @@ class BackgroundUpgrader:
             self._predict_threads,
             verdict.summary(),
         )
-        self._write(key, verdict)
+        if not self._cancelled():
+            write_verdict(self._store, key, verdict)
         winner = verdict.winner_figures()
         if winner is None:
             return "none_faster"
@@ -297,7 +301,7 @@ class BackgroundUpgrader:
             if self._cancelled():  # the candidate's own cancellation, or a fault on the way out
                 raise UpgradeCancelled from exc
             _log_failure(loaded, candidate, "", exc)
-            return UpgradeFigures(candidate.name, False, error=_reason(exc)), None
+            return UpgradeFigures(candidate.name, False, error=failure_reason(exc)), None
         if got.shape != reference.shape:
             error = f"features {tuple(got.shape)}, expected {tuple(reference.shape)}"
             return UpgradeFigures(candidate.name, False, build_seconds=built, error=error), None
@@ -314,24 +318,6 @@ class BackgroundUpgrader:
         path = ServingPath(candidate.precision, rate, runner, candidate.compiled, candidate.name)
         loaded.serving.install(path)
 
-    def _read(self, key: str) -> UpgradeVerdict | None:
-        if self._store is None:
-            return None
-        try:
-            text = self._store.read_measurement(key)
-            return None if text is None else UpgradeVerdict.from_json(text)
-        except Exception:  # unreadable or from older code: measure again
-            log.warning("ignoring an unreadable stored upgrade verdict (%s)", key)
-            return None
-
-    def _write(self, key: str, verdict: UpgradeVerdict) -> None:
-        if self._store is None or self._cancelled():
-            return
-        try:
-            self._store.write_measurement(key, verdict.to_json())
-        except Exception:  # a store fault costs a measurement at the next start, no more
-            log.warning("could not store the upgrade verdict (%s)", key)
-
 
 def _log_failure(
     loaded: LoadedBackbone, candidate: UpgradeCandidate, where: str, exc: BaseException
@@ -342,14 +328,9 @@ def _log_failure(
         loaded.name,
         candidate.name,
         where,
-        _reason(exc),
+        failure_reason(exc),
     )
     log.debug("candidate %s failure", candidate.name, exc_info=exc)
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line only: torch appends pages of debugging hints."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _lower_priority(niceness: int) -> None:

@@ -5,6 +5,7 @@ store per machine fingerprint so that a restart builds only the winner (or nothi
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,9 @@ from transfer_service.backbones.calibration import calibration_inputs
 from transfer_service.backbones.measured_precision import CALIBRATION_BATCH, TIMING_BATCH_SIZES
 from transfer_service.backbones.precision_choice import batch_rows
 from transfer_service.backbones.serving_path import StageRunner
+from transfer_service.store.interface import MeasurementStore
+
+log = logging.getLogger(__name__)
 
 # A candidate replaces the serving path only when it is this much faster in the paired
 # timing: paired medians on a shared 2-CPU machine still wander by a few percent from run to
@@ -170,6 +174,31 @@ def pooled_features(loaded: LoadedBackbone, runner: StageRunner | None) -> Featu
         return trunk.pool(runner.run(state, 0, trunk.num_stages))
 
     return features
+
+
+def read_verdict(store: MeasurementStore | None, key: str) -> UpgradeVerdict | None:
+    if store is None:
+        return None
+    try:
+        text = store.read_measurement(key)
+        return None if text is None else UpgradeVerdict.from_json(text)
+    except Exception:  # unreadable or from older code: measure again
+        log.warning("ignoring an unreadable stored upgrade verdict (%s)", key)
+        return None
+
+
+def write_verdict(store: MeasurementStore | None, key: str, verdict: UpgradeVerdict) -> None:
+    if store is None:
+        return
+    try:
+        store.write_measurement(key, verdict.to_json())
+    except Exception:  # a store fault costs a measurement at the next start, no more
+        log.warning("could not store the upgrade verdict (%s)", key)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The first line only: torch appends pages of debugging hints."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _finished(output: torch.Tensor) -> None:
