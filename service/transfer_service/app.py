@@ -45,6 +45,7 @@ from transfer_service.torch_threads import (
     CpuShare,
     default_intra_op_threads,
     jobs_train_on_fresh_threads,
+    lower_thread_priority,
     use_intra_op_threads,
 )
 from transfer_service.training.jobs import JobHooks, JobManager
@@ -187,8 +188,15 @@ def build_application(settings: Settings) -> Application:
         metrics.predict_inputs.labels(backbone=timings.backbone).inc(timings.batch_inputs)
         metrics.predict_padding_inputs.labels(backbone=timings.backbone).inc(timings.padding_inputs)
 
+    # A large (chunked) Predict's decoding: one thread at lowered CPU priority, so the
+    # decoding takes what the compute thread leaves instead of slowing other callers' batches.
+    bulk_decodes = 1 if device.type == "cpu" else max(1, default_intra_op_threads() // 2)
+    bulk_decode_pool = ThreadPoolExecutor(
+        bulk_decodes, thread_name_prefix="bulk-decode", initializer=_bulk_decode_thread
+    )
     predictor = Predictor(
         backbones,
+        bulk_decode_pool=bulk_decode_pool,
         preprocess_pool=blocking_pool,
         compute_pool=compute_pool,
         max_inputs=settings.max_predict_inputs,
@@ -204,7 +212,7 @@ def build_application(settings: Settings) -> Application:
         # On a CPU the compute thread sizes its team before each batch: for running jobs
         # (when split) and for large requests' decoding threads, one at a time there.
         before_batch=cpu_share.fit_compute_thread if device.type == "cpu" else lambda: None,
-        bulk_decodes=1 if device.type == "cpu" else max(1, default_intra_op_threads() // 2),
+        bulk_decodes=bulk_decodes,
         while_decoding=cpu_share.decoding if device.type == "cpu" else nullcontext,
         slice_seconds=settings.predict_slice_ms / 1000.0,
     )
@@ -298,7 +306,7 @@ def build_application(settings: Settings) -> Application:
         server=server,
         port=port,
         metrics_port=metrics_port,
-        pools=(blocking_pool, compute_pool, export_pool),
+        pools=(blocking_pool, compute_pool, export_pool, bulk_decode_pool),
         upgrader=upgrader,
     )
 
@@ -363,3 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("cannot start: %s", exc)
         return 2
     return 0
+
+
+# Nice value of a large request's decoding thread: CFS then weighs it at about a tenth of a
+# normal thread beside the compute thread's team.
+BULK_DECODE_NICENESS = 10
+
+
+def _bulk_decode_thread() -> None:
+    use_intra_op_threads(1)
+    lower_thread_priority(BULK_DECODE_NICENESS)

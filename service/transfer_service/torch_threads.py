@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 # A job trains on every core only once no Predict batch started for this long: Predict's
 # callers come back within milliseconds, so a gap this long means they stopped.
@@ -215,3 +219,19 @@ class CpuShare:
         wanted = self.predict_threads_now()
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Lowers the calling thread's CPU priority to at least `niceness` (Linux: nice is per
+    thread, and the threads and processes it starts inherit it). For work that must not take
+    CPU from Predict's compute thread: a background compile, a large request's decoding. Not
+    undone: raising priority back needs a privilege a container seldom has, so such work gets
+    threads of its own."""
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread_id = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, max(current, niceness))
+    except OSError as exc:
+        log.warning("could not lower a thread's CPU priority: %s", exc)

@@ -15,9 +15,7 @@ without timing, or builds nothing when nothing won.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +45,11 @@ from transfer_service.backbones.upgrade_choice import (
     write_verdict,
 )
 from transfer_service.store.interface import MeasurementStore
-from transfer_service.torch_threads import run_in_fresh_thread, use_intra_op_threads
+from transfer_service.torch_threads import (
+    lower_thread_priority,
+    run_in_fresh_thread,
+    use_intra_op_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ class BackgroundUpgrader:
 
     def _run(self) -> None:
         use_intra_op_threads(1)  # this thread only waits; the work runs on fresh threads
-        _lower_priority(UPGRADE_NICENESS if self._niceness is None else self._niceness)
+        lower_thread_priority(UPGRADE_NICENESS if self._niceness is None else self._niceness)
         while True:
             loaded = self._queue.get()
             if loaded is None or self._cancelled():
@@ -331,16 +333,3 @@ def _log_failure(
         failure_reason(exc),
     )
     log.debug("candidate %s failure", candidate.name, exc_info=exc)
-
-
-def _lower_priority(niceness: int) -> None:
-    """Lowers the calling thread's CPU priority (Linux: nice is per thread, and the threads
-    and processes it starts inherit it)."""
-    if niceness <= 0 or not sys.platform.startswith("linux"):
-        return
-    thread_id = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, thread_id)
-        os.setpriority(os.PRIO_PROCESS, thread_id, max(current, niceness))
-    except OSError as exc:
-        log.warning("could not lower the upgrade thread's priority: %s", exc)

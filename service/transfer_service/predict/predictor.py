@@ -62,11 +62,16 @@ class Predictor:
         bulk_decodes: int = 1,
         while_decoding: Callable[[], AbstractContextManager[None]] = nullcontext,
         slice_seconds: float = 0.05,
+        bulk_decode_pool: Executor | None = None,
     ) -> None:
         """`padded_sizes`, `before_batch`: see `BackboneBatcher`. Large requests decode at
         most `bulk_decodes` inputs at a time in all (see _predict_in_chunks), each inside
         `while_decoding()` (transfer_service.torch_threads.CpuShare.decoding: on a CPU the compute
-        thread then leaves that core to the decoding thread)."""
+        thread then leaves that core to the decoding thread), in `bulk_decode_pool` (default:
+        the preprocessing pool; the server's runs at lowered CPU priority, so one caller's
+        large request takes the CPU the compute thread leaves, not the CPU others' batches
+        need)."""
+        self._bulk_decode_pool = bulk_decode_pool or preprocess_pool
         self._before_batch = before_batch
         self._bulk_decode_gate = asyncio.Semaphore(bulk_decodes)
         # Keys the chunks of one large request apart from another's (a counter: the id of a
@@ -259,7 +264,7 @@ class Predictor:
 
         async def one(position: int) -> list[Any]:
             async with self._bulk_decode_gate:
-                return await loop.run_in_executor(self._preprocess_pool, decode, position)
+                return await loop.run_in_executor(self._bulk_decode_pool, decode, position)
 
         tasks = [
             asyncio.ensure_future(one(position))
