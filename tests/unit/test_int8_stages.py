@@ -5,6 +5,7 @@ after the build's warm-up, and a build that stops when cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from transfer_service.backbones.catalog import default_catalog
 from transfer_service.backbones.compiled_runner import UpgradeCancelled, prime_inductor_tracing
 from transfer_service.backbones.int8_export import ChildExportFailed, export_stages_in_child
 from transfer_service.backbones.precision_choice import DEFAULT_TOLERANCE, agreement
+from transfer_service.backbones.upgrade_candidates import UpgradeCandidates
 from transfer_service.domain import Modality, ModelInput
 
 from tests.conftest import TEST_IMAGE_SIZE
@@ -51,13 +53,22 @@ class BuildBeside:
 
 
 def watch_module_patching(seen: BuildBeside, stop: threading.Event) -> None:
-    """Samples nn.Module.__call__ and __getattr__ (a tracer replaces them process-wide)."""
+    """Samples nn.Module.__call__ and __getattr__ every 0.5 ms (a tracer replaces them
+    process-wide) and notes which tracer's wrapper is in place: fx's wrapper holds it."""
     original = (vars(nn.Module)["__call__"], vars(nn.Module)["__getattr__"])
     while not stop.is_set():
         now = (vars(nn.Module)["__call__"], vars(nn.Module)["__getattr__"])
         if now != original:
-            seen.module_patches.append((time.monotonic(), repr(now)))
+            seen.module_patches.append((time.monotonic(), tracer_of(now[0])))
         time.sleep(0.0005)
+
+
+def tracer_of(wrapper: Any) -> str:
+    for cell in getattr(wrapper, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            if hasattr(cell.cell_contents, "call_module"):
+                return type(cell.cell_contents).__qualname__
+    return repr(wrapper)
 
 
 def forward_eagerly(
@@ -202,16 +213,25 @@ def test_no_batch_size_or_split_point_compiles_after_the_build(built: Built) -> 
 def test_the_build_never_patches_nn_module_here_and_eager_forwards_beside_it_never_fail(
     built: Built,
 ) -> None:
-    """The export (torch.export patches nn.Module.__call__/__getattr__ process-wide) runs in a
-    child process: from the build's start until its stages are quantised, the watcher saw
-    nn.Module untouched in this process; eager forwards of the same trunk on another thread
-    ran throughout, compile included, and none failed or changed its result."""
+    """The export (torch.export patches nn.Module.__call__/__getattr__ process-wide, and an
+    eager forward meanwhile is routed into its tracer) runs in a child process: from the
+    build's start until its stages are quantised, nn.Module stayed untouched here. The compile
+    after it patches them only with make_fx's tracer (PythonKeyTracer), whose wrappers pass
+    every call through unchanged (inductor's one plain fx trace is primed first, as the
+    upgrader does). Eager forwards of the same trunk on another thread ran throughout and none
+    failed or changed its result."""
     _, _, _, seen = built
     assert seen.started < seen.quantised < seen.finished
-    before_compile = [p for p in seen.module_patches if p[0] <= seen.quantised]
-    assert before_compile == []
+    assert [p for p in seen.module_patches if p[0] <= seen.quantised] == []
+    assert {tracer for _, tracer in seen.module_patches} <= {"PythonKeyTracer"}
     assert seen.forward_failures == []
     assert seen.forwards >= 10  # the forwards really ran beside the build
+
+
+def test_int8_is_a_background_candidate_under_auto_precision_only(built: Built) -> None:
+    loaded, _, _, _ = built
+    assert [c.name for c in UpgradeCandidates("auto")(loaded)] == ["compiled-float32", "int8"]
+    assert [c.name for c in UpgradeCandidates("fp32")(loaded)] == ["compiled-float32"]
 
 
 def test_no_export_runs_here_and_cancel_stops_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
