@@ -9,7 +9,9 @@ int8 candidate is offered (the compiled one is tests/grpc/test_compiled_swap.py'
 REQUIRED_SPEEDUP is 0: whether int8 pays on a shared 2-core machine is a measurement. Every
 answer must be within docs/design.md's tolerance of reduced precision against the fp32
 server's: the serving path before the swap is whatever `auto` measured (bf16 or fp32), int8
-after it.
+after it. Whether an in-process export would hit a Predict here depends on timing (one run
+with the export put back in-process saw no failed call); tests/unit/test_int8_stages.py's
+watcher and tight-loop eager forwards are the check that catches it.
 """
 
 from __future__ import annotations
