@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.calibration import calibration_inputs
+from transfer_service.backbones.int8_export import export_stage
 from transfer_service.backbones.int8_stages import (
     FP32_STAGES,
     build_int8_runner,
-    exported_stage,
     quantised_stage,
 )
 from transfer_service.backbones.precision_choice import agreement
@@ -72,7 +72,7 @@ def sensitivity(loaded: LoadedBackbone, batches: Sequence[torch.Tensor]) -> list
         rows = []
         for index in range(trunk.num_stages):
             started = time.perf_counter()
-            exported = exported_stage(trunk.stages[index], states[index])
+            exported = export_stage(trunk.stages[index], torch.cat(states[index])).module()
             quantised = quantised_stage(exported, states[index])
             outputs = [quantised(state) for state in states[index]]
             seconds = time.perf_counter() - started

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
         "auto",
         description="torch.compile of each loaded backbone's frozen stages. 'auto': after "
         "SERVING, one low-priority background thread builds faster candidates (compiled "
-        "stages), checks each "
+        "stages; int8 stages on a CPU for image backbones under TRANSFER_PRECISION=auto), "
+        "checks each "
         "against fp32 on the calibration set, times it against the serving path and swaps in "
         "the fastest that is >= 5% faster; the verdict is kept in the store per machine "
         "fingerprint. 'true': compiled at load, warmed up at batch sizes 1, 2 and 16 (a "

@@ -3,7 +3,8 @@ background after SERVING and installed in the backbone's ServingPathSlot once ve
 
 Each stage is quantised and compiled on its own, like backbones/compiled.py's stages: heads
 branch off at any split point, so any range [start, stop) must run without a graph per range.
-Per stage: torch.export with the batch dimension dynamic, PT2E prepare with torchao's x86
+Per stage: torch.export with the batch dimension dynamic (in a child process:
+backbones/int8_export.py), PT2E prepare with torchao's x86
 Inductor quantiser (static int8 activations, per-channel int8 weights), calibration on that
 stage's fp32 inputs (the eager fp32 outputs of the stages before it on the calibration
 batches), convert, then torch.compile with freezing, which turns the quantise/dequantise pairs
@@ -32,6 +33,7 @@ from torch import nn
 from transfer_service.backbones.cache import LoadedBackbone
 from transfer_service.backbones.compiled import WARM_UP_BATCH_SIZES, warm_up_inputs
 from transfer_service.backbones.compiled_runner import UpgradeCancelled
+from transfer_service.backbones.int8_export import EXPORT_TIMEOUT_SECONDS, export_stages_in_child
 from transfer_service.backbones.trunks import Trunk
 from transfer_service.domain import Modality
 
@@ -82,18 +84,18 @@ def build_int8_runner(
     cancelled: Callable[[], bool],
     *,
     fp32_stages: Collection[int] | None = None,
-    tracing_window: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    export_timeout_seconds: float = EXPORT_TIMEOUT_SECONDS,
 ) -> Int8Stages:
     """Quantises, compiles and warms up every frozen stage of `loaded` (minutes on a busy
-    2-core machine: call off the serving threads). `calibration_batches`: first-stage batches
+    2-CPU machine: call off the serving threads). `calibration_batches`: first-stage batches
     (`loaded.stack`) of the shipped calibration set. `fp32_stages` overrides FP32_STAGES (the
-    benchmark's sensitivity runs). Raises Int8BuildCancelled when `cancelled()` turns true.
+    benchmark's sensitivity runs). Raises Int8BuildCancelled when `cancelled()` turns true,
+    ChildExportFailed when the export child fails or times out.
 
-    torch.export patches nn.Module.__call__ and __getattr__ process-wide while it traces
-    (strict or not), so a module another thread runs meanwhile is routed into its tracer.
-    Every stage is therefore exported first, all within one `tracing_window()` (a few seconds),
-    which a caller that serves can make exclusive (no other thread running modules); the
-    calibration, conversion and compile happen after it."""
+    torch.export patches nn.Module.__call__ and __getattr__ process-wide while it traces, so a
+    module another thread runs meanwhile (an eager Predict) would be routed into its tracer:
+    the stages are exported in a child process (backbones/int8_export.py); this process only
+    loads the exported programs, calibrates, converts and compiles them."""
     reason = int8_unavailable_reason(loaded)
     if reason is not None:
         raise ValueError(f"cannot build an int8 runner for {loaded.name}: {reason}")
@@ -109,13 +111,23 @@ def build_int8_runner(
             stage_inputs.append([stage(state) for state in stage_inputs[-1]])
     _check(cancelled, loaded.name, "before exporting")
     quantised = [index for index in range(trunk.num_stages) if index not in kept]
-    with tracing_window():
-        exported = {i: exported_stage(trunk.stages[i], stage_inputs[i]) for i in quantised}
+    # Exported on all calibration rows at once: a batch of 1 would be specialised to 1.
+    examples = {i: torch.cat(stage_inputs[i]) for i in quantised}
+    programs = export_stages_in_child(
+        loaded.name,
+        trunk,
+        examples,
+        cancelled,
+        lambda: Int8BuildCancelled(f"int8 build for {loaded.name} cancelled while exporting"),
+        timeout_seconds=export_timeout_seconds,
+    )
+    exported_seconds = time.perf_counter() - started
     modules: list[nn.Module] = list(trunk.stages)
     for index in quantised:
         _check(cancelled, loaded.name, f"before quantising stage {index}")
-        modules[index] = quantised_stage(exported[index], stage_inputs[index])
-    quantised_seconds = time.perf_counter() - started
+        exported = exported_stage(programs[index], trunk.stages[index])
+        modules[index] = quantised_stage(exported, stage_inputs[index])
+    quantised_seconds = time.perf_counter() - started - exported_seconds
     runner = Int8Stages(trunk, modules, kept, loaded.device)
     for batch_size in WARM_UP_BATCH_SIZES:  # inductor compiles lazily: pay for it here
         _check(cancelled, loaded.name, f"before warming up batch size {batch_size}")
@@ -123,11 +135,12 @@ def build_int8_runner(
         batch = loaded.stack([loaded.preprocessor.load(x, "warm-up") for x in inputs])
         runner.run(batch, 0, trunk.num_stages)
     log.info(
-        "int8 stages for %s built: quantised in %.1fs, compiled and warmed up in %.1fs "
-        "(fp32 stages: %s)",
+        "int8 stages for %s built: exported in a child process in %.1fs, quantised in %.1fs, "
+        "compiled and warmed up in %.1fs (fp32 stages: %s)",
         loaded.name,
+        exported_seconds,
         quantised_seconds,
-        time.perf_counter() - started - quantised_seconds,
+        time.perf_counter() - started - exported_seconds - quantised_seconds,
         sorted(kept) or "none",
     )
     return runner
@@ -173,14 +186,14 @@ class Int8Stages:
             return trunk.to_device(state, self._device)  # channels-last, as the eager stages
 
 
-def exported_stage(stage: nn.Module, stage_inputs: Sequence[torch.Tensor]) -> nn.Module:
-    """`stage` as an exported graph with a dynamic batch dimension (see tracing_window)."""
-    # Exported on all calibration rows at once: a batch of 1 would be specialised to 1.
-    example = torch.cat(list(stage_inputs))
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        exported = torch.export.export(stage, (example,), dynamic_shapes=({0: batch},))
-    return exported.module()  # type: ignore[return-value]
+def exported_stage(program: torch.export.ExportedProgram, stage: nn.Module) -> nn.Module:
+    """`program` (the child's export of `stage`) as a module, once its weights are checked
+    to be `stage`'s own."""
+    own = stage.state_dict()
+    for name, tensor in program.state_dict.items():
+        if name not in own or not torch.equal(own[name], tensor):
+            raise ValueError(f"the exported stage's {name} is not the serving trunk's")
+    return program.module()  # type: ignore[return-value]
 
 
 def quantised_stage(exported: nn.Module, stage_inputs: Sequence[torch.Tensor]) -> nn.Module:

@@ -1,6 +1,7 @@
 """The faster ways to run a loaded backbone's frozen stages that the background upgrade tries
 (TRANSFER_COMPILE=auto): its stages compiled at its Predict dtype, and int8 on a CPU for image
-backbones when TRANSFER_PRECISION=auto (backbones/int8_stages.py, built by its own module)."""
+backbones when TRANSFER_PRECISION=auto (backbones/int8_stages.py; its torch.export runs in a
+child process, backbones/int8_export.py, so building it beside serving threads is safe)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,6 @@ from transfer_service.backbones.serving_path import StageRunner
 from transfer_service.domain import Modality
 
 log = logging.getLogger(__name__)
-
-# int8_stages quantises through torch.export (PT2E), whose tracer patches nn.Module.__call__
-# process-wide for the whole export. Measured with lite0 at 224 px: an eager Predict batch
-# running meanwhile was routed into the export's tracer and failed (INTERNAL, a fake-tensor
-# assertion), and the export failed too ("Unexpected key _export_root.1"). So int8 is not
-# built while serving until its build traces in a window where no other thread runs modules.
-INT8_WHILE_SERVING = False
 
 # (backbone, calibration batches, cancelled) -> a runner; raises when it cannot be built.
 BuildRunner = Callable[[LoadedBackbone, Sequence[Any], Callable[[], bool]], StageRunner]
@@ -62,8 +56,6 @@ class UpgradeCandidates:
         return candidates
 
     def _int8_candidate(self, loaded: LoadedBackbone) -> UpgradeCandidate | None:
-        if not INT8_WHILE_SERVING:
-            return None
         if self._precision != "auto" or loaded.device.type != "cpu":
             return None
         if loaded.spec.modality is not Modality.IMAGE:
