@@ -59,7 +59,9 @@ def watch_module_patching(seen: BuildBeside, stop: threading.Event) -> None:
     while not stop.is_set():
         now = (vars(nn.Module)["__call__"], vars(nn.Module)["__getattr__"])
         if now != original:
-            seen.module_patches.append((time.monotonic(), tracer_of(now[0])))
+            # A tracer sets the two one after the other: name it by whichever is replaced.
+            replaced = now[0] if now[0] is not original[0] else now[1]
+            seen.module_patches.append((time.monotonic(), tracer_of(replaced)))
         time.sleep(0.0005)
 
 
