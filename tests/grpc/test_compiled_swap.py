@@ -13,8 +13,6 @@ count on, so REQUIRED_SPEEDUP is set to 0 here: any candidate that passes the fp
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,17 +21,14 @@ from transfer_service.backbones import background_upgrade, upgrade_choice
 
 from tests.conftest import make_settings, start_server
 from tests.datasets import bbc_news
+from tests.predict_during_swap import predict_during_swap
 
 pytestmark = pytest.mark.slow
 
 BACKBONE = "minilm_l6"
 CALLERS = 4
-# Each caller pauses between calls: callers back to back keep both CI cores busy, and the
-# build, at its lowered priority, then takes minutes (259 s with an empty inductor cache).
-PAUSE_S = 0.05
 PROBABILITY_EPSILON = 1e-4
 SWAP_TIMEOUT_S = 300.0
-AFTER_SWAP_S = 3.0
 
 
 def scores(client: TransferClient, head_id: str, text: str) -> dict[str, float]:
@@ -60,58 +55,34 @@ def test_compiled_stages_swap_in_under_concurrent_predicts(
     # (the lowered priority itself is tests/unit/test_background_upgrade.py's).
     monkeypatch.setattr(background_upgrade, "UPGRADE_NICENESS", 0)
     server = start_server(make_settings(store_dir, preload_backbones=[BACKBONE], compile="auto"))
-    stop = threading.Event()
-    swapped_at: list[float] = []
-    answers: list[tuple[float, str, dict[str, float]]] = []
-    failures: list[BaseException] = []
-
-    def caller(offset: int) -> None:
-        with TransferClient(server.address, timeout=120) as client:
-            index = offset
-            while not stop.is_set():
-                text = texts[index % len(texts)]
-                index += 1
-                try:
-                    answers.append((time.monotonic(), text, scores(client, head_id, text)))
-                except BaseException as exc:  # every failure counts, whatever it is
-                    failures.append(exc)
-                stop.wait(PAUSE_S)
-
-    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(CALLERS)]
     try:
-        for thread in threads:
-            thread.start()
-        with TransferClient(server.address, timeout=120) as client:
-            deadline = time.monotonic() + SWAP_TIMEOUT_S
-            while not swapped_at and time.monotonic() < deadline and not failures:
-                (backbone,) = [b for b in client.list_backbones() if b.name == BACKBONE]
-                if backbone.compiled:
-                    swapped_at.append(time.monotonic())
-                else:
-                    time.sleep(0.5)
-            time.sleep(AFTER_SWAP_S)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=120)
-            (backbone,) = [b for b in client.list_backbones() if b.name == BACKBONE]
+        run = predict_during_swap(
+            server,
+            BACKBONE,
+            texts,
+            lambda client, text: scores(client, head_id, text),
+            lambda backbone: bool(backbone.compiled),
+            callers=CALLERS,
+            swap_timeout_s=SWAP_TIMEOUT_S,
+        )
         upgrades = server.app.metrics.registry.get_sample_value(
             "transfer_backbone_upgrades_total", {"backbone": BACKBONE, "outcome": "installed"}
         )
     finally:
-        stop.set()
         server.stop()
 
-    assert not failures, failures[:3]
-    assert swapped_at, f"no compiled swap within {SWAP_TIMEOUT_S:.0f} s"
+    assert not run.failures, run.failures[:3]
+    assert run.swapped_at is not None, f"no compiled swap within {SWAP_TIMEOUT_S:.0f} s"
+    backbone = run.backbone
     assert backbone.compiled and backbone.precision == "float32"
     assert backbone.measured_inputs_per_second > 0
     assert upgrades == 1
-    before = [a for a in answers if a[0] < swapped_at[0]]
-    after = [a for a in answers if a[0] > swapped_at[0] + 0.5]
+    before = [a for a in run.answers if a[0] < run.swapped_at]
+    after = [a for a in run.answers if a[0] > run.swapped_at + 0.5]
     assert before and len(after) >= CALLERS, (len(before), len(after))
     worst = 0.0
-    for _, text, got in answers:
-        expected = want[text]
+    for _, _, text_index, got in run.answers:
+        expected = want[texts[text_index]]
         assert max(got, key=got.__getitem__) == max(expected, key=expected.__getitem__)
         assert got.keys() == expected.keys()
         worst = max(worst, *(abs(got[label] - expected[label]) for label in got))

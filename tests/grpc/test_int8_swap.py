@@ -16,8 +16,6 @@ watcher and tight-loop eager forwards are the check that catches it.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,14 @@ from transfer_service.backbones import background_upgrade, upgrade_candidates, u
 
 from tests.conftest import make_settings, start_server
 from tests.datasets import fashion_mnist
+from tests.predict_during_swap import predict_during_swap
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torchao")
 
 BACKBONE = "efficientnet_lite0"
 CALLERS = 4
-PAUSE_S = 0.05  # between one caller's calls: back to back, 4 callers fill both CI cores
 SWAP_TIMEOUT_S = 420.0
-AFTER_SWAP_S = 3.0
 # docs/design.md: reduced precision against fp32, top-1 on >= 95% of inputs, probabilities
 # within 0.02 on average and 0.2 at worst.
 TOP1_AGREEMENT = 0.95
@@ -74,44 +71,16 @@ def test_int8_stages_swap_in_under_concurrent_predicts(
         store_dir, preload_backbones=[BACKBONE], compile="auto", precision="auto"
     )
     server = start_server(settings)
-    stop = threading.Event()
-    swapped_at: list[float] = []  # when ListBackbones first said int8
-    unswapped_at = [0.0]  # when the last ListBackbones that did not say int8 began
-    answers: list[tuple[float, float, int, dict[str, float]]] = []  # (begun, done, ...)
-    failures: list[BaseException] = []
-
-    def caller(offset: int) -> None:
-        with TransferClient(server.address, timeout=120) as client:
-            index = offset
-            while not stop.is_set():
-                image_index = index % len(images)
-                index += 1
-                begun = time.monotonic()
-                try:
-                    got = scores(client, head_id, images[image_index])
-                    answers.append((begun, time.monotonic(), image_index, got))
-                except BaseException as exc:  # every failure counts, whatever it is
-                    failures.append(exc)
-                stop.wait(PAUSE_S)
-
-    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(CALLERS)]
     try:
-        for thread in threads:
-            thread.start()
-        with TransferClient(server.address, timeout=120) as client:
-            deadline = time.monotonic() + SWAP_TIMEOUT_S
-            while not swapped_at and time.monotonic() < deadline and not failures:
-                asked = time.monotonic()
-                (backbone,) = [b for b in client.list_backbones() if b.name == BACKBONE]
-                if backbone.precision == "int8":
-                    swapped_at.append(time.monotonic())
-                else:
-                    unswapped_at[0] = asked
-                    time.sleep(0.5)
-            time.sleep(AFTER_SWAP_S)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=120)
+        run = predict_during_swap(
+            server,
+            BACKBONE,
+            images,
+            lambda client, image: scores(client, head_id, image),
+            lambda backbone: backbone.precision == "int8",
+            callers=CALLERS,
+            swap_timeout_s=SWAP_TIMEOUT_S,
+        )
         outcomes = {
             outcome: server.app.metrics.registry.get_sample_value(
                 "transfer_backbone_upgrades_total", {"backbone": BACKBONE, "outcome": outcome}
@@ -119,15 +88,14 @@ def test_int8_stages_swap_in_under_concurrent_predicts(
             for outcome in ("installed", "failed", "none_faster")
         }
     finally:
-        stop.set()
         server.stop()
 
-    assert not failures, failures[:3]
-    assert swapped_at, f"no int8 swap within {SWAP_TIMEOUT_S:.0f} s: {outcomes}"
+    assert not run.failures, run.failures[:3]
+    assert run.swapped_at is not None, f"no int8 swap within {SWAP_TIMEOUT_S:.0f} s: {outcomes}"
     assert outcomes["installed"] == 1, outcomes
     # Answered before the path was seen unswapped: eager; begun after it was seen swapped: int8.
-    before = [a[2:] for a in answers if a[1] < unswapped_at[0]]
-    after = [a[2:] for a in answers if a[0] > swapped_at[0]]
+    before = [a[2:] for a in run.answers if a[1] < run.unswapped_at]
+    after = [a[2:] for a in run.answers if a[0] > run.swapped_at]
     assert len(before) >= 20 and len(after) >= CALLERS, (len(before), len(after))
     for name, group in (("before", before), ("after", after)):
         agreeing = sum(
