@@ -39,6 +39,17 @@ def sliced_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     running.stop()
 
 
+def fine_tuned(stub: pb_grpc.TransferServiceStub, name: str, examples: list[pb.Example]) -> str:
+    """The head id a FineTune of `examples` on lite0 completes with."""
+    request = pb.FineTuneRequest(backbone="efficientnet_lite0", head_name=name, examples=examples)
+    head_id = ""
+    for event in stub.FineTune(request, timeout=300):
+        if event.WhichOneof("event") == "completed":
+            head_id = event.completed.head_id
+    assert head_id
+    return head_id
+
+
 def test_segmented_chunks_answer_as_whole_requests(
     sliced_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -54,14 +65,7 @@ def test_segmented_chunks_answer_as_whole_requests(
     images = [image for image, _ in fashion_mnist(10, split="test", classes=2, seed=4)]
     with grpc.insecure_channel(sliced_server.address, options=BIG_MESSAGES) as channel:
         stub = pb_grpc.TransferServiceStub(channel)
-        request = pb.FineTuneRequest(
-            backbone="efficientnet_lite0", head_name="s", examples=examples
-        )
-        head_id = ""
-        for event in stub.FineTune(request, timeout=300):
-            if event.WhichOneof("event") == "completed":
-                head_id = event.completed.head_id
-        assert head_id
+        head_id = fine_tuned(stub, "s", examples)
         one_by_one = [
             stub.Predict(
                 pb.PredictRequest(head_id=head_id, inputs=[pb.Input(image=image)], top_k=2),
@@ -102,14 +106,7 @@ def test_large_requests_decode_at_lowered_priority(
     images = [image for image, _ in fashion_mnist(10, split="test", classes=2, seed=6)]
     with grpc.insecure_channel(sliced_server.address, options=BIG_MESSAGES) as channel:
         stub = pb_grpc.TransferServiceStub(channel)
-        request = pb.FineTuneRequest(
-            backbone="efficientnet_lite0", head_name="nice", examples=examples
-        )
-        head_id = ""
-        for event in stub.FineTune(request, timeout=300):
-            if event.WhichOneof("event") == "completed":
-                head_id = event.completed.head_id
-        assert head_id
+        head_id = fine_tuned(stub, "nice", examples)
         decoders.clear()
         inputs = [pb.Input(image=images[i % len(images)]) for i in range(40)]
         large = stub.Predict(
